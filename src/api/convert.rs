@@ -1,0 +1,143 @@
+//! Proto ↔ domain conversions. Incoming messages are destructured exhaustively, so a new
+//! proto field fails to compile until it is handled here.
+
+use crate::error::ApiError;
+use crate::memory::{Memory, MemoryInput, Metric, NamespaceInfo, Precondition, DEFAULT_IMPORTANCE};
+use crate::proto as pb;
+use crate::raft::{EngramNode, NodeId};
+use crate::raft::node::ReadConsistency;
+
+pub fn memory_input(prefix: &str, m: Option<pb::MemoryInput>) -> Result<MemoryInput, ApiError> {
+    let pb::MemoryInput { id, text, embedding, tags, importance, expires_at_ms } =
+        m.ok_or_else(|| ApiError::invalid(prefix, "is required"))?;
+    if importance.is_some_and(|i| !i.is_finite()) {
+        return Err(ApiError::invalid(format!("{prefix}.importance"), "must be a number in [0, 1]"));
+    }
+    Ok(MemoryInput {
+        id,
+        text,
+        embedding,
+        tags: tags.into_iter().collect(),
+        importance: importance.unwrap_or(DEFAULT_IMPORTANCE),
+        expires_at_ms: (expires_at_ms != 0).then_some(expires_at_ms),
+    })
+}
+
+pub fn precondition(p: Option<pb::Precondition>) -> Precondition {
+    use pb::precondition::Condition;
+    match p.and_then(|pb::Precondition { condition }| condition) {
+        None | Some(Condition::IfAbsent(false)) => Precondition::None,
+        Some(Condition::IfAbsent(true)) => Precondition::Absent,
+        Some(Condition::IfRevision(r)) => Precondition::Revision(r),
+    }
+}
+
+pub fn idempotency_key(o: Option<pb::WriteOptions>) -> Result<Option<String>, ApiError> {
+    let key = o.map(|pb::WriteOptions { idempotency_key }| idempotency_key).unwrap_or_default();
+    if key.len() > 256 {
+        return Err(ApiError::invalid("options.idempotency_key", "longer than 256 bytes"));
+    }
+    Ok((!key.is_empty()).then_some(key))
+}
+
+pub fn consistency(c: i32) -> Result<ReadConsistency, ApiError> {
+    match pb::Consistency::try_from(c) {
+        Ok(pb::Consistency::Linearizable) => Ok(ReadConsistency::Linearizable),
+        Ok(pb::Consistency::Lease) => Ok(ReadConsistency::Lease),
+        Ok(pb::Consistency::Stale) => Ok(ReadConsistency::Stale),
+        Err(_) => Err(ApiError::invalid("consistency", format!("unknown value {c}"))),
+    }
+}
+
+pub fn metric_from_pb(m: i32) -> Result<Metric, ApiError> {
+    match pb::Metric::try_from(m) {
+        Ok(pb::Metric::Unspecified) | Ok(pb::Metric::Cosine) => Ok(Metric::Cosine),
+        Ok(pb::Metric::L2) => Ok(Metric::L2),
+        Ok(pb::Metric::InnerProduct) => Ok(Metric::InnerProduct),
+        Err(_) => Err(ApiError::invalid("metric", format!("unknown value {m}"))),
+    }
+}
+
+pub fn metric_to_pb(m: Metric) -> pb::Metric {
+    match m {
+        Metric::Cosine => pb::Metric::Cosine,
+        Metric::L2 => pb::Metric::L2,
+        Metric::InnerProduct => pb::Metric::InnerProduct,
+    }
+}
+
+pub fn namespace_to_pb(n: NamespaceInfo) -> pb::NamespaceInfo {
+    let NamespaceInfo { name, dimension, metric, memory_count, created_at_ms } = n;
+    pb::NamespaceInfo { namespace: name, dimension, metric: metric_to_pb(metric) as i32, memory_count, created_at_ms }
+}
+
+pub fn memory_to_pb(m: Memory) -> pb::Memory {
+    let Memory {
+        namespace,
+        id,
+        text,
+        embedding,
+        tags,
+        importance,
+        created_at_ms,
+        updated_at_ms,
+        last_accessed_at_ms,
+        expires_at_ms,
+        content_hash,
+        revision,
+    } = m;
+    pb::Memory {
+        namespace,
+        id,
+        text,
+        embedding,
+        tags: tags.into_iter().collect(),
+        importance,
+        created_at_ms,
+        updated_at_ms,
+        last_accessed_at_ms,
+        expires_at_ms: expires_at_ms.unwrap_or(0),
+        content_hash: content_hash.to_vec(),
+        revision,
+    }
+}
+
+pub fn node_from_pb(field: &str, n: Option<pb::NodeInfo>) -> Result<(NodeId, EngramNode), ApiError> {
+    let pb::NodeInfo { id, raft_addr, api_addr } = n.ok_or_else(|| ApiError::invalid(field, "is required"))?;
+    if id == 0 {
+        return Err(ApiError::invalid(format!("{field}.id"), "node ids start at 1"));
+    }
+    for (name, addr) in [("raft_addr", &raft_addr), ("api_addr", &api_addr)] {
+        if addr.rsplit_once(':').and_then(|(h, p)| (!h.is_empty()).then_some(p)).and_then(|p| p.parse::<u16>().ok()).is_none() {
+            return Err(ApiError::invalid(format!("{field}.{name}"), format!("{addr:?} is not host:port")));
+        }
+    }
+    Ok((id, EngramNode { raft_addr, api_addr }))
+}
+
+pub fn node_to_pb(id: NodeId, n: &EngramNode) -> pb::NodeInfo {
+    pb::NodeInfo { id, raft_addr: n.raft_addr.clone(), api_addr: n.api_addr.clone() }
+}
+
+/// Page tokens are opaque to clients: hex of `v1:` + the last id returned.
+pub fn encode_page_token(after: &str) -> String {
+    format!("v1:{after}").bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn decode_page_token(token: &str) -> Result<Option<String>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || ApiError::invalid("page_token", "malformed; pass back a next_page_token unchanged");
+    if token.len() % 2 != 0 || token.len() > 512 {
+        return Err(bad());
+    }
+    let bytes: Vec<u8> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&token[i..i + 2], 16).map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let s = String::from_utf8(bytes).map_err(|_| bad())?;
+    let id = s.strip_prefix("v1:").ok_or_else(bad)?;
+    crate::memory::validate_id("page_token", id).map_err(|_| bad())?;
+    Ok(Some(id.to_string()))
+}

@@ -1,0 +1,102 @@
+//! The single mapping from Engram errors to gRPC status codes (STYLE.md habit 4).
+//!
+//! | error | code | a failed write was… |
+//! |---|---|---|
+//! | `InvalidArgument` | INVALID_ARGUMENT (+ `engram-field`) | not applied |
+//! | `NotFound` | NOT_FOUND | not applied |
+//! | `FailedPrecondition` | FAILED_PRECONDITION (+ `engram-current-revision`) | not applied |
+//! | `AlreadyExists` | ALREADY_EXISTS | not applied |
+//! | `NotLeader` | UNAVAILABLE + `engram-not-leader`, `engram-leader-id`, `engram-leader-addr` | not applied |
+//! | `Unavailable` | UNAVAILABLE | maybe applied |
+//! | `Timeout` | DEADLINE_EXCEEDED | maybe applied |
+//! | `Internal` | INTERNAL | maybe applied |
+
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
+
+use crate::error::ApiError;
+use crate::raft::Rejection;
+
+pub const FIELD_HEADER: &str = "engram-field";
+pub const NOT_LEADER_HEADER: &str = "engram-not-leader";
+pub const LEADER_ID_HEADER: &str = "engram-leader-id";
+pub const LEADER_ADDR_HEADER: &str = "engram-leader-addr";
+pub const REVISION_HEADER: &str = "engram-current-revision";
+
+fn insert(md: &mut MetadataMap, key: &'static str, value: &str) {
+    if let Ok(v) = value.parse() {
+        md.insert(key, v);
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let message = e.to_string();
+        let mut md = MetadataMap::new();
+        let code = match e {
+            ApiError::InvalidArgument { field, .. } => {
+                insert(&mut md, FIELD_HEADER, &field);
+                Code::InvalidArgument
+            }
+            ApiError::NotFound { .. } => Code::NotFound,
+            ApiError::FailedPrecondition { field, current_revision, .. } => {
+                insert(&mut md, FIELD_HEADER, &field);
+                insert(&mut md, REVISION_HEADER, &current_revision.to_string());
+                Code::FailedPrecondition
+            }
+            ApiError::AlreadyExists { .. } => Code::AlreadyExists,
+            ApiError::NotLeader { leader_id, leader_addr } => {
+                insert(&mut md, NOT_LEADER_HEADER, "1");
+                if let Some(id) = leader_id {
+                    insert(&mut md, LEADER_ID_HEADER, &id.to_string());
+                }
+                if let Some(addr) = leader_addr {
+                    insert(&mut md, LEADER_ADDR_HEADER, &addr);
+                }
+                Code::Unavailable
+            }
+            ApiError::Unavailable { .. } => Code::Unavailable,
+            ApiError::Timeout { .. } => Code::DeadlineExceeded,
+            ApiError::Internal(_) => Code::Internal,
+        };
+        Status::with_metadata(code, message, md)
+    }
+}
+
+/// A deterministic refusal from `apply` as an API error (nothing was applied).
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> ApiError {
+        match r {
+            Rejection::PreconditionFailed { field, id, current_revision } => ApiError::FailedPrecondition {
+                field,
+                reason: match current_revision {
+                    Some(rev) => format!("memory {id:?} is at revision {rev}"),
+                    None => format!("memory {id:?} does not exist"),
+                },
+                current_revision: current_revision.unwrap_or(0),
+            },
+            Rejection::NamespaceNotFound { namespace } => ApiError::not_found(format!("namespace {namespace:?}")),
+            Rejection::DimensionMismatch { field, expected, got } => {
+                ApiError::invalid(field, format!("dimension {got} does not match the namespace's {expected}"))
+            }
+            Rejection::NamespaceExists { namespace, dimension, metric } => ApiError::AlreadyExists {
+                what: format!("namespace {namespace:?}"),
+                reason: format!("it has dimension {dimension} and metric {metric:?}"),
+            },
+        }
+    }
+}
+
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::InvalidArgument => "invalid_argument",
+        Code::NotFound => "not_found",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::AlreadyExists => "already_exists",
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::Internal => "internal",
+        _ => "other",
+    }
+}

@@ -1,0 +1,32 @@
+//! `engram`: one Engram node. See `engram --help`; every flag also reads `ENGRAM_…` env vars.
+
+use clap::Parser;
+use engram::config::{LogFormat, NodeArgs};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    let config = match NodeArgs::parse().resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("engram: {e}");
+            std::process::exit(2);
+        }
+    };
+    let filter = EnvFilter::try_from_env("ENGRAM_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
+    match config.log_format {
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    if let Err(e) = engram::server::run(config, shutdown).await {
+        eprintln!("engram: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,272 @@
+//! `engramctl`: the operator and developer CLI. Talks gRPC to any node(s) in `--endpoints`;
+//! follows leader hints like the SDK.
+
+use std::collections::HashMap;
+
+use clap::{Parser, Subcommand};
+use engram::client::{Client, ClientError, Consistency, Metric, NewMemory, Precondition};
+use engram::proto as pb;
+
+#[derive(Parser)]
+#[command(name = "engramctl", version, about = "Operate and use an Engram cluster")]
+struct Cli {
+    /// Node API addresses, comma separated.
+    #[arg(long, env = "ENGRAM_ENDPOINTS", default_value = "127.0.0.1:7001", value_delimiter = ',', global = true)]
+    endpoints: Vec<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Cluster bootstrap and status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Membership changes.
+    #[command(subcommand)]
+    Members(MembersCmd),
+    /// Leadership.
+    #[command(subcommand)]
+    Leader(LeaderCmd),
+    /// Namespaces.
+    #[command(subcommand)]
+    Namespace(NamespaceCmd),
+    /// Memories.
+    #[command(subcommand)]
+    Memory(MemoryCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Bootstrap a new cluster on the first endpoint. Members as ID=RAFT_ADDR,API_ADDR; none: single node.
+    Init {
+        #[arg(long = "member")]
+        members: Vec<String>,
+    },
+    /// Status of every endpoint.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum MembersCmd {
+    /// Add a learner (non-voting, catches up from the leader).
+    AddLearner {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        raft_addr: String,
+        #[arg(long)]
+        api_addr: String,
+        /// Return immediately instead of waiting for it to catch up.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Turn learners into voters.
+    Promote { ids: Vec<u64> },
+    /// Remove nodes from the cluster.
+    Remove { ids: Vec<u64> },
+}
+
+#[derive(Subcommand)]
+enum LeaderCmd {
+    /// Hand leadership to another voter.
+    Transfer { to: u64 },
+}
+
+#[derive(Subcommand)]
+enum NamespaceCmd {
+    Create {
+        namespace: String,
+        #[arg(long)]
+        dimension: u32,
+        #[arg(long, default_value = "cosine")]
+        metric: String,
+    },
+    /// Delete a namespace and every memory in it.
+    Delete { namespace: String },
+}
+
+#[derive(Subcommand)]
+enum MemoryCmd {
+    Put {
+        namespace: String,
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        text: String,
+        /// Comma-separated floats.
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        embedding: Vec<f32>,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long)]
+        importance: Option<f32>,
+        /// Only if absent.
+        #[arg(long, conflicts_with = "if_revision")]
+        if_absent: bool,
+        /// Only if at this revision.
+        #[arg(long)]
+        if_revision: Option<u64>,
+    },
+    Get {
+        namespace: String,
+        id: String,
+        /// linearizable | lease | stale
+        #[arg(long, default_value = "linearizable")]
+        consistency: String,
+    },
+    Delete {
+        namespace: String,
+        id: String,
+        #[arg(long)]
+        if_revision: Option<u64>,
+    },
+    List {
+        namespace: String,
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+        #[arg(long, default_value = "linearizable")]
+        consistency: String,
+    },
+}
+
+fn consistency(s: &str) -> Result<Consistency, String> {
+    match s {
+        "linearizable" => Ok(Consistency::Linearizable),
+        "lease" => Ok(Consistency::Lease),
+        "stale" => Ok(Consistency::Stale),
+        other => Err(format!("unknown consistency {other:?} (linearizable | lease | stale)")),
+    }
+}
+
+fn parse_member(s: &str) -> Result<pb::NodeInfo, String> {
+    let (id, addrs) = s.split_once('=').ok_or("member must be ID=RAFT_ADDR,API_ADDR")?;
+    let (raft, api) = addrs.split_once(',').ok_or("member must be ID=RAFT_ADDR,API_ADDR")?;
+    Ok(pb::NodeInfo { id: id.parse().map_err(|e| format!("member id: {e}"))?, raft_addr: raft.into(), api_addr: api.into() })
+}
+
+fn print_memory(m: &pb::Memory) {
+    let tags: Vec<String> = m.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "{}  rev={}  importance={:.2}  dim={}  tags=[{}]\n    {}",
+        m.id,
+        m.revision,
+        m.importance,
+        m.embedding.len(),
+        tags.join(","),
+        m.text
+    );
+}
+
+fn print_status(addr: &str, s: &pb::StatusResponse) {
+    let voters: Vec<String> = s.voters.iter().map(|n| n.id.to_string()).collect();
+    let learners: Vec<String> = s.learners.iter().map(|n| n.id.to_string()).collect();
+    println!(
+        "{addr}  node={} state={} term={} leader={} last_log={} applied={} snapshot={} voters=[{}] learners=[{}]",
+        s.node_id,
+        s.state,
+        s.term,
+        s.leader_id,
+        s.last_log_index,
+        s.applied_index,
+        s.snapshot_index,
+        voters.join(","),
+        learners.join(",")
+    );
+}
+
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let client = Client::new(cli.endpoints.clone())?;
+    match cli.cmd {
+        Cmd::Cluster(ClusterCmd::Init { members }) => {
+            let members = members.iter().map(|m| parse_member(m)).collect::<Result<Vec<_>, _>>()?;
+            client.admin().init_cluster(members).await?;
+            println!("cluster initialized");
+        }
+        Cmd::Cluster(ClusterCmd::Status) => {
+            for addr in &cli.endpoints {
+                match Client::pinned(addr)?.admin().status().await {
+                    Ok(s) => print_status(addr, &s),
+                    Err(e) => println!("{addr}  unreachable: {e}"),
+                }
+            }
+        }
+        Cmd::Members(MembersCmd::AddLearner { id, raft_addr, api_addr, no_wait }) => {
+            let r = client.admin().add_learner(pb::NodeInfo { id, raft_addr, api_addr }, !no_wait).await?;
+            println!("learner {id} added at log index {}", r.log_index);
+        }
+        Cmd::Members(MembersCmd::Promote { ids }) => {
+            let r = client.admin().promote_voters(ids).await?;
+            println!("voters now {:?} (log index {})", r.voters.iter().map(|n| n.id).collect::<Vec<_>>(), r.log_index);
+        }
+        Cmd::Members(MembersCmd::Remove { ids }) => {
+            let r = client.admin().remove_nodes(ids).await?;
+            println!("voters now {:?} (log index {})", r.voters.iter().map(|n| n.id).collect::<Vec<_>>(), r.log_index);
+        }
+        Cmd::Leader(LeaderCmd::Transfer { to }) => {
+            let r = client.admin().transfer_leader(to).await?;
+            println!("leader is now {}", r.leader_id);
+        }
+        Cmd::Namespace(NamespaceCmd::Create { namespace, dimension, metric }) => {
+            let metric = match metric.as_str() {
+                "cosine" => Metric::Cosine,
+                "l2" => Metric::L2,
+                "ip" | "inner_product" => Metric::InnerProduct,
+                other => return Err(format!("unknown metric {other:?} (cosine | l2 | ip)").into()),
+            };
+            let r = client.create_namespace(&namespace, dimension, metric).await?;
+            println!("namespace {namespace} ready (applied at {})", r.applied_index);
+        }
+        Cmd::Namespace(NamespaceCmd::Delete { namespace }) => {
+            let r = client.delete_namespace(&namespace).await?;
+            println!("deleted namespace {namespace} and {} memories", r.deleted_memories);
+        }
+        Cmd::Memory(MemoryCmd::Put { namespace, id, text, embedding, tags, importance, if_absent, if_revision }) => {
+            let tags = tags
+                .iter()
+                .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or("tag must be KEY=VALUE"))
+                .collect::<Result<HashMap<_, _>, _>>()?;
+            let memory = NewMemory { id, text, embedding, tags, importance, expires_at_ms: None };
+            let pre = match (if_absent, if_revision) {
+                (true, _) => Precondition::IfAbsent,
+                (_, Some(r)) => Precondition::IfRevision(r),
+                _ => Precondition::None,
+            };
+            let r = client.put_if(&namespace, memory, pre).await?;
+            println!("{} revision={} {}", r.id, r.revision, if r.updated { "updated" } else { "created" });
+        }
+        Cmd::Memory(MemoryCmd::Get { namespace, id, consistency: c }) => {
+            let r = client.get_with(&namespace, &id, consistency(&c)?).await?;
+            print_memory(&r.memory.unwrap_or_default());
+        }
+        Cmd::Memory(MemoryCmd::Delete { namespace, id, if_revision }) => {
+            let pre = if_revision.map(Precondition::IfRevision).unwrap_or_default();
+            let r = client.delete_if(&namespace, &id, pre).await?;
+            println!("{}", if r.deleted { "deleted" } else { "not found (nothing to delete)" });
+        }
+        Cmd::Memory(MemoryCmd::List { namespace, page_size, page_token, consistency: c }) => {
+            let r = client.list(&namespace, page_size, &page_token, consistency(&c)?).await?;
+            for m in &r.memories {
+                print_memory(m);
+            }
+            if !r.next_page_token.is_empty() {
+                println!("next page: --page-token {}", r.next_page_token);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        match e.downcast_ref::<ClientError>() {
+            Some(ce) => eprintln!("engramctl: {ce} (write outcome: {:?})", ce.outcome),
+            None => eprintln!("engramctl: {e}"),
+        }
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,55 @@
+//! Client errors. Every failed call says whether a write may have been applied, following the
+//! server's error semantics (docs/errors.md).
+
+use thiserror::Error;
+use tonic::Code;
+
+use crate::api::status::{FIELD_HEADER, NOT_LEADER_HEADER};
+
+/// Whether a failed write may have taken effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The write was definitely not applied: safe to change and resend.
+    NotApplied,
+    /// The write may have been applied: resend with the same idempotency key to find out.
+    MaybeApplied,
+}
+
+#[derive(Debug, Error, Clone)]
+#[error("{code:?}: {message}")]
+pub struct ClientError {
+    pub code: Code,
+    pub message: String,
+    /// The offending field, for InvalidArgument / FailedPrecondition.
+    pub field: Option<String>,
+    pub outcome: WriteOutcome,
+}
+
+impl ClientError {
+    pub fn from_status(s: &tonic::Status) -> Self {
+        let md = s.metadata();
+        let not_leader = md.get(NOT_LEADER_HEADER).is_some();
+        let outcome = match s.code() {
+            Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists => {
+                WriteOutcome::NotApplied
+            }
+            Code::Unavailable if not_leader => WriteOutcome::NotApplied,
+            _ => WriteOutcome::MaybeApplied,
+        };
+        ClientError {
+            code: s.code(),
+            message: s.message().to_string(),
+            field: md.get(FIELD_HEADER).and_then(|v| v.to_str().ok()).map(String::from),
+            outcome,
+        }
+    }
+
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        ClientError { code: Code::InvalidArgument, message: message.into(), field: None, outcome: WriteOutcome::NotApplied }
+    }
+
+    /// Transient: another attempt (possibly at another node) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.code, Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
+    }
+}

@@ -1,0 +1,229 @@
+//! Node configuration: command-line flags, each with an `ENGRAM_…` environment variable, and
+//! an optional TOML file (`--config`). Precedence: flag/env > file > default. Every duration
+//! carries its unit in its name. No secrets live here.
+//!
+//! ```toml
+//! node_id = 1
+//! data_dir = "/var/lib/engram"
+//! listen_api = "0.0.0.0:7001"        # client + admin gRPC
+//! listen_raft = "0.0.0.0:7101"       # peer Raft gRPC
+//! listen_http = "0.0.0.0:7201"       # /metrics /healthz /readyz
+//! advertise_api = "10.0.0.1:7001"    # what peers and clients are told (default: listen_*)
+//! advertise_raft = "10.0.0.1:7101"
+//! heartbeat_interval_ms = 100
+//! election_timeout_min_ms = 500
+//! election_timeout_max_ms = 1000
+//! snapshot_logs_since_last = 5000
+//! read_timeout_ms = 5000
+//! max_text_bytes = 65536
+//! log_format = "text"               # or "json"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::error::ServerError;
+
+/// Flags and file fields. Everything is optional here; [`NodeArgs::resolve`] fills defaults.
+#[derive(Debug, Clone, Default, Parser, Deserialize)]
+#[command(name = "engram", version, about = "Engram node: a Raft-replicated memory store for AI agents")]
+#[serde(deny_unknown_fields)]
+pub struct NodeArgs {
+    /// TOML config file; flags and env vars override its fields.
+    #[arg(long, env = "ENGRAM_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's id (>= 1), unique in the cluster and never reused.
+    #[arg(long, env = "ENGRAM_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Directory holding the Raft log, state machine and snapshots.
+    #[arg(long, env = "ENGRAM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Client/admin gRPC listener [default: 127.0.0.1:7001].
+    #[arg(long, env = "ENGRAM_LISTEN_API")]
+    pub listen_api: Option<SocketAddr>,
+    /// Peer Raft gRPC listener [default: 127.0.0.1:7101].
+    #[arg(long, env = "ENGRAM_LISTEN_RAFT")]
+    pub listen_raft: Option<SocketAddr>,
+    /// HTTP listener for /metrics, /healthz, /readyz [default: 127.0.0.1:7201].
+    #[arg(long, env = "ENGRAM_LISTEN_HTTP")]
+    pub listen_http: Option<SocketAddr>,
+    /// Client address announced to the cluster [default: the bound listen_api].
+    #[arg(long, env = "ENGRAM_ADVERTISE_API")]
+    pub advertise_api: Option<String>,
+    /// Peer address announced to the cluster [default: the bound listen_raft].
+    #[arg(long, env = "ENGRAM_ADVERTISE_RAFT")]
+    pub advertise_raft: Option<String>,
+    /// Leader heartbeat period [default: 100].
+    #[arg(long, env = "ENGRAM_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Lower bound of the randomized election timeout [default: 500].
+    #[arg(long, env = "ENGRAM_ELECTION_TIMEOUT_MIN_MS")]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Upper bound of the randomized election timeout [default: 1000].
+    #[arg(long, env = "ENGRAM_ELECTION_TIMEOUT_MAX_MS")]
+    pub election_timeout_max_ms: Option<u64>,
+    /// Take a snapshot after this many log entries since the last one [default: 5000].
+    #[arg(long, env = "ENGRAM_SNAPSHOT_LOGS_SINCE_LAST")]
+    pub snapshot_logs_since_last: Option<u64>,
+    /// How long a read waits for the local state machine to catch up [default: 5000].
+    #[arg(long, env = "ENGRAM_READ_TIMEOUT_MS")]
+    pub read_timeout_ms: Option<u64>,
+    /// Largest memory text accepted, in bytes [default: 65536].
+    #[arg(long, env = "ENGRAM_MAX_TEXT_BYTES")]
+    pub max_text_bytes: Option<usize>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "ENGRAM_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A complete, validated node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub listen_api: SocketAddr,
+    pub listen_raft: SocketAddr,
+    pub listen_http: SocketAddr,
+    pub advertise_api: Option<String>,
+    pub advertise_raft: Option<String>,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub snapshot_logs_since_last: u64,
+    pub read_timeout_ms: u64,
+    pub max_text_bytes: usize,
+    pub log_format: LogFormat,
+}
+
+macro_rules! pick {
+    ($cli:ident, $file:ident, $field:ident, $default:expr) => {
+        $cli.$field.or($file.$field).unwrap_or($default)
+    };
+}
+
+impl NodeArgs {
+    /// Merges flags over the TOML file (if any) over defaults, then validates.
+    pub fn resolve(self) -> Result<Config, ServerError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ServerError::Config(format!("reading {}: {e}", path.display())))?;
+                toml::from_str::<NodeArgs>(&text)
+                    .map_err(|e| ServerError::Config(format!("parsing {}: {e}", path.display())))?
+            }
+            None => NodeArgs::default(),
+        };
+        let cli = self;
+        let node_id = cli.node_id.or(file.node_id).ok_or_else(|| ServerError::Config("node_id is required (--node-id or ENGRAM_NODE_ID)".into()))?;
+        let data_dir = cli.data_dir.clone().or(file.data_dir.clone()).ok_or_else(|| ServerError::Config("data_dir is required (--data-dir or ENGRAM_DATA_DIR)".into()))?;
+        let config = Config {
+            node_id,
+            data_dir,
+            listen_api: pick!(cli, file, listen_api, "127.0.0.1:7001".parse().unwrap()),
+            listen_raft: pick!(cli, file, listen_raft, "127.0.0.1:7101".parse().unwrap()),
+            listen_http: pick!(cli, file, listen_http, "127.0.0.1:7201".parse().unwrap()),
+            advertise_api: cli.advertise_api.clone().or(file.advertise_api.clone()),
+            advertise_raft: cli.advertise_raft.clone().or(file.advertise_raft.clone()),
+            heartbeat_interval_ms: pick!(cli, file, heartbeat_interval_ms, 100),
+            election_timeout_min_ms: pick!(cli, file, election_timeout_min_ms, 500),
+            election_timeout_max_ms: pick!(cli, file, election_timeout_max_ms, 1000),
+            snapshot_logs_since_last: pick!(cli, file, snapshot_logs_since_last, 5000),
+            read_timeout_ms: pick!(cli, file, read_timeout_ms, 5000),
+            max_text_bytes: pick!(cli, file, max_text_bytes, 64 * 1024),
+            log_format: pick!(cli, file, log_format, LogFormat::Text),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// A config for tests and embedding: loopback, ephemeral ports, fast timeouts.
+    pub fn for_test(node_id: u64, data_dir: PathBuf) -> Config {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Config {
+            node_id,
+            data_dir,
+            listen_api: any,
+            listen_raft: any,
+            listen_http: any,
+            advertise_api: None,
+            advertise_raft: None,
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            snapshot_logs_since_last: 5000,
+            read_timeout_ms: 5000,
+            max_text_bytes: 64 * 1024,
+            log_format: LogFormat::Text,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let err = |m: String| Err(ServerError::Config(m));
+        if self.node_id == 0 {
+            return err("node_id must be >= 1".into());
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return err("heartbeat_interval_ms must be > 0".into());
+        }
+        if self.election_timeout_min_ms >= self.election_timeout_max_ms {
+            return err(format!(
+                "election_timeout_min_ms ({}) must be below election_timeout_max_ms ({})",
+                self.election_timeout_min_ms, self.election_timeout_max_ms
+            ));
+        }
+        if self.heartbeat_interval_ms * 2 > self.election_timeout_min_ms {
+            return err(format!(
+                "heartbeat_interval_ms ({}) must be at most half of election_timeout_min_ms ({})",
+                self.heartbeat_interval_ms, self.election_timeout_min_ms
+            ));
+        }
+        if self.snapshot_logs_since_last == 0 {
+            return err("snapshot_logs_since_last must be > 0".into());
+        }
+        if self.read_timeout_ms == 0 {
+            return err("read_timeout_ms must be > 0".into());
+        }
+        if self.max_text_bytes == 0 || self.max_text_bytes > 16 << 20 {
+            return err("max_text_bytes must be in 1..=16777216".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_is_overridden_by_flags_and_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engram.toml");
+        std::fs::write(&path, "node_id = 3\ndata_dir = \"/tmp/x\"\nheartbeat_interval_ms = 50\n").unwrap();
+        let args = NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap(), "--heartbeat-interval-ms", "70"]);
+        let c = args.resolve().unwrap();
+        assert_eq!((c.node_id, c.heartbeat_interval_ms), (3, 70));
+
+        std::fs::write(&path, "node_id = 3\ndata_dir = \"/tmp/x\"\nbogus = 1\n").unwrap();
+        let e = NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap()]).resolve().unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+
+        let e = NodeArgs::parse_from(["engram", "--node-id", "1", "--data-dir", "/tmp/x", "--election-timeout-min-ms", "900"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("election_timeout_min_ms"), "{e}");
+    }
+}

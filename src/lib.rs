@@ -1,0 +1,34 @@
+//! Engram: a self-hosted, Raft-replicated memory store for AI agents.
+//!
+//! # Layout
+//!
+//! * [`memory`] — the memory model and input validation.
+//! * [`storage`] — redb tables, record codec, the read handle.
+//! * [`raft`] — openraft with a redb log and state machine, peer transport, [`raft::RaftNode`].
+//! * [`api`] — gRPC services (memory, admin), proto conversions, the one error→status map.
+//! * [`server`] — [`server::start`]/[`server::run`]: an embeddable node (tests start real nodes).
+//! * [`http`] — `/metrics`, `/healthz`, `/readyz`.
+//! * [`config`] — flags, env vars, TOML file, validation.
+//! * [`client`] — the Rust SDK: leader discovery, retries with idempotency keys.
+//! * [`error`] — error families.
+#![doc = include_str!("../docs/errors.md")]
+
+pub mod api;
+pub mod client;
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod memory;
+pub mod raft;
+pub mod server;
+pub mod storage;
+
+/// Generated protobuf types and gRPC stubs (`proto/engram/v1`).
+pub mod proto {
+    #![allow(clippy::all)]
+    tonic::include_proto!("engram.v1");
+
+    /// Encoded file descriptors, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("engram_descriptor");
+}

@@ -1,0 +1,217 @@
+//! Applying one [`Command`] inside a state-machine write transaction.
+//!
+//! Pure function of (current state, log index, command): no clock, no randomness, so every
+//! node reaches byte-identical state. A command that cannot apply (a failed precondition, a
+//! dimension mismatch) becomes [`Outcome::Rejected`] and leaves the state unchanged.
+
+use redb::{ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::types::{Command, CommandResult, Op, Outcome, PutResult, Rejection};
+use crate::error::StorageError;
+use crate::memory::{content_hash, Memory, MemoryInput, Metric, NamespaceInfo, Precondition};
+use crate::storage::{codec, memory_key, namespace_range, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, NAMESPACES};
+
+/// How long an idempotency key is remembered, measured on the leaders' clocks as written in
+/// the log (never the applying node's clock).
+pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct IdempotencyRecord {
+    recorded_at_ms: u64,
+    result: CommandResult,
+}
+
+pub(crate) fn apply_command(txn: &WriteTransaction, index: u64, cmd: &Command) -> Result<CommandResult, StorageError> {
+    if let Some(key) = &cmd.idempotency_key {
+        let table = txn.open_table(IDEMPOTENCY)?;
+        let seen = table.get(key.as_str())?.map(|v| codec::decode::<IdempotencyRecord>("idempotency", v.value()));
+        if let Some(rec) = seen {
+            metrics::counter!("engram_idempotent_replays_total").increment(1);
+            return Ok(rec?.result);
+        }
+    }
+    prune_idempotency(txn, cmd.now_ms)?;
+    let outcome = match &cmd.op {
+        Op::CreateNamespace { namespace, dimension, metric } => {
+            create_namespace(txn, cmd.now_ms, namespace, *dimension, *metric)?
+        }
+        Op::Put { namespace, items } => put(txn, index, cmd.now_ms, namespace, items)?,
+        Op::Delete { namespace, id, precondition } => delete(txn, namespace, id, *precondition)?,
+        Op::DeleteNamespace { namespace } => delete_namespace(txn, namespace)?,
+    };
+    let result = CommandResult { index, outcome };
+    if let Some(key) = &cmd.idempotency_key {
+        let rec = IdempotencyRecord { recorded_at_ms: cmd.now_ms, result: result.clone() };
+        txn.open_table(IDEMPOTENCY)?.insert(key.as_str(), codec::encode(&rec).as_slice())?;
+        txn.open_table(IDEM_EXPIRY)?.insert((cmd.now_ms, key.as_str()), ())?;
+    }
+    Ok(result)
+}
+
+/// Forgets idempotency keys recorded more than the TTL before `now_ms`.
+fn prune_idempotency(txn: &WriteTransaction, now_ms: u64) -> Result<(), StorageError> {
+    let cutoff = now_ms.saturating_sub(IDEMPOTENCY_TTL_MS);
+    let mut expiry = txn.open_table(IDEM_EXPIRY)?;
+    let mut keys = Vec::new();
+    for item in expiry.range::<(u64, &str)>(..(cutoff, ""))? {
+        let (k, _) = item?;
+        let (ts, key) = k.value();
+        keys.push((ts, key.to_string()));
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut idem = txn.open_table(IDEMPOTENCY)?;
+    for (ts, key) in &keys {
+        expiry.remove((*ts, key.as_str()))?;
+        idem.remove(key.as_str())?;
+    }
+    Ok(())
+}
+
+fn load_namespace(txn: &WriteTransaction, namespace: &str) -> Result<Option<NamespaceInfo>, StorageError> {
+    let table = txn.open_table(NAMESPACES)?;
+    let v = table.get(namespace)?;
+    v.map(|v| codec::decode("namespaces", v.value())).transpose()
+}
+
+fn store_namespace(txn: &WriteTransaction, info: &NamespaceInfo) -> Result<(), StorageError> {
+    txn.open_table(NAMESPACES)?.insert(info.name.as_str(), codec::encode(info).as_slice())?;
+    Ok(())
+}
+
+fn create_namespace(
+    txn: &WriteTransaction,
+    now_ms: u64,
+    namespace: &str,
+    dimension: u32,
+    metric: Metric,
+) -> Result<Outcome, StorageError> {
+    if let Some(info) = load_namespace(txn, namespace)? {
+        if info.dimension == dimension && info.metric == metric {
+            return Ok(Outcome::NamespaceCreated(info));
+        }
+        return Ok(Outcome::Rejected(Rejection::NamespaceExists {
+            namespace: namespace.into(),
+            dimension: info.dimension,
+            metric: info.metric,
+        }));
+    }
+    let info =
+        NamespaceInfo { name: namespace.into(), dimension, metric, memory_count: 0, created_at_ms: now_ms };
+    store_namespace(txn, &info)?;
+    Ok(Outcome::NamespaceCreated(info))
+}
+
+fn put(
+    txn: &WriteTransaction,
+    index: u64,
+    now_ms: u64,
+    namespace: &str,
+    items: &[(MemoryInput, Precondition)],
+) -> Result<Outcome, StorageError> {
+    let existing_ns = load_namespace(txn, namespace)?;
+    let first_dim = items.first().map(|(m, _)| m.embedding.len() as u32).unwrap_or(0);
+    let expected = existing_ns.as_ref().map(|i| i.dimension).unwrap_or(first_dim);
+    for (i, (m, _)) in items.iter().enumerate() {
+        if m.embedding.len() as u32 != expected {
+            return Ok(Outcome::Rejected(Rejection::DimensionMismatch {
+                field: format!("items[{i}].memory.embedding"),
+                expected,
+                got: m.embedding.len() as u32,
+            }));
+        }
+    }
+    let mut table = txn.open_table(MEMORIES)?;
+    // Every guard is checked against the state before the batch, then everything applies.
+    let mut previous = Vec::with_capacity(items.len());
+    for (i, (m, pre)) in items.iter().enumerate() {
+        let cur = table.get(memory_key(namespace, &m.id).as_slice())?;
+        let cur = cur.map(|v| codec::decode_memory(v.value())).transpose()?;
+        let current_revision = cur.as_ref().map(|c| c.revision);
+        if !pre.holds(current_revision) {
+            return Ok(Outcome::Rejected(Rejection::PreconditionFailed {
+                field: format!("items[{i}].precondition"),
+                id: m.id.clone(),
+                current_revision,
+            }));
+        }
+        previous.push(cur);
+    }
+    let mut info = existing_ns.unwrap_or_else(|| NamespaceInfo {
+        name: namespace.into(),
+        dimension: expected,
+        metric: Metric::Cosine,
+        memory_count: 0,
+        created_at_ms: now_ms,
+    });
+    let mut results = Vec::with_capacity(items.len());
+    for ((m, _), prev) in items.iter().zip(previous) {
+        let record = Memory {
+            namespace: namespace.into(),
+            id: m.id.clone(),
+            text: m.text.clone(),
+            embedding: m.embedding.clone(),
+            tags: m.tags.clone(),
+            importance: m.importance,
+            created_at_ms: prev.as_ref().map(|p| p.created_at_ms).unwrap_or(now_ms),
+            updated_at_ms: now_ms,
+            last_accessed_at_ms: now_ms,
+            expires_at_ms: m.expires_at_ms,
+            content_hash: content_hash(&m.text),
+            revision: index,
+        };
+        let key = memory_key(namespace, &m.id);
+        let replaced = table.insert(key.as_slice(), codec::encode_memory(&record).as_slice())?.is_some();
+        if !replaced {
+            info.memory_count += 1;
+        }
+        results.push(PutResult { id: m.id.clone(), revision: index, updated: replaced });
+    }
+    drop(table);
+    store_namespace(txn, &info)?;
+    Ok(Outcome::Put(results))
+}
+
+fn delete(txn: &WriteTransaction, namespace: &str, id: &str, pre: Precondition) -> Result<Outcome, StorageError> {
+    let Some(mut info) = load_namespace(txn, namespace)? else {
+        return Ok(Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() }));
+    };
+    let mut table = txn.open_table(MEMORIES)?;
+    let key = memory_key(namespace, id);
+    let current_revision = match table.get(key.as_slice())? {
+        Some(v) => Some(codec::decode_memory(v.value())?.revision),
+        None => None,
+    };
+    if !pre.holds(current_revision) {
+        return Ok(Outcome::Rejected(Rejection::PreconditionFailed {
+            field: "precondition".into(),
+            id: id.into(),
+            current_revision,
+        }));
+    }
+    let deleted = table.remove(key.as_slice())?.is_some();
+    drop(table);
+    if deleted {
+        info.memory_count -= 1;
+        store_namespace(txn, &info)?;
+    }
+    Ok(Outcome::Deleted { deleted })
+}
+
+fn delete_namespace(txn: &WriteTransaction, namespace: &str) -> Result<Outcome, StorageError> {
+    if load_namespace(txn, namespace)?.is_none() {
+        return Ok(Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() }));
+    }
+    let (lo, hi) = namespace_range(namespace);
+    let mut table = txn.open_table(MEMORIES)?;
+    let mut memories = 0u64;
+    table.retain_in::<&[u8], _>(lo.as_slice()..hi.as_slice(), |_, _| {
+        memories += 1;
+        false
+    })?;
+    drop(table);
+    txn.open_table(NAMESPACES)?.remove(namespace)?;
+    Ok(Outcome::NamespaceDeleted { memories })
+}

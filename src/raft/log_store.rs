@@ -1,0 +1,213 @@
+//! The Raft log in redb: entries, vote, committed and purged log ids.
+//!
+//! Durability: every mutation commits a redb write transaction with
+//! `Durability::Immediate` (fsync) before it returns or calls back, as openraft requires for
+//! vote, append, truncate and purge. All redb work runs on the blocking pool.
+//!
+//! ```text
+//! log   u64 index -> bincode(Entry)
+//! meta  "vote" | "committed" | "purged" -> bincode(..)
+//! ```
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::types::{Entry, LogId, TypeConfig, Vote};
+use crate::error::StorageError;
+use crate::storage::codec;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const PURGED: &str = "purged";
+
+/// Cheap to clone: all clones share one redb database.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(LOG)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(LogStore { db: Arc::new(db) })
+    }
+
+    /// Runs `f` in one durable write transaction on the blocking pool.
+    async fn write<F>(&self, f: F) -> Result<(), io::Error>
+    where F: FnOnce(&redb::WriteTransaction) -> Result<(), StorageError> + Send + 'static {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate).map_err(|e| StorageError::Corrupt {
+                table: "log",
+                reason: e.to_string(),
+            })?;
+            f(&txn)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)?
+        .map_err(io::Error::from)
+    }
+
+    async fn read_meta<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        key: &'static str,
+    ) -> Result<Option<T>, io::Error> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<Option<T>, StorageError> {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(META)?;
+            match table.get(key)? {
+                Some(v) => Ok(Some(codec::decode("log.meta", v.value())?)),
+                None => Ok(None),
+            }
+        })
+        .await
+        .map_err(io::Error::other)?
+        .map_err(io::Error::from)
+    }
+
+    async fn put_meta<T: serde::Serialize>(&self, key: &'static str, value: &T) -> Result<(), io::Error> {
+        let bytes = codec::encode(value);
+        self.write(move |txn| {
+            txn.open_table(META)?.insert(key, bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn to_range<RB: RangeBounds<u64>>(range: &RB) -> (Bound<u64>, Bound<u64>) {
+    (range.start_bound().cloned(), range.end_bound().cloned())
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let db = self.db.clone();
+        let bounds = to_range(&range);
+        tokio::task::spawn_blocking(move || -> Result<Vec<Entry>, StorageError> {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(LOG)?;
+            let mut out = Vec::new();
+            for item in table.range::<u64>(bounds)? {
+                let (_, v) = item?;
+                out.push(codec::decode("log", v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(io::Error::other)?
+        .map_err(io::Error::from)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        self.read_meta(VOTE).await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let purged: Option<LogId> = self.read_meta(PURGED).await?;
+        let db = self.db.clone();
+        let last: Option<LogId> = tokio::task::spawn_blocking(move || -> Result<Option<LogId>, StorageError> {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(LOG)?;
+            let last = match table.last()? {
+                Some((_, v)) => Some(codec::decode::<Entry>("log", v.value())?.log_id()),
+                None => None,
+            };
+            Ok(last)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(LogState { last_log_id: last.or_else(|| purged.clone()), last_purged_log_id: purged })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.put_meta(VOTE, vote).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.put_meta(COMMITTED, &committed).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.read_meta::<Option<LogId>>(COMMITTED).await?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let encoded: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.index(), codec::encode(&e))).collect();
+        let n = encoded.len() as u64;
+        let res = self
+            .write(move |txn| {
+                let mut table = txn.open_table(LOG)?;
+                for (index, bytes) in &encoded {
+                    table.insert(*index, bytes.as_slice())?;
+                }
+                Ok(())
+            })
+            .await;
+        metrics::counter!("engram_raft_log_appended_entries_total").increment(n);
+        // The transaction above committed durably (or failed) before the callback fires.
+        match res {
+            Ok(()) => {
+                callback.io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
+        self.write(move |txn| {
+            txn.open_table(LOG)?.retain_in::<u64, _>(from.., |_, _| false)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let upto = log_id.index();
+        let bytes = codec::encode(&log_id);
+        self.write(move |txn| {
+            // The purged marker and the deletion commit together.
+            txn.open_table(META)?.insert(PURGED, bytes.as_slice())?;
+            txn.open_table(LOG)?.retain_in::<u64, _>(..=upto, |_, _| false)?;
+            Ok(())
+        })
+        .await
+    }
+}

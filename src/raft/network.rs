@@ -1,0 +1,164 @@
+//! Peer transport, client side: one lazily connected tonic channel per target node.
+//!
+//! Raft messages travel as bincode inside `RaftPayload` (see `proto/engram/v1/raft.proto`).
+//! Snapshots are streamed in chunks with a BLAKE3 checksum on the last chunk.
+
+use std::future::Future;
+use std::time::Duration;
+
+use openraft::errors::{NetworkError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{OptionalSend, RaftNetworkV2};
+use serde::{de::DeserializeOwned, Serialize};
+use tonic::transport::{Channel, Endpoint};
+
+use super::types::{EngramNode, NodeId, TypeConfig, Vote};
+use crate::proto::raft_service_client::RaftServiceClient;
+use crate::proto::{RaftPayload, SnapshotChunk};
+
+type RPCError = openraft::errors::RPCError<TypeConfig>;
+
+/// Snapshot chunk size on the wire.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Opens peer connections.
+#[derive(Clone, Default)]
+pub struct Network {}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &EngramNode) -> PeerClient {
+        PeerClient::new(target, &node.raft_addr)
+    }
+}
+
+/// A connection to one peer.
+pub struct PeerClient {
+    target: NodeId,
+    client: Result<RaftServiceClient<Channel>, String>,
+}
+
+impl PeerClient {
+    pub fn new(target: NodeId, addr: &str) -> Self {
+        let client = Endpoint::from_shared(format!("http://{addr}"))
+            .map(|e| {
+                let ch = e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy();
+                RaftServiceClient::new(ch).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20)
+            })
+            .map_err(|e| format!("bad peer address {addr:?}: {e}"));
+        PeerClient { target, client }
+    }
+
+    fn client(&self) -> Result<RaftServiceClient<Channel>, RPCError> {
+        self.client.clone().map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))
+    }
+}
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> RaftPayload {
+    RaftPayload { data: bincode::serialize(v).expect("bincode of a raft message cannot fail") }
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(p: &RaftPayload) -> Result<T, bincode::Error> {
+    bincode::deserialize(&p.data)
+}
+
+/// Connection failures mean "unreachable" (openraft backs off); anything else is a network error.
+fn status_to_rpc(target: NodeId, s: tonic::Status) -> RPCError {
+    tracing::debug!(target, code = ?s.code(), msg = s.message(), "peer rpc failed");
+    if s.code() == tonic::Code::Unavailable {
+        RPCError::Unreachable(Unreachable::new(&s))
+    } else {
+        RPCError::Network(NetworkError::new(&s))
+    }
+}
+
+fn with_timeout<T>(msg: T, option: &RPCOption) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(option.hard_ttl());
+    req
+}
+
+macro_rules! unary {
+    ($self:ident, $method:ident, $rpc:expr, $option:expr) => {{
+        let mut c = $self.client()?;
+        let resp = c.$method(with_timeout(encode(&$rpc), &$option)).await.map_err(|s| status_to_rpc($self.target, s))?;
+        decode(resp.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }};
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError> {
+        unary!(self, append_entries, rpc, option)
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError> {
+        unary!(self, vote, rpc, option)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError> {
+        unary!(self, pre_vote, rpc, option)
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError> {
+        unary!(self, transfer_leader, req, option)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: super::state_machine::Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self.client().map_err(|e| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => StreamingError::Network(NetworkError::new(&other)),
+        })?;
+        let meta = bincode::serialize(&(vote, snapshot.meta.clone())).expect("bincode of snapshot meta");
+        let data = snapshot.snapshot;
+        let checksum = blake3::hash(&data).as_bytes().to_vec();
+        let n = data.len().div_ceil(SNAPSHOT_CHUNK_BYTES).max(1);
+        let chunks: Vec<SnapshotChunk> = (0..n)
+            .map(|i| {
+                let lo = i * SNAPSHOT_CHUNK_BYTES;
+                let hi = (lo + SNAPSHOT_CHUNK_BYTES).min(data.len());
+                SnapshotChunk {
+                    meta: if i == 0 { meta.clone() } else { vec![] },
+                    data: data[lo..hi].to_vec(),
+                    checksum: if i + 1 == n { checksum.clone() } else { vec![] },
+                }
+            })
+            .collect();
+        let target = self.target;
+        let send = client.install_snapshot(futures::stream::iter(chunks));
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            resp = send => {
+                let resp = resp.map_err(|s| match status_to_rpc(target, s) {
+                    RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                    other => StreamingError::Network(NetworkError::new(&other)),
+                })?;
+                decode(resp.get_ref()).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+            }
+        }
+    }
+}

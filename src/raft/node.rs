@@ -1,0 +1,204 @@
+//! [`RaftNode`]: the consensus handle the API layer uses.
+//!
+//! Writes are proposed on the leader only; elsewhere they fail with
+//! [`ApiError::NotLeader`] carrying a hint. Linearizable reads work on every node: the leader
+//! confirms its leadership (ReadIndex or lease), a follower asks the leader for that read
+//! index over the peer RPC, and either then waits until its own state machine has applied it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::raft::linearizable_read::Linearizer;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::{ReadPolicy, ServerState};
+
+use super::network::decode;
+use super::types::{Command, CommandResult, EngramNode, NodeId, Raft, TypeConfig};
+use crate::error::ApiError;
+use crate::proto::raft_service_client::RaftServiceClient;
+use crate::proto::ReadIndexRequest;
+
+/// How a read is made consistent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadConsistency {
+    Linearizable,
+    Lease,
+    Stale,
+}
+
+#[derive(Clone)]
+pub struct RaftNode {
+    pub id: NodeId,
+    pub raft: Raft,
+    read_timeout: Duration,
+}
+
+impl RaftNode {
+    pub fn new(id: NodeId, raft: Raft, read_timeout: Duration) -> Self {
+        RaftNode { id, raft, read_timeout }
+    }
+
+    /// The leader's id and node, as this node currently knows it.
+    pub fn leader(&self) -> Option<(NodeId, Option<EngramNode>)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id).cloned();
+        Some((id, node))
+    }
+
+    fn not_leader(&self) -> ApiError {
+        let hint = self.leader();
+        ApiError::NotLeader {
+            leader_id: hint.as_ref().map(|(id, _)| *id),
+            leader_addr: hint.and_then(|(_, n)| n).map(|n| n.api_addr),
+        }
+    }
+
+    /// Proposes a command and waits until it is committed and applied here.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, ApiError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => Err(self.map_write_error(e)),
+        }
+    }
+
+    fn map_write_error(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ApiError {
+        match e {
+            // Rejected before the entry was appended: definitely not applied.
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ApiError::NotLeader {
+                leader_id: f.leader_id,
+                leader_addr: f.leader_node.map(|n| n.api_addr),
+            },
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => ApiError::Unavailable {
+                reason: format!("leadership changed while the write was in flight (new leader: {:?})", f.leader_id),
+            },
+            RaftError::APIError(other) => ApiError::Unavailable { reason: other.to_string() },
+            RaftError::Fatal(f) => ApiError::Internal(format!("raft stopped: {f}")),
+        }
+    }
+
+    /// Waits until a read at `consistency` may be served from the local state machine.
+    pub async fn linearize(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
+        let lease = match consistency {
+            ReadConsistency::Stale => return Ok(()),
+            ReadConsistency::Lease => true,
+            ReadConsistency::Linearizable => false,
+        };
+        let policy = if lease { ReadPolicy::LeaseRead } else { ReadPolicy::ReadIndex };
+        let linearizer = match self.raft.get_read_linearizer(policy).await {
+            Ok(l) => l,
+            Err(RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(f))) => {
+                let leader = f.leader_node.ok_or_else(|| ApiError::Unavailable { reason: "no leader known".into() })?;
+                self.remote_linearizer(&leader, lease).await?
+            }
+            Err(e) => return Err(ApiError::Unavailable { reason: format!("cannot confirm leadership: {e}") }),
+        };
+        match linearizer.try_await_ready(&self.raft, Some(self.read_timeout)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(state)) => Err(ApiError::Timeout {
+                reason: format!("local state machine did not reach read index {}", state.read_log_id()),
+            }),
+            Err(fatal) => Err(ApiError::Internal(format!("raft stopped: {fatal}"))),
+        }
+    }
+
+    async fn remote_linearizer(&self, leader: &EngramNode, lease: bool) -> Result<Linearizer<TypeConfig>, ApiError> {
+        let unavailable = |e: String| ApiError::Unavailable { reason: format!("read index from leader: {e}") };
+        let mut client = RaftServiceClient::connect(format!("http://{}", leader.raft_addr))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(ReadIndexRequest { lease });
+        req.set_timeout(self.read_timeout);
+        let resp = client.read_index(req).await.map_err(|s| unavailable(s.message().to_string()))?;
+        let read_log_id = decode(resp.get_ref()).map_err(|e| unavailable(e.to_string()))?;
+        let applied = self.raft.metrics().borrow_watched().last_applied;
+        Ok(Linearizer::new(self.id, read_log_id, applied))
+    }
+
+    /// Bootstraps a new cluster with the given members.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, EngramNode>) -> Result<(), ApiError> {
+        self.raft.initialize(members).await.map_err(|e| match e {
+            RaftError::APIError(e) => ApiError::FailedPrecondition {
+                field: "members".into(),
+                reason: e.to_string(),
+                current_revision: 0,
+            },
+            RaftError::Fatal(f) => ApiError::Internal(f.to_string()),
+        })
+    }
+
+    pub async fn add_learner(&self, id: NodeId, node: EngramNode, blocking: bool) -> Result<u64, ApiError> {
+        self.raft.add_learner(id, node, blocking).await.map(|r| r.log_id.index).map_err(|e| self.map_write_error(e))
+    }
+
+    /// Replaces the voter set; `retain` keeps removed voters as learners.
+    pub async fn change_voters(&self, voters: BTreeSet<NodeId>, retain: bool) -> Result<u64, ApiError> {
+        self.raft
+            .change_membership(voters, retain)
+            .await
+            .map(|r| r.log_id.index)
+            .map_err(|e| self.map_write_error(e))
+    }
+
+    /// Removes nodes entirely (voters and learners).
+    pub async fn remove_nodes(&self, ids: BTreeSet<NodeId>) -> Result<u64, ApiError> {
+        use openraft::ChangeMembers;
+        let m = self.raft.metrics().borrow_watched().membership_config.clone();
+        let voters: BTreeSet<NodeId> = m.membership().voter_ids().filter(|v| ids.contains(v)).collect();
+        let learners: BTreeSet<NodeId> = m.membership().learner_ids().filter(|v| ids.contains(v)).collect();
+        let mut last = 0;
+        if !voters.is_empty() {
+            last = self
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(voters), false)
+                .await
+                .map(|r| r.log_id.index)
+                .map_err(|e| self.map_write_error(e))?;
+        }
+        if !learners.is_empty() {
+            last = self
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(learners), false)
+                .await
+                .map(|r| r.log_id.index)
+                .map_err(|e| self.map_write_error(e))?;
+        }
+        Ok(last)
+    }
+
+    /// Asks the current leader to hand leadership to `to`, then waits for it to happen.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<NodeId, ApiError> {
+        if !self.raft.is_leader() {
+            return Err(self.not_leader());
+        }
+        let m = self.raft.metrics().borrow_watched().clone();
+        if !m.membership_config.membership().voter_ids().any(|v| v == to) {
+            return Err(ApiError::invalid("to_node_id", format!("node {to} is not a voter")));
+        }
+        self.raft.trigger().transfer_leader(to).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut rx = self.raft.metrics();
+        loop {
+            let leader = rx.borrow_watched().current_leader;
+            if leader == Some(to) {
+                return Ok(to);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(ApiError::Timeout { reason: format!("leadership did not move to {to}") });
+            }
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
+    pub fn require_leader(&self) -> Result<(), ApiError> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(self.not_leader())
+        }
+    }
+}

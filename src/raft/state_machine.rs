@@ -1,0 +1,288 @@
+//! The redb state machine: applies committed entries, builds and installs snapshots.
+//!
+//! Each `apply` call commits one durable redb transaction that holds the data changes, the
+//! last applied log id and the membership together, so a crash never separates them.
+//! Responses are sent only after that commit.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::apply::apply_command;
+use super::types::{CommandResult, LogId, Outcome, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::error::StorageError;
+use crate::storage::{
+    codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBERSHIP, NAMESPACES, SM_META,
+};
+
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Vec<u8>>;
+
+/// Cheap to clone: clones share the database.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    snapshot_path: PathBuf,
+}
+
+/// Every row of the state machine's data tables, as stored.
+#[derive(Serialize, Deserialize, Default)]
+struct SnapshotBody {
+    memories: Vec<(Vec<u8>, Vec<u8>)>,
+    namespaces: Vec<(String, Vec<u8>)>,
+    idempotency: Vec<(String, Vec<u8>)>,
+    idem_expiry: Vec<(u64, String)>,
+}
+
+impl StateMachineStore {
+    pub fn open(path: &Path, snapshot_path: PathBuf) -> Result<Self, StorageError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(MEMORIES)?;
+        txn.open_table(NAMESPACES)?;
+        txn.open_table(IDEMPOTENCY)?;
+        txn.open_table(IDEM_EXPIRY)?;
+        txn.open_table(SM_META)?;
+        txn.commit()?;
+        Ok(StateMachineStore { db: Arc::new(db), snapshot_path })
+    }
+
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
+    fn read_applied_state(db: &Database) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(SM_META)?;
+        let applied = match meta.get(META_APPLIED)? {
+            Some(v) => Some(codec::decode("sm_meta", v.value())?),
+            None => None,
+        };
+        let membership = match meta.get(META_MEMBERSHIP)? {
+            Some(v) => codec::decode("sm_meta", v.value())?,
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+
+    /// Applies a batch of entries in one durable transaction; returns one result per entry.
+    fn apply_batch(db: &Database, entries: &[super::types::Entry]) -> Result<Vec<CommandResult>, StorageError> {
+        let mut txn = db.begin_write()?;
+        set_durable(&mut txn)?;
+        let mut results = Vec::with_capacity(entries.len());
+        let mut last_membership = None;
+        for entry in entries {
+            let index = entry.index();
+            let result = match &entry.payload {
+                EntryPayload::Blank => CommandResult { index, outcome: Outcome::None },
+                EntryPayload::Normal(cmd) => apply_command(&txn, index, cmd)?,
+                EntryPayload::Membership(m) => {
+                    last_membership = Some(StoredMembership::new(Some(entry.log_id()), m.clone()));
+                    CommandResult { index, outcome: Outcome::None }
+                }
+            };
+            results.push(result);
+        }
+        {
+            let mut meta = txn.open_table(SM_META)?;
+            if let Some(last) = entries.last() {
+                meta.insert(META_APPLIED, codec::encode(&last.log_id()).as_slice())?;
+            }
+            if let Some(m) = &last_membership {
+                meta.insert(META_MEMBERSHIP, codec::encode(m).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(results)
+    }
+
+    /// Reads every table in one read transaction: a consistent cut at the applied log id.
+    fn build(db: &Database) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
+        let txn = db.begin_read()?;
+        let meta_table = txn.open_table(SM_META)?;
+        let last_log_id: Option<LogId> = match meta_table.get(META_APPLIED)? {
+            Some(v) => Some(codec::decode("sm_meta", v.value())?),
+            None => None,
+        };
+        let last_membership: StoredMembership = match meta_table.get(META_MEMBERSHIP)? {
+            Some(v) => codec::decode("sm_meta", v.value())?,
+            None => StoredMembership::default(),
+        };
+        let mut body = SnapshotBody::default();
+        for item in txn.open_table(MEMORIES)?.iter()? {
+            let (k, v) = item?;
+            body.memories.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        for item in txn.open_table(NAMESPACES)?.iter()? {
+            let (k, v) = item?;
+            body.namespaces.push((k.value().to_string(), v.value().to_vec()));
+        }
+        for item in txn.open_table(IDEMPOTENCY)?.iter()? {
+            let (k, v) = item?;
+            body.idempotency.push((k.value().to_string(), v.value().to_vec()));
+        }
+        for item in txn.open_table(IDEM_EXPIRY)?.iter()? {
+            let (k, _) = item?;
+            let (ts, key) = k.value();
+            body.idem_expiry.push((ts, key.to_string()));
+        }
+        let data = zstd::bulk::compress(&codec::encode(&body), 1)?;
+        Ok((SnapshotMeta { last_log_id, last_membership }, data))
+    }
+
+    /// Replaces the whole state with a snapshot in one transaction.
+    fn install(db: &Database, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        let raw = zstd::stream::decode_all(data)
+            .map_err(|e| StorageError::Corrupt { table: "snapshot", reason: format!("zstd: {e}") })?;
+        let body: SnapshotBody = codec::decode("snapshot", &raw)?;
+        let mut txn = db.begin_write()?;
+        set_durable(&mut txn)?;
+        {
+            let mut t = txn.open_table(MEMORIES)?;
+            t.retain(|_, _| false)?;
+            for (k, v) in &body.memories {
+                t.insert(k.as_slice(), v.as_slice())?;
+            }
+            let mut t = txn.open_table(NAMESPACES)?;
+            t.retain(|_, _| false)?;
+            for (k, v) in &body.namespaces {
+                t.insert(k.as_str(), v.as_slice())?;
+            }
+            let mut t = txn.open_table(IDEMPOTENCY)?;
+            t.retain(|_, _| false)?;
+            for (k, v) in &body.idempotency {
+                t.insert(k.as_str(), v.as_slice())?;
+            }
+            let mut t = txn.open_table(IDEM_EXPIRY)?;
+            t.retain(|_, _| false)?;
+            for (ts, k) in &body.idem_expiry {
+                t.insert((*ts, k.as_str()), ())?;
+            }
+            let mut t = txn.open_table(SM_META)?;
+            t.retain(|_, _| false)?;
+            if let Some(l) = &meta.last_log_id {
+                t.insert(META_APPLIED, codec::encode(l).as_slice())?;
+            }
+            t.insert(META_MEMBERSHIP, codec::encode(&meta.last_membership).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Persists the snapshot as the current one: temp file, fsync, rename, fsync dir.
+    fn save_current(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        use std::io::Write;
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&codec::encode(&(meta, data)))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    fn load_current(path: &Path) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+        match std::fs::read(path) {
+            Ok(bytes) => Ok(Some(codec::decode("snapshot", &bytes)?)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn set_durable(txn: &mut WriteTransaction) -> Result<(), StorageError> {
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| StorageError::Corrupt { table: "sm", reason: e.to_string() })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, io::Error> {
+    tokio::task::spawn_blocking(f).await.map_err(io::Error::other)?.map_err(io::Error::from)
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let db = self.db.clone();
+        let path = self.snapshot_path.clone();
+        let started = std::time::Instant::now();
+        let (meta, data) = blocking(move || {
+            let (meta, data) = Self::build(&db)?;
+            Self::save_current(&path, &meta, &data)?;
+            Ok((meta, data))
+        })
+        .await?;
+        metrics::histogram!("engram_snapshot_build_seconds").record(started.elapsed().as_secs_f64());
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "built snapshot");
+        Ok(Snapshot { meta, snapshot: data })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let db = self.db.clone();
+        blocking(move || Self::read_applied_state(&db)).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend {
+        let mut batch = Vec::new();
+        let mut responders = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            batch.push(entry);
+            responders.push(responder);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len() as u64;
+        let db = self.db.clone();
+        let results = blocking(move || Self::apply_batch(&db, &batch)).await?;
+        metrics::counter!("engram_sm_applied_entries_total").increment(n);
+        // The transaction is durable; only now may anyone learn the results.
+        for (responder, result) in responders.into_iter().zip(results) {
+            if let Some(r) = responder {
+                r.send(result);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
+        let db = self.db.clone();
+        let path = self.snapshot_path.clone();
+        let meta = meta.clone();
+        let started = std::time::Instant::now();
+        blocking(move || {
+            Self::install(&db, &meta, &snapshot)?;
+            Self::save_current(&path, &meta, &snapshot)
+        })
+        .await?;
+        metrics::histogram!("engram_snapshot_install_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let path = self.snapshot_path.clone();
+        let current = blocking(move || Self::load_current(&path)).await?;
+        Ok(current.map(|(meta, data)| Snapshot { meta, snapshot: data }))
+    }
+}

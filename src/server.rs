@@ -1,0 +1,195 @@
+//! An embeddable Engram node. [`start`] binds the three listeners, opens storage, starts Raft
+//! and the services, and returns a [`NodeHandle`]; [`run`] does the same and waits for a
+//! shutdown signal. The `engram` binary and the in-process test clusters both use it.
+//!
+//! Listeners: client/admin gRPC (with health and reflection), peer Raft gRPC, HTTP.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::api::{AdminApi, MemoryApi};
+use crate::config::Config;
+use crate::error::ServerError;
+use crate::memory::Limits;
+use crate::proto::admin_service_server::AdminServiceServer;
+use crate::proto::memory_service_server::MemoryServiceServer;
+use crate::proto::raft_service_server::RaftServiceServer;
+use crate::raft::network::Network;
+use crate::raft::service::PeerService;
+use crate::raft::{EngramNode, LogStore, Raft, RaftNode, StateMachineStore};
+use crate::storage::StateReader;
+
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A running node.
+pub struct NodeHandle {
+    pub id: u64,
+    pub api_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub node: RaftNode,
+    pub reader: StateReader,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// The addresses this node announces to the cluster.
+    pub fn engram_node(&self) -> EngramNode {
+        EngramNode { raft_addr: self.raft_addr.to_string(), api_addr: self.api_addr.to_string() }
+    }
+
+    /// Graceful stop: listeners close, Raft shuts down, storage is released.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.node.raft.shutdown().await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn raft_config(c: &Config) -> Result<Arc<openraft::Config>, ServerError> {
+    let rc = openraft::Config {
+        cluster_name: "engram".into(),
+        heartbeat_interval: c.heartbeat_interval_ms,
+        election_timeout_min: c.election_timeout_min_ms,
+        election_timeout_max: c.election_timeout_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: 1000,
+        install_snapshot_timeout: 30_000,
+        ..Default::default()
+    };
+    Ok(Arc::new(rc.validate().map_err(|e| ServerError::Config(e.to_string()))?))
+}
+
+/// Refuses to start on a data dir that belongs to another node id.
+fn check_identity(c: &Config) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&c.data_dir)?;
+    let path = c.data_dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim() == c.node_id.to_string() => Ok(()),
+        Ok(s) => Err(ServerError::Config(format!(
+            "data dir {} belongs to node {}, not {}",
+            c.data_dir.display(),
+            s.trim(),
+            c.node_id
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, c.node_id.to_string())?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Starts a node and returns once its listeners are bound and Raft is running.
+pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
+    config.validate()?;
+    check_identity(&config)?;
+    crate::http::prometheus();
+    let api_listener = TcpListener::bind(config.listen_api).await?;
+    let raft_listener = TcpListener::bind(config.listen_raft).await?;
+    let http_listener = TcpListener::bind(config.listen_http).await?;
+    let (api_addr, raft_addr, http_addr) =
+        (api_listener.local_addr()?, raft_listener.local_addr()?, http_listener.local_addr()?);
+    let me = EngramNode {
+        raft_addr: config.advertise_raft.clone().unwrap_or_else(|| raft_addr.to_string()),
+        api_addr: config.advertise_api.clone().unwrap_or_else(|| api_addr.to_string()),
+    };
+
+    let log_store = LogStore::open(&config.data_dir.join("raft-log.redb"))?;
+    let sm = StateMachineStore::open(&config.data_dir.join("state.redb"), config.data_dir.join("snapshot.bin"))?;
+    let reader = StateReader::new(sm.database());
+    let raft = Raft::new(config.node_id, raft_config(&config)?, Network::default(), log_store, sm)
+        .await
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+    let node = RaftNode::new(config.node_id, raft.clone(), Duration::from_millis(config.read_timeout_ms));
+    let limits = Limits { max_text_bytes: config.max_text_bytes, ..Limits::default() };
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<MemoryServiceServer<MemoryApi>>().await;
+    health_reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
+
+    let memory = MemoryServiceServer::new(MemoryApi::new(node.clone(), reader.clone(), limits))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me));
+    let api_server = Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(memory)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(api_listener), stopped());
+
+    let peer = RaftServiceServer::new(PeerService::new(raft.clone()))
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let raft_server = Server::builder()
+        .tcp_nodelay(true)
+        .add_service(peer)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(raft_listener), stopped());
+
+    let http_server = axum::serve(http_listener, crate::http::router(node.clone())).with_graceful_shutdown(stopped());
+
+    let id = config.node_id;
+    let tasks = vec![
+        tokio::spawn(async move {
+            if let Err(e) = api_server.await {
+                tracing::error!(node = id, error = %e, "api listener failed");
+            }
+        }),
+        tokio::spawn(async move {
+            if let Err(e) = raft_server.await {
+                tracing::error!(node = id, error = %e, "raft listener failed");
+            }
+        }),
+        tokio::spawn(async move {
+            if let Err(e) = http_server.await {
+                tracing::error!(node = id, error = %e, "http listener failed");
+            }
+        }),
+        {
+            let node = node.clone();
+            let stop = stopped();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = crate::http::export_raft_metrics(node) => {}
+                    _ = stop => {}
+                }
+            })
+        },
+    ];
+    tracing::info!(node = id, %api_addr, %raft_addr, %http_addr, "engram node started");
+    Ok(NodeHandle { id, api_addr, raft_addr, http_addr, node, reader, shutdown, tasks })
+}
+
+/// Runs a node until `shutdown` resolves, then stops it gracefully.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let handle = start(config).await?;
+    shutdown.await;
+    tracing::info!(node = handle.id, "shutting down");
+    handle.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! Record codec. Memories are stored as one version byte followed by zstd-compressed bincode;
+//! small metadata values are plain bincode. Decoding never panics on bad bytes: it returns
+//! [`StorageError::Corrupt`].
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::error::StorageError;
+use crate::memory::Memory;
+
+const MEMORY_FORMAT_V1: u8 = 1;
+const ZSTD_LEVEL: i32 = 1;
+
+pub fn encode_memory(m: &Memory) -> Vec<u8> {
+    let raw = bincode::serialize(m).expect("bincode of an in-memory Memory cannot fail");
+    let mut out = Vec::with_capacity(raw.len() / 2 + 8);
+    out.push(MEMORY_FORMAT_V1);
+    zstd::stream::copy_encode(&raw[..], &mut out, ZSTD_LEVEL).expect("zstd into a Vec cannot fail");
+    out
+}
+
+pub fn decode_memory(bytes: &[u8]) -> Result<Memory, StorageError> {
+    let corrupt = |reason: String| StorageError::Corrupt { table: "memories", reason };
+    match bytes.split_first() {
+        Some((&MEMORY_FORMAT_V1, body)) => {
+            let raw = zstd::stream::decode_all(body).map_err(|e| corrupt(format!("zstd: {e}")))?;
+            bincode::deserialize(&raw).map_err(|e| corrupt(format!("bincode: {e}")))
+        }
+        Some((v, _)) => Err(corrupt(format!("unknown record format {v}"))),
+        None => Err(corrupt("empty record".into())),
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("bincode of an in-memory value cannot fail")
+}
+
+pub fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StorageError> {
+    bincode::deserialize(bytes).map_err(|e| StorageError::Corrupt { table, reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn memory() -> impl Strategy<Value = Memory> {
+        (
+            "[a-z]{1,8}(/[a-z0-9]{1,8})?",
+            "[A-Za-z0-9_.:-]{1,40}",
+            any::<String>(),
+            proptest::collection::vec(-1e6f32..1e6, 0..64),
+            proptest::collection::btree_map("[a-z]{1,8}", ".{0,16}", 0..6),
+            (0.0f32..=1.0, any::<u64>(), any::<u64>(), proptest::option::of(any::<u64>()), any::<u64>()),
+        )
+            .prop_map(|(namespace, id, text, embedding, tags, (importance, c, u, exp, rev))| Memory {
+                content_hash: crate::memory::content_hash(&text),
+                namespace,
+                id,
+                text,
+                embedding,
+                tags: tags.into_iter().collect::<BTreeMap<_, _>>(),
+                importance,
+                created_at_ms: c,
+                updated_at_ms: u,
+                last_accessed_at_ms: u,
+                expires_at_ms: exp,
+                revision: rev,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn memory_round_trips(m in memory()) {
+            prop_assert_eq!(decode_memory(&encode_memory(&m)).unwrap(), m);
+        }
+
+        #[test]
+        fn garbage_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_memory(&bytes);
+        }
+
+        #[test]
+        fn truncated_records_are_refused(m in memory(), cut in 0usize..1000) {
+            let enc = encode_memory(&m);
+            let cut = cut % enc.len();
+            prop_assert!(decode_memory(&enc[..cut]).is_err());
+        }
+    }
+}

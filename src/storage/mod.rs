@@ -1,0 +1,47 @@
+//! redb tables of the state machine and the record codec.
+//!
+//! ```text
+//! memories      namespace 0x00 id        -> codec::encode_memory (version byte + zstd(bincode))
+//! namespaces    namespace                -> bincode(NamespaceInfo)
+//! idempotency   key                      -> bincode(IdempotencyRecord)
+//! idem_expiry   (recorded_at_ms, key)    -> ()        oldest first, for deterministic pruning
+//! sm_meta       "applied" | "membership" -> bincode(LogId) | bincode(StoredMembership)
+//! ```
+//!
+//! The Raft log lives in its own redb file (see `raft::log_store`), so log appends and
+//! state-machine applies never wait on each other's write lock.
+
+pub mod codec;
+mod reader;
+
+pub use reader::{Page, StateReader};
+
+use redb::TableDefinition;
+
+pub const MEMORIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("memories");
+pub const NAMESPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("namespaces");
+pub const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+pub const IDEM_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("idem_expiry");
+pub const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+
+pub const META_APPLIED: &str = "applied";
+pub const META_MEMBERSHIP: &str = "membership";
+
+/// The `memories` key of a memory: namespace, a 0x00 separator (never valid in a namespace),
+/// then the id. Keys of one namespace are contiguous and sorted by id.
+pub fn memory_key(namespace: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(namespace.len() + 1 + id.len());
+    k.extend_from_slice(namespace.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// The half-open key range `[ns 0x00, ns 0x01)` holding every memory of a namespace.
+pub fn namespace_range(namespace: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut lo = namespace.as_bytes().to_vec();
+    lo.push(0);
+    let mut hi = namespace.as_bytes().to_vec();
+    hi.push(1);
+    (lo, hi)
+}

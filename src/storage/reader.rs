@@ -1,0 +1,135 @@
+//! Read-only access to the state machine through redb read transactions (MVCC): reads never
+//! block applies, and one read transaction is one consistent cut.
+
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable};
+
+use super::{codec, memory_key, namespace_range, MEMORIES, META_APPLIED, NAMESPACES, SM_META};
+use crate::error::StorageError;
+use crate::memory::{Memory, NamespaceInfo};
+
+#[derive(Clone)]
+pub struct StateReader {
+    db: Arc<Database>,
+}
+
+/// A page of memories plus the id to resume after.
+pub struct Page {
+    pub memories: Vec<Memory>,
+    pub next_after: Option<String>,
+    pub applied_index: u64,
+}
+
+impl StateReader {
+    pub fn new(db: Arc<Database>) -> Self {
+        StateReader { db }
+    }
+
+    fn applied(txn: &redb::ReadTransaction) -> Result<u64, StorageError> {
+        let meta = txn.open_table(SM_META)?;
+        let v = meta.get(META_APPLIED)?;
+        let applied: Option<crate::raft::LogId> = v.map(|v| codec::decode("sm_meta", v.value())).transpose()?;
+        Ok(applied.map(|l| l.index).unwrap_or(0))
+    }
+
+    pub fn namespace(&self, ns: &str) -> Result<Option<NamespaceInfo>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(NAMESPACES)?;
+        let v = table.get(ns)?;
+        v.map(|v| codec::decode("namespaces", v.value())).transpose()
+    }
+
+    /// The namespace (if any), the memory (if any) and the applied index, in one cut.
+    pub fn get(&self, ns: &str, id: &str) -> Result<(Option<NamespaceInfo>, Option<Memory>, u64), StorageError> {
+        let txn = self.db.begin_read()?;
+        let applied = Self::applied(&txn)?;
+        let nss = txn.open_table(NAMESPACES)?;
+        let info: Option<NamespaceInfo> =
+            nss.get(ns)?.map(|v| codec::decode("namespaces", v.value())).transpose()?;
+        let table = txn.open_table(MEMORIES)?;
+        let m = table.get(memory_key(ns, id).as_slice())?;
+        let m = m.map(|v| codec::decode_memory(v.value())).transpose()?;
+        Ok((info, m, applied))
+    }
+
+    /// Up to `limit` memories of `ns` with ids after `after`, in id order.
+    pub fn list(
+        &self,
+        ns: &str,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<(Option<NamespaceInfo>, Page), StorageError> {
+        let txn = self.db.begin_read()?;
+        let applied_index = Self::applied(&txn)?;
+        let nss = txn.open_table(NAMESPACES)?;
+        let info: Option<NamespaceInfo> =
+            nss.get(ns)?.map(|v| codec::decode("namespaces", v.value())).transpose()?;
+        let (lo, hi) = namespace_range(ns);
+        let start = match after {
+            Some(id) => {
+                let mut k = memory_key(ns, id);
+                k.push(0); // the smallest key strictly after `id`
+                k
+            }
+            None => lo,
+        };
+        let table = txn.open_table(MEMORIES)?;
+        let mut memories = Vec::with_capacity(limit.min(1024));
+        let mut more = false;
+        for item in table.range::<&[u8]>(start.as_slice()..hi.as_slice())? {
+            let (_, v) = item?;
+            let m = codec::decode_memory(v.value())?;
+            if m.expires_at_ms.is_some_and(|e| e <= now_ms) {
+                continue;
+            }
+            if memories.len() == limit {
+                more = true;
+                break;
+            }
+            memories.push(m);
+        }
+        let next_after = if more { memories.last().map(|m| m.id.clone()) } else { None };
+        Ok((info, Page { memories, next_after, applied_index }))
+    }
+
+    pub fn applied_index(&self) -> Result<u64, StorageError> {
+        Self::applied(&self.db.begin_read()?)
+    }
+
+    /// BLAKE3 over every table of the state machine, in key order: equal digests mean
+    /// byte-identical state.
+    pub fn digest(&self) -> Result<[u8; 32], StorageError> {
+        let txn = self.db.begin_read()?;
+        let mut h = blake3::Hasher::new();
+        let mut feed = |tag: &[u8], k: &[u8], v: &[u8]| {
+            for part in [tag, k, v] {
+                h.update(&(part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+        };
+        for item in txn.open_table(MEMORIES)?.iter()? {
+            let (k, v) = item?;
+            feed(b"m", k.value(), v.value());
+        }
+        for item in txn.open_table(NAMESPACES)?.iter()? {
+            let (k, v) = item?;
+            feed(b"n", k.value().as_bytes(), v.value());
+        }
+        for item in txn.open_table(super::IDEMPOTENCY)?.iter()? {
+            let (k, v) = item?;
+            feed(b"i", k.value().as_bytes(), v.value());
+        }
+        for item in txn.open_table(super::IDEM_EXPIRY)?.iter()? {
+            let (k, _) = item?;
+            let (ts, key) = k.value();
+            feed(b"e", &ts.to_be_bytes(), key.as_bytes());
+        }
+        for item in txn.open_table(SM_META)?.iter()? {
+            let (k, v) = item?;
+            feed(b"s", k.value().as_bytes(), v.value());
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+}
