@@ -14,6 +14,7 @@
 //! election_timeout_min_ms = 500
 //! election_timeout_max_ms = 1000
 //! snapshot_logs_since_last = 5000
+//! snapshot_keep_logs = 1000
 //! read_timeout_ms = 5000
 //! max_text_bytes = 65536
 //! log_format = "text"               # or "json"
@@ -69,6 +70,9 @@ pub struct NodeArgs {
     /// Take a snapshot after this many log entries since the last one [default: 5000].
     #[arg(long, env = "ENGRAM_SNAPSHOT_LOGS_SINCE_LAST")]
     pub snapshot_logs_since_last: Option<u64>,
+    /// Log entries kept behind the latest snapshot for slow followers [default: 1000].
+    #[arg(long, env = "ENGRAM_SNAPSHOT_KEEP_LOGS")]
+    pub snapshot_keep_logs: Option<u64>,
     /// How long a read waits for the local state machine to catch up [default: 5000].
     #[arg(long, env = "ENGRAM_READ_TIMEOUT_MS")]
     pub read_timeout_ms: Option<u64>,
@@ -102,6 +106,7 @@ pub struct Config {
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     pub snapshot_logs_since_last: u64,
+    pub snapshot_keep_logs: u64,
     pub read_timeout_ms: u64,
     pub max_text_bytes: usize,
     pub log_format: LogFormat,
@@ -140,6 +145,7 @@ impl NodeArgs {
             election_timeout_min_ms: pick!(cli, file, election_timeout_min_ms, 500),
             election_timeout_max_ms: pick!(cli, file, election_timeout_max_ms, 1000),
             snapshot_logs_since_last: pick!(cli, file, snapshot_logs_since_last, 5000),
+            snapshot_keep_logs: pick!(cli, file, snapshot_keep_logs, 1000),
             read_timeout_ms: pick!(cli, file, read_timeout_ms, 5000),
             max_text_bytes: pick!(cli, file, max_text_bytes, 64 * 1024),
             log_format: pick!(cli, file, log_format, LogFormat::Text),
@@ -165,6 +171,7 @@ impl Config {
             election_timeout_min_ms: 300,
             election_timeout_max_ms: 600,
             snapshot_logs_since_last: 5000,
+            snapshot_keep_logs: 1000,
             read_timeout_ms: 5000,
             max_text_bytes: 64 * 1024,
             log_format: LogFormat::Text,
@@ -221,7 +228,7 @@ mod tests {
         let e = NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap()]).resolve().unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
 
-        let e = NodeArgs::parse_from(["engram", "--node-id", "1", "--data-dir", "/tmp/x", "--election-timeout-min-ms", "900"])
+        let e = NodeArgs::parse_from(["engram", "--node-id", "1", "--data-dir", "/tmp/x", "--election-timeout-min-ms", "1200"])
             .resolve()
             .unwrap_err();
         assert!(e.to_string().contains("election_timeout_min_ms"), "{e}");

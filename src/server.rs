@@ -64,7 +64,7 @@ fn raft_config(c: &Config) -> Result<Arc<openraft::Config>, ServerError> {
         election_timeout_min: c.election_timeout_min_ms,
         election_timeout_max: c.election_timeout_max_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_logs_since_last),
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: c.snapshot_keep_logs,
         install_snapshot_timeout: 30_000,
         ..Default::default()
     };

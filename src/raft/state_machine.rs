@@ -169,7 +169,10 @@ impl StateMachineStore {
             if let Some(l) = &meta.last_log_id {
                 t.insert(META_APPLIED, codec::encode(l).as_slice())?;
             }
-            t.insert(META_MEMBERSHIP, codec::encode(&meta.last_membership).as_slice())?;
+            // Mirror the source exactly: it has no membership row until a membership entry applied.
+            if meta.last_membership.log_id().is_some() {
+                t.insert(META_MEMBERSHIP, codec::encode(&meta.last_membership).as_slice())?;
+            }
         }
         txn.commit()?;
         Ok(())

@@ -1,0 +1,207 @@
+//! The error model through real gRPC: every bad input is refused with InvalidArgument naming
+//! the field and changes nothing; missing things are NotFound; retried writes with the same
+//! idempotency key apply once.
+
+mod common;
+
+use common::{vector, TestCluster};
+use engram::api::status::FIELD_HEADER;
+use engram::client::NewMemory;
+use engram::proto as pb;
+use engram::proto::memory_service_client::MemoryServiceClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const NS: &str = "acme/user-42";
+
+async fn raw(cluster: &TestCluster) -> MemoryServiceClient<Channel> {
+    let leader = cluster.wait_for_leader().await;
+    MemoryServiceClient::connect(format!("http://{}", cluster.slot(leader).api)).await.unwrap()
+}
+
+fn input(id: &str, text: &str, embedding: Vec<f32>) -> pb::MemoryInput {
+    pb::MemoryInput { id: id.into(), text: text.into(), embedding, ..Default::default() }
+}
+
+fn put(ns: &str, m: pb::MemoryInput) -> pb::PutRequest {
+    pb::PutRequest { namespace: ns.into(), memory: Some(m), precondition: None, options: None }
+}
+
+fn expect_invalid(res: Result<impl std::fmt::Debug, tonic::Status>, field: &str) {
+    let s = res.expect_err(&format!("expected InvalidArgument for {field}"));
+    assert_eq!(s.code(), Code::InvalidArgument, "{field}: {s:?}");
+    let got = s.metadata().get(FIELD_HEADER).map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(got.as_deref(), Some(field), "wrong field in {s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
+    let cluster = TestCluster::start(3).await;
+    let mut c = raw(&cluster).await;
+    // Phase 1: a namespace with dimension 4 and one memory.
+    c.put(put(NS, input("m1", "hello", vector(1, 4)))).await.unwrap();
+    let applied = cluster.handle(cluster.wait_for_leader().await).reader.applied_index().unwrap();
+    cluster.wait_applied(applied).await;
+    let before = cluster.digests();
+
+    // Phase 2: every kind of bad write.
+    let big = "x".repeat(64 * 1024 + 1);
+    let cases: Vec<(pb::PutRequest, &str)> = vec![
+        (put("", input("a", "t", vector(1, 4))), "namespace"),
+        (put("a//b", input("a", "t", vector(1, 4))), "namespace"),
+        (put("bad ns", input("a", "t", vector(1, 4))), "namespace"),
+        (pb::PutRequest { namespace: NS.into(), memory: None, precondition: None, options: None }, "memory"),
+        (put(NS, input("a", "", vector(1, 4))), "memory.text"),
+        (put(NS, input("a", &big, vector(1, 4))), "memory.text"),
+        (put(NS, input("a", "t", vec![])), "memory.embedding"),
+        (put(NS, input("a", "t", vec![0.1, f32::NAN, 0.2, 0.3])), "memory.embedding"),
+        (put(NS, input("a", "t", vec![0.1, f32::INFINITY, 0.2, 0.3])), "memory.embedding"),
+        (put(NS, input("a", "t", vector(1, 3))), "memory.embedding"),
+        (put(NS, input("a", "t", vector(1, 5000))), "memory.embedding"),
+        (put(NS, input("bad/id", "t", vector(1, 4))), "memory.id"),
+        (put(NS, input(&"i".repeat(200), "t", vector(1, 4))), "memory.id"),
+        (put(NS, pb::MemoryInput { importance: Some(1.5), ..input("a", "t", vector(1, 4)) }), "memory.importance"),
+        (put(NS, pb::MemoryInput { importance: Some(f32::NAN), ..input("a", "t", vector(1, 4)) }), "memory.importance"),
+        (
+            put(NS, pb::MemoryInput { tags: [(String::new(), "v".into())].into(), ..input("a", "t", vector(1, 4)) }),
+            "memory.tags",
+        ),
+        (
+            pb::PutRequest {
+                options: Some(pb::WriteOptions { idempotency_key: "k".repeat(300) }),
+                ..put(NS, input("a", "t", vector(1, 4)))
+            },
+            "options.idempotency_key",
+        ),
+    ];
+    for (req, field) in cases {
+        expect_invalid(c.put(req).await, field);
+    }
+
+    // Batches: empty, duplicate ids, a bad item deep inside.
+    let batch = |items: Vec<pb::MemoryInput>| pb::PutBatchRequest {
+        namespace: NS.into(),
+        items: items.into_iter().map(|m| pb::PutBatchItem { memory: Some(m), precondition: None }).collect(),
+        options: None,
+    };
+    expect_invalid(c.put_batch(batch(vec![])).await, "items");
+    expect_invalid(
+        c.put_batch(batch(vec![input("d", "t", vector(1, 4)), input("d", "t", vector(2, 4))])).await,
+        "items[1].memory.id",
+    );
+    expect_invalid(
+        c.put_batch(batch(vec![input("e", "t", vector(1, 4)), input("f", "t", vec![f32::NAN; 4])])).await,
+        "items[1].memory.embedding",
+    );
+    expect_invalid(c.put_batch(batch((0..1001).map(|i| input(&format!("z{i}"), "t", vector(i, 4))).collect())).await, "items");
+
+    // Reads and other writes.
+    let get = |ns: &str, id: &str, consistency: i32| pb::GetRequest { namespace: ns.into(), id: id.into(), consistency };
+    expect_invalid(c.get(get(NS, "", 0)).await, "id");
+    expect_invalid(c.get(get("", "m1", 0)).await, "namespace");
+    expect_invalid(c.get(get(NS, "m1", 42)).await, "consistency");
+    let list = |size: u32, token: &str| pb::ListRequest { namespace: NS.into(), page_size: size, page_token: token.into(), consistency: 0 };
+    expect_invalid(c.list(list(5000, "")).await, "page_size");
+    expect_invalid(c.list(list(10, "not-a-token")).await, "page_token");
+    expect_invalid(c.list(list(10, "zz")).await, "page_token");
+    expect_invalid(
+        c.delete(pb::DeleteRequest { namespace: NS.into(), id: "".into(), precondition: None, options: None }).await,
+        "id",
+    );
+    expect_invalid(
+        c.create_namespace(pb::CreateNamespaceRequest { namespace: "x".into(), dimension: 0, metric: 0, options: None }).await,
+        "dimension",
+    );
+    expect_invalid(
+        c.create_namespace(pb::CreateNamespaceRequest { namespace: "x".into(), dimension: 4, metric: 9, options: None }).await,
+        "metric",
+    );
+
+    // Every refusal above happened before proposal: no node's state changed by a byte.
+    assert_eq!(cluster.digests(), before, "a refused write changed state");
+
+    // Phase 3: unknown things are NotFound; a conflicting namespace is AlreadyExists.
+    assert_eq!(c.get(get("nobody/here", "m1", 0)).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(c.get(get(NS, "missing", 0)).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(c.list(pb::ListRequest { namespace: "nobody".into(), ..list(10, "") }).await.unwrap_err().code(), Code::NotFound);
+    let del_ns = pb::DeleteNamespaceRequest { namespace: "nobody".into(), options: None };
+    assert_eq!(c.delete_namespace(del_ns).await.unwrap_err().code(), Code::NotFound);
+    let conflicting = pb::CreateNamespaceRequest { namespace: NS.into(), dimension: 8, metric: 0, options: None };
+    assert_eq!(c.create_namespace(conflicting).await.unwrap_err().code(), Code::AlreadyExists);
+
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_writes_leave_state_byte_identical() {
+    let cluster = TestCluster::start(1).await;
+    let mut c = raw(&cluster).await;
+    c.put(put(NS, input("m1", "hello", vector(1, 4)))).await.unwrap();
+    let before = cluster.digests();
+    for req in [put(NS, input("a", "t", vec![f32::NAN; 4])), put(NS, input("a", "t", vector(1, 3))), put("", input("a", "t", vector(1, 4)))] {
+        assert_eq!(c.put(req).await.unwrap_err().code(), Code::InvalidArgument);
+    }
+    assert_eq!(cluster.digests(), before, "a refused write changed state");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retried_writes_with_one_idempotency_key_apply_once() {
+    let mut cluster = TestCluster::start(3).await;
+    let mut c = raw(&cluster).await;
+    let opts = |k: &str| Some(pb::WriteOptions { idempotency_key: k.into() });
+
+    // Phase 1: the same put sent twice returns the first result, and the memory's revision
+    // does not move.
+    let req = pb::PutRequest { options: opts("put-1"), ..put(NS, input("m", "v1", vector(1, 4))) };
+    let first = c.put(req.clone()).await.unwrap().into_inner();
+    let again = c.put(req).await.unwrap().into_inner();
+    assert_eq!(first, again);
+    let got = c.get(pb::GetRequest { namespace: NS.into(), id: "m".into(), consistency: 0 }).await.unwrap().into_inner();
+    assert_eq!(got.memory.unwrap().revision, first.revision);
+
+    // Phase 2: a server-generated id is assigned once: the retry returns the same id and no
+    // second memory appears.
+    let req = pb::PutRequest { options: opts("put-2"), ..put(NS, input("", "auto", vector(2, 4))) };
+    let a = c.put(req.clone()).await.unwrap().into_inner();
+    let b = c.put(req).await.unwrap().into_inner();
+    assert_eq!(a.id, b.id);
+    let list = c
+        .list(pb::ListRequest { namespace: NS.into(), page_size: 100, page_token: String::new(), consistency: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.memories.len(), 2);
+
+    // Phase 3: a delete retried after the memory was re-created does not delete it again.
+    let del = pb::DeleteRequest { namespace: NS.into(), id: "m".into(), precondition: None, options: opts("del-1") };
+    assert!(c.delete(del.clone()).await.unwrap().into_inner().deleted);
+    c.put(put(NS, input("m", "v2", vector(1, 4)))).await.unwrap();
+    let retry = c.delete(del).await.unwrap().into_inner();
+    assert!(retry.deleted, "the retry must return the first answer");
+    let got = c.get(pb::GetRequest { namespace: NS.into(), id: "m".into(), consistency: 0 }).await.unwrap().into_inner();
+    assert_eq!(got.memory.unwrap().text, "v2");
+
+    // Phase 4: the dedup table is replicated state: after the leader changes, a retry at the
+    // new leader still returns the original answer.
+    let old = cluster.wait_for_leader().await;
+    cluster.stop(old).await;
+    let req = pb::PutRequest { options: opts("put-1"), ..put(NS, input("m", "v1", vector(1, 4))) };
+    let mut attempts = 0;
+    let after_failover = loop {
+        // Elections may take a round or two to settle after the stop.
+        match raw(&cluster).await.put(req.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == Code::Unavailable && attempts < 50 => attempts += 1,
+            Err(s) => panic!("retry at the new leader failed: {s:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(after_failover, first);
+
+    // Phase 5: the SDK chooses one key per logical write and reuses it on its own retries.
+    let sdk = cluster.client();
+    let r = sdk.put(NS, NewMemory::new("sdk", vector(3, 4))).await.unwrap();
+    assert!(!r.id.is_empty());
+    cluster.shutdown().await;
+}
