@@ -131,8 +131,15 @@ impl NodeArgs {
             None => NodeArgs::default(),
         };
         let cli = self;
-        let node_id = cli.node_id.or(file.node_id).ok_or_else(|| ServerError::Config("node_id is required (--node-id or ENGRAM_NODE_ID)".into()))?;
-        let data_dir = cli.data_dir.clone().or(file.data_dir.clone()).ok_or_else(|| ServerError::Config("data_dir is required (--data-dir or ENGRAM_DATA_DIR)".into()))?;
+        let node_id = cli
+            .node_id
+            .or(file.node_id)
+            .ok_or_else(|| ServerError::Config("node_id is required (--node-id or ENGRAM_NODE_ID)".into()))?;
+        let data_dir = cli
+            .data_dir
+            .clone()
+            .or(file.data_dir.clone())
+            .ok_or_else(|| ServerError::Config("data_dir is required (--data-dir or ENGRAM_DATA_DIR)".into()))?;
         let config = Config {
             node_id,
             data_dir,
@@ -220,7 +227,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("engram.toml");
         std::fs::write(&path, "node_id = 3\ndata_dir = \"/tmp/x\"\nheartbeat_interval_ms = 50\n").unwrap();
-        let args = NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap(), "--heartbeat-interval-ms", "70"]);
+        let args =
+            NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap(), "--heartbeat-interval-ms", "70"]);
         let c = args.resolve().unwrap();
         assert_eq!((c.node_id, c.heartbeat_interval_ms), (3, 70));
 
@@ -228,9 +236,17 @@ mod tests {
         let e = NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap()]).resolve().unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
 
-        let e = NodeArgs::parse_from(["engram", "--node-id", "1", "--data-dir", "/tmp/x", "--election-timeout-min-ms", "1200"])
-            .resolve()
-            .unwrap_err();
+        let e = NodeArgs::parse_from([
+            "engram",
+            "--node-id",
+            "1",
+            "--data-dir",
+            "/tmp/x",
+            "--election-timeout-min-ms",
+            "1200",
+        ])
+        .resolve()
+        .unwrap_err();
         assert!(e.to_string().contains("election_timeout_min_ms"), "{e}");
     }
 }

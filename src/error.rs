@@ -64,13 +64,7 @@ macro_rules! redb_from {
         }
     )*};
 }
-redb_from!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+redb_from!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 impl From<StorageError> for std::io::Error {
     fn from(e: StorageError) -> Self {

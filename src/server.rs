@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::api::{AdminApi, MemoryApi};
@@ -91,6 +91,12 @@ fn check_identity(c: &Config) -> Result<(), ServerError> {
     }
 }
 
+/// Accepted connections get TCP_NODELAY: without it small responses wait out the peer's
+/// delayed ACK (~40 ms per request).
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Starts a node and returns once its listeners are bound and Raft is running.
 pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     config.validate()?;
@@ -141,7 +147,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         .add_service(reflection)
         .add_service(memory)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(api_listener), stopped());
+        .serve_with_incoming_shutdown(incoming(api_listener), stopped());
 
     let peer = RaftServiceServer::new(PeerService::new(raft.clone()))
         .max_decoding_message_size(256 << 20)
@@ -149,7 +155,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let raft_server = Server::builder()
         .tcp_nodelay(true)
         .add_service(peer)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(raft_listener), stopped());
+        .serve_with_incoming_shutdown(incoming(raft_listener), stopped());
 
     let http_server = axum::serve(http_listener, crate::http::router(node.clone())).with_graceful_shutdown(stopped());
 

@@ -93,14 +93,23 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         c.put_batch(batch(vec![input("e", "t", vector(1, 4)), input("f", "t", vec![f32::NAN; 4])])).await,
         "items[1].memory.embedding",
     );
-    expect_invalid(c.put_batch(batch((0..1001).map(|i| input(&format!("z{i}"), "t", vector(i, 4))).collect())).await, "items");
+    expect_invalid(
+        c.put_batch(batch((0..1001).map(|i| input(&format!("z{i}"), "t", vector(i, 4))).collect())).await,
+        "items",
+    );
 
     // Reads and other writes.
-    let get = |ns: &str, id: &str, consistency: i32| pb::GetRequest { namespace: ns.into(), id: id.into(), consistency };
+    let get =
+        |ns: &str, id: &str, consistency: i32| pb::GetRequest { namespace: ns.into(), id: id.into(), consistency };
     expect_invalid(c.get(get(NS, "", 0)).await, "id");
     expect_invalid(c.get(get("", "m1", 0)).await, "namespace");
     expect_invalid(c.get(get(NS, "m1", 42)).await, "consistency");
-    let list = |size: u32, token: &str| pb::ListRequest { namespace: NS.into(), page_size: size, page_token: token.into(), consistency: 0 };
+    let list = |size: u32, token: &str| pb::ListRequest {
+        namespace: NS.into(),
+        page_size: size,
+        page_token: token.into(),
+        consistency: 0,
+    };
     expect_invalid(c.list(list(5000, "")).await, "page_size");
     expect_invalid(c.list(list(10, "not-a-token")).await, "page_token");
     expect_invalid(c.list(list(10, "zz")).await, "page_token");
@@ -109,11 +118,23 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         "id",
     );
     expect_invalid(
-        c.create_namespace(pb::CreateNamespaceRequest { namespace: "x".into(), dimension: 0, metric: 0, options: None }).await,
+        c.create_namespace(pb::CreateNamespaceRequest {
+            namespace: "x".into(),
+            dimension: 0,
+            metric: 0,
+            options: None,
+        })
+        .await,
         "dimension",
     );
     expect_invalid(
-        c.create_namespace(pb::CreateNamespaceRequest { namespace: "x".into(), dimension: 4, metric: 9, options: None }).await,
+        c.create_namespace(pb::CreateNamespaceRequest {
+            namespace: "x".into(),
+            dimension: 4,
+            metric: 9,
+            options: None,
+        })
+        .await,
         "metric",
     );
 
@@ -123,7 +144,10 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     // Phase 3: unknown things are NotFound; a conflicting namespace is AlreadyExists.
     assert_eq!(c.get(get("nobody/here", "m1", 0)).await.unwrap_err().code(), Code::NotFound);
     assert_eq!(c.get(get(NS, "missing", 0)).await.unwrap_err().code(), Code::NotFound);
-    assert_eq!(c.list(pb::ListRequest { namespace: "nobody".into(), ..list(10, "") }).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        c.list(pb::ListRequest { namespace: "nobody".into(), ..list(10, "") }).await.unwrap_err().code(),
+        Code::NotFound
+    );
     let del_ns = pb::DeleteNamespaceRequest { namespace: "nobody".into(), options: None };
     assert_eq!(c.delete_namespace(del_ns).await.unwrap_err().code(), Code::NotFound);
     let conflicting = pb::CreateNamespaceRequest { namespace: NS.into(), dimension: 8, metric: 0, options: None };
@@ -138,7 +162,11 @@ async fn refused_writes_leave_state_byte_identical() {
     let mut c = raw(&cluster).await;
     c.put(put(NS, input("m1", "hello", vector(1, 4)))).await.unwrap();
     let before = cluster.digests();
-    for req in [put(NS, input("a", "t", vec![f32::NAN; 4])), put(NS, input("a", "t", vector(1, 3))), put("", input("a", "t", vector(1, 4)))] {
+    for req in [
+        put(NS, input("a", "t", vec![f32::NAN; 4])),
+        put(NS, input("a", "t", vector(1, 3))),
+        put("", input("a", "t", vector(1, 4))),
+    ] {
         assert_eq!(c.put(req).await.unwrap_err().code(), Code::InvalidArgument);
     }
     assert_eq!(cluster.digests(), before, "a refused write changed state");
@@ -157,7 +185,8 @@ async fn retried_writes_with_one_idempotency_key_apply_once() {
     let first = c.put(req.clone()).await.unwrap().into_inner();
     let again = c.put(req).await.unwrap().into_inner();
     assert_eq!(first, again);
-    let got = c.get(pb::GetRequest { namespace: NS.into(), id: "m".into(), consistency: 0 }).await.unwrap().into_inner();
+    let got =
+        c.get(pb::GetRequest { namespace: NS.into(), id: "m".into(), consistency: 0 }).await.unwrap().into_inner();
     assert_eq!(got.memory.unwrap().revision, first.revision);
 
     // Phase 2: a server-generated id is assigned once: the retry returns the same id and no
@@ -179,7 +208,8 @@ async fn retried_writes_with_one_idempotency_key_apply_once() {
     c.put(put(NS, input("m", "v2", vector(1, 4)))).await.unwrap();
     let retry = c.delete(del).await.unwrap().into_inner();
     assert!(retry.deleted, "the retry must return the first answer");
-    let got = c.get(pb::GetRequest { namespace: NS.into(), id: "m".into(), consistency: 0 }).await.unwrap().into_inner();
+    let got =
+        c.get(pb::GetRequest { namespace: NS.into(), id: "m".into(), consistency: 0 }).await.unwrap().into_inner();
     assert_eq!(got.memory.unwrap().text, "v2");
 
     // Phase 4: the dedup table is replicated state: after the leader changes, a retry at the

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{vector, TestCluster};
-use openraft::async_runtime::watch::WatchReceiver;
 use engram::client::{Consistency, NewMemory, Precondition, WriteOutcome};
+use openraft::async_runtime::watch::WatchReceiver;
 use tonic::Code;
 
 const NS: &str = "acme/user-42";
@@ -21,7 +21,12 @@ async fn three_nodes_replicate_every_write() {
     let mut last = 0;
     for i in 0..20 {
         let put = client
-            .put(NS, NewMemory::new(format!("memory {i}"), vector(i, 8)).with_id(format!("m{i}")).with_tag("i", i.to_string()))
+            .put(
+                NS,
+                NewMemory::new(format!("memory {i}"), vector(i, 8))
+                    .with_id(format!("m{i}"))
+                    .with_tag("i", i.to_string()),
+            )
             .await
             .unwrap();
         assert_eq!(put.revision, put.applied_index);
@@ -205,8 +210,10 @@ async fn compare_and_set_and_atomic_batches() {
     let client = cluster.client();
 
     // Phase 1: if-absent creates once, then refuses.
-    let first = client.put_if(NS, NewMemory::new("a", vector(1, 4)).with_id("k"), Precondition::IfAbsent).await.unwrap();
-    let e = client.put_if(NS, NewMemory::new("b", vector(1, 4)).with_id("k"), Precondition::IfAbsent).await.unwrap_err();
+    let first =
+        client.put_if(NS, NewMemory::new("a", vector(1, 4)).with_id("k"), Precondition::IfAbsent).await.unwrap();
+    let e =
+        client.put_if(NS, NewMemory::new("b", vector(1, 4)).with_id("k"), Precondition::IfAbsent).await.unwrap_err();
     assert_eq!((e.code, e.outcome), (Code::FailedPrecondition, WriteOutcome::NotApplied));
 
     // Phase 2: if-revision succeeds only at the current revision.
@@ -258,7 +265,9 @@ async fn compare_and_set_and_atomic_batches() {
 async fn list_paginates_in_id_order() {
     let cluster = TestCluster::start(1).await;
     let client = cluster.client();
-    let items = (0..250).map(|i| (NewMemory::new(format!("t{i}"), vector(i, 4)).with_id(format!("id{i:04}")), Precondition::None)).collect();
+    let items = (0..250)
+        .map(|i| (NewMemory::new(format!("t{i}"), vector(i, 4)).with_id(format!("id{i:04}")), Precondition::None))
+        .collect();
     client.put_batch(NS, items).await.unwrap();
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -298,12 +307,14 @@ async fn nodes_report_health_readiness_and_metrics() {
     assert!(metrics.contains("engram_raft_applied_index"));
 
     // gRPC health on the client port, as stock tools would ask.
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.slot(1).api)).unwrap().connect().await.unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
-    let r = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "engram.v1.MemoryService".into() })
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.slot(1).api))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let r =
+        health.check(tonic_health::pb::HealthCheckRequest { service: "engram.v1.MemoryService".into() }).await.unwrap();
     assert_eq!(r.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     tokio::time::sleep(Duration::from_millis(10)).await;
     cluster.shutdown().await;
@@ -314,12 +325,17 @@ async fn a_learner_added_after_compaction_catches_up_by_snapshot() {
     let mut cluster = TestCluster::start_with(3, |c| {
         c.snapshot_logs_since_last = 20;
         c.snapshot_keep_logs = 0;
-    }).await;
+    })
+    .await;
     let client = cluster.client();
     // Phase 1: enough writes that snapshots are taken and the log head is purged.
     let mut last = 0;
     for i in 0..150 {
-        last = client.put(NS, NewMemory::new(format!("t{i}"), vector(i, 4)).with_id(format!("m{i:03}"))).await.unwrap().applied_index;
+        last = client
+            .put(NS, NewMemory::new(format!("t{i}"), vector(i, 4)).with_id(format!("m{i:03}")))
+            .await
+            .unwrap()
+            .applied_index;
     }
     cluster.wait_applied(last).await;
     let leader = cluster.wait_for_leader().await;

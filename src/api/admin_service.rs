@@ -58,7 +58,10 @@ impl AdminApi {
         let m = self.node.raft.metrics().borrow_watched().membership_config.clone();
         let known: BTreeSet<NodeId> = m.membership().nodes().map(|(id, _)| *id).collect();
         if let Some(unknown) = ids.iter().find(|id| !known.contains(id)) {
-            return Err(ApiError::invalid("node_ids", format!("node {unknown} is not a member; add it as a learner first")));
+            return Err(ApiError::invalid(
+                "node_ids",
+                format!("node {unknown} is not a member; add it as a learner first"),
+            ));
         }
         let mut voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
         voters.extend(ids);
@@ -133,7 +136,10 @@ impl AdminService for AdminApi {
     }
 
     #[instrument(skip_all)]
-    async fn add_learner(&self, req: Request<pb::AddLearnerRequest>) -> Result<Response<pb::MembershipResponse>, Status> {
+    async fn add_learner(
+        &self,
+        req: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
         let started = Instant::now();
         let pb::AddLearnerRequest { node, blocking } = req.into_inner();
         let res = async {
@@ -173,7 +179,10 @@ impl AdminService for AdminApi {
     }
 
     #[instrument(skip_all)]
-    async fn remove_nodes(&self, req: Request<pb::RemoveNodesRequest>) -> Result<Response<pb::MembershipResponse>, Status> {
+    async fn remove_nodes(
+        &self,
+        req: Request<pb::RemoveNodesRequest>,
+    ) -> Result<Response<pb::MembershipResponse>, Status> {
         let started = Instant::now();
         let pb::RemoveNodesRequest { node_ids } = req.into_inner();
         let res = async {

@@ -4,8 +4,8 @@
 use crate::error::ApiError;
 use crate::memory::{Memory, MemoryInput, Metric, NamespaceInfo, Precondition, DEFAULT_IMPORTANCE};
 use crate::proto as pb;
-use crate::raft::{EngramNode, NodeId};
 use crate::raft::node::ReadConsistency;
+use crate::raft::{EngramNode, NodeId};
 
 pub fn memory_input(prefix: &str, m: Option<pb::MemoryInput>) -> Result<MemoryInput, ApiError> {
     let pb::MemoryInput { id, text, embedding, tags, importance, expires_at_ms } =
@@ -108,7 +108,12 @@ pub fn node_from_pb(field: &str, n: Option<pb::NodeInfo>) -> Result<(NodeId, Eng
         return Err(ApiError::invalid(format!("{field}.id"), "node ids start at 1"));
     }
     for (name, addr) in [("raft_addr", &raft_addr), ("api_addr", &api_addr)] {
-        if addr.rsplit_once(':').and_then(|(h, p)| (!h.is_empty()).then_some(p)).and_then(|p| p.parse::<u16>().ok()).is_none() {
+        if addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| (!h.is_empty()).then_some(p))
+            .and_then(|p| p.parse::<u16>().ok())
+            .is_none()
+        {
             return Err(ApiError::invalid(format!("{field}.{name}"), format!("{addr:?} is not host:port")));
         }
     }
@@ -129,7 +134,7 @@ pub fn decode_page_token(token: &str) -> Result<Option<String>, ApiError> {
         return Ok(None);
     }
     let bad = || ApiError::invalid("page_token", "malformed; pass back a next_page_token unchanged");
-    if token.len() % 2 != 0 || token.len() > 512 {
+    if !token.len().is_multiple_of(2) || token.len() > 512 {
         return Err(bad());
     }
     let bytes: Vec<u8> = (0..token.len())

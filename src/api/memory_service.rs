@@ -117,7 +117,7 @@ impl MemoryApi {
             return Err(ApiError::not_found(format!("namespace {namespace:?}")));
         }
         match m {
-            Some(m) if !m.expires_at_ms.is_some_and(|e| e <= now_ms()) => {
+            Some(m) if m.expires_at_ms.is_none_or(|e| e > now_ms()) => {
                 Ok(pb::GetResponse { memory: Some(memory_to_pb(m)), read_index: applied })
             }
             _ => Err(ApiError::not_found(format!("memory {id:?} in namespace {namespace:?}"))),
@@ -167,10 +167,9 @@ impl MemoryService for MemoryApi {
             let key = convert::idempotency_key(options)?;
             let res = self.propose(key, Op::CreateNamespace { namespace, dimension, metric }).await?;
             match res.outcome {
-                Outcome::NamespaceCreated(info) => Ok(pb::CreateNamespaceResponse {
-                    applied_index: res.index,
-                    namespace: Some(namespace_to_pb(info)),
-                }),
+                Outcome::NamespaceCreated(info) => {
+                    Ok(pb::CreateNamespaceResponse { applied_index: res.index, namespace: Some(namespace_to_pb(info)) })
+                }
                 other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
             }
         }
@@ -185,11 +184,7 @@ impl MemoryService for MemoryApi {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let started = Instant::now();
         let pb::PutRequest { namespace, memory, precondition, options } = req.into_inner();
-        let batch = pb::PutBatchRequest {
-            namespace,
-            items: vec![pb::PutBatchItem { memory, precondition }],
-            options,
-        };
+        let batch = pb::PutBatchRequest { namespace, items: vec![pb::PutBatchItem { memory, precondition }], options };
         // A single put is a batch of one; field names are reported without the batch prefix.
         let res = self
             .put_batch_inner(batch)
@@ -198,11 +193,9 @@ impl MemoryService for MemoryApi {
                 ApiError::InvalidArgument { field, reason } => {
                     ApiError::InvalidArgument { field: field.replacen("items[0].", "", 1), reason }
                 }
-                ApiError::FailedPrecondition { field, reason, current_revision } => ApiError::FailedPrecondition {
-                    field: field.replacen("items[0].", "", 1),
-                    reason,
-                    current_revision,
-                },
+                ApiError::FailedPrecondition { field, reason, current_revision } => {
+                    ApiError::FailedPrecondition { field: field.replacen("items[0].", "", 1), reason, current_revision }
+                }
                 other => other,
             })
             .and_then(|mut r| r.results.pop().ok_or_else(|| ApiError::Internal("empty put result".into())))

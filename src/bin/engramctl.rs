@@ -145,7 +145,11 @@ fn consistency(s: &str) -> Result<Consistency, String> {
 fn parse_member(s: &str) -> Result<pb::NodeInfo, String> {
     let (id, addrs) = s.split_once('=').ok_or("member must be ID=RAFT_ADDR,API_ADDR")?;
     let (raft, api) = addrs.split_once(',').ok_or("member must be ID=RAFT_ADDR,API_ADDR")?;
-    Ok(pb::NodeInfo { id: id.parse().map_err(|e| format!("member id: {e}"))?, raft_addr: raft.into(), api_addr: api.into() })
+    Ok(pb::NodeInfo {
+        id: id.parse().map_err(|e| format!("member id: {e}"))?,
+        raft_addr: raft.into(),
+        api_addr: api.into(),
+    })
 }
 
 fn print_memory(m: &pb::Memory) {

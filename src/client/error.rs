@@ -45,7 +45,12 @@ impl ClientError {
     }
 
     pub(crate) fn config(message: impl Into<String>) -> Self {
-        ClientError { code: Code::InvalidArgument, message: message.into(), field: None, outcome: WriteOutcome::NotApplied }
+        ClientError {
+            code: Code::InvalidArgument,
+            message: message.into(),
+            field: None,
+            outcome: WriteOutcome::NotApplied,
+        }
     }
 
     /// Transient: another attempt (possibly at another node) may succeed.

@@ -407,9 +407,7 @@ impl Admin<'_> {
     }
 
     pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {
-        self.client
-            .call(|ch, t| async move { Self::admin(ch).status(timed(pb::StatusRequest {}, t)).await })
-            .await
+        self.client.call(|ch, t| async move { Self::admin(ch).status(timed(pb::StatusRequest {}, t)).await }).await
     }
 
     pub async fn add_learner(&self, node: pb::NodeInfo, blocking: bool) -> Result<pb::MembershipResponse, ClientError> {
@@ -444,8 +442,6 @@ impl Admin<'_> {
 
     pub async fn transfer_leader(&self, to_node_id: u64) -> Result<pb::TransferLeaderResponse, ClientError> {
         let req = pb::TransferLeaderRequest { to_node_id };
-        self.client
-            .call(|ch, t| async move { Self::admin(ch).transfer_leader(timed(req, t)).await })
-            .await
+        self.client.call(|ch, t| async move { Self::admin(ch).transfer_leader(timed(req, t)).await }).await
     }
 }

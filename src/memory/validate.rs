@@ -67,12 +67,7 @@ pub fn validate_id(field: &str, id: &str) -> Result<(), ApiError> {
 
 /// Validates one memory; `prefix` names its position (e.g. `items[3].memory`).
 /// `dimension` is the namespace's, when the namespace already exists.
-pub fn validate_input(
-    prefix: &str,
-    m: &MemoryInput,
-    dimension: Option<u32>,
-    limits: &Limits,
-) -> Result<(), ApiError> {
+pub fn validate_input(prefix: &str, m: &MemoryInput, dimension: Option<u32>, limits: &Limits) -> Result<(), ApiError> {
     let field = |f: &str| format!("{prefix}.{f}");
     if !m.id.is_empty() {
         validate_id(&field("id"), &m.id)?;
@@ -111,12 +106,7 @@ pub fn validate_input(
 }
 
 /// Vectors are non-empty, finite, at most `max_dimension` long, and match the namespace.
-pub fn validate_embedding(
-    field: &str,
-    v: &[f32],
-    dimension: Option<u32>,
-    limits: &Limits,
-) -> Result<(), ApiError> {
+pub fn validate_embedding(field: &str, v: &[f32], dimension: Option<u32>, limits: &Limits) -> Result<(), ApiError> {
     if v.is_empty() {
         return Err(ApiError::invalid(field, "must not be empty"));
     }
@@ -128,10 +118,7 @@ pub fn validate_embedding(
     }
     if let Some(d) = dimension {
         if v.len() != d as usize {
-            return Err(ApiError::invalid(
-                field,
-                format!("dimension {} does not match the namespace's {d}", v.len()),
-            ));
+            return Err(ApiError::invalid(field, format!("dimension {} does not match the namespace's {d}", v.len())));
         }
     }
     Ok(())

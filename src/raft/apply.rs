@@ -98,8 +98,7 @@ fn create_namespace(
             metric: info.metric,
         }));
     }
-    let info =
-        NamespaceInfo { name: namespace.into(), dimension, metric, memory_count: 0, created_at_ms: now_ms };
+    let info = NamespaceInfo { name: namespace.into(), dimension, metric, memory_count: 0, created_at_ms: now_ms };
     store_namespace(txn, &info)?;
     Ok(Outcome::NamespaceCreated(info))
 }

@@ -48,14 +48,14 @@ impl LogStore {
 
     /// Runs `f` in one durable write transaction on the blocking pool.
     async fn write<F>(&self, f: F) -> Result<(), io::Error>
-    where F: FnOnce(&redb::WriteTransaction) -> Result<(), StorageError> + Send + 'static {
+    where
+        F: FnOnce(&redb::WriteTransaction) -> Result<(), StorageError> + Send + 'static,
+    {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
             let mut txn = db.begin_write()?;
-            txn.set_durability(Durability::Immediate).map_err(|e| StorageError::Corrupt {
-                table: "log",
-                reason: e.to_string(),
-            })?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| StorageError::Corrupt { table: "log", reason: e.to_string() })?;
             f(&txn)?;
             txn.commit()?;
             Ok(())
@@ -141,7 +141,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
         .await
         .map_err(io::Error::other)??;
-        Ok(LogState { last_log_id: last.or_else(|| purged.clone()), last_purged_log_id: purged })
+        Ok(LogState { last_log_id: last.or(purged), last_purged_log_id: purged })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

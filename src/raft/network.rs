@@ -9,8 +9,8 @@ use std::time::Duration;
 use openraft::errors::{NetworkError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::{OptionalSend, RaftNetworkV2};
 use serde::{de::DeserializeOwned, Serialize};
@@ -86,7 +86,8 @@ fn with_timeout<T>(msg: T, option: &RPCOption) -> tonic::Request<T> {
 macro_rules! unary {
     ($self:ident, $method:ident, $rpc:expr, $option:expr) => {{
         let mut c = $self.client()?;
-        let resp = c.$method(with_timeout(encode(&$rpc), &$option)).await.map_err(|s| status_to_rpc($self.target, s))?;
+        let resp =
+            c.$method(with_timeout(encode(&$rpc), &$option)).await.map_err(|s| status_to_rpc($self.target, s))?;
         decode(resp.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }};
 }
@@ -102,7 +103,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         unary!(self, append_entries, rpc, option)
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError> {
         unary!(self, vote, rpc, option)
     }
 

@@ -5,13 +5,15 @@
 //! confirms its leadership (ReadIndex or lease), a follower asks the leader for that read
 //! index over the peer RPC, and either then waits until its own state machine has applied it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::errors::{ClientWriteError, RaftError};
 use openraft::raft::linearizable_read::Linearizer;
-use openraft::async_runtime::watch::WatchReceiver;
 use openraft::{ReadPolicy, ServerState};
+use tonic::transport::{Channel, Endpoint};
 
 use super::network::decode;
 use super::types::{Command, CommandResult, EngramNode, NodeId, Raft, TypeConfig};
@@ -32,11 +34,13 @@ pub struct RaftNode {
     pub id: NodeId,
     pub raft: Raft,
     read_timeout: Duration,
+    /// Lazily connected channels to leaders, by peer address, for follower ReadIndex calls.
+    peers: Arc<Mutex<HashMap<String, RaftServiceClient<Channel>>>>,
 }
 
 impl RaftNode {
     pub fn new(id: NodeId, raft: Raft, read_timeout: Duration) -> Self {
-        RaftNode { id, raft, read_timeout }
+        RaftNode { id, raft, read_timeout, peers: Arc::default() }
     }
 
     /// The leader's id and node, as this node currently knows it.
@@ -66,10 +70,9 @@ impl RaftNode {
     fn map_write_error(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ApiError {
         match e {
             // Rejected before the entry was appended: definitely not applied.
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ApiError::NotLeader {
-                leader_id: f.leader_id,
-                leader_addr: f.leader_node.map(|n| n.api_addr),
-            },
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                ApiError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.api_addr) }
+            }
             RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => ApiError::Unavailable {
                 reason: format!("leadership changed while the write was in flight (new leader: {:?})", f.leader_id),
             },
@@ -105,9 +108,7 @@ impl RaftNode {
 
     async fn remote_linearizer(&self, leader: &EngramNode, lease: bool) -> Result<Linearizer<TypeConfig>, ApiError> {
         let unavailable = |e: String| ApiError::Unavailable { reason: format!("read index from leader: {e}") };
-        let mut client = RaftServiceClient::connect(format!("http://{}", leader.raft_addr))
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
+        let mut client = self.peer(&leader.raft_addr).map_err(unavailable)?;
         let mut req = tonic::Request::new(ReadIndexRequest { lease });
         req.set_timeout(self.read_timeout);
         let resp = client.read_index(req).await.map_err(|s| unavailable(s.message().to_string()))?;
@@ -116,14 +117,27 @@ impl RaftNode {
         Ok(Linearizer::new(self.id, read_log_id, applied))
     }
 
+    fn peer(&self, addr: &str) -> Result<RaftServiceClient<Channel>, String> {
+        let mut peers = self.peers.lock().unwrap();
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let c = RaftServiceClient::new(ch);
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
     /// Bootstraps a new cluster with the given members.
     pub async fn initialize(&self, members: BTreeMap<NodeId, EngramNode>) -> Result<(), ApiError> {
         self.raft.initialize(members).await.map_err(|e| match e {
-            RaftError::APIError(e) => ApiError::FailedPrecondition {
-                field: "members".into(),
-                reason: e.to_string(),
-                current_revision: 0,
-            },
+            RaftError::APIError(e) => {
+                ApiError::FailedPrecondition { field: "members".into(), reason: e.to_string(), current_revision: 0 }
+            }
             RaftError::Fatal(f) => ApiError::Internal(f.to_string()),
         })
     }
@@ -134,11 +148,7 @@ impl RaftNode {
 
     /// Replaces the voter set; `retain` keeps removed voters as learners.
     pub async fn change_voters(&self, voters: BTreeSet<NodeId>, retain: bool) -> Result<u64, ApiError> {
-        self.raft
-            .change_membership(voters, retain)
-            .await
-            .map(|r| r.log_id.index)
-            .map_err(|e| self.map_write_error(e))
+        self.raft.change_membership(voters, retain).await.map(|r| r.log_id.index).map_err(|e| self.map_write_error(e))
     }
 
     /// Removes nodes entirely (voters and learners).

@@ -54,10 +54,7 @@ impl RaftService for PeerService {
         Ok(Response::new(encode(&resp)))
     }
 
-    async fn install_snapshot(
-        &self,
-        req: Request<Streaming<SnapshotChunk>>,
-    ) -> Result<Response<RaftPayload>, Status> {
+    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftPayload>, Status> {
         let mut stream = req.into_inner();
         let mut head: Option<(Vote, SnapshotMeta)> = None;
         let mut data = Vec::new();
@@ -77,11 +74,7 @@ impl RaftService for PeerService {
         if checksum.as_deref() != Some(blake3::hash(&data).as_bytes().as_slice()) {
             return Err(Status::data_loss("snapshot checksum mismatch"));
         }
-        let resp = self
-            .raft
-            .install_full_snapshot(vote, Snapshot { meta, snapshot: data })
-            .await
-            .map_err(fatal)?;
+        let resp = self.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: data }).await.map_err(fatal)?;
         Ok(Response::new(encode(&resp)))
     }
 

@@ -18,9 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::apply::apply_command;
 use super::types::{CommandResult, LogId, Outcome, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::error::StorageError;
-use crate::storage::{
-    codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBERSHIP, NAMESPACES, SM_META,
-};
+use crate::storage::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBERSHIP, NAMESPACES, SM_META};
 
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Vec<u8>>;
 
@@ -202,8 +200,7 @@ impl StateMachineStore {
 }
 
 fn set_durable(txn: &mut WriteTransaction) -> Result<(), StorageError> {
-    txn.set_durability(Durability::Immediate)
-        .map_err(|e| StorageError::Corrupt { table: "sm", reason: e.to_string() })
+    txn.set_durability(Durability::Immediate).map_err(|e| StorageError::Corrupt { table: "sm", reason: e.to_string() })
 }
 
 async fn blocking<T: Send + 'static>(
@@ -242,7 +239,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend {
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
         let mut batch = Vec::new();
         let mut responders = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {

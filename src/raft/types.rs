@@ -52,11 +52,24 @@ pub struct Command {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    CreateNamespace { namespace: String, dimension: u32, metric: Metric },
+    CreateNamespace {
+        namespace: String,
+        dimension: u32,
+        metric: Metric,
+    },
     /// Atomic: every item applies or none does. Creates the namespace on first write.
-    Put { namespace: String, items: Vec<(MemoryInput, Precondition)> },
-    Delete { namespace: String, id: String, precondition: Precondition },
-    DeleteNamespace { namespace: String },
+    Put {
+        namespace: String,
+        items: Vec<(MemoryInput, Precondition)>,
+    },
+    Delete {
+        namespace: String,
+        id: String,
+        precondition: Precondition,
+    },
+    DeleteNamespace {
+        namespace: String,
+    },
 }
 
 /// The result of applying one command, returned to the proposer and remembered under the
@@ -75,8 +88,12 @@ pub enum Outcome {
     None,
     NamespaceCreated(NamespaceInfo),
     Put(Vec<PutResult>),
-    Deleted { deleted: bool },
-    NamespaceDeleted { memories: u64 },
+    Deleted {
+        deleted: bool,
+    },
+    NamespaceDeleted {
+        memories: u64,
+    },
     /// Deterministically refused in `apply`; the state did not change.
     Rejected(Rejection),
 }

@@ -45,8 +45,7 @@ impl StateReader {
         let txn = self.db.begin_read()?;
         let applied = Self::applied(&txn)?;
         let nss = txn.open_table(NAMESPACES)?;
-        let info: Option<NamespaceInfo> =
-            nss.get(ns)?.map(|v| codec::decode("namespaces", v.value())).transpose()?;
+        let info: Option<NamespaceInfo> = nss.get(ns)?.map(|v| codec::decode("namespaces", v.value())).transpose()?;
         let table = txn.open_table(MEMORIES)?;
         let m = table.get(memory_key(ns, id).as_slice())?;
         let m = m.map(|v| codec::decode_memory(v.value())).transpose()?;
@@ -64,8 +63,7 @@ impl StateReader {
         let txn = self.db.begin_read()?;
         let applied_index = Self::applied(&txn)?;
         let nss = txn.open_table(NAMESPACES)?;
-        let info: Option<NamespaceInfo> =
-            nss.get(ns)?.map(|v| codec::decode("namespaces", v.value())).transpose()?;
+        let info: Option<NamespaceInfo> = nss.get(ns)?.map(|v| codec::decode("namespaces", v.value())).transpose()?;
         let (lo, hi) = namespace_range(ns);
         let start = match after {
             Some(id) => {

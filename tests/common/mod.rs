@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use engram::client::{Client, RetryPolicy};
-use openraft::async_runtime::watch::WatchReceiver;
 use engram::config::Config;
 use engram::proto as pb;
 use engram::server::{self, NodeHandle};
+use openraft::async_runtime::watch::WatchReceiver;
 use tempfile::TempDir;
 
 pub struct Slot {
@@ -58,7 +58,14 @@ impl TestCluster {
         let mut cfg = Config::for_test(id, dir.path().to_path_buf());
         (self.tweak)(&mut cfg);
         let handle = server::start(cfg).await.unwrap();
-        self.slots.push(Slot { id, dir, api: handle.api_addr, raft: handle.raft_addr, http: handle.http_addr, handle: Some(handle) });
+        self.slots.push(Slot {
+            id,
+            dir,
+            api: handle.api_addr,
+            raft: handle.raft_addr,
+            http: handle.http_addr,
+            handle: Some(handle),
+        });
         self.slots.last().unwrap()
     }
 
@@ -109,7 +116,10 @@ impl TestCluster {
                 })
                 .collect();
             if let Some(Some(l)) = leaders.first() {
-                if leaders.iter().all(|x| *x == Some(*l)) && self.running().contains(l) && self.handle(*l).node.is_leader() {
+                if leaders.iter().all(|x| *x == Some(*l))
+                    && self.running().contains(l)
+                    && self.handle(*l).node.is_leader()
+                {
                     return *l;
                 }
             }

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, proptests and in-process cluster tests (real gRPC on
+# loopback, real redb files). Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+cargo test --workspace --locked "$@"

@@ -1,0 +1,163 @@
+//! Durability against real `engram` processes: acknowledged writes survive kill -9 of the
+//! leader under load, and kill -9 of every node followed by a restart from disk.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use engram::client::{Client, NewMemory, RetryPolicy, WriteOutcome};
+use engram::proto as pb;
+
+const NS: &str = "durable/ns";
+
+struct Node {
+    id: u64,
+    api: String,
+    raft: String,
+    http: String,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Node {
+    fn new(id: u64) -> Node {
+        let a = |p: u16| format!("127.0.0.1:{p}");
+        Node { id, api: a(free_port()), raft: a(free_port()), http: a(free_port()), child: None }
+    }
+
+    fn start(&mut self, dir: &Path) {
+        let log = std::fs::File::create(dir.join(format!("n{}.log", self.id))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_engram"))
+            .args(["--node-id", &self.id.to_string()])
+            .args(["--data-dir", dir.join(format!("n{}", self.id)).to_str().unwrap()])
+            .args(["--listen-api", &self.api, "--listen-raft", &self.raft, "--listen-http", &self.http])
+            .args([
+                "--heartbeat-interval-ms",
+                "50",
+                "--election-timeout-min-ms",
+                "300",
+                "--election-timeout-max-ms",
+                "600",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn client(nodes: &[Node]) -> Client {
+    let eps: Vec<String> = nodes.iter().filter(|n| n.child.is_some()).map(|n| n.api.clone()).collect();
+    let retry = RetryPolicy {
+        max_attempts: 200,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        timeout: Duration::from_secs(2),
+    };
+    Client::with_retry(eps, retry).unwrap()
+}
+
+async fn leader_of(c: &Client) -> u64 {
+    for _ in 0..400 {
+        if let Ok(s) = c.admin().status().await {
+            if s.leader_id != 0 {
+                return s.leader_id;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no leader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (1..=3).map(Node::new).collect();
+    for n in nodes.iter_mut() {
+        n.start(dir.path());
+    }
+    // Phase 1: bootstrap (retry until the first node listens).
+    let members: Vec<pb::NodeInfo> =
+        nodes.iter().map(|n| pb::NodeInfo { id: n.id, raft_addr: n.raft.clone(), api_addr: n.api.clone() }).collect();
+    let mut ok = false;
+    for _ in 0..100 {
+        if Client::new([nodes[0].api.clone()]).unwrap().admin().init_cluster(members.clone()).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "cluster init failed");
+    let c = client(&nodes);
+    leader_of(&c).await;
+
+    // Phase 2: four writers; the leader is killed with SIGKILL while they run. Every write
+    // the cluster acknowledges is recorded; writes that failed with "maybe applied" are
+    // allowed to be present or absent.
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (c, acked) = (c.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..60 {
+                let id = format!("w{w}-{i}");
+                match c
+                    .put(NS, NewMemory::new(format!("v{i}"), vec![w as f32, i as f32, 1.0]).with_id(id.clone()))
+                    .await
+                {
+                    Ok(_) => {
+                        acked.lock().unwrap().insert(id);
+                    }
+                    Err(e) => assert_eq!(e.outcome, WriteOutcome::MaybeApplied, "{e}"),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let old = leader_of(&c).await;
+    nodes.iter_mut().find(|n| n.id == old).unwrap().kill9();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100, "too few writes acknowledged: {}", acked.len());
+
+    // Phase 3: SIGKILL every node, restart them all from their data dirs.
+    for n in nodes.iter_mut() {
+        n.kill9();
+    }
+    for n in nodes.iter_mut() {
+        n.start(dir.path());
+    }
+    let c = client(&nodes);
+    leader_of(&c).await;
+
+    // Phase 4: every acknowledged write is there, linearizably, with its value.
+    let all = c.list_all(NS).await.unwrap();
+    let present: BTreeSet<String> = all.iter().map(|m| m.id.clone()).collect();
+    let lost: Vec<_> = acked.difference(&present).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost after kill -9: {lost:?}");
+    for m in &all {
+        let i: usize = m.id.rsplit('-').next().unwrap().parse().unwrap();
+        assert_eq!(m.text, format!("v{i}"));
+    }
+}
