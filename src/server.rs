@@ -27,7 +27,12 @@ use crate::raft::service::PeerService;
 use crate::raft::{EngramNode, LogStore, Raft, RaftNode, StateMachineStore};
 use crate::storage::StateReader;
 
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Largest client request. With at most `MAX_PAYLOAD_ENTRIES` entries per AppendEntries,
+/// a peer message stays under `MAX_PEER_MESSAGE_BYTES` (bincode and protobuf sizes of an
+/// entry are within a few percent of each other).
+const MAX_MESSAGE_BYTES: usize = 8 << 20;
+const MAX_PAYLOAD_ENTRIES: u64 = 32;
+const MAX_PEER_MESSAGE_BYTES: usize = 512 << 20;
 
 /// A running node.
 pub struct NodeHandle {
@@ -66,6 +71,7 @@ fn raft_config(c: &Config) -> Result<Arc<openraft::Config>, ServerError> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: c.snapshot_keep_logs,
         install_snapshot_timeout: 30_000,
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..Default::default()
     };
     Ok(Arc::new(rc.validate().map_err(|e| ServerError::Config(e.to_string()))?))
@@ -150,8 +156,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         .serve_with_incoming_shutdown(incoming(api_listener), stopped());
 
     let peer = RaftServiceServer::new(PeerService::new(raft.clone()))
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
     let raft_server = Server::builder()
         .tcp_nodelay(true)
         .add_service(peer)

@@ -113,6 +113,7 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     expect_invalid(c.list(list(5000, "")).await, "page_size");
     expect_invalid(c.list(list(10, "not-a-token")).await, "page_token");
     expect_invalid(c.list(list(10, "zz")).await, "page_token");
+    expect_invalid(c.list(list(10, "aéb")).await, "page_token");
     expect_invalid(
         c.delete(pb::DeleteRequest { namespace: NS.into(), id: "".into(), precondition: None, options: None }).await,
         "id",

@@ -370,3 +370,41 @@ async fn a_learner_added_after_compaction_catches_up_by_snapshot() {
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "state diverged: {digests:?}");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_nodes_tolerate_two_failures_and_refuse_writes_without_a_majority() {
+    let mut cluster = TestCluster::start(5).await;
+    let client = cluster.client();
+    client.put(NS, NewMemory::new("first", vector(1, 4)).with_id("a")).await.unwrap();
+
+    // Phase 1: two nodes (one of them the leader) go down; three of five still commit.
+    let leader = cluster.wait_for_leader().await;
+    let other = cluster.running().into_iter().find(|id| *id != leader).unwrap();
+    cluster.stop(leader).await;
+    cluster.stop(other).await;
+    cluster.wait_for_leader().await;
+    client.put(NS, NewMemory::new("second", vector(2, 4)).with_id("b")).await.unwrap();
+    assert_eq!(client.get(NS, "a").await.unwrap().text, "first");
+
+    // Phase 2: a third failure leaves no majority: a write cannot be acknowledged and a
+    // linearizable read cannot be served, but a stale read still answers locally.
+    let third = cluster.running()[0];
+    cluster.stop(third).await;
+    let impatient = engram::client::Client::with_retry(
+        cluster.running().iter().map(|id| cluster.slot(*id).api.to_string()),
+        engram::client::RetryPolicy { max_attempts: 3, timeout: Duration::from_millis(800), ..Default::default() },
+    )
+    .unwrap();
+    let e = impatient.put(NS, NewMemory::new("third", vector(3, 4)).with_id("c")).await.unwrap_err();
+    assert!(matches!(e.code, Code::Unavailable | Code::DeadlineExceeded), "{e:?}");
+    let survivor = cluster.running()[0];
+    let stale = cluster.pinned(survivor).get_with(NS, "b", Consistency::Stale).await.unwrap();
+    assert_eq!(stale.memory.unwrap().text, "second");
+
+    // Phase 3: the majority returns; the cluster serves again and nothing acknowledged is lost.
+    cluster.restart(third).await;
+    cluster.restart(leader).await;
+    cluster.wait_for_leader().await;
+    assert_eq!(client.get(NS, "b").await.unwrap().text, "second");
+    cluster.shutdown().await;
+}

@@ -134,7 +134,7 @@ pub fn decode_page_token(token: &str) -> Result<Option<String>, ApiError> {
         return Ok(None);
     }
     let bad = || ApiError::invalid("page_token", "malformed; pass back a next_page_token unchanged");
-    if !token.len().is_multiple_of(2) || token.len() > 512 {
+    if !token.is_ascii() || !token.len().is_multiple_of(2) || token.len() > 512 {
         return Err(bad());
     }
     let bytes: Vec<u8> = (0..token.len())

@@ -187,9 +187,13 @@ impl Client {
         let mut last = None;
         for _ in 0..policy.max_attempts {
             let addr = self.inner.preferred.lock().unwrap().clone();
-            let status = match call(self.channel(&addr)?, policy.timeout).await {
-                Ok(resp) => return Ok(resp.into_inner()),
-                Err(s) => s,
+            let status = match self.channel(&addr) {
+                Ok(ch) => match call(ch, policy.timeout).await {
+                    Ok(resp) => return Ok(resp.into_inner()),
+                    Err(s) => s,
+                },
+                // An unusable address (e.g. a bad leader hint): nothing was sent there.
+                Err(e) => tonic::Status::unavailable(e.message),
             };
             let mut err = ClientError::from_status(&status);
             maybe_applied |= err.outcome == WriteOutcome::MaybeApplied;
@@ -203,7 +207,9 @@ impl Client {
             last = Some(err);
             match hint {
                 Some(leader) if leader != addr => {
+                    // Hints can bounce between nodes mid-election: pause briefly all the same.
                     *self.inner.preferred.lock().unwrap() = leader;
+                    tokio::time::sleep(policy.initial_backoff / 4).await;
                     continue;
                 }
                 _ => self.rotate(&addr),
@@ -215,7 +221,7 @@ impl Client {
     }
 
     fn memory(ch: Channel) -> MemoryServiceClient<Channel> {
-        MemoryServiceClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+        MemoryServiceClient::new(ch).max_decoding_message_size(128 << 20).max_encoding_message_size(8 << 20)
     }
 
     fn options() -> Option<pb::WriteOptions> {

@@ -48,7 +48,7 @@ impl PeerClient {
         let client = Endpoint::from_shared(format!("http://{addr}"))
             .map(|e| {
                 let ch = e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy();
-                RaftServiceClient::new(ch).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20)
+                RaftServiceClient::new(ch).max_decoding_message_size(512 << 20).max_encoding_message_size(512 << 20)
             })
             .map_err(|e| format!("bad peer address {addr:?}: {e}"));
         PeerClient { target, client }

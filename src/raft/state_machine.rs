@@ -27,6 +27,9 @@ pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Vec<u8>>;
 pub struct StateMachineStore {
     db: Arc<Database>,
     snapshot_path: PathBuf,
+    /// Serializes writes of the current-snapshot file: a build (spawned by openraft) may
+    /// overlap an install on the same node.
+    snapshot_file: Arc<std::sync::Mutex<()>>,
 }
 
 /// Every row of the state machine's data tables, as stored.
@@ -48,7 +51,7 @@ impl StateMachineStore {
         txn.open_table(IDEM_EXPIRY)?;
         txn.open_table(SM_META)?;
         txn.commit()?;
-        Ok(StateMachineStore { db: Arc::new(db), snapshot_path })
+        Ok(StateMachineStore { db: Arc::new(db), snapshot_path, snapshot_file: Arc::default() })
     }
 
     pub fn database(&self) -> Arc<Database> {
@@ -176,10 +179,23 @@ impl StateMachineStore {
         Ok(())
     }
 
-    /// Persists the snapshot as the current one: temp file, fsync, rename, fsync dir.
-    fn save_current(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+    /// Persists the snapshot as the current one (temp file, fsync, rename, fsync dir), unless
+    /// the file already holds a snapshot at the same or a later log id: the current snapshot
+    /// only moves forward, so it never ends below the purged log.
+    fn save_current(
+        lock: &std::sync::Mutex<()>,
+        path: &Path,
+        meta: &SnapshotMeta,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
         use std::io::Write;
-        let tmp = path.with_extension("tmp");
+        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(current) = Self::load_current_meta(path)? {
+            if current.last_log_id >= meta.last_log_id {
+                return Ok(());
+            }
+        }
+        let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::now_v7()));
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&codec::encode(&(meta, data)))?;
         f.sync_all()?;
@@ -188,6 +204,17 @@ impl StateMachineStore {
             std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
+    }
+
+    /// Only the leading meta of the current-snapshot file (bincode encodes the tuple in order).
+    fn load_current_meta(path: &Path) -> Result<Option<SnapshotMeta>, StorageError> {
+        match std::fs::File::open(path) {
+            Ok(f) => bincode::deserialize_from(std::io::BufReader::new(f))
+                .map(Some)
+                .map_err(|e| StorageError::Corrupt { table: "snapshot", reason: e.to_string() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn load_current(path: &Path) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
@@ -215,10 +242,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let db = self.db.clone();
         let path = self.snapshot_path.clone();
+        let lock = self.snapshot_file.clone();
         let started = std::time::Instant::now();
         let (meta, data) = blocking(move || {
             let (meta, data) = Self::build(&db)?;
-            Self::save_current(&path, &meta, &data)?;
+            Self::save_current(&lock, &path, &meta, &data)?;
             Ok((meta, data))
         })
         .await?;
@@ -271,11 +299,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
         let db = self.db.clone();
         let path = self.snapshot_path.clone();
+        let lock = self.snapshot_file.clone();
         let meta = meta.clone();
         let started = std::time::Instant::now();
         blocking(move || {
-            Self::install(&db, &meta, &snapshot)?;
-            Self::save_current(&path, &meta, &snapshot)
+            // File first: after a crash between the two steps openraft finds a snapshot newer
+            // than the applied state and installs it again; the reverse order would leave a
+            // current snapshot that ends below the purged log.
+            Self::save_current(&lock, &path, &meta, &snapshot)?;
+            Self::install(&db, &meta, &snapshot)
         })
         .await?;
         metrics::histogram!("engram_snapshot_install_seconds").record(started.elapsed().as_secs_f64());
@@ -286,5 +318,31 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let path = self.snapshot_path.clone();
         let current = blocking(move || Self::load_current(&path)).await?;
         Ok(current.map(|(meta, data)| Snapshot { meta, snapshot: data }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(index: u64) -> SnapshotMeta {
+        let leader = openraft::vote::leader_id_adv::LeaderId { term: 1, node_id: 1 };
+        SnapshotMeta { last_log_id: Some(LogId::new(leader, index)), last_membership: StoredMembership::default() }
+    }
+
+    #[test]
+    fn the_current_snapshot_file_only_moves_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot.bin");
+        let lock = std::sync::Mutex::new(());
+        StateMachineStore::save_current(&lock, &path, &meta(10), b"ten").unwrap();
+        // A slower, older build finishing late must not replace the newer snapshot.
+        StateMachineStore::save_current(&lock, &path, &meta(5), b"five").unwrap();
+        let (m, data) = StateMachineStore::load_current(&path).unwrap().unwrap();
+        assert_eq!((m.last_log_id.unwrap().index, data.as_slice()), (10, b"ten".as_slice()));
+        StateMachineStore::save_current(&lock, &path, &meta(12), b"twelve").unwrap();
+        assert_eq!(StateMachineStore::load_current_meta(&path).unwrap().unwrap().last_log_id.unwrap().index, 12);
+        // No temp files are left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
