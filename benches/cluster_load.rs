@@ -36,6 +36,9 @@ struct Args {
     /// First of 9 consecutive loopback ports to use.
     #[arg(long, default_value_t = 27001)]
     base_port: u16,
+    /// Passed to every node (0: fsync the state machine on every apply).
+    #[arg(long, default_value_t = 100)]
+    state_sync_interval_ms: u64,
     /// Accepted for `cargo bench` compatibility.
     #[arg(long, hide = true)]
     bench: bool,
@@ -51,7 +54,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(&mut self, bin: &PathBuf) {
+    fn spawn(&mut self, bin: &PathBuf, sync_ms: u64) {
         let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
         let child = Command::new(bin)
             .args(["--node-id", &self.id.to_string(), "--data-dir", self.dir.to_str().unwrap()])
@@ -158,7 +161,7 @@ async fn main() {
         })
         .collect();
     for p in procs.iter_mut() {
-        p.spawn(&bin);
+        p.spawn(&bin, args.state_sync_interval_ms);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let members =
@@ -264,7 +267,7 @@ async fn main() {
         println!("| {trial} | {lid} | {new_leader} | {} |", ms(took));
         times.push(took);
         // Bring the victim back from its data dir and let it catch up before the next trial.
-        victim.spawn(&bin);
+        victim.spawn(&bin, args.state_sync_interval_ms);
         let pinned =
             Client::with_retry([victim.api.clone()], RetryPolicy { max_attempts: 200, ..Default::default() }).unwrap();
         pinned.get("bench/a", &format!("failover-{trial}")).await.unwrap();

@@ -15,6 +15,7 @@
 //! election_timeout_max_ms = 1000
 //! snapshot_logs_since_last = 5000
 //! snapshot_keep_logs = 1000
+//! state_sync_interval_ms = 100     # 0: fsync the state machine on every apply
 //! read_timeout_ms = 5000
 //! max_text_bytes = 65536
 //! log_format = "text"               # or "json"
@@ -73,6 +74,11 @@ pub struct NodeArgs {
     /// Log entries kept behind the latest snapshot for slow followers [default: 1000].
     #[arg(long, env = "ENGRAM_SNAPSHOT_KEEP_LOGS")]
     pub snapshot_keep_logs: Option<u64>,
+    /// Fsync state-machine applies at most this often; 0 = every apply. The log is always
+    /// fsynced before a write is acknowledged, so this trades restart replay for latency
+    /// [default: 100].
+    #[arg(long, env = "ENGRAM_STATE_SYNC_INTERVAL_MS")]
+    pub state_sync_interval_ms: Option<u64>,
     /// How long a read waits for the local state machine to catch up [default: 5000].
     #[arg(long, env = "ENGRAM_READ_TIMEOUT_MS")]
     pub read_timeout_ms: Option<u64>,
@@ -107,6 +113,7 @@ pub struct Config {
     pub election_timeout_max_ms: u64,
     pub snapshot_logs_since_last: u64,
     pub snapshot_keep_logs: u64,
+    pub state_sync_interval_ms: u64,
     pub read_timeout_ms: u64,
     pub max_text_bytes: usize,
     pub log_format: LogFormat,
@@ -153,6 +160,7 @@ impl NodeArgs {
             election_timeout_max_ms: pick!(cli, file, election_timeout_max_ms, 1000),
             snapshot_logs_since_last: pick!(cli, file, snapshot_logs_since_last, 5000),
             snapshot_keep_logs: pick!(cli, file, snapshot_keep_logs, 1000),
+            state_sync_interval_ms: pick!(cli, file, state_sync_interval_ms, 100),
             read_timeout_ms: pick!(cli, file, read_timeout_ms, 5000),
             max_text_bytes: pick!(cli, file, max_text_bytes, 64 * 1024),
             log_format: pick!(cli, file, log_format, LogFormat::Text),
@@ -179,6 +187,7 @@ impl Config {
             election_timeout_max_ms: 600,
             snapshot_logs_since_last: 5000,
             snapshot_keep_logs: 1000,
+            state_sync_interval_ms: 100,
             read_timeout_ms: 5000,
             max_text_bytes: 64 * 1024,
             log_format: LogFormat::Text,

@@ -119,7 +119,11 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     };
 
     let log_store = LogStore::open(&config.data_dir.join("raft-log.redb"))?;
-    let sm = StateMachineStore::open(&config.data_dir.join("state.redb"), config.data_dir.join("snapshot.bin"))?;
+    let sm = StateMachineStore::open_with_sync(
+        &config.data_dir.join("state.redb"),
+        config.data_dir.join("snapshot.bin"),
+        Duration::from_millis(config.state_sync_interval_ms),
+    )?;
     let reader = StateReader::new(sm.database());
     let raft = Raft::new(config.node_id, raft_config(&config)?, Network::default(), log_store, sm)
         .await

@@ -44,6 +44,9 @@ impl Node {
                 "--election-timeout-max-ms",
                 "600",
             ])
+            // Worst case: the state machine is (almost) never fsynced, so after kill -9 all of
+            // it must come back from the durable log.
+            .args(["--state-sync-interval-ms", "3600000"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

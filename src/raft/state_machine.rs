@@ -1,8 +1,15 @@
 //! The redb state machine: applies committed entries, builds and installs snapshots.
 //!
-//! Each `apply` call commits one durable redb transaction that holds the data changes, the
-//! last applied log id and the membership together, so a crash never separates them.
-//! Responses are sent only after that commit.
+//! Each `apply` call commits one redb transaction that holds the data changes, the last
+//! applied log id and the membership together, so a crash never separates them. Responses
+//! are sent only after that commit.
+//!
+//! Applies are fsynced at most every `sync_interval` (0: every apply). This is safe because
+//! the state machine is a cache of the durable log: after a crash redb rolls back to its
+//! last durable commit (a consistent cut, applied id included), and openraft re-installs a
+//! newer snapshot if there is one and re-applies the committed entries from the log. Purging
+//! only ever happens behind a snapshot that was fsynced first. Snapshot installs are always
+//! fsynced.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -30,6 +37,8 @@ pub struct StateMachineStore {
     /// Serializes writes of the current-snapshot file: a build (spawned by openraft) may
     /// overlap an install on the same node.
     snapshot_file: Arc<std::sync::Mutex<()>>,
+    sync_interval: std::time::Duration,
+    last_sync: Arc<std::sync::Mutex<std::time::Instant>>,
 }
 
 /// Every row of the state machine's data tables, as stored.
@@ -42,7 +51,16 @@ struct SnapshotBody {
 }
 
 impl StateMachineStore {
+    /// Opens (or creates) the state machine; applies are fsynced at most every `sync_interval`.
     pub fn open(path: &Path, snapshot_path: PathBuf) -> Result<Self, StorageError> {
+        Self::open_with_sync(path, snapshot_path, std::time::Duration::ZERO)
+    }
+
+    pub fn open_with_sync(
+        path: &Path,
+        snapshot_path: PathBuf,
+        sync_interval: std::time::Duration,
+    ) -> Result<Self, StorageError> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(MEMORIES)?;
@@ -51,7 +69,13 @@ impl StateMachineStore {
         txn.open_table(IDEM_EXPIRY)?;
         txn.open_table(SM_META)?;
         txn.commit()?;
-        Ok(StateMachineStore { db: Arc::new(db), snapshot_path, snapshot_file: Arc::default() })
+        Ok(StateMachineStore {
+            db: Arc::new(db),
+            snapshot_path,
+            snapshot_file: Arc::default(),
+            sync_interval,
+            last_sync: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
+        })
     }
 
     pub fn database(&self) -> Arc<Database> {
@@ -73,9 +97,18 @@ impl StateMachineStore {
     }
 
     /// Applies a batch of entries in one durable transaction; returns one result per entry.
-    fn apply_batch(db: &Database, entries: &[super::types::Entry]) -> Result<Vec<CommandResult>, StorageError> {
+    fn apply_batch(
+        db: &Database,
+        entries: &[super::types::Entry],
+        durable: bool,
+    ) -> Result<Vec<CommandResult>, StorageError> {
         let mut txn = db.begin_write()?;
-        set_durable(&mut txn)?;
+        if durable {
+            set_durable(&mut txn)?;
+        } else {
+            txn.set_durability(Durability::None)
+                .map_err(|e| StorageError::Corrupt { table: "sm", reason: e.to_string() })?;
+        }
         let mut results = Vec::with_capacity(entries.len());
         let mut last_membership = None;
         for entry in entries {
@@ -280,8 +313,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             return Ok(());
         }
         let n = batch.len() as u64;
+        let durable = {
+            let mut last = self.last_sync.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.elapsed() >= self.sync_interval;
+            if due {
+                *last = std::time::Instant::now();
+            }
+            due
+        };
         let db = self.db.clone();
-        let results = blocking(move || Self::apply_batch(&db, &batch)).await?;
+        let results = blocking(move || Self::apply_batch(&db, &batch, durable)).await?;
         metrics::counter!("engram_sm_applied_entries_total").increment(n);
         // The transaction is durable; only now may anyone learn the results.
         for (responder, result) in responders.into_iter().zip(results) {
