@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs what building Engram needs on a fresh Debian machine. Idempotent.
-# protoc is vendored (protoc-bin-vendored), so only a C toolchain is needed beside cargo
-# (zstd-sys compiles C).
+# protoc is vendored (protoc-bin-vendored). FAISS is built from source by faiss-sys (static
+# feature): it needs cmake, a C++ compiler and OpenBLAS/LAPACK.
 set -euo pipefail
 
 need=()
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+dpkg -s libopenblas-dev >/dev/null 2>&1 || need+=(libopenblas-dev)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 if ((${#need[@]})); then

@@ -10,6 +10,7 @@
 //! * [`http`] — `/metrics`, `/healthz`, `/readyz`.
 //! * [`config`] — flags, env vars, TOML file, validation.
 //! * [`client`] — the Rust SDK: leader discovery, retries with idempotency keys.
+//! * [`vector`] — the `VectorIndex` trait: FAISS and an exact pure-Rust oracle, filters.
 //! * [`error`] — error families.
 #![doc = include_str!("../docs/errors.md")]
 
@@ -23,6 +24,7 @@ pub mod memory;
 pub mod raft;
 pub mod server;
 pub mod storage;
+pub mod vector;
 
 /// Generated protobuf types and gRPC stubs (`proto/engram/v1`).
 pub mod proto {
