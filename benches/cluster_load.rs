@@ -67,6 +67,7 @@ impl Proc {
                 "--election-timeout-max-ms",
                 "600",
             ])
+            .args(["--state-sync-interval-ms", &sync_ms.to_string()])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
