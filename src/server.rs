@@ -125,6 +125,12 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         Duration::from_millis(config.state_sync_interval_ms),
     )?;
     let reader = StateReader::new(sm.database());
+    // Vector shards start from what is on disk; entries Raft re-applies update them after.
+    let vectors = sm.vectors();
+    {
+        let sm = sm.clone();
+        tokio::task::spawn_blocking(move || sm.rebuild_vectors()).await.map_err(std::io::Error::other)??;
+    }
     let raft = Raft::new(config.node_id, raft_config(&config)?, Network::default(), log_store, sm)
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
@@ -148,7 +154,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         .build_v1()
         .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
 
-    let memory = MemoryServiceServer::new(MemoryApi::new(node.clone(), reader.clone(), limits))
+    let memory = MemoryServiceServer::new(MemoryApi::new(node.clone(), reader.clone(), vectors, limits))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me));
     let api_server = Server::builder()

@@ -365,6 +365,10 @@ async fn a_learner_added_after_compaction_catches_up_by_snapshot() {
     // Phase 3: it serves the same data, linearizably, and converges byte for byte.
     let all = cluster.pinned(4).list(NS, 1000, "", Consistency::Linearizable).await.unwrap();
     assert_eq!(all.memories.len(), 150);
+    // Its vector shards were rebuilt from the installed snapshot.
+    // (m077 holds exactly this vector, so the best cosine similarity is 1.)
+    let hit = cluster.pinned(4).search(NS, vector(77, 4), 1).await.unwrap();
+    assert!(hit.hits[0].score > 0.999, "{hit:?}");
     cluster.wait_applied(last).await;
     let digests = cluster.digests();
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "state diverged: {digests:?}");

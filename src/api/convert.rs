@@ -146,3 +146,40 @@ pub fn decode_page_token(token: &str) -> Result<Option<String>, ApiError> {
     crate::memory::validate_id("page_token", id).map_err(|_| bad())?;
     Ok(Some(id.to_string()))
 }
+
+/// Validates a search filter; every error names its field under `filter.`.
+pub fn search_filter(f: Option<pb::SearchFilter>) -> Result<crate::vector::Filter, ApiError> {
+    let Some(pb::SearchFilter { tags, tag_in, created_after_ms, created_before_ms, min_importance }) = f else {
+        return Ok(crate::vector::Filter::default());
+    };
+    if tags.keys().any(|k| k.is_empty()) {
+        return Err(ApiError::invalid("filter.tags", "tag keys must not be empty"));
+    }
+    let mut tag_in_out = Vec::with_capacity(tag_in.len());
+    for (i, pb::TagIn { key, values }) in tag_in.into_iter().enumerate() {
+        if key.is_empty() {
+            return Err(ApiError::invalid(format!("filter.tag_in[{i}].key"), "must not be empty"));
+        }
+        if values.is_empty() {
+            return Err(ApiError::invalid(format!("filter.tag_in[{i}].values"), "must not be empty"));
+        }
+        tag_in_out.push((key, values));
+    }
+    if created_after_ms != 0 && created_before_ms != 0 && created_after_ms >= created_before_ms {
+        return Err(ApiError::invalid("filter.created_before_ms", "must be after created_after_ms"));
+    }
+    if let Some(i) = min_importance {
+        if !(0.0..=1.0).contains(&i) {
+            return Err(ApiError::invalid("filter.min_importance", "must be a number in [0, 1]"));
+        }
+    }
+    let mut tags: Vec<(String, String)> = tags.into_iter().collect();
+    tags.sort();
+    Ok(crate::vector::Filter {
+        tags,
+        tag_in: tag_in_out,
+        created_after_ms: (created_after_ms != 0).then_some(created_after_ms),
+        created_before_ms: (created_before_ms != 0).then_some(created_before_ms),
+        min_importance,
+    })
+}

@@ -2,6 +2,7 @@
 //! serves reads from the local state machine once the requested consistency holds.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
@@ -15,14 +16,18 @@ use crate::proto as pb;
 use crate::proto::memory_service_server::MemoryService;
 use crate::raft::{Command, CommandResult, Op, Outcome, RaftNode};
 use crate::storage::StateReader;
+use crate::vector::{better, SearchParams, VectorStore};
 
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
+
+const MAX_K: u32 = 1000;
 
 #[derive(Clone)]
 pub struct MemoryApi {
     node: RaftNode,
     reader: StateReader,
+    vectors: Arc<VectorStore>,
     limits: Limits,
 }
 
@@ -31,8 +36,8 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl MemoryApi {
-    pub fn new(node: RaftNode, reader: StateReader, limits: Limits) -> Self {
-        MemoryApi { node, reader, limits }
+    pub fn new(node: RaftNode, reader: StateReader, vectors: Arc<VectorStore>, limits: Limits) -> Self {
+        MemoryApi { node, reader, vectors, limits }
     }
 
     fn storage(e: crate::error::StorageError) -> ApiError {
@@ -122,6 +127,53 @@ impl MemoryApi {
             }
             _ => Err(ApiError::not_found(format!("memory {id:?} in namespace {namespace:?}"))),
         }
+    }
+
+    async fn search_inner(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse, ApiError> {
+        let started = Instant::now();
+        let pb::SearchRequest { namespace, vector, k, filter, score_threshold, include_memory, consistency, nprobe } =
+            req;
+        validate_namespace(&namespace)?;
+        if k == 0 || k > MAX_K {
+            return Err(ApiError::invalid("k", format!("must be 1..={MAX_K}")));
+        }
+        if score_threshold.is_some_and(|t| !t.is_finite()) {
+            return Err(ApiError::invalid("score_threshold", "must be finite"));
+        }
+        let filter = convert::search_filter(filter)?;
+        let consistency = convert::consistency(consistency)?;
+        self.node.linearize(consistency).await?;
+        let info = self
+            .reader
+            .namespace(&namespace)
+            .map_err(Self::storage)?
+            .ok_or_else(|| ApiError::not_found(format!("namespace {namespace:?}")))?;
+        crate::memory::validate_embedding("vector", &vector, Some(info.dimension), &self.limits)?;
+        let applied = self.reader.applied_index().map_err(Self::storage)?;
+        let params =
+            SearchParams { nprobe: if nprobe == 0 { SearchParams::default().nprobe } else { nprobe as usize } };
+        let hits = self
+            .vectors
+            .search(&namespace, &vector, k as usize, &filter, params, now_ms())
+            .map_err(|e| ApiError::Internal(format!("vector search: {e}")))?
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(hits.len());
+        for (id, score) in hits {
+            if let Some(t) = score_threshold {
+                if better(info.metric, t, score) {
+                    continue;
+                }
+            }
+            let memory = if include_memory {
+                self.reader.get(&namespace, &id).map_err(Self::storage)?.1.map(memory_to_pb)
+            } else {
+                None
+            };
+            out.push(pb::SearchHit { id, score, memory });
+        }
+        metrics::histogram!("engram_search_duration_seconds", "namespace" => namespace)
+            .record(started.elapsed().as_secs_f64());
+        Ok(pb::SearchResponse { hits: out, read_index: applied })
     }
 
     async fn list_inner(&self, req: pb::ListRequest) -> Result<pb::ListResponse, ApiError> {
@@ -248,6 +300,14 @@ impl MemoryService for MemoryApi {
         let started = Instant::now();
         let res = self.list_inner(req.into_inner()).await.map(Response::new).map_err(Status::from);
         observe("list", started, &res);
+        res
+    }
+
+    #[instrument(skip_all, fields(namespace = %req.get_ref().namespace, k = req.get_ref().k))]
+    async fn search(&self, req: Request<pb::SearchRequest>) -> Result<Response<pb::SearchResponse>, Status> {
+        let started = Instant::now();
+        let res = self.search_inner(req.into_inner()).await.map(Response::new).map_err(Status::from);
+        observe("search", started, &res);
         res
     }
 

@@ -122,6 +122,22 @@ enum MemoryCmd {
         #[arg(long)]
         if_revision: Option<u64>,
     },
+    /// Top-k memories by vector similarity.
+    Search {
+        namespace: String,
+        /// Comma-separated floats.
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        vector: Vec<f32>,
+        #[arg(long, default_value_t = 10)]
+        k: u32,
+        /// KEY=VALUE that must match, repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long)]
+        min_importance: Option<f32>,
+        #[arg(long, default_value = "linearizable")]
+        consistency: String,
+    },
     List {
         namespace: String,
         #[arg(long, default_value_t = 100)]
@@ -250,6 +266,25 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let pre = if_revision.map(Precondition::IfRevision).unwrap_or_default();
             let r = client.delete_if(&namespace, &id, pre).await?;
             println!("{}", if r.deleted { "deleted" } else { "not found (nothing to delete)" });
+        }
+        Cmd::Memory(MemoryCmd::Search { namespace, vector, k, tags, min_importance, consistency: c }) => {
+            let tags = tags
+                .iter()
+                .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or("tag must be KEY=VALUE"))
+                .collect::<Result<HashMap<_, _>, _>>()?;
+            let req = pb::SearchRequest {
+                namespace,
+                vector,
+                k,
+                filter: Some(pb::SearchFilter { tags, min_importance, ..Default::default() }),
+                include_memory: true,
+                consistency: consistency(&c)? as i32,
+                ..Default::default()
+            };
+            for hit in client.search_with(req).await?.hits {
+                print!("score={:.4}  ", hit.score);
+                print_memory(&hit.memory.unwrap_or_default());
+            }
         }
         Cmd::Memory(MemoryCmd::List { namespace, page_size, page_token, consistency: c }) => {
             let r = client.list(&namespace, page_size, &page_token, consistency(&c)?).await?;

@@ -368,6 +368,20 @@ impl Client {
         }
     }
 
+    /// Top-k linearizable search with no filter.
+    pub async fn search(&self, namespace: &str, vector: Vec<f32>, k: u32) -> Result<pb::SearchResponse, ClientError> {
+        self.search_with(pb::SearchRequest { namespace: namespace.into(), vector, k, ..Default::default() }).await
+    }
+
+    /// Search with every option (filter, threshold, consistency, nprobe, include_memory).
+    pub async fn search_with(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse, ClientError> {
+        self.call(|ch, t| {
+            let r = req.clone();
+            async move { Self::memory(ch).search(timed(r, t)).await }
+        })
+        .await
+    }
+
     pub async fn delete_namespace(&self, namespace: &str) -> Result<pb::DeleteNamespaceResponse, ClientError> {
         let req = pb::DeleteNamespaceRequest { namespace: namespace.into(), options: Self::options() };
         self.call(|ch, t| {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use validate::{validate_id, validate_input, validate_namespace, Limits};
+pub use validate::{validate_embedding, validate_id, validate_input, validate_namespace, Limits};
 
 /// Distance metric of a namespace, fixed at creation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

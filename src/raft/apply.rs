@@ -11,6 +11,7 @@ use super::types::{Command, CommandResult, Op, Outcome, PutResult, Rejection};
 use crate::error::StorageError;
 use crate::memory::{content_hash, Memory, MemoryInput, Metric, NamespaceInfo, Precondition};
 use crate::storage::{codec, memory_key, namespace_range, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, NAMESPACES};
+use crate::vector::VectorOp;
 
 /// How long an idempotency key is remembered, measured on the leaders' clocks as written in
 /// the log (never the applying node's clock).
@@ -22,7 +23,13 @@ struct IdempotencyRecord {
     result: CommandResult,
 }
 
-pub(crate) fn apply_command(txn: &WriteTransaction, index: u64, cmd: &Command) -> Result<CommandResult, StorageError> {
+/// Applies `cmd` at log index `index`; every state change also pushes its [`VectorOp`].
+pub(crate) fn apply_command(
+    txn: &WriteTransaction,
+    index: u64,
+    cmd: &Command,
+    ops: &mut Vec<VectorOp>,
+) -> Result<CommandResult, StorageError> {
     if let Some(key) = &cmd.idempotency_key {
         let table = txn.open_table(IDEMPOTENCY)?;
         let seen = table.get(key.as_str())?.map(|v| codec::decode::<IdempotencyRecord>("idempotency", v.value()));
@@ -34,11 +41,11 @@ pub(crate) fn apply_command(txn: &WriteTransaction, index: u64, cmd: &Command) -
     prune_idempotency(txn, cmd.now_ms)?;
     let outcome = match &cmd.op {
         Op::CreateNamespace { namespace, dimension, metric } => {
-            create_namespace(txn, cmd.now_ms, namespace, *dimension, *metric)?
+            create_namespace(txn, cmd.now_ms, namespace, *dimension, *metric, ops)?
         }
-        Op::Put { namespace, items } => put(txn, index, cmd.now_ms, namespace, items)?,
-        Op::Delete { namespace, id, precondition } => delete(txn, namespace, id, *precondition)?,
-        Op::DeleteNamespace { namespace } => delete_namespace(txn, namespace)?,
+        Op::Put { namespace, items } => put(txn, index, cmd.now_ms, namespace, items, ops)?,
+        Op::Delete { namespace, id, precondition } => delete(txn, namespace, id, *precondition, ops)?,
+        Op::DeleteNamespace { namespace } => delete_namespace(txn, namespace, ops)?,
     };
     let result = CommandResult { index, outcome };
     if let Some(key) = &cmd.idempotency_key {
@@ -87,6 +94,7 @@ fn create_namespace(
     namespace: &str,
     dimension: u32,
     metric: Metric,
+    ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
     if let Some(info) = load_namespace(txn, namespace)? {
         if info.dimension == dimension && info.metric == metric {
@@ -100,6 +108,7 @@ fn create_namespace(
     }
     let info = NamespaceInfo { name: namespace.into(), dimension, metric, memory_count: 0, created_at_ms: now_ms };
     store_namespace(txn, &info)?;
+    ops.push(VectorOp::Namespace { namespace: namespace.into(), dimension, metric });
     Ok(Outcome::NamespaceCreated(info))
 }
 
@@ -109,6 +118,7 @@ fn put(
     now_ms: u64,
     namespace: &str,
     items: &[(MemoryInput, Precondition)],
+    ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
     let existing_ns = load_namespace(txn, namespace)?;
     let first_dim = items.first().map(|(m, _)| m.embedding.len() as u32).unwrap_or(0);
@@ -167,13 +177,20 @@ fn put(
             info.memory_count += 1;
         }
         results.push(PutResult { id: m.id.clone(), revision: index, updated: replaced });
+        ops.push(VectorOp::Upsert { metric: info.metric, memory: Box::new(record) });
     }
     drop(table);
     store_namespace(txn, &info)?;
     Ok(Outcome::Put(results))
 }
 
-fn delete(txn: &WriteTransaction, namespace: &str, id: &str, pre: Precondition) -> Result<Outcome, StorageError> {
+fn delete(
+    txn: &WriteTransaction,
+    namespace: &str,
+    id: &str,
+    pre: Precondition,
+    ops: &mut Vec<VectorOp>,
+) -> Result<Outcome, StorageError> {
     let Some(mut info) = load_namespace(txn, namespace)? else {
         return Ok(Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() }));
     };
@@ -195,11 +212,12 @@ fn delete(txn: &WriteTransaction, namespace: &str, id: &str, pre: Precondition) 
     if deleted {
         info.memory_count -= 1;
         store_namespace(txn, &info)?;
+        ops.push(VectorOp::Remove { namespace: namespace.into(), id: id.into() });
     }
     Ok(Outcome::Deleted { deleted })
 }
 
-fn delete_namespace(txn: &WriteTransaction, namespace: &str) -> Result<Outcome, StorageError> {
+fn delete_namespace(txn: &WriteTransaction, namespace: &str, ops: &mut Vec<VectorOp>) -> Result<Outcome, StorageError> {
     if load_namespace(txn, namespace)?.is_none() {
         return Ok(Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() }));
     }
@@ -212,5 +230,6 @@ fn delete_namespace(txn: &WriteTransaction, namespace: &str) -> Result<Outcome, 
     })?;
     drop(table);
     txn.open_table(NAMESPACES)?.remove(namespace)?;
+    ops.push(VectorOp::DropNamespace { namespace: namespace.into() });
     Ok(Outcome::NamespaceDeleted { memories })
 }

@@ -26,6 +26,7 @@ use super::apply::apply_command;
 use super::types::{CommandResult, LogId, Outcome, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::error::StorageError;
 use crate::storage::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBERSHIP, NAMESPACES, SM_META};
+use crate::vector::{VectorOp, VectorStore};
 
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Vec<u8>>;
 
@@ -39,6 +40,8 @@ pub struct StateMachineStore {
     snapshot_file: Arc<std::sync::Mutex<()>>,
     sync_interval: std::time::Duration,
     last_sync: Arc<std::sync::Mutex<std::time::Instant>>,
+    /// The vector view of this state; updated before apply results are released.
+    vectors: Arc<VectorStore>,
 }
 
 /// Every row of the state machine's data tables, as stored.
@@ -75,11 +78,24 @@ impl StateMachineStore {
             snapshot_file: Arc::default(),
             sync_interval,
             last_sync: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
+            vectors: Arc::default(),
         })
     }
 
     pub fn database(&self) -> Arc<Database> {
         self.db.clone()
+    }
+
+    /// The vector shards fed by this state machine.
+    pub fn vectors(&self) -> Arc<VectorStore> {
+        self.vectors.clone()
+    }
+
+    /// Rebuilds the vector shards from the state on disk (start-up, snapshot install).
+    pub fn rebuild_vectors(&self) -> Result<(), io::Error> {
+        self.vectors
+            .rebuild(&crate::storage::StateReader::new(self.db.clone()))
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 
     fn read_applied_state(db: &Database) -> Result<(Option<LogId>, StoredMembership), StorageError> {
@@ -101,6 +117,7 @@ impl StateMachineStore {
         db: &Database,
         entries: &[super::types::Entry],
         durable: bool,
+        ops: &mut Vec<VectorOp>,
     ) -> Result<Vec<CommandResult>, StorageError> {
         let mut txn = db.begin_write()?;
         if durable {
@@ -115,7 +132,7 @@ impl StateMachineStore {
             let index = entry.index();
             let result = match &entry.payload {
                 EntryPayload::Blank => CommandResult { index, outcome: Outcome::None },
-                EntryPayload::Normal(cmd) => apply_command(&txn, index, cmd)?,
+                EntryPayload::Normal(cmd) => apply_command(&txn, index, cmd, ops)?,
                 EntryPayload::Membership(m) => {
                     last_membership = Some(StoredMembership::new(Some(entry.log_id()), m.clone()));
                     CommandResult { index, outcome: Outcome::None }
@@ -322,7 +339,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             due
         };
         let db = self.db.clone();
-        let results = blocking(move || Self::apply_batch(&db, &batch, durable)).await?;
+        let vectors = self.vectors.clone();
+        let results = blocking(move || {
+            let mut ops = Vec::new();
+            let results = Self::apply_batch(&db, &batch, durable, &mut ops)?;
+            // A vector-index failure leaves search unable to see a committed write: fatal.
+            vectors.apply(&ops).map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?;
+            Ok(results)
+        })
+        .await?;
         metrics::counter!("engram_sm_applied_entries_total").increment(n);
         // The transaction is durable; only now may anyone learn the results.
         for (responder, result) in responders.into_iter().zip(results) {
@@ -351,6 +376,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             Self::install(&db, &meta, &snapshot)
         })
         .await?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.rebuild_vectors()).await.map_err(io::Error::other)??;
         metrics::histogram!("engram_snapshot_install_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
     }

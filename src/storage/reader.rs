@@ -40,6 +40,17 @@ impl StateReader {
         v.map(|v| codec::decode("namespaces", v.value())).transpose()
     }
 
+    pub fn namespaces(&self) -> Result<Vec<NamespaceInfo>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(NAMESPACES)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (_, v) = item?;
+            out.push(codec::decode("namespaces", v.value())?);
+        }
+        Ok(out)
+    }
+
     /// The namespace (if any), the memory (if any) and the applied index, in one cut.
     pub fn get(&self, ns: &str, id: &str) -> Result<(Option<NamespaceInfo>, Option<Memory>, u64), StorageError> {
         let txn = self.db.begin_read()?;
