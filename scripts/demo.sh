@@ -50,6 +50,10 @@ echo "==> reading back: linearizable read from a follower, then a list"
 ctl --endpoints 127.0.0.1:7003 memory get acme/user-42 tea
 ctl memory list acme/user-42
 
+echo "==> semantic search (linearizable, on a follower), then filtered by tag"
+ctl --endpoints 127.0.0.1:7002 memory search acme/user-42 --vector 0.8,0.2,0.1,0.2 --k 2
+ctl memory search acme/user-42 --vector 0.8,0.2,0.1,0.2 --k 2 --tag kind=fact
+
 echo "==> bad input is refused and names the field"
 ctl memory put acme/user-42 --text "wrong dimension" --embedding 0.1,0.2 || true
 
