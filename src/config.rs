@@ -16,6 +16,7 @@
 //! snapshot_logs_since_last = 5000
 //! snapshot_keep_logs = 1000
 //! state_sync_interval_ms = 100     # 0: fsync the state machine on every apply
+//! ivf_min_vectors = 50000          # namespaces this large use IVF shards instead of Flat
 //! read_timeout_ms = 5000
 //! max_text_bytes = 65536
 //! log_format = "text"               # or "json"
@@ -79,6 +80,10 @@ pub struct NodeArgs {
     /// [default: 100].
     #[arg(long, env = "ENGRAM_STATE_SYNC_INTERVAL_MS")]
     pub state_sync_interval_ms: Option<u64>,
+    /// Namespaces with at least this many memories use an approximate IVF shard instead of an
+    /// exact Flat one [default: 50000].
+    #[arg(long, env = "ENGRAM_IVF_MIN_VECTORS")]
+    pub ivf_min_vectors: Option<usize>,
     /// How long a read waits for the local state machine to catch up [default: 5000].
     #[arg(long, env = "ENGRAM_READ_TIMEOUT_MS")]
     pub read_timeout_ms: Option<u64>,
@@ -114,6 +119,7 @@ pub struct Config {
     pub snapshot_logs_since_last: u64,
     pub snapshot_keep_logs: u64,
     pub state_sync_interval_ms: u64,
+    pub ivf_min_vectors: usize,
     pub read_timeout_ms: u64,
     pub max_text_bytes: usize,
     pub log_format: LogFormat,
@@ -161,6 +167,7 @@ impl NodeArgs {
             snapshot_logs_since_last: pick!(cli, file, snapshot_logs_since_last, 5000),
             snapshot_keep_logs: pick!(cli, file, snapshot_keep_logs, 1000),
             state_sync_interval_ms: pick!(cli, file, state_sync_interval_ms, 100),
+            ivf_min_vectors: pick!(cli, file, ivf_min_vectors, 50_000),
             read_timeout_ms: pick!(cli, file, read_timeout_ms, 5000),
             max_text_bytes: pick!(cli, file, max_text_bytes, 64 * 1024),
             log_format: pick!(cli, file, log_format, LogFormat::Text),
@@ -188,6 +195,7 @@ impl Config {
             snapshot_logs_since_last: 5000,
             snapshot_keep_logs: 1000,
             state_sync_interval_ms: 100,
+            ivf_min_vectors: 50_000,
             read_timeout_ms: 5000,
             max_text_bytes: 64 * 1024,
             log_format: LogFormat::Text,
@@ -216,6 +224,9 @@ impl Config {
         }
         if self.snapshot_logs_since_last == 0 {
             return err("snapshot_logs_since_last must be > 0".into());
+        }
+        if self.ivf_min_vectors < 64 {
+            return err("ivf_min_vectors must be at least 64".into());
         }
         if self.read_timeout_ms == 0 {
             return err("read_timeout_ms must be > 0".into());

@@ -42,6 +42,7 @@ pub struct NodeHandle {
     pub http_addr: SocketAddr,
     pub node: RaftNode,
     pub reader: StateReader,
+    pub vectors: Arc<crate::vector::VectorStore>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -119,7 +120,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     };
 
     let log_store = LogStore::open(&config.data_dir.join("raft-log.redb"))?;
-    let sm = StateMachineStore::open_with_sync(
+    let sm = StateMachineStore::open_with(
         &config.data_dir.join("state.redb"),
         config.data_dir.join("snapshot.bin"),
         Duration::from_millis(config.state_sync_interval_ms),
@@ -135,7 +136,11 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
     let node = RaftNode::new(config.node_id, raft.clone(), Duration::from_millis(config.read_timeout_ms));
-    let limits = Limits { max_text_bytes: config.max_text_bytes, ..Limits::default() };
+    let limits = Limits {
+        max_text_bytes: config.max_text_bytes,
+        ivf_min_vectors: config.ivf_min_vectors as u64,
+        ..Limits::default()
+    };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let stopped = move || {
@@ -154,7 +159,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         .build_v1()
         .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
 
-    let memory = MemoryServiceServer::new(MemoryApi::new(node.clone(), reader.clone(), vectors, limits))
+    let memory = MemoryServiceServer::new(MemoryApi::new(node.clone(), reader.clone(), vectors.clone(), limits))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me));
     let api_server = Server::builder()
@@ -204,7 +209,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         },
     ];
     tracing::info!(node = id, %api_addr, %raft_addr, %http_addr, "engram node started");
-    Ok(NodeHandle { id, api_addr, raft_addr, http_addr, node, reader, shutdown, tasks })
+    Ok(NodeHandle { id, api_addr, raft_addr, http_addr, node, reader, vectors, shutdown, tasks })
 }
 
 /// Runs a node until `shutdown` resolves, then stops it gracefully.

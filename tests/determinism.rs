@@ -36,7 +36,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (ns.clone(), prop::collection::vec(item, 1..4)).prop_map(|(namespace, mut items)| {
             items.dedup_by(|a, b| a.0.id == b.0.id);
-            Op::Put { namespace, items }
+            Op::Put { namespace, items, ivf_min_vectors: 64 }
         }),
         2 => (ns.clone(), id, pre).prop_map(|(namespace, id, precondition)| Op::Delete { namespace, id, precondition }),
         1 => ns.clone().prop_map(|namespace| Op::DeleteNamespace { namespace }),
@@ -44,6 +44,7 @@ fn op() -> impl Strategy<Value = Op> {
             namespace,
             dimension,
             metric: Metric::Cosine,
+            ivf_min_vectors: 64,
         }),
     ]
 }

@@ -207,3 +207,77 @@ async fn bad_search_input_is_refused_naming_the_field() {
     assert_eq!(stale.hits.len(), 1);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_namespaces_switch_to_ivf_on_every_node_and_back() {
+    use engram::vector::faiss::FaissKind;
+    let mut cluster = TestCluster::start_with(3, |c| c.ivf_min_vectors = 64).await;
+    let client = cluster.client();
+    let batch = |from: u32, to: u32| {
+        (from..to)
+            .map(|i| {
+                (NewMemory::new(format!("t{i}"), vec_for(i * 13 + 1)).with_id(format!("m{i:03}")), Precondition::None)
+            })
+            .collect()
+    };
+    // Phase 1: small namespaces are exact.
+    let r = client.put_batch(NS, batch(0, 40)).await.unwrap();
+    cluster.wait_applied(r.applied_index).await;
+    for id in cluster.running() {
+        assert_eq!(cluster.handle(id).vectors.shard_kinds()[0].1, FaissKind::Flat);
+    }
+    // Phase 2: past the threshold every node retrains the same IVF shard.
+    let r = client.put_batch(NS, batch(40, 300)).await.unwrap();
+    cluster.wait_applied(r.applied_index).await;
+    for id in cluster.running() {
+        assert_eq!(cluster.handle(id).vectors.shard_kinds()[0], (NS.to_string(), FaissKind::Ivf { nlist: 32 }, 300));
+    }
+    // Probing every list is exact, and every node answers identically.
+    let probe_all = |v: Vec<f32>| pb::SearchRequest { nprobe: 32, ..req(v, 5) };
+    for q in [3u32, 77, 150] {
+        let mut answers = Vec::new();
+        for id in cluster.running() {
+            answers.push(cluster.pinned(id).search_with(probe_all(vec_for(q * 13 + 1))).await.unwrap().hits);
+        }
+        assert!(answers.windows(2).all(|w| w[0] == w[1]), "nodes disagree: {answers:?}");
+        assert!(answers[0][0].score > 0.999, "{:?}", answers[0][0]);
+    }
+    // Phase 3: deletes on an IVF shard never come back.
+    client.delete(NS, "m077").await.unwrap();
+    let hits = client.search_with(probe_all(vec_for(77 * 13 + 1))).await.unwrap().hits;
+    assert!(hits.iter().all(|h| h.id != "m077"));
+    // Phase 4: a restart rebuilds the same kind and the same answers.
+    let before = client.search_with(probe_all(vec_for(5))).await.unwrap().hits;
+    for id in cluster.running() {
+        cluster.stop(id).await;
+    }
+    for id in [1, 2, 3] {
+        cluster.restart(id).await;
+    }
+    cluster.wait_for_leader().await;
+    for id in cluster.running() {
+        assert_eq!(cluster.handle(id).vectors.shard_kinds()[0].1, FaissKind::Ivf { nlist: 32 });
+        assert_eq!(cluster.pinned(id).search_with(probe_all(vec_for(5))).await.unwrap().hits, before);
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shrinking_namespaces_return_to_exact_shards() {
+    use engram::vector::faiss::FaissKind;
+    let cluster = TestCluster::start_with(1, |c| c.ivf_min_vectors = 64).await;
+    let client = cluster.client();
+    let items = (0..100u32)
+        .map(|i| (NewMemory::new("t", vec_for(i)).with_id(format!("m{i:03}")), Precondition::None))
+        .collect();
+    client.put_batch(NS, items).await.unwrap();
+    assert!(matches!(cluster.handle(1).vectors.shard_kinds()[0].1, FaissKind::Ivf { .. }));
+    // Below half the threshold (32) the shard is exact again.
+    for i in 0..69u32 {
+        client.delete(NS, &format!("m{i:03}")).await.unwrap();
+    }
+    assert_eq!(cluster.handle(1).vectors.shard_kinds()[0], (NS.to_string(), FaissKind::Flat, 31));
+    let r = client.search(NS, vec_for(80), 1).await.unwrap();
+    assert_eq!(r.hits[0].id, "m080");
+    cluster.shutdown().await;
+}

@@ -101,7 +101,7 @@ impl MemoryApi {
             .map(|(i, pb::PutBatchItem { memory, precondition })| (format!("items[{i}].memory"), memory, precondition))
             .collect();
         let items = self.prepare_items(&namespace, raw)?;
-        let res = self.propose(key, Op::Put { namespace, items }).await?;
+        let res = self.propose(key, Op::Put { namespace, items, ivf_min_vectors: self.limits.ivf_min_vectors }).await?;
         let Outcome::Put(results) = res.outcome else {
             return Err(ApiError::Internal(format!("unexpected outcome {:?}", res.outcome)));
         };
@@ -217,7 +217,12 @@ impl MemoryService for MemoryApi {
             }
             let metric = convert::metric_from_pb(metric)?;
             let key = convert::idempotency_key(options)?;
-            let res = self.propose(key, Op::CreateNamespace { namespace, dimension, metric }).await?;
+            let res = self
+                .propose(
+                    key,
+                    Op::CreateNamespace { namespace, dimension, metric, ivf_min_vectors: self.limits.ivf_min_vectors },
+                )
+                .await?;
             match res.outcome {
                 Outcome::NamespaceCreated(info) => {
                     Ok(pb::CreateNamespaceResponse { applied_index: res.index, namespace: Some(namespace_to_pb(info)) })

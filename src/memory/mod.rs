@@ -20,7 +20,43 @@ pub enum Metric {
     InnerProduct,
 }
 
-/// A namespace's fixed settings.
+/// The vector index structure of a namespace's shard. Part of the replicated state: `apply`
+/// changes it as the namespace grows or shrinks, so every node builds the same index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IndexKind {
+    /// Exact search.
+    Flat,
+    /// Approximate inverted-file search over `nlist` k-means cells.
+    Ivf { nlist: u32 },
+}
+
+impl IndexKind {
+    fn nlist_for(n: u64) -> u32 {
+        ((n as f64).sqrt() as u32).next_power_of_two().clamp(16, 65_536).min(n.max(1) as u32)
+    }
+
+    /// The kind a namespace of `n` memories moves to from `self`, given its IVF threshold:
+    /// IVF from `ivf_min` memories with `nlist` ≈ √n (a power of two), retrained when √n
+    /// moves 4× away from `nlist`, back to Flat below half the threshold. A pure function of
+    /// replicated values, so every node decides the same at the same log index.
+    pub fn next(self, n: u64, ivf_min: u64) -> IndexKind {
+        match self {
+            IndexKind::Flat if n >= ivf_min => IndexKind::Ivf { nlist: Self::nlist_for(n) },
+            IndexKind::Flat => IndexKind::Flat,
+            IndexKind::Ivf { .. } if n < ivf_min / 2 => IndexKind::Flat,
+            IndexKind::Ivf { nlist } => {
+                let want = Self::nlist_for(n);
+                if want >= nlist.saturating_mul(4) || want.saturating_mul(4) <= nlist {
+                    IndexKind::Ivf { nlist: want }
+                } else {
+                    self
+                }
+            }
+        }
+    }
+}
+
+/// A namespace's settings and size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamespaceInfo {
     pub name: String,
@@ -28,6 +64,10 @@ pub struct NamespaceInfo {
     pub metric: Metric,
     pub memory_count: u64,
     pub created_at_ms: u64,
+    /// The shard structure every node builds for this namespace.
+    pub index: IndexKind,
+    /// Memories from which the shard becomes IVF; fixed at creation by the leader.
+    pub ivf_min_vectors: u64,
 }
 
 /// A stored memory. `revision` is the log index of its last write.
@@ -92,4 +132,27 @@ pub fn content_hash(text: &str) -> [u8; 32] {
 /// A new time-ordered id (UUIDv7). Only the leader calls this, before proposing.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IndexKind::{self, Flat, Ivf};
+
+    #[test]
+    fn index_kind_follows_size_with_hysteresis() {
+        let min = 1000;
+        assert_eq!(Flat.next(999, min), Flat);
+        assert_eq!(Flat.next(1000, min), Ivf { nlist: 32 });
+        // Small moves keep the trained lists; a 16x growth (4x in sqrt) retrains.
+        assert_eq!(Ivf { nlist: 32 }.next(4000, min), Ivf { nlist: 32 });
+        assert_eq!(Ivf { nlist: 32 }.next(16_384, min), Ivf { nlist: 128 });
+        // Shrinking: still IVF down to half the threshold, then exact.
+        assert_eq!(Ivf { nlist: 32 }.next(500, min), Ivf { nlist: 32 });
+        assert_eq!(Ivf { nlist: 32 }.next(499, min), Flat);
+        // At least 16 lists, never more lists than memories.
+        assert_eq!(Flat.next(20, 10), Ivf { nlist: 16 });
+        assert_eq!(Flat.next(12, 10), Ivf { nlist: 12 });
+        let k: IndexKind = Flat.next(10_000_000, min);
+        assert_eq!(k, Ivf { nlist: 4096 });
+    }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{Command, CommandResult, Op, Outcome, PutResult, Rejection};
 use crate::error::StorageError;
-use crate::memory::{content_hash, Memory, MemoryInput, Metric, NamespaceInfo, Precondition};
+use crate::memory::{content_hash, IndexKind, Memory, MemoryInput, Metric, NamespaceInfo, Precondition};
 use crate::storage::{codec, memory_key, namespace_range, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, NAMESPACES};
 use crate::vector::VectorOp;
 
@@ -40,10 +40,12 @@ pub(crate) fn apply_command(
     }
     prune_idempotency(txn, cmd.now_ms)?;
     let outcome = match &cmd.op {
-        Op::CreateNamespace { namespace, dimension, metric } => {
-            create_namespace(txn, cmd.now_ms, namespace, *dimension, *metric, ops)?
+        Op::CreateNamespace { namespace, dimension, metric, ivf_min_vectors } => {
+            create_namespace(txn, cmd.now_ms, namespace, (*dimension, *metric, *ivf_min_vectors), ops)?
         }
-        Op::Put { namespace, items } => put(txn, index, cmd.now_ms, namespace, items, ops)?,
+        Op::Put { namespace, items, ivf_min_vectors } => {
+            put(txn, (index, cmd.now_ms, *ivf_min_vectors), namespace, items, ops)?
+        }
         Op::Delete { namespace, id, precondition } => delete(txn, namespace, id, *precondition, ops)?,
         Op::DeleteNamespace { namespace } => delete_namespace(txn, namespace, ops)?,
     };
@@ -92,8 +94,7 @@ fn create_namespace(
     txn: &WriteTransaction,
     now_ms: u64,
     namespace: &str,
-    dimension: u32,
-    metric: Metric,
+    (dimension, metric, ivf_min_vectors): (u32, Metric, u64),
     ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
     if let Some(info) = load_namespace(txn, namespace)? {
@@ -106,7 +107,15 @@ fn create_namespace(
             metric: info.metric,
         }));
     }
-    let info = NamespaceInfo { name: namespace.into(), dimension, metric, memory_count: 0, created_at_ms: now_ms };
+    let info = NamespaceInfo {
+        name: namespace.into(),
+        dimension,
+        metric,
+        memory_count: 0,
+        created_at_ms: now_ms,
+        index: IndexKind::Flat,
+        ivf_min_vectors,
+    };
     store_namespace(txn, &info)?;
     ops.push(VectorOp::Namespace { namespace: namespace.into(), dimension, metric });
     Ok(Outcome::NamespaceCreated(info))
@@ -114,8 +123,7 @@ fn create_namespace(
 
 fn put(
     txn: &WriteTransaction,
-    index: u64,
-    now_ms: u64,
+    (index, now_ms, ivf_min_vectors): (u64, u64, u64),
     namespace: &str,
     items: &[(MemoryInput, Precondition)],
     ops: &mut Vec<VectorOp>,
@@ -154,6 +162,8 @@ fn put(
         metric: Metric::Cosine,
         memory_count: 0,
         created_at_ms: now_ms,
+        index: IndexKind::Flat,
+        ivf_min_vectors,
     });
     let mut results = Vec::with_capacity(items.len());
     for ((m, _), prev) in items.iter().zip(previous) {
@@ -180,6 +190,7 @@ fn put(
         ops.push(VectorOp::Upsert { metric: info.metric, memory: Box::new(record) });
     }
     drop(table);
+    reconsider_index(&mut info, ops);
     store_namespace(txn, &info)?;
     Ok(Outcome::Put(results))
 }
@@ -211,10 +222,20 @@ fn delete(
     drop(table);
     if deleted {
         info.memory_count -= 1;
-        store_namespace(txn, &info)?;
         ops.push(VectorOp::Remove { namespace: namespace.into(), id: id.into() });
+        reconsider_index(&mut info, ops);
+        store_namespace(txn, &info)?;
     }
     Ok(Outcome::Deleted { deleted })
+}
+
+/// Moves the namespace to the index kind its new size calls for, and tells the vector view.
+fn reconsider_index(info: &mut NamespaceInfo, ops: &mut Vec<VectorOp>) {
+    let next = info.index.next(info.memory_count, info.ivf_min_vectors);
+    if next != info.index {
+        info.index = next;
+        ops.push(VectorOp::Rebuild { namespace: info.name.clone(), kind: next });
+    }
 }
 
 fn delete_namespace(txn: &WriteTransaction, namespace: &str, ops: &mut Vec<VectorOp>) -> Result<Outcome, StorageError> {

@@ -56,10 +56,10 @@ struct SnapshotBody {
 impl StateMachineStore {
     /// Opens (or creates) the state machine; applies are fsynced at most every `sync_interval`.
     pub fn open(path: &Path, snapshot_path: PathBuf) -> Result<Self, StorageError> {
-        Self::open_with_sync(path, snapshot_path, std::time::Duration::ZERO)
+        Self::open_with(path, snapshot_path, std::time::Duration::ZERO)
     }
 
-    pub fn open_with_sync(
+    pub fn open_with(
         path: &Path,
         snapshot_path: PathBuf,
         sync_interval: std::time::Duration,
@@ -72,13 +72,15 @@ impl StateMachineStore {
         txn.open_table(IDEM_EXPIRY)?;
         txn.open_table(SM_META)?;
         txn.commit()?;
+        let db = Arc::new(db);
+        let vectors = Arc::new(VectorStore::new(crate::storage::StateReader::new(db.clone())));
         Ok(StateMachineStore {
-            db: Arc::new(db),
+            db,
             snapshot_path,
             snapshot_file: Arc::default(),
             sync_interval,
             last_sync: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
-            vectors: Arc::default(),
+            vectors,
         })
     }
 
@@ -93,9 +95,7 @@ impl StateMachineStore {
 
     /// Rebuilds the vector shards from the state on disk (start-up, snapshot install).
     pub fn rebuild_vectors(&self) -> Result<(), io::Error> {
-        self.vectors
-            .rebuild(&crate::storage::StateReader::new(self.db.clone()))
-            .map_err(|e| io::Error::other(e.to_string()))
+        self.vectors.rebuild().map_err(|e| io::Error::other(e.to_string()))
     }
 
     fn read_applied_state(db: &Database) -> Result<(Option<LogId>, StoredMembership), StorageError> {

@@ -52,15 +52,19 @@ pub struct Command {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
+    /// `ivf_min_vectors` is the leader's configured IVF threshold, fixed into the namespace.
     CreateNamespace {
         namespace: String,
         dimension: u32,
         metric: Metric,
+        ivf_min_vectors: u64,
     },
-    /// Atomic: every item applies or none does. Creates the namespace on first write.
+    /// Atomic: every item applies or none does. Creates the namespace on first write (with the
+    /// leader's `ivf_min_vectors`).
     Put {
         namespace: String,
         items: Vec<(MemoryInput, Precondition)>,
+        ivf_min_vectors: u64,
     },
     Delete {
         namespace: String,
@@ -117,7 +121,7 @@ impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.op {
             Op::CreateNamespace { namespace, .. } => write!(f, "create-namespace {namespace}"),
-            Op::Put { namespace, items } => write!(f, "put {namespace} x{}", items.len()),
+            Op::Put { namespace, items, .. } => write!(f, "put {namespace} x{}", items.len()),
             Op::Delete { namespace, id, .. } => write!(f, "delete {namespace}/{id}"),
             Op::DeleteNamespace { namespace } => write!(f, "delete-namespace {namespace}"),
         }

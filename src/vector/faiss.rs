@@ -18,12 +18,8 @@ use roaring::RoaringTreemap;
 use super::{check_shape, Hit, SearchParams, VectorError, VectorIndex};
 use crate::memory::Metric;
 
-/// Which FAISS structure backs an index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaissKind {
-    Flat,
-    Ivf { nlist: u32 },
-}
+/// Which FAISS structure backs an index: the namespace's replicated [`IndexKind`].
+pub type FaissKind = crate::memory::IndexKind;
 
 pub struct FaissIndex {
     index: IndexImpl,

@@ -41,6 +41,7 @@ struct Doc {
 pub struct Shard {
     metric: Metric,
     dim: usize,
+    kind: FaissKind,
     index: Box<dyn VectorIndex>,
     next_slot: u64,
     slots: HashMap<String, u64>,
@@ -50,17 +51,48 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// An empty exact (Flat) shard.
     pub fn new(dim: usize, metric: Metric) -> Result<Self, VectorError> {
-        Ok(Shard {
+        Self::build(dim, metric, FaissKind::Flat, &[])
+    }
+
+    /// A shard of `kind` holding `memories`; an IVF shard is trained on them first.
+    pub fn build(dim: usize, metric: Metric, kind: FaissKind, memories: &[Memory]) -> Result<Self, VectorError> {
+        let mut index = FaissIndex::new(dim, metric, kind)?;
+        if let FaissKind::Ivf { .. } = kind {
+            let mut sample = Vec::with_capacity(memories.len() * dim);
+            for m in memories {
+                let mut v = m.embedding.clone();
+                if metric == Metric::Cosine {
+                    normalize(&mut v);
+                }
+                sample.extend_from_slice(&v);
+            }
+            index.train(&sample)?;
+        }
+        let mut shard = Shard {
             metric,
             dim,
-            index: Box::new(FaissIndex::new(dim, metric, FaissKind::Flat)?),
+            kind,
+            index: Box::new(index),
             next_slot: 0,
             slots: HashMap::new(),
             docs: HashMap::new(),
             tag_index: HashMap::new(),
             expiring: RoaringTreemap::new(),
-        })
+        };
+        for m in memories {
+            shard.upsert(m)?;
+        }
+        Ok(shard)
+    }
+
+    pub fn kind(&self) -> FaissKind {
+        self.kind
+    }
+
+    pub fn metric(&self) -> Metric {
+        self.metric
     }
 
     pub fn len(&self) -> usize {
