@@ -281,3 +281,32 @@ async fn shrinking_namespaces_return_to_exact_shards() {
     assert_eq!(r.hits[0].id, "m080");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn selective_filters_on_ivf_shards_still_return_k() {
+    use engram::vector::faiss::FaissKind;
+    let cluster = TestCluster::start_with(1, |c| c.ivf_min_vectors = 64).await;
+    let client = cluster.client();
+    // 400 memories, 3 of them tagged rare and scattered across the space.
+    let items = (0..400u32)
+        .map(|i| {
+            let m = NewMemory::new("t", vec_for(i * 7 + 3)).with_id(format!("m{i:03}"));
+            let m = if i % 150 == 0 { m.with_tag("rare", "yes") } else { m };
+            (m, Precondition::None)
+        })
+        .collect();
+    client.put_batch(NS, items).await.unwrap();
+    assert!(matches!(cluster.handle(1).vectors.shard_kinds()[0].1, FaissKind::Ivf { .. }));
+    let r = client
+        .search_with(pb::SearchRequest {
+            nprobe: 1,
+            filter: Some(pb::SearchFilter { tags: [("rare".into(), "yes".into())].into(), ..Default::default() }),
+            ..req(vec_for(5), 3)
+        })
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = r.hits.into_iter().map(|h| h.id).collect();
+    ids.sort();
+    assert_eq!(ids, vec!["m000", "m150", "m300"]);
+    cluster.shutdown().await;
+}

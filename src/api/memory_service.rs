@@ -152,11 +152,22 @@ impl MemoryApi {
         let applied = self.reader.applied_index().map_err(Self::storage)?;
         let params =
             SearchParams { nprobe: if nprobe == 0 { SearchParams::default().nprobe } else { nprobe as usize } };
-        let hits = self
-            .vectors
-            .search(&namespace, &vector, k as usize, &filter, params, now_ms())
-            .map_err(|e| ApiError::Internal(format!("vector search: {e}")))?
-            .unwrap_or_default();
+        // FAISS work (and waiting out a shard rebuild) stays off the async workers.
+        let vectors = self.vectors.clone();
+        let ns = namespace.clone();
+        let hits =
+            tokio::task::spawn_blocking(move || vectors.search(&ns, &vector, k as usize, &filter, params, now_ms()))
+                .await
+                .map_err(|e| ApiError::Internal(format!("search task: {e}")))?
+                .map_err(|e| match e {
+                    // The namespace was re-created with another dimension after validation.
+                    crate::vector::VectorError::Dimension { expected, got } => ApiError::invalid(
+                        "vector",
+                        format!("dimension {got} does not match the namespace's {expected}"),
+                    ),
+                    other => ApiError::Internal(format!("vector search: {other}")),
+                })?
+                .unwrap_or_default();
         let mut out = Vec::with_capacity(hits.len());
         for (id, score) in hits {
             if let Some(t) = score_threshold {

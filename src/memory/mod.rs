@@ -21,7 +21,9 @@ pub enum Metric {
 }
 
 /// The vector index structure of a namespace's shard. Part of the replicated state: `apply`
-/// changes it as the namespace grows or shrinks, so every node builds the same index.
+/// changes it as the namespace grows or shrinks, so every node builds the same kind with the
+/// same `nlist`. (IVF centroids are trained on the state a node sees when it builds the
+/// shard, so they can differ between nodes until index files are persisted.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IndexKind {
     /// Exact search.

@@ -228,7 +228,15 @@ impl Shard {
             normalize(&mut q);
         }
         let allowed = self.allowed(filter, now_ms);
-        let hits = self.index.search(&q, k, allowed.as_ref(), params)?;
+        let mut hits = self.index.search(&q, k, allowed.as_ref(), params)?;
+        // IVF scans only `nprobe` lists: a selective filter (or a small shard) can leave it
+        // short of k even when k matches exist. Then probe every list.
+        if let FaissKind::Ivf { nlist } = self.kind {
+            let available = allowed.as_ref().map(|a| a.len() as usize).unwrap_or(self.docs.len());
+            if hits.len() < k.min(available) && params.nprobe < nlist as usize {
+                hits = self.index.search(&q, k, allowed.as_ref(), SearchParams { nprobe: nlist as usize })?;
+            }
+        }
         Ok(hits.into_iter().filter_map(|h| self.docs.get(&h.id).map(|d| (d.id.clone(), h.score))).collect())
     }
 }

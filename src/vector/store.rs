@@ -89,13 +89,17 @@ impl VectorStore {
                 }
                 // Later ops of the same batch may touch this namespace again: the rebuilt
                 // shard reflects the whole committed batch, and replaying them is idempotent.
-                VectorOp::Rebuild { namespace, kind } => {
-                    if let Some(s) = shards.get(namespace) {
-                        let (dim, metric) = (s.dimension(), s.metric());
-                        let rebuilt = self.build_namespace(namespace, dim, metric, *kind)?;
+                // Dimension and metric come from the committed namespace, not the old shard: a
+                // later entry of the batch may have dropped and re-created it differently.
+                VectorOp::Rebuild { namespace, kind } => match self.reader.namespace(namespace)? {
+                    Some(info) => {
+                        let rebuilt = self.build_namespace(namespace, info.dimension as usize, info.metric, *kind)?;
                         shards.insert(namespace.clone(), rebuilt);
                     }
-                }
+                    None => {
+                        shards.remove(namespace);
+                    }
+                },
             }
         }
         Self::export(&shards);
