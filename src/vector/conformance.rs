@@ -71,9 +71,12 @@ fn filtered_search_returns_only_matches_and_exactly_k_when_k_exist() {
         for (filter_ids, k) in [(vec![5u64, 17, 400, 999], 10), ((0..1000).step_by(7).collect::<Vec<u64>>(), 10)] {
             let filter: RoaringTreemap = filter_ids.iter().copied().collect();
             for q in data(5, 11, Metric::L2).chunks_exact(DIM) {
-                let hits = engine.search(q, k, Some(&filter), ALL_LISTS).unwrap();
-                assert_eq!(hits.len(), k.min(filter_ids.len()), "{name}");
-                assert!(hits.iter().all(|h| filter.contains(h.id)), "{name}: non-matching id returned");
+                // Probing a single IVF list must not lose matches either.
+                for params in [ALL_LISTS, SearchParams { nprobe: 1 }] {
+                    let hits = engine.search(q, k, Some(&filter), params).unwrap();
+                    assert_eq!(hits.len(), k.min(filter_ids.len()), "{name} {params:?}");
+                    assert!(hits.iter().all(|h| filter.contains(h.id)), "{name}: non-matching id returned");
+                }
             }
         }
         let empty = RoaringTreemap::new();

@@ -161,16 +161,40 @@ impl VectorIndex for FaissIndex {
         let k = k.min(self.present.len() as usize);
         let selector = filter.map(Self::selector).transpose()?;
         let sel_ptr = selector.as_ref().map(|(s, _)| s.inner_ptr()).unwrap_or(ptr::null_mut());
+        let mut hits = self.search_once(query, k, sel_ptr, params.nprobe)?;
+        // IVF scans only `nprobe` lists: a selective filter (or a small index) can leave it
+        // short of k although k matches exist. Then it probes every list.
+        if let FaissKind::Ivf { nlist } = self.kind {
+            let available = filter.map(|f| f.intersection_len(&self.present)).unwrap_or(self.present.len());
+            if (hits.len() as u64) < (k as u64).min(available) && params.nprobe < nlist as usize {
+                hits = self.search_once(query, k, sel_ptr, nlist as usize)?;
+            }
+        }
+        drop(selector);
+        Ok(hits)
+    }
+}
+
+impl FaissIndex {
+    /// One FAISS search with the given selector (null: none) and, for IVF, `nprobe`.
+    fn search_once(
+        &self,
+        query: &[f32],
+        k: usize,
+        sel_ptr: *mut faiss_sys::FaissIDSelector,
+        nprobe: usize,
+    ) -> Result<Vec<Hit>, VectorError> {
         let mut distances = vec![0f32; k];
         let mut labels = vec![-1i64; k];
-        // SAFETY: the parameters borrow `sel_ptr`, which `selector` (and its bitmap bytes)
-        // owns and outlives them; the output buffers hold exactly k entries for one query.
+        // SAFETY: the caller keeps the selector behind `sel_ptr` (and its bitmap bytes) alive
+        // for this call; the parameters only borrow it. The output buffers hold exactly k
+        // entries for one query.
         unsafe {
             let mut p: *mut faiss_sys::FaissSearchParameters = ptr::null_mut();
             match self.kind {
                 FaissKind::Ivf { .. } => {
                     let mut ivf: *mut faiss_sys::FaissSearchParametersIVF = ptr::null_mut();
-                    check(faiss_sys::faiss_SearchParametersIVF_new_with(&mut ivf, sel_ptr, params.nprobe.max(1), 0))?;
+                    check(faiss_sys::faiss_SearchParametersIVF_new_with(&mut ivf, sel_ptr, nprobe.max(1), 0))?;
                     p = ivf as *mut _;
                 }
                 FaissKind::Flat => check(faiss_sys::faiss_SearchParameters_new(&mut p, sel_ptr))?,
@@ -190,7 +214,6 @@ impl VectorIndex for FaissIndex {
             }
             check(rc)?;
         }
-        drop(selector);
         Ok(labels
             .into_iter()
             .zip(distances)

@@ -38,6 +38,15 @@ struct Doc {
     expires_at_ms: Option<u64>,
 }
 
+/// The vector as the index stores or queries it: unit length for cosine.
+fn prepared(metric: Metric, v: &[f32]) -> Vec<f32> {
+    let mut v = v.to_vec();
+    if metric == Metric::Cosine {
+        normalize(&mut v);
+    }
+    v
+}
+
 pub struct Shard {
     metric: Metric,
     dim: usize,
@@ -62,11 +71,7 @@ impl Shard {
         if let FaissKind::Ivf { .. } = kind {
             let mut sample = Vec::with_capacity(memories.len() * dim);
             for m in memories {
-                let mut v = m.embedding.clone();
-                if metric == Metric::Cosine {
-                    normalize(&mut v);
-                }
-                sample.extend_from_slice(&v);
+                sample.extend_from_slice(&prepared(metric, &m.embedding));
             }
             index.train(&sample)?;
         }
@@ -132,11 +137,7 @@ impl Shard {
                 self.next_slot - 1
             }
         };
-        let mut v = m.embedding.clone();
-        if self.metric == Metric::Cosine {
-            normalize(&mut v);
-        }
-        self.index.upsert(&[slot], &v)?;
+        self.index.upsert(&[slot], &prepared(self.metric, &m.embedding))?;
         self.unindex(slot);
         for (k, val) in &m.tags {
             self.tag_index.entry((k.clone(), val.clone())).or_default().insert(slot);
@@ -223,20 +224,9 @@ impl Shard {
         params: SearchParams,
         now_ms: u64,
     ) -> Result<Vec<(String, f32)>, VectorError> {
-        let mut q = query.to_vec();
-        if self.metric == Metric::Cosine {
-            normalize(&mut q);
-        }
+        let q = prepared(self.metric, query);
         let allowed = self.allowed(filter, now_ms);
-        let mut hits = self.index.search(&q, k, allowed.as_ref(), params)?;
-        // IVF scans only `nprobe` lists: a selective filter (or a small shard) can leave it
-        // short of k even when k matches exist. Then probe every list.
-        if let FaissKind::Ivf { nlist } = self.kind {
-            let available = allowed.as_ref().map(|a| a.len() as usize).unwrap_or(self.docs.len());
-            if hits.len() < k.min(available) && params.nprobe < nlist as usize {
-                hits = self.index.search(&q, k, allowed.as_ref(), SearchParams { nprobe: nlist as usize })?;
-            }
-        }
+        let hits = self.index.search(&q, k, allowed.as_ref(), params)?;
         Ok(hits.into_iter().filter_map(|h| self.docs.get(&h.id).map(|d| (d.id.clone(), h.score))).collect())
     }
 }
