@@ -10,14 +10,18 @@
 //! `cargo bench --bench cluster_load -- --duration-secs 10`.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/process.rs"]
+#[allow(dead_code)] // shared with tests/process_kill.rs, which uses all of it
+mod process;
+
 use clap::Parser;
 use engram::client::{Client, Consistency, NewMemory, Precondition, RetryPolicy};
 use engram::proto as pb;
+use process::EngramProcess;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -42,45 +46,6 @@ struct Args {
     /// Accepted for `cargo bench` compatibility.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-struct Proc {
-    id: u64,
-    child: Option<Child>,
-    api: String,
-    raft: String,
-    http: String,
-    dir: PathBuf,
-}
-
-impl Proc {
-    fn spawn(&mut self, bin: &PathBuf, sync_ms: u64) {
-        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
-        let child = Command::new(bin)
-            .args(["--node-id", &self.id.to_string(), "--data-dir", self.dir.to_str().unwrap()])
-            .args(["--listen-api", &self.api, "--listen-raft", &self.raft, "--listen-http", &self.http])
-            .args([
-                "--heartbeat-interval-ms",
-                "50",
-                "--election-timeout-min-ms",
-                "300",
-                "--election-timeout-max-ms",
-                "600",
-            ])
-            .args(["--state-sync-interval-ms", &sync_ms.to_string()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start engram");
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap(); // SIGKILL
-            c.wait().unwrap();
-        }
-    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -155,14 +120,14 @@ async fn main() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/engram"));
     assert!(bin.exists(), "{} not found: run `cargo build --release --bins` first", bin.display());
     let tmp = tempfile::tempdir().unwrap();
-    let mut procs: Vec<Proc> = (1..=3u64)
+    let mut procs: Vec<EngramProcess> = (1..=3u64)
         .map(|id| {
             let p = |k: u16| format!("127.0.0.1:{}", args.base_port + k * 3 + id as u16 - 1);
-            Proc { id, child: None, api: p(0), raft: p(1), http: p(2), dir: tmp.path().join(format!("n{id}")) }
+            EngramProcess::new(id, p(0), p(1), p(2), tmp.path().join(format!("n{id}")))
         })
         .collect();
     for p in procs.iter_mut() {
-        p.spawn(&bin, args.state_sync_interval_ms);
+        p.start(&bin, args.state_sync_interval_ms);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let members =
@@ -268,7 +233,7 @@ async fn main() {
         println!("| {trial} | {lid} | {new_leader} | {} |", ms(took));
         times.push(took);
         // Bring the victim back from its data dir and let it catch up before the next trial.
-        victim.spawn(&bin, args.state_sync_interval_ms);
+        victim.start(&bin, args.state_sync_interval_ms);
         let pinned =
             Client::with_retry([victim.api.clone()], RetryPolicy { max_attempts: 200, ..Default::default() }).unwrap();
         pinned.get("bench/a", &format!("failover-{trial}")).await.unwrap();

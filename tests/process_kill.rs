@@ -3,73 +3,32 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod common;
+
+use common::process::EngramProcess;
 use engram::client::{Client, NewMemory, RetryPolicy, WriteOutcome};
 use engram::proto as pb;
 
 const NS: &str = "durable/ns";
 
-struct Node {
-    id: u64,
-    api: String,
-    raft: String,
-    http: String,
-    child: Option<Child>,
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    format!("127.0.0.1:{port}")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Worst case: the state machine is (almost) never fsynced, so after kill -9 all of it must
+/// come back from the durable log.
+const NEVER_SYNC_MS: u64 = 3_600_000;
+
+fn start(n: &mut EngramProcess) {
+    n.start(Path::new(env!("CARGO_BIN_EXE_engram")), NEVER_SYNC_MS);
 }
 
-impl Node {
-    fn new(id: u64) -> Node {
-        let a = |p: u16| format!("127.0.0.1:{p}");
-        Node { id, api: a(free_port()), raft: a(free_port()), http: a(free_port()), child: None }
-    }
-
-    fn start(&mut self, dir: &Path) {
-        let log = std::fs::File::create(dir.join(format!("n{}.log", self.id))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_engram"))
-            .args(["--node-id", &self.id.to_string()])
-            .args(["--data-dir", dir.join(format!("n{}", self.id)).to_str().unwrap()])
-            .args(["--listen-api", &self.api, "--listen-raft", &self.raft, "--listen-http", &self.http])
-            .args([
-                "--heartbeat-interval-ms",
-                "50",
-                "--election-timeout-min-ms",
-                "300",
-                "--election-timeout-max-ms",
-                "600",
-            ])
-            // Worst case: the state machine is (almost) never fsynced, so after kill -9 all of
-            // it must come back from the durable log.
-            .args(["--state-sync-interval-ms", "3600000"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn client(nodes: &[Node]) -> Client {
-    let eps: Vec<String> = nodes.iter().filter(|n| n.child.is_some()).map(|n| n.api.clone()).collect();
+fn client(nodes: &[EngramProcess]) -> Client {
+    let eps: Vec<String> = nodes.iter().filter(|n| n.is_running()).map(|n| n.api.clone()).collect();
     let retry = RetryPolicy {
         max_attempts: 200,
         initial_backoff: Duration::from_millis(20),
@@ -94,9 +53,11 @@ async fn leader_of(c: &Client) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_writes_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Node> = (1..=3).map(Node::new).collect();
+    let mut nodes: Vec<EngramProcess> = (1..=3)
+        .map(|id| EngramProcess::new(id, free_addr(), free_addr(), free_addr(), dir.path().join(format!("n{id}"))))
+        .collect();
     for n in nodes.iter_mut() {
-        n.start(dir.path());
+        start(n);
     }
     // Phase 1: bootstrap (retry until the first node listens).
     let members: Vec<pb::NodeInfo> =
@@ -149,7 +110,7 @@ async fn acknowledged_writes_survive_kill_9() {
         n.kill9();
     }
     for n in nodes.iter_mut() {
-        n.start(dir.path());
+        start(n);
     }
     let c = client(&nodes);
     leader_of(&c).await;

@@ -168,6 +168,12 @@ fn parse_member(s: &str) -> Result<pb::NodeInfo, String> {
     })
 }
 
+fn parse_tags(tags: &[String]) -> Result<HashMap<String, String>, &'static str> {
+    tags.iter()
+        .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or("tag must be KEY=VALUE"))
+        .collect()
+}
+
 fn print_memory(m: &pb::Memory) {
     let tags: Vec<String> = m.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!(
@@ -245,10 +251,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("deleted namespace {namespace} and {} memories", r.deleted_memories);
         }
         Cmd::Memory(MemoryCmd::Put { namespace, id, text, embedding, tags, importance, if_absent, if_revision }) => {
-            let tags = tags
-                .iter()
-                .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or("tag must be KEY=VALUE"))
-                .collect::<Result<HashMap<_, _>, _>>()?;
+            let tags = parse_tags(&tags)?;
             let memory = NewMemory { id, text, embedding, tags, importance, expires_at_ms: None };
             let pre = match (if_absent, if_revision) {
                 (true, _) => Precondition::IfAbsent,
@@ -268,10 +271,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", if r.deleted { "deleted" } else { "not found (nothing to delete)" });
         }
         Cmd::Memory(MemoryCmd::Search { namespace, vector, k, tags, min_importance, consistency: c }) => {
-            let tags = tags
-                .iter()
-                .map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or("tag must be KEY=VALUE"))
-                .collect::<Result<HashMap<_, _>, _>>()?;
+            let tags = parse_tags(&tags)?;
             let req = pb::SearchRequest {
                 namespace,
                 vector,

@@ -2,6 +2,8 @@
 //! temp dirs and real gRPC between them. Fault knobs: stop, restart, add a fresh node.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,53 @@
+//! A real `engram` process on loopback, for the kill -9 durability test and the cluster load
+//! benchmark. `kill9` is SIGKILL: no shutdown hook runs. The log goes to `<data_dir>.log`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub struct EngramProcess {
+    pub id: u64,
+    pub api: String,
+    pub raft: String,
+    pub http: String,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl EngramProcess {
+    pub fn new(id: u64, api: String, raft: String, http: String, data_dir: PathBuf) -> Self {
+        EngramProcess { id, api, raft, http, data_dir, child: None }
+    }
+
+    /// Starts the node from its data dir (fresh or existing) with fast test timeouts.
+    pub fn start(&mut self, bin: &Path, state_sync_interval_ms: u64) {
+        let log = std::fs::File::create(self.data_dir.with_extension("log")).unwrap();
+        let child = Command::new(bin)
+            .args(["--node-id", &self.id.to_string(), "--data-dir", self.data_dir.to_str().unwrap()])
+            .args(["--listen-api", &self.api, "--listen-raft", &self.raft, "--listen-http", &self.http])
+            .args(["--heartbeat-interval-ms", "50", "--election-timeout-min-ms", "300"])
+            .args(["--election-timeout-max-ms", "600"])
+            .args(["--state-sync-interval-ms", &state_sync_interval_ms.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start engram");
+        self.child = Some(child);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for EngramProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
