@@ -236,3 +236,47 @@ async fn retried_writes_with_one_idempotency_key_apply_once() {
     assert!(!r.id.is_empty());
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_admin_input_is_refused_and_changes_nothing() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    let before = client.admin().status().await.unwrap();
+    let node = |id: u64, raft: &str, api: &str| pb::NodeInfo { id, raft_addr: raft.into(), api_addr: api.into() };
+
+    // Phase 1: every malformed membership request names its field.
+    let bad_learners = [
+        (node(0, "127.0.0.1:1", "127.0.0.1:2"), "node.id"),
+        (node(9, "nohost", "127.0.0.1:2"), "node.raft_addr"),
+        (node(9, "127.0.0.1:1", ":70000"), "node.api_addr"),
+        (node(1, "127.0.0.1:1", "127.0.0.1:2"), "node.id"),
+    ];
+    for (n, field) in bad_learners {
+        let e = client.admin().add_learner(n, false).await.unwrap_err();
+        assert_eq!((e.code, e.field.as_deref()), (Code::InvalidArgument, Some(field)), "{e}");
+    }
+    let e = client.admin().transfer_leader(99).await.unwrap_err();
+    assert_eq!((e.code, e.field.as_deref()), (Code::InvalidArgument, Some("to_node_id")), "{e}");
+    let e = client.admin().promote_voters(vec![0]).await.unwrap_err();
+    assert_eq!((e.code, e.field.as_deref()), (Code::InvalidArgument, Some("node_ids")), "{e}");
+    let e = client.admin().remove_nodes(vec![42]).await.unwrap_err();
+    assert_eq!(e.code, Code::NotFound, "{e}");
+
+    // Phase 2: bootstrap requests that are malformed, or come too late, are refused.
+    let n1 = cluster.node_info(1);
+    let init = |members: Vec<pb::NodeInfo>| {
+        let c = cluster.pinned(1);
+        async move { c.admin().init_cluster(members).await.unwrap_err() }
+    };
+    let e = init(vec![n1.clone(), n1.clone()]).await;
+    assert_eq!((e.code, e.field.as_deref()), (Code::InvalidArgument, Some("members[1].id")), "{e}");
+    let e = init(vec![cluster.node_info(2)]).await;
+    assert_eq!((e.code, e.field.as_deref()), (Code::InvalidArgument, Some("members")), "{e}");
+    let e = init(vec![]).await;
+    assert_eq!(e.code, Code::FailedPrecondition, "{e}");
+
+    // Phase 3: membership is exactly as before.
+    let after = client.admin().status().await.unwrap();
+    assert_eq!((after.voters, after.learners), (before.voters, before.learners));
+    cluster.shutdown().await;
+}
