@@ -17,6 +17,8 @@
 //! snapshot_keep_logs = 1000
 //! state_sync_interval_ms = 100     # 0: fsync the state machine on every apply
 //! ivf_min_vectors = 50000          # namespaces this large use IVF shards instead of Flat
+//! vector_part_max = 250000         # shard parts searched in parallel hold at most this many
+//! vector_checkpoint_secs = 300     # write changed vector shards to index files; 0 = only at shutdown
 //! read_timeout_ms = 5000
 //! max_text_bytes = 65536
 //! log_format = "text"               # or "json"
@@ -84,6 +86,14 @@ pub struct NodeArgs {
     /// exact Flat one [default: 50000].
     #[arg(long, env = "ENGRAM_IVF_MIN_VECTORS")]
     pub ivf_min_vectors: Option<usize>,
+    /// A namespace's shard is split into parts of at most this many memories, searched in
+    /// parallel [default: 250000].
+    #[arg(long, env = "ENGRAM_VECTOR_PART_MAX")]
+    pub vector_part_max: Option<usize>,
+    /// Write the vector shards that changed to index files this often, so a restart loads them
+    /// instead of rebuilding; 0 = only at shutdown [default: 300].
+    #[arg(long, env = "ENGRAM_VECTOR_CHECKPOINT_SECS")]
+    pub vector_checkpoint_secs: Option<u64>,
     /// How long a read waits for the local state machine to catch up [default: 5000].
     #[arg(long, env = "ENGRAM_READ_TIMEOUT_MS")]
     pub read_timeout_ms: Option<u64>,
@@ -120,6 +130,8 @@ pub struct Config {
     pub snapshot_keep_logs: u64,
     pub state_sync_interval_ms: u64,
     pub ivf_min_vectors: usize,
+    pub vector_part_max: usize,
+    pub vector_checkpoint_secs: u64,
     pub read_timeout_ms: u64,
     pub max_text_bytes: usize,
     pub log_format: LogFormat,
@@ -168,6 +180,8 @@ impl NodeArgs {
             snapshot_keep_logs: pick!(cli, file, snapshot_keep_logs, 1000),
             state_sync_interval_ms: pick!(cli, file, state_sync_interval_ms, 100),
             ivf_min_vectors: pick!(cli, file, ivf_min_vectors, 50_000),
+            vector_part_max: pick!(cli, file, vector_part_max, 250_000),
+            vector_checkpoint_secs: pick!(cli, file, vector_checkpoint_secs, 300),
             read_timeout_ms: pick!(cli, file, read_timeout_ms, 5000),
             max_text_bytes: pick!(cli, file, max_text_bytes, 64 * 1024),
             log_format: pick!(cli, file, log_format, LogFormat::Text),
@@ -196,6 +210,8 @@ impl Config {
             snapshot_keep_logs: 1000,
             state_sync_interval_ms: 100,
             ivf_min_vectors: 50_000,
+            vector_part_max: 250_000,
+            vector_checkpoint_secs: 300,
             read_timeout_ms: 5000,
             max_text_bytes: 64 * 1024,
             log_format: LogFormat::Text,
@@ -227,6 +243,9 @@ impl Config {
         }
         if self.ivf_min_vectors < 64 {
             return err("ivf_min_vectors must be at least 64".into());
+        }
+        if self.vector_part_max == 0 {
+            return err("vector_part_max must be > 0".into());
         }
         if self.read_timeout_ms == 0 {
             return err("read_timeout_ms must be > 0".into());

@@ -26,6 +26,7 @@ use crate::raft::network::Network;
 use crate::raft::service::PeerService;
 use crate::raft::{EngramNode, LogStore, Raft, RaftNode, StateMachineStore};
 use crate::storage::StateReader;
+use crate::vector::VectorOptions;
 
 /// Largest client request. With at most `MAX_PAYLOAD_ENTRIES` entries per AppendEntries,
 /// a peer message stays under `MAX_PEER_MESSAGE_BYTES` (bincode and protobuf sizes of an
@@ -43,6 +44,7 @@ pub struct NodeHandle {
     pub node: RaftNode,
     pub reader: StateReader,
     pub vectors: Arc<crate::vector::VectorStore>,
+    state: StateMachineStore,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -53,12 +55,20 @@ impl NodeHandle {
         EngramNode { raft_addr: self.raft_addr.to_string(), api_addr: self.api_addr.to_string() }
     }
 
-    /// Graceful stop: listeners close, Raft shuts down, storage is released.
+    /// Graceful stop: listeners close, Raft shuts down, the state machine is fsynced and the
+    /// vector shards that changed are written to index files (so the next start loads them),
+    /// storage is released.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.node.raft.shutdown().await;
         for t in self.tasks {
             let _ = t.await;
+        }
+        let state = self.state;
+        match tokio::task::spawn_blocking(move || state.checkpoint()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(node = self.id, error = %e, "vector checkpoint at shutdown failed"),
+            Err(e) => tracing::warn!(node = self.id, error = %e, "vector checkpoint at shutdown panicked"),
         }
     }
 }
@@ -124,14 +134,18 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         &config.data_dir.join("state.redb"),
         config.data_dir.join("snapshot.bin"),
         Duration::from_millis(config.state_sync_interval_ms),
+        VectorOptions { dir: Some(config.data_dir.join("vectors")), max_part: config.vector_part_max },
+        (config.vector_checkpoint_secs > 0).then(|| Duration::from_secs(config.vector_checkpoint_secs)),
     )?;
     let reader = StateReader::new(sm.database());
-    // Vector shards start from what is on disk; entries Raft re-applies update them after.
+    // Vector shards start from their index files or the state on disk; entries Raft re-applies
+    // update them after.
     let vectors = sm.vectors();
     {
-        let sm = sm.clone();
-        tokio::task::spawn_blocking(move || sm.rebuild_vectors()).await.map_err(std::io::Error::other)??;
+        let (sm, log) = (sm.clone(), log_store.clone());
+        tokio::task::spawn_blocking(move || sm.open_vectors(&log)).await.map_err(std::io::Error::other)??;
     }
+    let state = sm.clone();
     let raft = Raft::new(config.node_id, raft_config(&config)?, Network::default(), log_store, sm)
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
@@ -209,7 +223,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         },
     ];
     tracing::info!(node = id, %api_addr, %raft_addr, %http_addr, "engram node started");
-    Ok(NodeHandle { id, api_addr, raft_addr, http_addr, node, reader, vectors, shutdown, tasks })
+    Ok(NodeHandle { id, api_addr, raft_addr, http_addr, node, reader, vectors, state, shutdown, tasks })
 }
 
 /// Runs a node until `shutdown` resolves, then stops it gracefully.

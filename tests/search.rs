@@ -108,32 +108,166 @@ async fn filters_return_only_matches_and_k_when_k_exist() {
     cluster.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn restarts_rebuild_the_same_answers_from_disk() {
-    let mut cluster = TestCluster::start(3).await;
-    let client = cluster.client();
-    let items = (0..40u32)
-        .map(|i| (NewMemory::new(format!("t{i}"), vec_for(i)).with_id(format!("m{i}")), Precondition::None))
-        .collect();
-    client.put_batch(NS, items).await.unwrap();
-    client.delete(NS, "m5").await.unwrap();
-    let queries: Vec<Vec<f32>> = (0..8).map(vec_for).collect();
-    let mut before = Vec::new();
-    for q in &queries {
-        before.push(client.search(NS, q.clone(), 10).await.unwrap().hits);
+const NS2: &str = "acme/tagged";
+
+/// Pseudo-random vectors (SplitMix64), so no two memories tie on a score.
+fn rvec(i: u32) -> Vec<f32> {
+    (0..DIM as u64)
+        .map(|d| {
+            let mut z = (i as u64 * DIM as u64 + d).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) % 2000) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+/// Searches whose answers must survive restarts: IVF probed exhaustively (so the answer is
+/// exact whatever the centroids), a tag filter, and an exact L2 namespace.
+fn restart_queries() -> Vec<pb::SearchRequest> {
+    let mut out = Vec::new();
+    for i in 0..6u32 {
+        out.push(pb::SearchRequest { nprobe: 1000, ..req(rvec(i * 5), 10) });
+        out.push(pb::SearchRequest {
+            namespace: NS2.into(),
+            filter: Some(pb::SearchFilter {
+                tags: [("colour".to_string(), "red".to_string())].into(),
+                ..Default::default()
+            }),
+            ..req(rvec(i), 5)
+        });
     }
+    out
+}
+
+type Answers = Vec<Vec<(String, f32)>>;
+
+async fn answers(cluster: &TestCluster, node: u64) -> Answers {
+    let mut out = Vec::new();
+    for q in restart_queries() {
+        let hits = cluster.pinned(node).search_with(q).await.unwrap().hits;
+        out.push(hits.into_iter().map(|h| (h.id, h.score)).collect());
+    }
+    out
+}
+
+fn assert_same(got: &Answers, want: &Answers, context: &str) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        let ids = |a: &[(String, f32)]| a.iter().map(|h| h.0.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(g), ids(w), "{context}");
+        for (a, b) in g.iter().zip(w) {
+            assert!((a.1 - b.1).abs() < 1e-4, "{context}: {a:?} vs {b:?}");
+        }
+    }
+}
+
+async fn write_tagged(client: &engram::client::Client, range: std::ops::Range<u32>) {
+    let items = range
+        .map(|i| {
+            let colour = if i % 3 == 0 { "red" } else { "blue" };
+            let m = NewMemory::new(format!("t{i}"), rvec(i)).with_id(format!("t{i}")).with_tag("colour", colour);
+            (m, Precondition::None)
+        })
+        .collect();
+    client.put_batch(NS2, items).await.unwrap();
+}
+
+fn vectors_dir(cluster: &TestCluster, node: u64) -> std::path::PathBuf {
+    cluster.slot(node).dir.path().join("vectors")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarts_give_the_same_answers_with_and_without_index_files() {
+    // IVF from 64 memories, parts of at most 50: NS becomes IVF at 100 memories, in 2 parts.
+    let mut cluster = TestCluster::start_with(3, |c| {
+        c.ivf_min_vectors = 64;
+        c.vector_part_max = 50;
+        c.vector_checkpoint_secs = 0;
+    })
+    .await;
+    let client = cluster.client();
+    client.create_namespace(NS2, DIM as u32, Metric::L2).await.unwrap();
+    for chunk in (0..130u32).collect::<Vec<_>>().chunks(50) {
+        let items = chunk
+            .iter()
+            .map(|i| (NewMemory::new(format!("m{i}"), rvec(*i)).with_id(format!("m{i}")), Precondition::None))
+            .collect();
+        client.put_batch(NS, items).await.unwrap();
+    }
+    write_tagged(&client, 0..30).await;
+    client.delete(NS, "m5").await.unwrap();
+    client.delete(NS2, "t3").await.unwrap();
+    let leader = cluster.wait_for_leader().await;
+    let kinds = cluster.handle(leader).vectors.shard_kinds();
+    assert!(matches!(kinds[0].1, engram::memory::IndexKind::Ivf { .. }) && kinds[0].3 == 2, "{kinds:?}");
+    let first = answers(&cluster, leader).await;
+
+    // 1. Clean stop writes index files; a restart loads them and rebuilds nothing.
     for id in cluster.running() {
         cluster.stop(id).await;
+    }
+    let stale = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(vectors_dir(&cluster, 1)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), stale.path().join(entry.file_name())).unwrap();
     }
     for id in [1, 2, 3] {
         cluster.restart(id).await;
     }
     cluster.wait_for_leader().await;
-    for (q, want) in queries.iter().zip(&before) {
-        for node in cluster.running() {
-            let got = cluster.pinned(node).search(NS, q.clone(), 10).await.unwrap().hits;
-            assert_eq!(&got, want, "node {node} answers differently after restart");
-        }
+    for id in [1, 2, 3] {
+        let report = cluster.handle(id).vectors.opened().unwrap();
+        assert_eq!(report.loaded, vec![NS.to_string(), NS2.to_string()], "node {id}: {report:?}");
+        assert!(report.rebuilt.is_empty(), "node {id}: {report:?}");
+        assert_same(&answers(&cluster, id).await, &first, &format!("node {id} after loading index files"));
+    }
+
+    // 2. More writes, then three ways to find the files at the next start: stale (older than
+    // the state: caught up from the log), missing (rebuilt) and corrupt (rebuilt).
+    let client = cluster.client();
+    client.put(NS, NewMemory::new("moved", rvec(3)).with_id("m0")).await.unwrap();
+    client.put(NS, NewMemory::new("new", rvec(200)).with_id("m200")).await.unwrap();
+    client.delete(NS, "m7").await.unwrap();
+    write_tagged(&client, 30..40).await;
+    client.delete(NS2, "t6").await.unwrap();
+    let leader = cluster.wait_for_leader().await;
+    let second = answers(&cluster, leader).await;
+    assert_ne!(first, second, "the writes must change some answers");
+    for id in cluster.running() {
+        cluster.stop(id).await;
+    }
+    let dir1 = vectors_dir(&cluster, 1);
+    std::fs::remove_dir_all(&dir1).unwrap();
+    std::fs::create_dir(&dir1).unwrap();
+    for entry in std::fs::read_dir(stale.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir1.join(entry.file_name())).unwrap();
+    }
+    std::fs::remove_dir_all(vectors_dir(&cluster, 2)).unwrap();
+    let faiss = std::fs::read_dir(vectors_dir(&cluster, 3))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "faiss"))
+        .unwrap();
+    let mut bytes = std::fs::read(&faiss).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&faiss, bytes).unwrap();
+    for id in [1, 2, 3] {
+        cluster.restart(id).await;
+    }
+    cluster.wait_for_leader().await;
+    let r1 = cluster.handle(1).vectors.opened().unwrap();
+    assert_eq!(r1.loaded.len(), 2, "stale files are caught up from the log: {r1:?}");
+    assert!(r1.caught_up >= 14, "{r1:?}");
+    let r2 = cluster.handle(2).vectors.opened().unwrap();
+    assert_eq!(r2.rebuilt.len(), 2, "{r2:?}");
+    let r3 = cluster.handle(3).vectors.opened().unwrap();
+    assert_eq!((r3.loaded.len(), r3.rebuilt.len()), (1, 1), "{r3:?}");
+    assert!(r3.rebuilt[0].1.contains("checksum"), "{r3:?}");
+    for id in [1, 2, 3] {
+        assert_same(&answers(&cluster, id).await, &second, &format!("node {id} after the second restart"));
     }
     cluster.shutdown().await;
 }
@@ -230,7 +364,7 @@ async fn large_namespaces_switch_to_ivf_on_every_node_and_back() {
     let r = client.put_batch(NS, batch(40, 300)).await.unwrap();
     cluster.wait_applied(r.applied_index).await;
     for id in cluster.running() {
-        assert_eq!(cluster.handle(id).vectors.shard_kinds()[0], (NS.to_string(), FaissKind::Ivf { nlist: 32 }, 300));
+        assert_eq!(cluster.handle(id).vectors.shard_kinds()[0], (NS.to_string(), FaissKind::Ivf { nlist: 32 }, 300, 1));
     }
     // Probing every list is exact, and every node answers identically.
     let probe_all = |v: Vec<f32>| pb::SearchRequest { nprobe: 32, ..req(v, 5) };
@@ -276,7 +410,7 @@ async fn shrinking_namespaces_return_to_exact_shards() {
     for i in 0..69u32 {
         client.delete(NS, &format!("m{i:03}")).await.unwrap();
     }
-    assert_eq!(cluster.handle(1).vectors.shard_kinds()[0], (NS.to_string(), FaissKind::Flat, 31));
+    assert_eq!(cluster.handle(1).vectors.shard_kinds()[0], (NS.to_string(), FaissKind::Flat, 31, 1));
     let r = client.search(NS, vec_for(80), 1).await.unwrap();
     assert_eq!(r.hits[0].id, "m080");
     cluster.shutdown().await;
@@ -308,5 +442,31 @@ async fn selective_filters_on_ivf_shards_still_return_k() {
     let mut ids: Vec<String> = r.hits.into_iter().map(|h| h.id).collect();
     ids.sort();
     assert_eq!(ids, vec!["m000", "m150", "m300"]);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn running_nodes_checkpoint_index_files_periodically() {
+    let cluster = TestCluster::start_with(3, |c| c.vector_checkpoint_secs = 1).await;
+    let client = cluster.client();
+    let first = client.put(NS, NewMemory::new("a", rvec(1)).with_id("a")).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // The first apply after the interval fsyncs its batch and writes the shards.
+    let second = client.put(NS, NewMemory::new("b", rvec(2)).with_id("b")).await.unwrap();
+    cluster.wait_applied(second.revision).await;
+    for id in cluster.running() {
+        let dir = vectors_dir(&cluster, id);
+        let mut manifest = None;
+        for _ in 0..50 {
+            manifest = engram::vector::persist::read_manifest(&dir).unwrap();
+            if manifest.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let manifest = manifest.unwrap_or_else(|| panic!("node {id} wrote no index files"));
+        assert!(manifest.applied >= first.revision, "node {id}: {manifest:?}");
+        assert_eq!(manifest.shards[NS].memories, if manifest.applied >= second.revision { 2 } else { 1 });
+    }
     cluster.shutdown().await;
 }

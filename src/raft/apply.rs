@@ -58,6 +58,24 @@ pub(crate) fn apply_command(
     Ok(result)
 }
 
+/// Records what `cmd` may have changed, for catching vector index files up with the log:
+/// every memory it names, and every namespace it may have dropped. (Creating a namespace needs
+/// no entry: one missing from the index files is rebuilt anyway.)
+pub(crate) fn touched(cmd: &Command, changes: &mut crate::vector::Changes) {
+    match &cmd.op {
+        Op::CreateNamespace { .. } => {}
+        Op::Put { namespace, items, .. } => {
+            changes.memories.extend(items.iter().map(|(m, _)| (namespace.clone(), m.id.clone())));
+        }
+        Op::Delete { namespace, id, .. } => {
+            changes.memories.insert((namespace.clone(), id.clone()));
+        }
+        Op::DeleteNamespace { namespace } => {
+            changes.namespaces.insert(namespace.clone());
+        }
+    }
+}
+
 /// Forgets idempotency keys recorded more than the TTL before `now_ms`.
 fn prune_idempotency(txn: &WriteTransaction, now_ms: u64) -> Result<(), StorageError> {
     let cutoff = now_ms.saturating_sub(IDEMPOTENCY_TTL_MS);

@@ -46,6 +46,18 @@ impl LogStore {
         Ok(LogStore { db: Arc::new(db) })
     }
 
+    /// The entries with indexes in `range`, read synchronously (start-up, before Raft runs).
+    pub fn entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LOG)?;
+        let mut out = Vec::new();
+        for item in table.range::<u64>(to_range(&range))? {
+            let (_, v) = item?;
+            out.push(codec::decode("log", v.value())?);
+        }
+        Ok(out)
+    }
+
     /// Runs `f` in one durable write transaction on the blocking pool.
     async fn write<F>(&self, f: F) -> Result<(), io::Error>
     where
@@ -102,21 +114,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        let db = self.db.clone();
         let bounds = to_range(&range);
-        tokio::task::spawn_blocking(move || -> Result<Vec<Entry>, StorageError> {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(LOG)?;
-            let mut out = Vec::new();
-            for item in table.range::<u64>(bounds)? {
-                let (_, v) = item?;
-                out.push(codec::decode("log", v.value())?);
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(io::Error::other)?
-        .map_err(io::Error::from)
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.entries(bounds))
+            .await
+            .map_err(io::Error::other)?
+            .map_err(io::Error::from)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {

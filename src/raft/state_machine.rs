@@ -26,7 +26,7 @@ use super::apply::apply_command;
 use super::types::{CommandResult, LogId, Outcome, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::error::StorageError;
 use crate::storage::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBERSHIP, NAMESPACES, SM_META};
-use crate::vector::{VectorOp, VectorStore};
+use crate::vector::{Changes, OpenReport, VectorOp, VectorOptions, VectorStore};
 
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Vec<u8>>;
 
@@ -42,6 +42,9 @@ pub struct StateMachineStore {
     last_sync: Arc<std::sync::Mutex<std::time::Instant>>,
     /// The vector view of this state; updated before apply results are released.
     vectors: Arc<VectorStore>,
+    /// Vector shards are written to index files at most this often (`None`: only on demand).
+    checkpoint_every: Option<std::time::Duration>,
+    last_checkpoint: Arc<std::sync::Mutex<std::time::Instant>>,
 }
 
 /// Every row of the state machine's data tables, as stored.
@@ -56,13 +59,17 @@ struct SnapshotBody {
 impl StateMachineStore {
     /// Opens (or creates) the state machine; applies are fsynced at most every `sync_interval`.
     pub fn open(path: &Path, snapshot_path: PathBuf) -> Result<Self, StorageError> {
-        Self::open_with(path, snapshot_path, std::time::Duration::ZERO)
+        Self::open_with(path, snapshot_path, std::time::Duration::ZERO, VectorOptions::default(), None)
     }
 
+    /// Opens the state machine; `checkpoint_every` paces vector index files (written to
+    /// `vectors.dir`), `None` writes them only when [`checkpoint`](Self::checkpoint) is called.
     pub fn open_with(
         path: &Path,
         snapshot_path: PathBuf,
         sync_interval: std::time::Duration,
+        vectors: VectorOptions,
+        checkpoint_every: Option<std::time::Duration>,
     ) -> Result<Self, StorageError> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
@@ -73,7 +80,7 @@ impl StateMachineStore {
         txn.open_table(SM_META)?;
         txn.commit()?;
         let db = Arc::new(db);
-        let vectors = Arc::new(VectorStore::new(crate::storage::StateReader::new(db.clone())));
+        let vectors = Arc::new(VectorStore::new(crate::storage::StateReader::new(db.clone()), vectors));
         Ok(StateMachineStore {
             db,
             snapshot_path,
@@ -81,6 +88,8 @@ impl StateMachineStore {
             sync_interval,
             last_sync: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
             vectors,
+            checkpoint_every,
+            last_checkpoint: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
         })
     }
 
@@ -93,9 +102,41 @@ impl StateMachineStore {
         self.vectors.clone()
     }
 
-    /// Rebuilds the vector shards from the state on disk (start-up, snapshot install).
+    /// Rebuilds the vector shards from the state on disk (snapshot install).
     pub fn rebuild_vectors(&self) -> Result<(), io::Error> {
         self.vectors.rebuild().map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    /// Start-up: loads the vector shards from their index files, caught up with the log
+    /// entries applied since they were written, or rebuilds them from the state.
+    pub fn open_vectors(&self, log: &super::log_store::LogStore) -> Result<OpenReport, io::Error> {
+        let changes = |from: u64, to: u64| -> Result<Option<Changes>, StorageError> {
+            let entries = log.entries(from..=to)?;
+            let contiguous = entries.first().is_some_and(|e| e.index() == from)
+                && entries.len() as u64 == to - from + 1
+                && entries.windows(2).all(|w| w[1].index() == w[0].index() + 1);
+            if !contiguous {
+                return Ok(None);
+            }
+            let mut changes = Changes::default();
+            for entry in &entries {
+                if let EntryPayload::Normal(cmd) = &entry.payload {
+                    super::apply::touched(cmd, &mut changes);
+                }
+            }
+            Ok(Some(changes))
+        };
+        self.vectors.open(changes).map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    /// Makes every applied entry durable, then writes the vector shards that changed to
+    /// index files at that applied index (shutdown, and periodically from `apply`).
+    pub fn checkpoint(&self) -> Result<Option<u64>, io::Error> {
+        let mut txn = self.db.begin_write().map_err(StorageError::from)?;
+        set_durable(&mut txn)?;
+        txn.commit().map_err(StorageError::from)?;
+        *self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        self.vectors.checkpoint().map_err(|e| io::Error::other(e.to_string()))
     }
 
     fn read_applied_state(db: &Database) -> Result<(Option<LogId>, StoredMembership), StorageError> {
@@ -330,9 +371,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             return Ok(());
         }
         let n = batch.len() as u64;
+        // A checkpoint's index files must never be ahead of the durable state: its batch is
+        // fsynced.
+        let checkpoint_due = self.checkpoint_every.is_some_and(|every| {
+            let mut last = self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.elapsed() >= every;
+            if due {
+                *last = std::time::Instant::now();
+            }
+            due
+        });
         let durable = {
             let mut last = self.last_sync.lock().unwrap_or_else(|p| p.into_inner());
-            let due = last.elapsed() >= self.sync_interval;
+            let due = checkpoint_due || last.elapsed() >= self.sync_interval;
             if due {
                 *last = std::time::Instant::now();
             }
@@ -340,11 +391,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let db = self.db.clone();
         let vectors = self.vectors.clone();
+        let last_index = batch.last().map(|e| e.index()).unwrap_or_default();
         let results = blocking(move || {
             let mut ops = Vec::new();
             let results = Self::apply_batch(&db, &batch, durable, &mut ops)?;
             // A vector-index failure leaves search unable to see a committed write: fatal.
-            vectors.apply(&ops).map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?;
+            vectors
+                .apply(&ops, last_index)
+                .map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?;
             Ok(results)
         })
         .await?;
@@ -353,6 +407,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         for (responder, result) in responders.into_iter().zip(results) {
             if let Some(r) = responder {
                 r.send(result);
+            }
+        }
+        if checkpoint_due {
+            // Index files are a cache: failing to write them costs a rebuild at start, not data.
+            let vectors = self.vectors.clone();
+            match tokio::task::spawn_blocking(move || vectors.checkpoint()).await.map_err(io::Error::other)? {
+                Ok(_) => {}
+                Err(e) => {
+                    metrics::counter!("engram_vector_checkpoint_failures_total").increment(1);
+                    tracing::warn!(error = %e, "vector checkpoint failed");
+                }
             }
         }
         Ok(())

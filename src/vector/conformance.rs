@@ -122,3 +122,131 @@ fn bad_shapes_are_errors_not_panics() {
         assert!(engine.search(&[0.0; DIM], 0, None, ALL_LISTS).unwrap().is_empty(), "{name}");
     }
 }
+
+fn memories(n: usize, seed: u64) -> Vec<crate::memory::Memory> {
+    data(n, seed, Metric::L2)
+        .chunks_exact(DIM)
+        .enumerate()
+        .map(|(i, v)| crate::memory::Memory {
+            namespace: "ns".into(),
+            id: format!("m{i:04}"),
+            text: String::new(),
+            embedding: v.to_vec(),
+            tags: [("parity".to_string(), (i % 2).to_string())].into(),
+            importance: (i % 10) as f32 / 10.0,
+            created_at_ms: i as u64,
+            updated_at_ms: i as u64,
+            last_accessed_at_ms: 0,
+            expires_at_ms: None,
+            content_hash: [0; 32],
+            revision: i as u64 + 1,
+        })
+        .collect()
+}
+
+/// Answers of every query under a few filters, for comparing shards.
+fn shard_answers(shard: &super::shard::Shard, params: SearchParams) -> Vec<Vec<(String, f32)>> {
+    let filters = [
+        super::Filter::default(),
+        super::Filter { tags: vec![("parity".into(), "1".into())], ..Default::default() },
+        super::Filter { min_importance: Some(0.85), ..Default::default() },
+    ];
+    let mut out = Vec::new();
+    for q in data(10, 77, Metric::L2).chunks_exact(DIM) {
+        for f in &filters {
+            out.push(shard.search(q, 10, f, params, 0).unwrap());
+        }
+    }
+    out
+}
+
+fn assert_same_answers(a: &[Vec<(String, f32)>], b: &[Vec<(String, f32)>], what: &str) {
+    for (x, y) in a.iter().zip(b) {
+        let ids = |v: &[(String, f32)]| v.iter().map(|h| h.0.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(x), ids(y), "{what}");
+        for (p, q) in x.iter().zip(y) {
+            assert!((p.1 - q.1).abs() < 1e-4, "{what}: {p:?} vs {q:?}");
+        }
+    }
+}
+
+#[test]
+fn a_shard_split_into_parts_answers_like_one_index() {
+    use super::shard::Shard;
+    let all = memories(400, 21);
+    for kind in [FaissKind::Flat, FaissKind::Ivf { nlist: 16 }] {
+        let mut one = Shard::build(DIM, Metric::L2, kind, &all[..300], usize::MAX).unwrap();
+        let mut split = Shard::build(DIM, Metric::L2, kind, &all[..300], 70).unwrap();
+        assert_eq!((one.parts(), split.parts()), (1, 5));
+        let exhaustive = SearchParams { nprobe: 16 };
+        assert_same_answers(&shard_answers(&one, exhaustive), &shard_answers(&split, exhaustive), &format!("{kind:?}"));
+        // Writes after the build land in the right part; deletes leave every part.
+        for m in &all[300..] {
+            one.upsert(m).unwrap();
+            split.upsert(m).unwrap();
+        }
+        for i in (0..400).step_by(9) {
+            one.remove(&format!("m{i:04}")).unwrap();
+            split.remove(&format!("m{i:04}")).unwrap();
+        }
+        assert_eq!(one.len(), split.len());
+        let (a, b) = (shard_answers(&one, exhaustive), shard_answers(&split, exhaustive));
+        assert_same_answers(&a, &b, &format!("{kind:?} after writes"));
+        assert!(b.iter().flatten().all(|(id, _)| id[1..].parse::<usize>().unwrap() % 9 != 0));
+        // A filtered query still returns k when k match, at nprobe 1 on every part.
+        let one_list = SearchParams { nprobe: 1 };
+        for answer in shard_answers(&split, one_list) {
+            assert_eq!(answer.len(), 10, "{kind:?}");
+        }
+    }
+}
+
+#[test]
+fn index_files_round_trip_and_refuse_corruption() {
+    use super::persist;
+    use super::shard::Shard;
+    let dir = tempfile::tempdir().unwrap();
+    let all = memories(300, 8);
+    let shard = Shard::build(DIM, Metric::L2, FaissKind::Ivf { nlist: 12 }, &all, 100).unwrap();
+    let files = persist::write_shard(dir.path(), "ns", 42, &shard).unwrap();
+    let manifest = persist::Manifest { applied: 42, shards: [("ns".to_string(), files.clone())].into() };
+    persist::commit(dir.path(), &manifest).unwrap();
+    assert_eq!(persist::read_manifest(dir.path()).unwrap(), Some(manifest));
+    let loaded = persist::read_shard(dir.path(), &files).unwrap();
+    assert_eq!((loaded.len(), loaded.parts(), loaded.kind()), (300, 3, FaissKind::Ivf { nlist: 12 }));
+    for params in [SearchParams { nprobe: 1 }, SearchParams { nprobe: 12 }] {
+        assert_same_answers(&shard_answers(&shard, params), &shard_answers(&loaded, params), "reloaded");
+    }
+
+    // Any flipped byte in any file is refused before it is used.
+    let flip = |name: &str, at: usize| {
+        let path = dir.path().join(name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = at.min(bytes.len() - 1);
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        move || {
+            bytes[at] ^= 1;
+            std::fs::write(&path, &bytes).unwrap();
+        }
+    };
+    for at in [0, 7, 200, usize::MAX] {
+        let mut restore = flip(&files.meta, at);
+        assert!(persist::read_shard(dir.path(), &files).is_err(), "meta byte {at}");
+        restore();
+        let mut restore = flip(&files.parts[1].0, at);
+        assert!(persist::read_shard(dir.path(), &files).is_err(), "faiss byte {at}");
+        restore();
+        let mut restore = flip("MANIFEST", at);
+        assert!(persist::read_manifest(dir.path()).is_err(), "manifest byte {at}");
+        restore();
+    }
+    assert!(persist::read_shard(dir.path(), &files).is_ok());
+    // A truncated part is refused too; a missing manifest is "none", not an error.
+    let part = dir.path().join(&files.parts[0].0);
+    let bytes = std::fs::read(&part).unwrap();
+    std::fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(persist::read_shard(dir.path(), &files).is_err());
+    persist::invalidate(dir.path()).unwrap();
+    assert_eq!(persist::read_manifest(dir.path()).unwrap(), None);
+}

@@ -8,6 +8,7 @@
 //! The `faiss` crate's `SearchParameters::new` forgets its selector, which FAISS never frees;
 //! searches here build the parameters through `faiss-sys` and keep ownership of the selector.
 
+use std::path::Path;
 use std::ptr;
 
 use faiss::index::IndexImpl;
@@ -82,6 +83,38 @@ impl FaissIndex {
 
     pub fn is_trained(&self) -> bool {
         self.index.is_trained()
+    }
+
+    /// Writes the index in FAISS's own format.
+    pub fn write(&self, path: &Path) -> Result<(), VectorError> {
+        let path = path.to_str().ok_or_else(|| VectorError::Faiss(format!("path {} is not UTF-8", path.display())))?;
+        faiss::write_index(&self.index, path).map_err(err)
+    }
+
+    /// Reads an index [`write`](Self::write) wrote, which must hold exactly the ids `present`
+    /// and match `dim`, `metric` and `kind`.
+    pub fn read(
+        path: &Path,
+        dim: usize,
+        metric: Metric,
+        kind: FaissKind,
+        present: RoaringTreemap,
+    ) -> Result<Self, VectorError> {
+        let name = path.to_str().ok_or_else(|| VectorError::Faiss(format!("path {} is not UTF-8", path.display())))?;
+        let index = faiss::read_index(name).map_err(err)?;
+        let mt = match metric {
+            Metric::L2 => MetricType::L2,
+            Metric::Cosine | Metric::InnerProduct => MetricType::InnerProduct,
+        };
+        let found = (index.d() as usize, index.metric_type(), index.ntotal(), index.is_trained());
+        if found != (dim, mt, present.len(), true) {
+            return Err(VectorError::Faiss(format!(
+                "{}: (dimension, metric, vectors, trained) = {found:?}, expected ({dim}, {mt:?}, {}, true)",
+                path.display(),
+                present.len()
+            )));
+        }
+        Ok(FaissIndex { index, dim, metric, kind, present })
     }
 
     /// Dense sets become a bitmap (max/8 bytes), sparse ones a batch (FAISS copies those into

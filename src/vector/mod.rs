@@ -6,19 +6,22 @@
 //!   (lower is better) for `L2`.
 //! * [`exact::ExactIndex`] — pure-Rust brute force; the oracle for tests and recall figures.
 //! * [`faiss::FaissIndex`] — FAISS (`IDMap,Flat` or `IVF<n>,Flat`); the only FFI in the crate.
-//! * [`shard::Shard`] — one namespace: index, slot ↔ id map, tag bitmaps, filter evaluation.
+//! * [`shard::Shard`] — one namespace: FAISS parts searched in parallel, slot ↔ id map, tag
+//!   bitmaps, filter evaluation.
 //! * [`store::VectorStore`] — all shards of a node, fed by the state machine's applies.
+//! * [`persist`] — index files with the log index they reflect, loaded at start.
 //!
 //! Filters are roaring bitmaps of allowed ids, applied inside the engine (FAISS `IDSelector`),
 //! so a filtered query returns k results whenever k matches exist.
 
 pub mod exact;
 pub mod faiss;
+pub mod persist;
 pub mod shard;
 pub mod store;
 
 pub use shard::Filter;
-pub use store::{VectorOp, VectorStore};
+pub use store::{Changes, OpenReport, VectorOp, VectorOptions, VectorStore};
 
 use roaring::RoaringTreemap;
 use thiserror::Error;

@@ -1,16 +1,26 @@
-//! A namespace's vector shard: a [`VectorIndex`] over dense `u64` slots, the slot ↔ memory
-//! id map, and the metadata filters need (roaring bitmaps per tag, timestamps, importance).
+//! A namespace's vector shard: one or more FAISS parts over dense `u64` slots, the slot ↔
+//! memory id map, and the metadata filters need (roaring bitmaps per tag, timestamps,
+//! importance).
+//!
+//! A large namespace is split into parts (slot `s` lives in part `s % parts`) that are searched
+//! in parallel, each with the same filter bitmap, and merged into one top-k. The part count is
+//! fixed when the shard is built (`max_part` memories each) and kept until the next rebuild.
 //!
 //! Cosine namespaces store unit vectors and search with a unit query, so FAISS's inner
 //! product equals cosine similarity.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use roaring::RoaringTreemap;
+use serde::{Deserialize, Serialize};
 
 use super::faiss::{FaissIndex, FaissKind};
-use super::{normalize, SearchParams, VectorError, VectorIndex};
+use super::{better, normalize, Hit, SearchParams, VectorError, VectorIndex};
 use crate::memory::{Memory, Metric};
+
+/// Most parts a shard is split into.
+pub const MAX_PARTS: usize = 64;
 
 /// Metadata conditions; all given conditions must hold.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -30,12 +40,25 @@ impl Filter {
     }
 }
 
-struct Doc {
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Doc {
     id: String,
     tags: BTreeMap<String, String>,
     created_at_ms: u64,
     importance: f32,
     expires_at_ms: Option<u64>,
+}
+
+impl Doc {
+    fn of(m: &Memory) -> Doc {
+        Doc {
+            id: m.id.clone(),
+            tags: m.tags.clone(),
+            created_at_ms: m.created_at_ms,
+            importance: m.importance,
+            expires_at_ms: m.expires_at_ms,
+        }
+    }
 }
 
 /// The vector as the index stores or queries it: unit length for cosine.
@@ -51,45 +74,141 @@ pub struct Shard {
     metric: Metric,
     dim: usize,
     kind: FaissKind,
-    index: Box<dyn VectorIndex>,
+    parts: Vec<FaissIndex>,
     next_slot: u64,
     slots: HashMap<String, u64>,
     docs: HashMap<u64, Doc>,
     tag_index: HashMap<(String, String), RoaringTreemap>,
     expiring: RoaringTreemap,
+    /// Changed since it was last written to (or read from) an index file.
+    dirty: AtomicBool,
+}
+
+/// Everything of a shard but its FAISS parts, as an index file stores it.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct ShardMeta {
+    pub metric: Metric,
+    pub dim: u32,
+    pub kind: FaissKind,
+    pub parts: u32,
+    /// Each part's own kind (IVF parts split the namespace's lists).
+    pub part_kinds: Vec<FaissKind>,
+    pub next_slot: u64,
+    pub docs: Vec<(u64, Doc)>,
 }
 
 impl Shard {
     /// An empty exact (Flat) shard.
     pub fn new(dim: usize, metric: Metric) -> Result<Self, VectorError> {
-        Self::build(dim, metric, FaissKind::Flat, &[])
+        Self::build(dim, metric, FaissKind::Flat, &[], usize::MAX)
     }
 
-    /// A shard of `kind` holding `memories`; an IVF shard is trained on them first.
-    pub fn build(dim: usize, metric: Metric, kind: FaissKind, memories: &[Memory]) -> Result<Self, VectorError> {
-        let mut index = FaissIndex::new(dim, metric, kind)?;
-        if let FaissKind::Ivf { .. } = kind {
-            let mut sample = Vec::with_capacity(memories.len() * dim);
-            for m in memories {
-                sample.extend_from_slice(&prepared(metric, &m.embedding));
+    /// A shard of `kind` holding `memories`, in as many parts as it takes to keep each under
+    /// `max_part` memories. Each IVF part is trained on its own members, with `nlist / parts`
+    /// lists.
+    pub fn build(
+        dim: usize,
+        metric: Metric,
+        kind: FaissKind,
+        memories: &[Memory],
+        max_part: usize,
+    ) -> Result<Self, VectorError> {
+        let n_parts = memories.len().div_ceil(max_part.max(1)).clamp(1, MAX_PARTS);
+        let mut parts = Vec::with_capacity(n_parts);
+        for p in 0..n_parts {
+            let part_kind = match kind {
+                FaissKind::Flat => FaissKind::Flat,
+                FaissKind::Ivf { nlist } => {
+                    let members = memories.len().div_ceil(n_parts).max(1) as u32;
+                    FaissKind::Ivf { nlist: (nlist / n_parts as u32).clamp(1, members) }
+                }
+            };
+            let mut index = FaissIndex::new(dim, metric, part_kind)?;
+            if let FaissKind::Ivf { .. } = part_kind {
+                let mut sample = Vec::with_capacity(memories.len() / n_parts * dim + dim);
+                for m in memories.iter().skip(p).step_by(n_parts) {
+                    sample.extend_from_slice(&prepared(metric, &m.embedding));
+                }
+                index.train(&sample)?;
             }
-            index.train(&sample)?;
+            parts.push(index);
         }
-        let mut shard = Shard {
+        let mut shard = Self::empty(dim, metric, kind, parts);
+        for m in memories {
+            shard.upsert(m)?;
+        }
+        Ok(shard)
+    }
+
+    fn empty(dim: usize, metric: Metric, kind: FaissKind, parts: Vec<FaissIndex>) -> Self {
+        Shard {
             metric,
             dim,
             kind,
-            index: Box::new(index),
+            parts,
             next_slot: 0,
             slots: HashMap::new(),
             docs: HashMap::new(),
             tag_index: HashMap::new(),
             expiring: RoaringTreemap::new(),
-        };
-        for m in memories {
-            shard.upsert(m)?;
+            dirty: AtomicBool::new(true),
         }
+    }
+
+    /// A shard from an index file's metadata and its FAISS parts (already read and checked).
+    pub(crate) fn from_parts(meta: ShardMeta, parts: Vec<FaissIndex>) -> Result<Self, VectorError> {
+        let corrupt = |what: String| VectorError::Faiss(format!("index file: {what}"));
+        if parts.len() != meta.parts as usize || parts.is_empty() {
+            return Err(corrupt(format!("{} parts, metadata says {}", parts.len(), meta.parts)));
+        }
+        let mut shard = Self::empty(meta.dim as usize, meta.metric, meta.kind, parts);
+        shard.next_slot = meta.next_slot;
+        for (slot, doc) in meta.docs {
+            if slot >= meta.next_slot || shard.docs.contains_key(&slot) || shard.slots.contains_key(&doc.id) {
+                return Err(corrupt(format!("slot {slot} repeated or out of range")));
+            }
+            shard.index_doc(slot, doc);
+        }
+        let indexed: usize = shard.parts.iter().map(|p| p.len()).sum();
+        if indexed != shard.docs.len() {
+            return Err(corrupt(format!("{indexed} vectors for {} memories", shard.docs.len())));
+        }
+        shard.dirty.store(false, Ordering::Relaxed);
         Ok(shard)
+    }
+
+    /// The slots each part of a shard with this metadata holds.
+    pub(crate) fn part_slots(meta: &ShardMeta) -> Vec<RoaringTreemap> {
+        let n = meta.parts.max(1) as u64;
+        let mut out = vec![RoaringTreemap::new(); n as usize];
+        for (slot, _) in &meta.docs {
+            out[(slot % n) as usize].insert(*slot);
+        }
+        out
+    }
+
+    /// The metadata an index file stores, and the parts to write beside it.
+    pub(crate) fn to_parts(&self) -> (ShardMeta, &[FaissIndex]) {
+        let mut docs: Vec<(u64, Doc)> = self.docs.iter().map(|(s, d)| (*s, d.clone())).collect();
+        docs.sort_by_key(|(s, _)| *s);
+        let meta = ShardMeta {
+            metric: self.metric,
+            dim: self.dim as u32,
+            kind: self.kind,
+            parts: self.parts.len() as u32,
+            part_kinds: self.parts.iter().map(FaissIndex::kind).collect(),
+            next_slot: self.next_slot,
+            docs,
+        };
+        (meta, &self.parts)
+    }
+
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn mark_saved(&self) {
+        self.dirty.store(false, Ordering::Relaxed);
     }
 
     pub fn kind(&self) -> FaissKind {
@@ -112,6 +231,15 @@ impl Shard {
         self.dim
     }
 
+    /// How many parts the shard is split into.
+    pub fn parts(&self) -> usize {
+        self.parts.len()
+    }
+
+    fn part_of(&self, slot: u64) -> usize {
+        (slot % self.parts.len() as u64) as usize
+    }
+
     fn unindex(&mut self, slot: u64) {
         if let Some(doc) = self.docs.remove(&slot) {
             for (k, v) in doc.tags {
@@ -126,6 +254,17 @@ impl Shard {
         }
     }
 
+    fn index_doc(&mut self, slot: u64, doc: Doc) {
+        for (k, val) in &doc.tags {
+            self.tag_index.entry((k.clone(), val.clone())).or_default().insert(slot);
+        }
+        if doc.expires_at_ms.is_some() {
+            self.expiring.insert(slot);
+        }
+        self.slots.insert(doc.id.clone(), slot);
+        self.docs.insert(slot, doc);
+    }
+
     pub fn upsert(&mut self, m: &Memory) -> Result<(), VectorError> {
         if m.embedding.len() != self.dim {
             return Err(VectorError::Dimension { expected: self.dim, got: m.embedding.len() });
@@ -137,36 +276,23 @@ impl Shard {
                 self.next_slot - 1
             }
         };
-        self.index.upsert(&[slot], &prepared(self.metric, &m.embedding))?;
+        let part = self.part_of(slot);
+        self.parts[part].upsert(&[slot], &prepared(self.metric, &m.embedding))?;
         self.unindex(slot);
-        for (k, val) in &m.tags {
-            self.tag_index.entry((k.clone(), val.clone())).or_default().insert(slot);
-        }
-        if m.expires_at_ms.is_some() {
-            self.expiring.insert(slot);
-        }
-        self.slots.insert(m.id.clone(), slot);
-        self.docs.insert(
-            slot,
-            Doc {
-                id: m.id.clone(),
-                tags: m.tags.clone(),
-                created_at_ms: m.created_at_ms,
-                importance: m.importance,
-                expires_at_ms: m.expires_at_ms,
-            },
-        );
+        self.index_doc(slot, Doc::of(m));
+        self.dirty.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     pub fn remove(&mut self, id: &str) -> Result<(), VectorError> {
         if let Some(slot) = self.slots.remove(id) {
-            self.index.remove(&[slot])?;
+            let part = self.part_of(slot);
+            self.parts[part].remove(&[slot])?;
             self.unindex(slot);
+            self.dirty.store(true, Ordering::Relaxed);
         }
         Ok(())
     }
-
     /// The allowed slots, or `None` when every slot is allowed.
     fn allowed(&self, f: &Filter, now_ms: u64) -> Option<RoaringTreemap> {
         let mut allowed: Option<RoaringTreemap> = None;
@@ -226,7 +352,42 @@ impl Shard {
     ) -> Result<Vec<(String, f32)>, VectorError> {
         let q = prepared(self.metric, query);
         let allowed = self.allowed(filter, now_ms);
-        let hits = self.index.search(&q, k, allowed.as_ref(), params)?;
+        let hits = if self.parts.len() == 1 {
+            self.parts[0].search(&q, k, allowed.as_ref(), params)?
+        } else {
+            // Every part gets the whole filter: a part's FAISS selector only ever meets its
+            // own slots, and each part returns its k best, so the merge holds the global k.
+            let per_part: Vec<Result<Vec<Hit>, VectorError>> = std::thread::scope(|s| {
+                let handles: Vec<_> = self
+                    .parts
+                    .iter()
+                    .map(|p| {
+                        let (q, allowed) = (&q, allowed.as_ref());
+                        s.spawn(move || p.search(q, k, allowed, params))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(VectorError::Faiss("search part panicked".into()))))
+                    .collect()
+            });
+            let mut merged = Vec::with_capacity(k * self.parts.len());
+            for hits in per_part {
+                merged.extend(hits?);
+            }
+            let metric = self.metric;
+            merged.sort_by(|a, b| {
+                if better(metric, a.score, b.score) {
+                    std::cmp::Ordering::Less
+                } else if better(metric, b.score, a.score) {
+                    std::cmp::Ordering::Greater
+                } else {
+                    a.id.cmp(&b.id)
+                }
+            });
+            merged.truncate(k);
+            merged
+        };
         Ok(hits.into_iter().filter_map(|h| self.docs.get(&h.id).map(|d| (d.id.clone(), h.score))).collect())
     }
 }

@@ -1,12 +1,21 @@
 //! [`VectorStore`]: every namespace's [`Shard`] on this node, kept in step with the state
 //! machine. `apply` feeds it the [`VectorOp`]s of each committed batch before the batch's
 //! results are released, so a read that waits for an applied index also sees that index in
-//! search. On start and after a snapshot install it is rebuilt from redb.
+//! search.
+//!
+//! On start, [`open`](VectorStore::open) loads the shards from their index files (see
+//! [`persist`](super::persist)) when those reflect a log index at or below the state's, then
+//! re-reads from redb every memory the log entries in between touched; any namespace it cannot
+//! trust (no file, a bad checksum, a different kind, a purged log gap) is rebuilt from redb.
+//! After a snapshot install every shard is rebuilt. [`checkpoint`](VectorStore::checkpoint)
+//! writes the shards that changed.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Mutex, RwLock};
 
 use super::faiss::FaissKind;
+use super::persist::{self, Manifest, PersistError};
 use super::shard::{Filter, Shard};
 use super::{SearchParams, VectorError};
 use crate::error::StorageError;
@@ -39,9 +48,63 @@ pub enum VectorOp {
     },
 }
 
+/// Node-local settings of the vector view.
+#[derive(Debug, Clone)]
+pub struct VectorOptions {
+    /// Where index files go; `None` keeps shards in memory only (rebuilt at every start).
+    pub dir: Option<PathBuf>,
+    /// Memories per shard part: a bigger namespace is split into parts searched in parallel.
+    pub max_part: usize,
+}
+
+impl Default for VectorOptions {
+    fn default() -> Self {
+        VectorOptions { dir: None, max_part: 250_000 }
+    }
+}
+
+/// What log entries changed, as far as vectors care: memories to re-read and namespaces to
+/// rebuild.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Changes {
+    pub memories: BTreeSet<(String, String)>,
+    pub namespaces: BTreeSet<String>,
+}
+
+/// How [`VectorStore::open`] got each namespace.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Namespaces loaded from index files.
+    pub loaded: Vec<String>,
+    /// Namespaces rebuilt from redb, with the reason.
+    pub rebuilt: Vec<(String, String)>,
+    /// Memories re-read from redb after loading (touched by the log since the files).
+    pub caught_up: usize,
+}
+
+/// The kind a shard of `n` memories is built as: never fewer IVF training points than lists.
+fn buildable(kind: FaissKind, n: usize) -> FaissKind {
+    match kind {
+        FaissKind::Flat => FaissKind::Flat,
+        FaissKind::Ivf { .. } if n == 0 => FaissKind::Flat,
+        FaissKind::Ivf { nlist } => FaissKind::Ivf { nlist: nlist.min(n as u32) },
+    }
+}
+
+struct Shards {
+    map: HashMap<String, Shard>,
+    /// The log index the shards reflect.
+    applied: u64,
+}
+
 pub struct VectorStore {
-    shards: RwLock<HashMap<String, Shard>>,
+    shards: RwLock<Shards>,
     reader: StateReader,
+    options: VectorOptions,
+    /// The manifest on disk, if this store wrote or read one.
+    manifest: Mutex<Option<Manifest>>,
+    /// What the last [`open`](Self::open) did.
+    opened: Mutex<Option<OpenReport>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,19 +113,30 @@ pub enum VectorStoreError {
     Vector(#[from] VectorError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
 }
 
 impl VectorStore {
     /// A store over the state machine that `reader` reads (it rebuilds shards from there).
-    pub fn new(reader: StateReader) -> Self {
-        VectorStore { shards: RwLock::default(), reader }
+    pub fn new(reader: StateReader, options: VectorOptions) -> Self {
+        VectorStore {
+            shards: RwLock::new(Shards { map: HashMap::new(), applied: 0 }),
+            reader,
+            options,
+            manifest: Mutex::default(),
+            opened: Mutex::default(),
+        }
     }
 
-    pub fn apply(&self, ops: &[VectorOp]) -> Result<(), VectorStoreError> {
+    /// Applies the vector changes of the entries up to log index `applied`.
+    pub fn apply(&self, ops: &[VectorOp], applied: u64) -> Result<(), VectorStoreError> {
+        let mut guard = self.shards.write().unwrap_or_else(|p| p.into_inner());
+        guard.applied = guard.applied.max(applied);
         if ops.is_empty() {
             return Ok(());
         }
-        let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
+        let shards = &mut guard.map;
         for op in ops {
             match op {
                 VectorOp::Namespace { namespace, dimension, metric } => {
@@ -102,7 +176,7 @@ impl VectorStore {
                 },
             }
         }
-        Self::export(&shards);
+        Self::export(shards);
         Ok(())
     }
 
@@ -133,43 +207,204 @@ impl VectorStore {
                 None => break,
             }
         }
-        let kind = match kind {
-            FaissKind::Flat => FaissKind::Flat,
-            // Never fewer training points than lists.
-            FaissKind::Ivf { .. } if memories.is_empty() => FaissKind::Flat,
-            FaissKind::Ivf { nlist } => FaissKind::Ivf { nlist: nlist.min(memories.len() as u32) },
-        };
-        let shard = Shard::build(dim, metric, kind, &memories)?;
+        let kind = buildable(kind, memories.len());
+        let shard = Shard::build(dim, metric, kind, &memories, self.options.max_part)?;
         metrics::counter!("engram_vector_rebuilds_total", "namespace" => ns.to_string()).increment(1);
         tracing::info!(
             namespace = ns,
             memories = memories.len(),
             ?kind,
+            parts = shard.parts(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "vector shard built"
         );
         Ok(shard)
     }
 
-    /// The kind and size of every shard (for status and tests).
-    pub fn shard_kinds(&self) -> Vec<(String, FaissKind, usize)> {
+    /// The kind, size and part count of every shard (for status and tests).
+    pub fn shard_kinds(&self) -> Vec<(String, FaissKind, usize, usize)> {
         let shards = self.shards.read().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<_> = shards.iter().map(|(n, s)| (n.clone(), s.kind(), s.len())).collect();
+        let mut out: Vec<_> = shards.map.iter().map(|(n, s)| (n.clone(), s.kind(), s.len(), s.parts())).collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
-    /// Replaces every shard with one built from the state machine's current contents.
+    /// The log index the shards reflect.
+    pub fn applied(&self) -> u64 {
+        self.shards.read().unwrap_or_else(|p| p.into_inner()).applied
+    }
+
+    /// Replaces every shard with one built from the state machine's current contents, and
+    /// forgets the index files (they describe another state).
     pub fn rebuild(&self) -> Result<(), VectorStoreError> {
+        if let Some(dir) = &self.options.dir {
+            persist::invalidate(dir)?;
+        }
+        *self.manifest.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let applied = self.reader.applied_index()?;
         let mut fresh = HashMap::new();
         for info in self.reader.namespaces()? {
             let shard = self.build_namespace(&info.name, info.dimension as usize, info.metric, info.index)?;
             fresh.insert(info.name.clone(), shard);
         }
         let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
-        *shards = fresh;
-        Self::export(&shards);
+        *shards = Shards { map: fresh, applied };
+        Self::export(&shards.map);
         Ok(())
+    }
+
+    /// Start-up: loads shards from the index files and catches them up to the state machine,
+    /// or rebuilds what it cannot load. `changes(from, to)` names what log entries `from..=to`
+    /// touched, or `None` when the log no longer holds them all.
+    pub fn open(
+        &self,
+        changes: impl FnOnce(u64, u64) -> Result<Option<Changes>, StorageError>,
+    ) -> Result<OpenReport, VectorStoreError> {
+        let started = std::time::Instant::now();
+        let applied = self.reader.applied_index()?;
+        let namespaces = self.reader.namespaces()?;
+        let mut report = OpenReport::default();
+        let manifest = match &self.options.dir {
+            None => Err("no index directory".to_string()),
+            Some(dir) => match persist::read_manifest(dir) {
+                Ok(Some(m)) if m.applied > applied => {
+                    Err(format!("index files at log index {} are ahead of the state ({applied})", m.applied))
+                }
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err("no index files".to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        let (manifest, changed) = match manifest {
+            Ok(m) if m.applied == applied => (Ok(m), Changes::default()),
+            Ok(m) => match changes(m.applied + 1, applied)? {
+                Some(c) => (Ok(m), c),
+                None => {
+                    (Err(format!("the log no longer holds entries {}..={applied}", m.applied + 1)), Changes::default())
+                }
+            },
+            Err(e) => (Err(e), Changes::default()),
+        };
+        let mut map = HashMap::new();
+        for info in &namespaces {
+            let ns = info.name.as_str();
+            let loaded = match &manifest {
+                Err(e) => Err(e.clone()),
+                Ok(_) if changed.namespaces.contains(ns) => Err("namespace re-created or dropped since".into()),
+                Ok(m) => match m.shards.get(ns) {
+                    None => Err("no index file".into()),
+                    Some(files) => {
+                        let dir = self.options.dir.as_deref().expect("a manifest implies a directory");
+                        persist::read_shard(dir, files).map_err(|e| e.to_string()).and_then(|shard| {
+                            let kind = buildable(info.index, info.memory_count as usize);
+                            let want = (info.dimension as usize, info.metric, kind);
+                            if (shard.dimension(), shard.metric(), shard.kind()) != want {
+                                Err(format!("file has {:?}, namespace has {want:?}", shard.kind()))
+                            } else {
+                                Ok(shard)
+                            }
+                        })
+                    }
+                },
+            };
+            let shard = match loaded {
+                Ok(mut shard) => {
+                    let touched = changed.memories.range((ns.to_string(), String::new())..);
+                    for (_, id) in touched.take_while(|(n, _)| n == ns) {
+                        let (_, memory, _) = self.reader.get(ns, id)?;
+                        match memory {
+                            Some(m) => shard.upsert(&m)?,
+                            None => shard.remove(id)?,
+                        }
+                        report.caught_up += 1;
+                    }
+                    if shard.len() as u64 == info.memory_count {
+                        report.loaded.push(ns.to_string());
+                        metrics::counter!("engram_vector_shard_opens_total", "source" => "file").increment(1);
+                        shard
+                    } else {
+                        let why = format!("{} memories in the file, {} in the state", shard.len(), info.memory_count);
+                        self.rebuilt(ns, why, &mut report);
+                        self.build_namespace(ns, info.dimension as usize, info.metric, info.index)?
+                    }
+                }
+                Err(why) => {
+                    self.rebuilt(ns, why, &mut report);
+                    self.build_namespace(ns, info.dimension as usize, info.metric, info.index)?
+                }
+            };
+            map.insert(ns.to_string(), shard);
+        }
+        *self.manifest.lock().unwrap_or_else(|p| p.into_inner()) = manifest.ok();
+        let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
+        *shards = Shards { map, applied };
+        Self::export(&shards.map);
+        tracing::info!(
+            applied,
+            loaded = report.loaded.len(),
+            rebuilt = report.rebuilt.len(),
+            caught_up = report.caught_up,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "vector shards opened"
+        );
+        *self.opened.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+        Ok(report)
+    }
+
+    /// What the start-up [`open`](Self::open) loaded and rebuilt.
+    pub fn opened(&self) -> Option<OpenReport> {
+        self.opened.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn rebuilt(&self, ns: &str, why: String, report: &mut OpenReport) {
+        if self.options.dir.is_some() {
+            tracing::info!(namespace = ns, reason = %why, "rebuilding vector shard from the state");
+        }
+        metrics::counter!("engram_vector_shard_opens_total", "source" => "rebuild").increment(1);
+        report.rebuilt.push((ns.to_string(), why));
+    }
+
+    /// Writes every shard that changed since the last checkpoint to new index files and
+    /// points the manifest at them. Applies wait meanwhile (searches do not). Returns the log
+    /// index written, or `None` when there was nothing to write or no directory.
+    pub fn checkpoint(&self) -> Result<Option<u64>, VectorStoreError> {
+        let Some(dir) = &self.options.dir else { return Ok(None) };
+        let started = std::time::Instant::now();
+        let shards = self.shards.read().unwrap_or_else(|p| p.into_inner());
+        let mut on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = on_disk.clone().unwrap_or_default();
+        let unchanged = on_disk.is_some()
+            && previous.shards.len() == shards.map.len()
+            && shards.map.iter().all(|(ns, s)| !s.is_dirty() && previous.shards.contains_key(ns));
+        if unchanged && previous.applied == shards.applied {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(dir).map_err(|e| PersistError::Io { path: dir.clone(), source: e })?;
+        let mut next = Manifest { applied: shards.applied, shards: Default::default() };
+        let mut written = Vec::new();
+        for (ns, shard) in &shards.map {
+            let files = match previous.shards.get(ns) {
+                Some(files) if !shard.is_dirty() => files.clone(),
+                _ => {
+                    written.push(shard);
+                    persist::write_shard(dir, ns, shards.applied, shard)?
+                }
+            };
+            next.shards.insert(ns.clone(), files);
+        }
+        persist::commit(dir, &next)?;
+        for shard in written.iter() {
+            shard.mark_saved();
+        }
+        *on_disk = Some(next);
+        metrics::counter!("engram_vector_checkpoints_total").increment(1);
+        tracing::info!(
+            applied = shards.applied,
+            written = written.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "vector checkpoint"
+        );
+        Ok(Some(shards.applied))
     }
 
     /// Searches one namespace's shard; `None` when the namespace has no shard.
@@ -183,7 +418,7 @@ impl VectorStore {
         now_ms: u64,
     ) -> Result<Option<Vec<(String, f32)>>, VectorError> {
         let shards = self.shards.read().unwrap_or_else(|p| p.into_inner());
-        match shards.get(namespace) {
+        match shards.map.get(namespace) {
             Some(s) => s.search(query, k, filter, params, now_ms).map(Some),
             None => Ok(None),
         }
