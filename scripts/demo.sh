@@ -53,6 +53,9 @@ ctl memory list acme/user-42
 echo "==> semantic search (linearizable, on a follower), then filtered by tag"
 ctl --endpoints 127.0.0.1:7002 memory search acme/user-42 --vector 0.8,0.2,0.1,0.2 --k 2
 ctl memory search acme/user-42 --vector 0.8,0.2,0.1,0.2 --k 2 --tag kind=fact
+echo "==> two searches in one batch, behind one read barrier"
+printf '0.8,0.2,0.1,0.2\n0.1,0.9,0.1,0.1\n' >"$DATA/queries.txt"
+ctl memory search-batch acme/user-42 --file "$DATA/queries.txt" --k 2
 
 echo "==> bad input is refused and names the field"
 ctl memory put acme/user-42 --text "wrong dimension" --embedding 0.1,0.2 || true

@@ -470,3 +470,50 @@ async fn running_nodes_checkpoint_index_files_periodically() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batch_search_answers_like_single_searches_behind_one_barrier() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    let items = (0..40u32)
+        .map(|i| (NewMemory::new(format!("m{i}"), rvec(i)).with_id(format!("m{i}")), Precondition::None))
+        .collect();
+    client.put_batch(NS, items).await.unwrap();
+    write_tagged(&client, 0..20).await;
+    let queries = restart_queries();
+    let leader = cluster.wait_for_leader().await;
+    let follower = cluster.running().into_iter().find(|id| *id != leader).unwrap();
+    // A follower answers the batch linearizably: it sees the writes acknowledged above.
+    let batch = cluster.pinned(follower).search_batch(queries.clone(), Consistency::Linearizable).await.unwrap();
+    assert_eq!(batch.results.len(), queries.len());
+    for (q, got) in queries.iter().zip(&batch.results) {
+        let want = client.search_with(q.clone()).await.unwrap();
+        assert_eq!(got.hits, want.hits);
+        assert!(!got.hits.is_empty());
+        assert_eq!(got.read_index, batch.read_index);
+    }
+
+    // One bad query refuses the whole batch, naming the query and its field.
+    let field_of = |e: engram::client::ClientError| (e.code, e.field);
+    let mut bad = queries.clone();
+    bad[1].k = 0;
+    let e = client.search_batch(bad, Consistency::Linearizable).await.unwrap_err();
+    assert_eq!(field_of(e), (Code::InvalidArgument, Some("queries[1].k".into())));
+    let mut bad = queries.clone();
+    bad[2].vector.push(1.0);
+    let e = client.search_batch(bad, Consistency::Linearizable).await.unwrap_err();
+    assert_eq!(field_of(e), (Code::InvalidArgument, Some("queries[2].vector".into())));
+    let mut bad = queries.clone();
+    bad[0].consistency = Consistency::Stale as i32;
+    let e = client.search_batch(bad, Consistency::Lease).await.unwrap_err();
+    assert_eq!(field_of(e), (Code::InvalidArgument, Some("queries[0].consistency".into())));
+    let e = client.search_batch(vec![], Consistency::Linearizable).await.unwrap_err();
+    assert_eq!(field_of(e), (Code::InvalidArgument, Some("queries".into())));
+    let e = client.search_batch(vec![req(rvec(1), 5); 257], Consistency::Linearizable).await.unwrap_err();
+    assert_eq!(field_of(e), (Code::InvalidArgument, Some("queries".into())));
+    let mut bad = queries.clone();
+    bad[3].namespace = "acme/nope".into();
+    let e = client.search_batch(bad, Consistency::Linearizable).await.unwrap_err();
+    assert_eq!(field_of(e).0, Code::NotFound);
+    cluster.shutdown().await;
+}

@@ -22,6 +22,49 @@ const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 
 const MAX_K: u32 = 1000;
+const MAX_BATCH_QUERIES: usize = 256;
+
+/// A validated search, not yet checked against its namespace (that waits for the read barrier).
+struct SearchPlan {
+    namespace: String,
+    vector: Vec<f32>,
+    k: usize,
+    filter: crate::vector::Filter,
+    score_threshold: Option<f32>,
+    include_memory: bool,
+    params: SearchParams,
+    metric: crate::memory::Metric,
+}
+
+impl SearchPlan {
+    /// The plan and the request's own consistency value.
+    fn new(req: pb::SearchRequest) -> Result<(SearchPlan, i32), ApiError> {
+        let pb::SearchRequest { namespace, vector, k, filter, score_threshold, include_memory, consistency, nprobe } =
+            req;
+        validate_namespace(&namespace)?;
+        if k == 0 || k > MAX_K {
+            return Err(ApiError::invalid("k", format!("must be 1..={MAX_K}")));
+        }
+        if score_threshold.is_some_and(|t| !t.is_finite()) {
+            return Err(ApiError::invalid("score_threshold", "must be finite"));
+        }
+        let filter = convert::search_filter(filter)?;
+        convert::consistency(consistency)?;
+        let params =
+            SearchParams { nprobe: if nprobe == 0 { SearchParams::default().nprobe } else { nprobe as usize } };
+        let plan = SearchPlan {
+            namespace,
+            vector,
+            k: k as usize,
+            filter,
+            score_threshold,
+            include_memory,
+            params,
+            metric: crate::memory::Metric::Cosine,
+        };
+        Ok((plan, consistency))
+    }
+}
 
 #[derive(Clone)]
 pub struct MemoryApi {
@@ -131,60 +174,115 @@ impl MemoryApi {
 
     async fn search_inner(&self, req: pb::SearchRequest) -> Result<pb::SearchResponse, ApiError> {
         let started = Instant::now();
-        let pb::SearchRequest { namespace, vector, k, filter, score_threshold, include_memory, consistency, nprobe } =
-            req;
-        validate_namespace(&namespace)?;
-        if k == 0 || k > MAX_K {
-            return Err(ApiError::invalid("k", format!("must be 1..={MAX_K}")));
+        let (plan, consistency) = SearchPlan::new(req)?;
+        self.node.linearize(convert::consistency(consistency)?).await?;
+        let applied = self.reader.applied_index().map_err(Self::storage)?;
+        let plan = self.bind(plan)?;
+        let namespace = plan.namespace.clone();
+        let mut hits = self.run_searches(vec![plan]).await?;
+        let hits = hits.pop().expect("one result per plan")?;
+        metrics::histogram!("engram_search_duration_seconds", "namespace" => namespace)
+            .record(started.elapsed().as_secs_f64());
+        Ok(pb::SearchResponse { hits, read_index: applied })
+    }
+
+    async fn search_batch_inner(&self, req: pb::SearchBatchRequest) -> Result<pb::SearchBatchResponse, ApiError> {
+        let started = Instant::now();
+        let pb::SearchBatchRequest { queries, consistency } = req;
+        if queries.is_empty() || queries.len() > MAX_BATCH_QUERIES {
+            return Err(ApiError::invalid("queries", format!("must hold 1..={MAX_BATCH_QUERIES} searches")));
         }
-        if score_threshold.is_some_and(|t| !t.is_finite()) {
-            return Err(ApiError::invalid("score_threshold", "must be finite"));
+        let within = |i: usize, e: ApiError| match e {
+            ApiError::InvalidArgument { field, reason } => {
+                ApiError::InvalidArgument { field: format!("queries[{i}].{field}"), reason }
+            }
+            other => other,
+        };
+        let mut plans = Vec::with_capacity(queries.len());
+        for (i, q) in queries.into_iter().enumerate() {
+            let (plan, own) = SearchPlan::new(q).map_err(|e| within(i, e))?;
+            if own != 0 && own != consistency {
+                return Err(within(i, ApiError::invalid("consistency", "must be unset or the batch's")));
+            }
+            plans.push(plan);
         }
-        let filter = convert::search_filter(filter)?;
-        let consistency = convert::consistency(consistency)?;
-        self.node.linearize(consistency).await?;
+        self.node.linearize(convert::consistency(consistency)?).await?;
+        let applied = self.reader.applied_index().map_err(Self::storage)?;
+        let plans = plans
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| self.bind(p).map_err(|e| within(i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut results = Vec::with_capacity(plans.len());
+        for hits in self.run_searches(plans).await? {
+            results.push(pb::SearchResponse { hits: hits?, read_index: applied });
+        }
+        metrics::histogram!("engram_search_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+        Ok(pb::SearchBatchResponse { results, read_index: applied })
+    }
+
+    /// Checks a plan against the namespace it names, after the read barrier.
+    fn bind(&self, mut plan: SearchPlan) -> Result<SearchPlan, ApiError> {
         let info = self
             .reader
-            .namespace(&namespace)
+            .namespace(&plan.namespace)
             .map_err(Self::storage)?
-            .ok_or_else(|| ApiError::not_found(format!("namespace {namespace:?}")))?;
-        crate::memory::validate_embedding("vector", &vector, Some(info.dimension), &self.limits)?;
-        let applied = self.reader.applied_index().map_err(Self::storage)?;
-        let params =
-            SearchParams { nprobe: if nprobe == 0 { SearchParams::default().nprobe } else { nprobe as usize } };
-        // FAISS work (and waiting out a shard rebuild) stays off the async workers.
+            .ok_or_else(|| ApiError::not_found(format!("namespace {:?}", plan.namespace)))?;
+        crate::memory::validate_embedding("vector", &plan.vector, Some(info.dimension), &self.limits)?;
+        plan.metric = info.metric;
+        Ok(plan)
+    }
+
+    /// Runs bound plans on the blocking pool (FAISS work, and waiting out a shard rebuild,
+    /// stay off the async workers); one result per plan, in order.
+    async fn run_searches(
+        &self,
+        plans: Vec<SearchPlan>,
+    ) -> Result<Vec<Result<Vec<pb::SearchHit>, ApiError>>, ApiError> {
         let vectors = self.vectors.clone();
-        let ns = namespace.clone();
-        let hits =
-            tokio::task::spawn_blocking(move || vectors.search(&ns, &vector, k as usize, &filter, params, now_ms()))
-                .await
-                .map_err(|e| ApiError::Internal(format!("search task: {e}")))?
-                .map_err(|e| match e {
-                    // The namespace was re-created with another dimension after validation.
-                    crate::vector::VectorError::Dimension { expected, got } => ApiError::invalid(
-                        "vector",
-                        format!("dimension {got} does not match the namespace's {expected}"),
-                    ),
-                    other => ApiError::Internal(format!("vector search: {other}")),
-                })?
-                .unwrap_or_default();
+        let now = now_ms();
+        let found = tokio::task::spawn_blocking(move || {
+            plans
+                .into_iter()
+                .map(|p| {
+                    let hits = vectors.search(&p.namespace, &p.vector, p.k, &p.filter, p.params, now);
+                    (p, hits)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("search task: {e}")))?;
+        Ok(found.into_iter().map(|(plan, hits)| self.finish(plan, hits)).collect())
+    }
+
+    /// Applies the score threshold and attaches memories.
+    fn finish(
+        &self,
+        plan: SearchPlan,
+        hits: Result<Option<Vec<(String, f32)>>, crate::vector::VectorError>,
+    ) -> Result<Vec<pb::SearchHit>, ApiError> {
+        let hits = hits
+            .map_err(|e| match e {
+                // The namespace was re-created with another dimension after validation.
+                crate::vector::VectorError::Dimension { expected, got } => {
+                    ApiError::invalid("vector", format!("dimension {got} does not match the namespace's {expected}"))
+                }
+                other => ApiError::Internal(format!("vector search: {other}")),
+            })?
+            .unwrap_or_default();
         let mut out = Vec::with_capacity(hits.len());
         for (id, score) in hits {
-            if let Some(t) = score_threshold {
-                if better(info.metric, t, score) {
-                    continue;
-                }
+            if plan.score_threshold.is_some_and(|t| better(plan.metric, t, score)) {
+                continue;
             }
-            let memory = if include_memory {
-                self.reader.get(&namespace, &id).map_err(Self::storage)?.1.map(memory_to_pb)
+            let memory = if plan.include_memory {
+                self.reader.get(&plan.namespace, &id).map_err(Self::storage)?.1.map(memory_to_pb)
             } else {
                 None
             };
             out.push(pb::SearchHit { id, score, memory });
         }
-        metrics::histogram!("engram_search_duration_seconds", "namespace" => namespace)
-            .record(started.elapsed().as_secs_f64());
-        Ok(pb::SearchResponse { hits: out, read_index: applied })
+        Ok(out)
     }
 
     async fn list_inner(&self, req: pb::ListRequest) -> Result<pb::ListResponse, ApiError> {
@@ -324,6 +422,17 @@ impl MemoryService for MemoryApi {
         let started = Instant::now();
         let res = self.search_inner(req.into_inner()).await.map(Response::new).map_err(Status::from);
         observe("search", started, &res);
+        res
+    }
+
+    #[instrument(skip_all, fields(queries = req.get_ref().queries.len()))]
+    async fn search_batch(
+        &self,
+        req: Request<pb::SearchBatchRequest>,
+    ) -> Result<Response<pb::SearchBatchResponse>, Status> {
+        let started = Instant::now();
+        let res = self.search_batch_inner(req.into_inner()).await.map(Response::new).map_err(Status::from);
+        observe("search_batch", started, &res);
         res
     }
 

@@ -138,6 +138,17 @@ enum MemoryCmd {
         #[arg(long, default_value = "linearizable")]
         consistency: String,
     },
+    /// Many searches behind one read barrier: one query vector per line of FILE
+    /// (comma-separated floats; blank lines and lines starting with # are skipped).
+    SearchBatch {
+        namespace: String,
+        #[arg(long)]
+        file: std::path::PathBuf,
+        #[arg(long, default_value_t = 10)]
+        k: u32,
+        #[arg(long, default_value = "linearizable")]
+        consistency: String,
+    },
     List {
         namespace: String,
         #[arg(long, default_value_t = 100)]
@@ -284,6 +295,27 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             for hit in client.search_with(req).await?.hits {
                 print!("score={:.4}  ", hit.score);
                 print_memory(&hit.memory.unwrap_or_default());
+            }
+        }
+        Cmd::Memory(MemoryCmd::SearchBatch { namespace, file, k, consistency: c }) => {
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let mut queries = Vec::new();
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let vector = line
+                    .split(',')
+                    .map(|x| x.trim().parse::<f32>())
+                    .collect::<Result<Vec<f32>, _>>()
+                    .map_err(|e| format!("{}:{}: {e}", file.display(), n + 1))?;
+                queries.push(pb::SearchRequest { namespace: namespace.clone(), vector, k, ..Default::default() });
+            }
+            let r = client.search_batch(queries, consistency(&c)?).await?;
+            for (i, result) in r.results.iter().enumerate() {
+                let hits: Vec<String> = result.hits.iter().map(|h| format!("{}={:.4}", h.id, h.score)).collect();
+                println!("query {i}: {}", hits.join("  "));
             }
         }
         Cmd::Memory(MemoryCmd::List { namespace, page_size, page_token, consistency: c }) => {

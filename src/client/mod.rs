@@ -382,6 +382,21 @@ impl Client {
         .await
     }
 
+    /// Several searches behind one read barrier (`consistency` applies to all); one response
+    /// per query, in order.
+    pub async fn search_batch(
+        &self,
+        queries: Vec<pb::SearchRequest>,
+        consistency: Consistency,
+    ) -> Result<pb::SearchBatchResponse, ClientError> {
+        let req = pb::SearchBatchRequest { queries, consistency: consistency as i32 };
+        self.call(|ch, t| {
+            let r = req.clone();
+            async move { Self::memory(ch).search_batch(timed(r, t)).await }
+        })
+        .await
+    }
+
     pub async fn delete_namespace(&self, namespace: &str) -> Result<pb::DeleteNamespaceResponse, ClientError> {
         let req = pb::DeleteNamespaceRequest { namespace: namespace.into(), options: Self::options() };
         self.call(|ch, t| {
