@@ -28,6 +28,10 @@ pub struct FaissIndex {
     metric: Metric,
     kind: FaissKind,
     present: RoaringTreemap,
+    /// Bumped by every change, so a GPU copy knows when it is stale.
+    version: u64,
+    #[cfg(feature = "gpu")]
+    gpu: super::gpu::Replica,
 }
 
 // SAFETY: FAISS CPU indexes allow concurrent const searches; every mutation goes through
@@ -38,7 +42,7 @@ fn err(e: impl std::fmt::Display) -> VectorError {
     VectorError::Faiss(e.to_string())
 }
 
-fn check(code: std::os::raw::c_int) -> Result<(), VectorError> {
+pub(super) fn check(code: std::os::raw::c_int) -> Result<(), VectorError> {
     if code == 0 {
         return Ok(());
     }
@@ -66,7 +70,20 @@ impl FaissIndex {
             Metric::Cosine | Metric::InnerProduct => MetricType::InnerProduct,
         };
         let index = index_factory(dim as u32, description, mt).map_err(err)?;
-        Ok(FaissIndex { index, dim, metric, kind, present: RoaringTreemap::new() })
+        Ok(FaissIndex::wrap(index, dim, metric, kind, RoaringTreemap::new()))
+    }
+
+    fn wrap(index: IndexImpl, dim: usize, metric: Metric, kind: FaissKind, present: RoaringTreemap) -> Self {
+        FaissIndex {
+            index,
+            dim,
+            metric,
+            kind,
+            present,
+            version: 0,
+            #[cfg(feature = "gpu")]
+            gpu: Default::default(),
+        }
     }
 
     pub fn kind(&self) -> FaissKind {
@@ -78,6 +95,7 @@ impl FaissIndex {
         if !sample.len().is_multiple_of(self.dim) {
             return Err(VectorError::Dimension { expected: self.dim, got: sample.len() % self.dim });
         }
+        self.version += 1;
         self.index.train(sample).map_err(err)
     }
 
@@ -114,7 +132,7 @@ impl FaissIndex {
                 present.len()
             )));
         }
-        Ok(FaissIndex { index, dim, metric, kind, present })
+        Ok(FaissIndex::wrap(index, dim, metric, kind, present))
     }
 
     /// Dense sets become a bitmap (max/8 bytes), sparse ones a batch (FAISS copies those into
@@ -160,6 +178,7 @@ impl VectorIndex for FaissIndex {
             self.remove(&existing)?;
         }
         let xids: Vec<Idx> = ids.iter().map(|id| Idx::new(*id)).collect();
+        self.version += 1;
         self.index.add_with_ids(vectors, &xids).map_err(err)?;
         self.present.extend(ids.iter().copied());
         Ok(())
@@ -171,6 +190,7 @@ impl VectorIndex for FaissIndex {
             return Ok(0);
         }
         let sel = IdSelector::batch(&targets).map_err(err)?;
+        self.version += 1;
         let n = self.index.remove_ids(&sel).map_err(err)?;
         for id in &targets {
             self.present.remove(id.get().expect("ids are never none"));
@@ -194,7 +214,10 @@ impl VectorIndex for FaissIndex {
         let k = k.min(self.present.len() as usize);
         let selector = filter.map(Self::selector).transpose()?;
         let sel_ptr = selector.as_ref().map(|(s, _)| s.inner_ptr()).unwrap_or(ptr::null_mut());
-        let mut hits = self.search_once(query, k, sel_ptr, params.nprobe)?;
+        let mut hits = match self.search_gpu(filter.is_none(), query, k, params.nprobe)? {
+            Some(hits) => hits,
+            None => self.search_once(query, k, sel_ptr, params.nprobe)?,
+        };
         // IVF scans only `nprobe` lists: a selective filter (or a small index) can leave it
         // short of k although k matches exist. Then it probes every list.
         if let FaissKind::Ivf { nlist } = self.kind {
@@ -209,6 +232,31 @@ impl VectorIndex for FaissIndex {
 }
 
 impl FaissIndex {
+    /// An unfiltered search on this part's GPU copy, when the `gpu` feature is on, a GPU is
+    /// present and the part is big enough; `None` otherwise.
+    #[cfg(feature = "gpu")]
+    fn search_gpu(
+        &self,
+        unfiltered: bool,
+        query: &[f32],
+        k: usize,
+        nprobe: usize,
+    ) -> Result<Option<Vec<Hit>>, VectorError> {
+        let worth_it = match self.kind {
+            FaissKind::Flat => true,
+            FaissKind::Ivf { .. } => nprobe >= super::gpu::MIN_NPROBE,
+        };
+        if !unfiltered || !worth_it || self.present.len() < super::gpu::MIN_VECTORS || !super::gpu::available() {
+            return Ok(None);
+        }
+        self.gpu.search(&self.index, self.version, self.kind, query, k, nprobe)
+    }
+
+    #[cfg(not(feature = "gpu"))]
+    fn search_gpu(&self, _: bool, _: &[f32], _: usize, _: usize) -> Result<Option<Vec<Hit>>, VectorError> {
+        Ok(None)
+    }
+
     /// One FAISS search with the given selector (null: none) and, for IVF, `nprobe`.
     fn search_once(
         &self,

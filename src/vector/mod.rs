@@ -16,9 +16,12 @@
 
 pub mod exact;
 pub mod faiss;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod persist;
 pub mod shard;
 pub mod store;
+pub mod synthetic;
 
 pub use shard::Filter;
 pub use store::{Changes, OpenReport, VectorOp, VectorOptions, VectorStore};
