@@ -433,8 +433,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let lock = self.snapshot_file.clone();
         let meta = meta.clone();
         let started = std::time::Instant::now();
+        let vectors = self.vectors.clone();
         blocking(move || {
-            // File first: after a crash between the two steps openraft finds a snapshot newer
+            // The vector index files go first: after a crash mid-install the log below the
+            // snapshot may be gone or hold entries the snapshot superseded, so the files could
+            // not be caught up safely. Without them the next start rebuilds from the state.
+            vectors.forget_files().map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?;
+            // Snapshot file next: after a crash between the two steps openraft finds a snapshot newer
             // than the applied state and installs it again; the reverse order would leave a
             // current snapshot that ends below the purged log.
             Self::save_current(&lock, &path, &meta, &snapshot)?;

@@ -237,10 +237,7 @@ impl VectorStore {
     /// Replaces every shard with one built from the state machine's current contents, and
     /// forgets the index files (they describe another state).
     pub fn rebuild(&self) -> Result<(), VectorStoreError> {
-        if let Some(dir) = &self.options.dir {
-            persist::invalidate(dir)?;
-        }
-        *self.manifest.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.forget_files()?;
         let applied = self.reader.applied_index()?;
         let mut fresh = HashMap::new();
         for info in self.reader.namespaces()? {
@@ -250,6 +247,16 @@ impl VectorStore {
         let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
         *shards = Shards { map: fresh, applied };
         Self::export(&shards.map);
+        Ok(())
+    }
+
+    /// Removes the manifest: the index files no longer describe the state (a snapshot is
+    /// about to replace it). The files themselves go at the next checkpoint.
+    pub fn forget_files(&self) -> Result<(), VectorStoreError> {
+        if let Some(dir) = &self.options.dir {
+            persist::invalidate(dir)?;
+        }
+        *self.manifest.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     }
 
