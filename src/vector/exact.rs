@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use roaring::RoaringTreemap;
 
-use super::{better, check_shape, Hit, SearchParams, VectorError, VectorIndex};
+use super::{check_shape, rank, Hit, SearchParams, VectorError, VectorIndex};
 use crate::memory::Metric;
 
 pub struct ExactIndex {
@@ -68,17 +68,7 @@ impl VectorIndex for ExactIndex {
             .filter(|(id, _)| filter.is_none_or(|f| f.contains(**id)))
             .map(|(id, v)| Hit { id: *id, score: self.score(query, v) })
             .collect();
-        let metric = self.metric;
-        hits.sort_by(|a, b| {
-            if better(metric, a.score, b.score) {
-                std::cmp::Ordering::Less
-            } else if better(metric, b.score, a.score) {
-                std::cmp::Ordering::Greater
-            } else {
-                a.id.cmp(&b.id)
-            }
-        });
-        hits.truncate(k);
+        rank(self.metric, &mut hits, k);
         Ok(hits)
     }
 }

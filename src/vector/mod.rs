@@ -93,6 +93,21 @@ pub fn better(metric: Metric, a: f32, b: f32) -> bool {
     }
 }
 
+/// Sorts `hits` best first under `metric` (ties by id, so the order is deterministic) and
+/// keeps the best `k`.
+pub fn rank(metric: Metric, hits: &mut Vec<Hit>, k: usize) {
+    hits.sort_by(|a, b| {
+        if better(metric, a.score, b.score) {
+            std::cmp::Ordering::Less
+        } else if better(metric, b.score, a.score) {
+            std::cmp::Ordering::Greater
+        } else {
+            a.id.cmp(&b.id)
+        }
+    });
+    hits.truncate(k);
+}
+
 /// Scales `v` to unit length in place (cosine = inner product of unit vectors).
 pub fn normalize(v: &mut [f32]) {
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();

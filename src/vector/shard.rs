@@ -16,7 +16,7 @@ use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
 
 use super::faiss::{FaissIndex, FaissKind};
-use super::{better, normalize, Hit, SearchParams, VectorError, VectorIndex};
+use super::{normalize, rank, Hit, SearchParams, VectorError, VectorIndex};
 use crate::memory::{Memory, Metric};
 
 /// Most parts a shard is split into.
@@ -375,17 +375,7 @@ impl Shard {
             for hits in per_part {
                 merged.extend(hits?);
             }
-            let metric = self.metric;
-            merged.sort_by(|a, b| {
-                if better(metric, a.score, b.score) {
-                    std::cmp::Ordering::Less
-                } else if better(metric, b.score, a.score) {
-                    std::cmp::Ordering::Greater
-                } else {
-                    a.id.cmp(&b.id)
-                }
-            });
-            merged.truncate(k);
+            rank(self.metric, &mut merged, k);
             merged
         };
         Ok(hits.into_iter().filter_map(|h| self.docs.get(&h.id).map(|d| (d.id.clone(), h.score))).collect())
