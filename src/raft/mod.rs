@@ -11,6 +11,7 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod service;
+pub mod snapshot;
 pub mod state_machine;
 pub mod types;
 

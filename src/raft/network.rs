@@ -4,6 +4,7 @@
 //! Snapshots are streamed in chunks with a BLAKE3 checksum on the last chunk.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::errors::{NetworkError, ReplicationClosed, StreamingError, Unreachable};
@@ -16,6 +17,7 @@ use openraft::{OptionalSend, RaftNetworkV2};
 use serde::{de::DeserializeOwned, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
+use super::snapshot::SnapshotData;
 use super::types::{EngramNode, NodeId, TypeConfig, Vote};
 use crate::proto::raft_service_client::RaftServiceClient;
 use crate::proto::{RaftPayload, SnapshotChunk};
@@ -93,7 +95,7 @@ macro_rules! unary {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -139,22 +141,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             other => StreamingError::Network(NetworkError::new(&other)),
         })?;
         let meta = bincode::serialize(&(vote, snapshot.meta.clone())).expect("bincode of snapshot meta");
-        let data = snapshot.snapshot;
-        let checksum = blake3::hash(&data).as_bytes().to_vec();
-        let n = data.len().div_ceil(SNAPSHOT_CHUNK_BYTES).max(1);
-        let chunks: Vec<SnapshotChunk> = (0..n)
-            .map(|i| {
-                let lo = i * SNAPSHOT_CHUNK_BYTES;
-                let hi = (lo + SNAPSHOT_CHUNK_BYTES).min(data.len());
-                SnapshotChunk {
-                    meta: if i == 0 { meta.clone() } else { vec![] },
-                    data: data[lo..hi].to_vec(),
-                    checksum: if i + 1 == n { checksum.clone() } else { vec![] },
-                }
-            })
-            .collect();
+        let data = Arc::new(snapshot.snapshot);
+        let len = data.len().map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         let target = self.target;
-        let send = client.install_snapshot(futures::stream::iter(chunks));
+        let send = client.install_snapshot(chunks(data, len, meta));
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             resp = send => {
@@ -166,4 +156,50 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             }
         }
     }
+}
+
+/// The snapshot file as a lazy stream of chunks, read one at a time: the first carries `meta`,
+/// the last the BLAKE3 of all bytes. A read error ends the stream early, which the receiver
+/// refuses (no checksum).
+fn chunks(data: Arc<SnapshotData>, len: u64, meta: Vec<u8>) -> impl futures::Stream<Item = SnapshotChunk> {
+    let state = (0u64, Some(meta), blake3::Hasher::new(), false);
+    futures::stream::unfold(state, move |(offset, meta, mut hasher, done)| {
+        let data = data.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let want = (len - offset).min(SNAPSHOT_CHUNK_BYTES as u64) as usize;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; want];
+                let mut filled = 0;
+                while filled < want {
+                    match data.read_at(&mut buf[filled..], offset + filled as u64) {
+                        Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                        Ok(n) => filled += n,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(buf)
+            })
+            .await;
+            let buf = match read {
+                Ok(Ok(buf)) => buf,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "reading the snapshot file for a transfer failed");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            hasher.update(&buf);
+            let next = offset + buf.len() as u64;
+            let last = next == len;
+            let chunk = SnapshotChunk {
+                meta: meta.unwrap_or_default(),
+                data: buf,
+                checksum: if last { hasher.finalize().as_bytes().to_vec() } else { vec![] },
+            };
+            Some((chunk, (next, None, hasher, last)))
+        }
+    })
 }

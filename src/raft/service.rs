@@ -5,6 +5,7 @@ use openraft::ReadPolicy;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::network::{decode, encode};
+use super::snapshot::{SnapshotData, SnapshotFiles};
 use super::state_machine::Snapshot;
 use super::types::{Raft, SnapshotMeta, Vote};
 use crate::proto::raft_service_server::RaftService;
@@ -12,11 +13,46 @@ use crate::proto::{RaftPayload, ReadIndexRequest, SnapshotChunk};
 
 pub struct PeerService {
     raft: Raft,
+    snapshots: SnapshotFiles,
 }
 
 impl PeerService {
-    pub fn new(raft: Raft) -> Self {
-        PeerService { raft }
+    pub fn new(raft: Raft, snapshots: SnapshotFiles) -> Self {
+        PeerService { raft, snapshots }
+    }
+
+    /// Writes a snapshot stream to a temp file; returns it only if every byte arrived intact.
+    async fn receive(
+        &self,
+        stream: &mut Streaming<SnapshotChunk>,
+        path: &std::path::Path,
+    ) -> Result<(Vote, SnapshotMeta, SnapshotData), Status> {
+        use tokio::io::AsyncWriteExt;
+        let mut file = tokio::fs::File::create(path).await.map_err(fatal)?;
+        let mut head: Option<(Vote, SnapshotMeta)> = None;
+        let mut hasher = blake3::Hasher::new();
+        let mut checksum: Option<Vec<u8>> = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if checksum.is_some() {
+                return Err(Status::invalid_argument("snapshot chunk after the last one"));
+            }
+            if head.is_none() {
+                head = Some(bincode::deserialize(&chunk.meta).map_err(bad)?);
+            }
+            hasher.update(&chunk.data);
+            file.write_all(&chunk.data).await.map_err(fatal)?;
+            if !chunk.checksum.is_empty() {
+                checksum = Some(chunk.checksum);
+            }
+        }
+        let (vote, meta) = head.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        if checksum.as_deref() != Some(hasher.finalize().as_bytes().as_slice()) {
+            return Err(Status::data_loss("snapshot checksum mismatch or stream cut short"));
+        }
+        file.sync_all().await.map_err(fatal)?;
+        let data = SnapshotData::open(path).map_err(fatal)?;
+        Ok((vote, meta, data))
     }
 }
 
@@ -56,26 +92,20 @@ impl RaftService for PeerService {
 
     async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftPayload>, Status> {
         let mut stream = req.into_inner();
-        let mut head: Option<(Vote, SnapshotMeta)> = None;
-        let mut data = Vec::new();
-        let mut checksum = None;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            if head.is_none() {
-                head = Some(bincode::deserialize(&chunk.meta).map_err(bad)?);
+        let path = self.snapshots.temp_path();
+        let (vote, meta, data) = match self.receive(&mut stream, &path).await {
+            Ok(received) => received,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(e);
             }
-            data.extend_from_slice(&chunk.data);
-            if !chunk.checksum.is_empty() {
-                checksum = Some(chunk.checksum);
-            }
+        };
+        // Installing publishes the file (renames it); if it is refused, it is still here.
+        let resp = self.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: data }).await;
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            let _ = tokio::fs::remove_file(&path).await;
         }
-        let (vote, meta) = head.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        // A snapshot is installed only if every byte arrived intact.
-        if checksum.as_deref() != Some(blake3::hash(&data).as_bytes().as_slice()) {
-            return Err(Status::data_loss("snapshot checksum mismatch"));
-        }
-        let resp = self.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: data }).await.map_err(fatal)?;
-        Ok(Response::new(encode(&resp)))
+        Ok(Response::new(encode(&resp.map_err(fatal)?)))
     }
 
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<RaftPayload>, Status> {

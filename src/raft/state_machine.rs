@@ -19,25 +19,25 @@ use futures::{Stream, TryStreamExt};
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
-use serde::{Deserialize, Serialize};
+use redb::{Database, Durability, ReadableDatabase, WriteTransaction};
 
 use super::apply::apply_command;
+use super::snapshot::{SnapshotData, SnapshotFiles};
 use super::types::{CommandResult, LogId, Outcome, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::error::StorageError;
 use crate::storage::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBERSHIP, NAMESPACES, SM_META};
 use crate::vector::{Changes, OpenReport, VectorOp, VectorOptions, VectorStore};
 
-pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Vec<u8>>;
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
 /// Cheap to clone: clones share the database.
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Arc<Database>,
-    snapshot_path: PathBuf,
-    /// Serializes writes of the current-snapshot file: a build (spawned by openraft) may
-    /// overlap an install on the same node.
-    snapshot_file: Arc<std::sync::Mutex<()>>,
+    snapshots: SnapshotFiles,
+    /// Serializes publishing the current snapshot: a build (spawned by openraft) may overlap
+    /// an install on the same node.
+    snapshot_lock: Arc<std::sync::Mutex<()>>,
     sync_interval: std::time::Duration,
     last_sync: Arc<std::sync::Mutex<std::time::Instant>>,
     /// The vector view of this state; updated before apply results are released.
@@ -45,15 +45,6 @@ pub struct StateMachineStore {
     /// Vector shards are written to index files at most this often (`None`: only on demand).
     checkpoint_every: Option<std::time::Duration>,
     last_checkpoint: Arc<std::sync::Mutex<std::time::Instant>>,
-}
-
-/// Every row of the state machine's data tables, as stored.
-#[derive(Serialize, Deserialize, Default)]
-struct SnapshotBody {
-    memories: Vec<(Vec<u8>, Vec<u8>)>,
-    namespaces: Vec<(String, Vec<u8>)>,
-    idempotency: Vec<(String, Vec<u8>)>,
-    idem_expiry: Vec<(u64, String)>,
 }
 
 impl StateMachineStore {
@@ -83,8 +74,8 @@ impl StateMachineStore {
         let vectors = Arc::new(VectorStore::new(crate::storage::StateReader::new(db.clone()), vectors));
         Ok(StateMachineStore {
             db,
-            snapshot_path,
-            snapshot_file: Arc::default(),
+            snapshots: SnapshotFiles::open(snapshot_path)?,
+            snapshot_lock: Arc::default(),
             sync_interval,
             last_sync: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
             vectors,
@@ -95,6 +86,11 @@ impl StateMachineStore {
 
     pub fn database(&self) -> Arc<Database> {
         self.db.clone()
+    }
+
+    /// Where this node's snapshots live.
+    pub fn snapshot_files(&self) -> SnapshotFiles {
+        self.snapshots.clone()
     }
 
     /// The vector shards fed by this state machine.
@@ -193,128 +189,6 @@ impl StateMachineStore {
         txn.commit()?;
         Ok(results)
     }
-
-    /// Reads every table in one read transaction: a consistent cut at the applied log id.
-    fn build(db: &Database) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
-        let txn = db.begin_read()?;
-        let meta_table = txn.open_table(SM_META)?;
-        let last_log_id: Option<LogId> = match meta_table.get(META_APPLIED)? {
-            Some(v) => Some(codec::decode("sm_meta", v.value())?),
-            None => None,
-        };
-        let last_membership: StoredMembership = match meta_table.get(META_MEMBERSHIP)? {
-            Some(v) => codec::decode("sm_meta", v.value())?,
-            None => StoredMembership::default(),
-        };
-        let mut body = SnapshotBody::default();
-        for item in txn.open_table(MEMORIES)?.iter()? {
-            let (k, v) = item?;
-            body.memories.push((k.value().to_vec(), v.value().to_vec()));
-        }
-        for item in txn.open_table(NAMESPACES)?.iter()? {
-            let (k, v) = item?;
-            body.namespaces.push((k.value().to_string(), v.value().to_vec()));
-        }
-        for item in txn.open_table(IDEMPOTENCY)?.iter()? {
-            let (k, v) = item?;
-            body.idempotency.push((k.value().to_string(), v.value().to_vec()));
-        }
-        for item in txn.open_table(IDEM_EXPIRY)?.iter()? {
-            let (k, _) = item?;
-            let (ts, key) = k.value();
-            body.idem_expiry.push((ts, key.to_string()));
-        }
-        let data = zstd::bulk::compress(&codec::encode(&body), 1)?;
-        Ok((SnapshotMeta { last_log_id, last_membership }, data))
-    }
-
-    /// Replaces the whole state with a snapshot in one transaction.
-    fn install(db: &Database, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
-        let raw = zstd::stream::decode_all(data)
-            .map_err(|e| StorageError::Corrupt { table: "snapshot", reason: format!("zstd: {e}") })?;
-        let body: SnapshotBody = codec::decode("snapshot", &raw)?;
-        let mut txn = db.begin_write()?;
-        set_durable(&mut txn)?;
-        {
-            let mut t = txn.open_table(MEMORIES)?;
-            t.retain(|_, _| false)?;
-            for (k, v) in &body.memories {
-                t.insert(k.as_slice(), v.as_slice())?;
-            }
-            let mut t = txn.open_table(NAMESPACES)?;
-            t.retain(|_, _| false)?;
-            for (k, v) in &body.namespaces {
-                t.insert(k.as_str(), v.as_slice())?;
-            }
-            let mut t = txn.open_table(IDEMPOTENCY)?;
-            t.retain(|_, _| false)?;
-            for (k, v) in &body.idempotency {
-                t.insert(k.as_str(), v.as_slice())?;
-            }
-            let mut t = txn.open_table(IDEM_EXPIRY)?;
-            t.retain(|_, _| false)?;
-            for (ts, k) in &body.idem_expiry {
-                t.insert((*ts, k.as_str()), ())?;
-            }
-            let mut t = txn.open_table(SM_META)?;
-            t.retain(|_, _| false)?;
-            if let Some(l) = &meta.last_log_id {
-                t.insert(META_APPLIED, codec::encode(l).as_slice())?;
-            }
-            // Mirror the source exactly: it has no membership row until a membership entry applied.
-            if meta.last_membership.log_id().is_some() {
-                t.insert(META_MEMBERSHIP, codec::encode(&meta.last_membership).as_slice())?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// Persists the snapshot as the current one (temp file, fsync, rename, fsync dir), unless
-    /// the file already holds a snapshot at the same or a later log id: the current snapshot
-    /// only moves forward, so it never ends below the purged log.
-    fn save_current(
-        lock: &std::sync::Mutex<()>,
-        path: &Path,
-        meta: &SnapshotMeta,
-        data: &[u8],
-    ) -> Result<(), StorageError> {
-        use std::io::Write;
-        let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(current) = Self::load_current_meta(path)? {
-            if current.last_log_id >= meta.last_log_id {
-                return Ok(());
-            }
-        }
-        let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::now_v7()));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&codec::encode(&(meta, data)))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    }
-
-    /// Only the leading meta of the current-snapshot file (bincode encodes the tuple in order).
-    fn load_current_meta(path: &Path) -> Result<Option<SnapshotMeta>, StorageError> {
-        match std::fs::File::open(path) {
-            Ok(f) => bincode::deserialize_from(std::io::BufReader::new(f))
-                .map(Some)
-                .map_err(|e| StorageError::Corrupt { table: "snapshot", reason: e.to_string() }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn load_current(path: &Path) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
-        match std::fs::read(path) {
-            Ok(bytes) => Ok(Some(codec::decode("snapshot", &bytes)?)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
 }
 
 fn set_durable(txn: &mut WriteTransaction) -> Result<(), StorageError> {
@@ -328,27 +202,28 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let db = self.db.clone();
-        let path = self.snapshot_path.clone();
-        let lock = self.snapshot_file.clone();
+        let this = self.clone();
         let started = std::time::Instant::now();
-        let (meta, data) = blocking(move || {
-            let (meta, data) = Self::build(&db)?;
-            Self::save_current(&lock, &path, &meta, &data)?;
-            Ok((meta, data))
+        let (meta, data, summary) = blocking(move || {
+            let (meta, data, summary) = this.snapshots.build(&this.db)?;
+            let _guard = this.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+            this.snapshots.publish(&meta, &data)?;
+            Ok((meta, data, summary))
         })
         .await?;
+        let bytes = data.len()?;
         metrics::histogram!("engram_snapshot_build_seconds").record(started.elapsed().as_secs_f64());
-        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "built snapshot");
+        metrics::gauge!("engram_snapshot_bytes").set(bytes as f64);
+        tracing::info!(last_log_id = ?meta.last_log_id, rows = summary.rows, bytes, "built snapshot");
         Ok(Snapshot { meta, snapshot: data })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
@@ -427,60 +302,41 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
-        let db = self.db.clone();
-        let path = self.snapshot_path.clone();
-        let lock = self.snapshot_file.clone();
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let this = self.clone();
         let meta = meta.clone();
         let started = std::time::Instant::now();
-        let vectors = self.vectors.clone();
-        blocking(move || {
+        let summary = blocking(move || {
+            // Check the whole file before touching anything: a bad transfer leaves this node
+            // as it was.
+            if snapshot.meta()? != meta {
+                return Err(StorageError::Corrupt { table: "snapshot", reason: "header does not match meta".into() });
+            }
             // The vector index files go first: after a crash mid-install the log below the
             // snapshot may be gone or hold entries the snapshot superseded, so the files could
             // not be caught up safely. Without them the next start rebuilds from the state.
-            vectors.forget_files().map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?;
-            // Snapshot file next: after a crash between the two steps openraft finds a snapshot newer
-            // than the applied state and installs it again; the reverse order would leave a
-            // current snapshot that ends below the purged log.
-            Self::save_current(&lock, &path, &meta, &snapshot)?;
-            Self::install(&db, &meta, &snapshot)
+            this.vectors
+                .forget_files()
+                .map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?;
+            // The state next, in one transaction: a crash before its commit leaves the previous
+            // state whole. The snapshot file is published after it, so the current snapshot
+            // never runs ahead of a state that failed to install.
+            let summary = super::snapshot::install(&this.db, &meta, &snapshot)?;
+            let _guard = this.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+            this.snapshots.publish(&meta, &snapshot)?;
+            Ok(summary)
         })
         .await?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.rebuild_vectors()).await.map_err(io::Error::other)??;
         metrics::histogram!("engram_snapshot_install_seconds").record(started.elapsed().as_secs_f64());
+        tracing::info!(rows = summary.rows, memories = summary.memories, "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let path = self.snapshot_path.clone();
-        let current = blocking(move || Self::load_current(&path)).await?;
+        let files = self.snapshots.clone();
+        let current = blocking(move || files.current()).await?;
         Ok(current.map(|(meta, data)| Snapshot { meta, snapshot: data }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn meta(index: u64) -> SnapshotMeta {
-        let leader = openraft::vote::leader_id_adv::LeaderId { term: 1, node_id: 1 };
-        SnapshotMeta { last_log_id: Some(LogId::new(leader, index)), last_membership: StoredMembership::default() }
-    }
-
-    #[test]
-    fn the_current_snapshot_file_only_moves_forward() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("snapshot.bin");
-        let lock = std::sync::Mutex::new(());
-        StateMachineStore::save_current(&lock, &path, &meta(10), b"ten").unwrap();
-        // A slower, older build finishing late must not replace the newer snapshot.
-        StateMachineStore::save_current(&lock, &path, &meta(5), b"five").unwrap();
-        let (m, data) = StateMachineStore::load_current(&path).unwrap().unwrap();
-        assert_eq!((m.last_log_id.unwrap().index, data.as_slice()), (10, b"ten".as_slice()));
-        StateMachineStore::save_current(&lock, &path, &meta(12), b"twelve").unwrap();
-        assert_eq!(StateMachineStore::load_current_meta(&path).unwrap().unwrap().last_log_id.unwrap().index, 12);
-        // No temp files are left behind.
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -12,6 +12,7 @@
 //! state-machine applies never wait on each other's write lock.
 
 pub mod codec;
+pub mod dump;
 mod reader;
 
 pub use reader::{Page, StateReader};

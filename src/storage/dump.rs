@@ -1,0 +1,246 @@
+//! The state dump: every row of the state machine as a stream of records, read from one redb
+//! read transaction (a consistent cut at the applied log id). It is the body of Raft snapshots
+//! (zstd) and of backups (zstd, then encrypted in chunks; see `backup`).
+//!
+//! ```text
+//! dump    := record*            record := len: u32 LE | bincode(Record)   (len <= 64 MiB)
+//! records := Begin, (Meta | Namespace | Memory | Idempotency | IdemExpiry)*, End
+//! End     := { rows, digest = BLAKE3 over every byte before End's length prefix }
+//! ```
+//!
+//! A reader refuses anything but exactly this shape: a missing `End`, a wrong row count or
+//! digest, or bytes after `End`. [`load`] writes into a caller's write transaction, so a
+//! refused dump is dropped with the transaction and changes nothing.
+
+use std::io::{Read, Write};
+
+use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBERSHIP, NAMESPACES, SM_META};
+use crate::error::StorageError;
+use crate::raft::{LogId, StoredMembership};
+
+pub const DUMP_FORMAT: u16 = 1;
+const MAX_RECORD_BYTES: usize = 64 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Record {
+    Begin { format: u16, applied: Option<LogId>, membership: StoredMembership },
+    Meta { key: String, value: Vec<u8> },
+    Namespace { name: String, value: Vec<u8> },
+    Memory { key: Vec<u8>, value: Vec<u8> },
+    Idempotency { key: String, value: Vec<u8> },
+    IdemExpiry { at_ms: u64, key: String },
+    End { rows: u64, digest: [u8; 32] },
+}
+
+/// What a dump holds, as written or as read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DumpSummary {
+    pub applied: Option<LogId>,
+    pub membership: StoredMembership,
+    /// Rows between `Begin` and `End`.
+    pub rows: u64,
+    pub memories: u64,
+    pub namespaces: u64,
+    /// Bytes of the dump, `End` included.
+    pub bytes: u64,
+    pub digest: [u8; 32],
+}
+
+fn corrupt(reason: impl Into<String>) -> StorageError {
+    StorageError::Corrupt { table: "dump", reason: reason.into() }
+}
+
+struct Writer<'a, W: Write> {
+    out: &'a mut W,
+    hasher: blake3::Hasher,
+    buf: Vec<u8>,
+    bytes: u64,
+}
+
+impl<W: Write> Writer<'_, W> {
+    fn put(&mut self, r: &Record) -> Result<(), StorageError> {
+        self.buf.clear();
+        bincode::serialize_into(&mut self.buf, r).expect("bincode into a Vec cannot fail");
+        if self.buf.len() > MAX_RECORD_BYTES {
+            return Err(corrupt(format!("a row of {} bytes exceeds the dump's record limit", self.buf.len())));
+        }
+        let len = (self.buf.len() as u32).to_le_bytes();
+        self.out.write_all(&len)?;
+        self.out.write_all(&self.buf)?;
+        if !matches!(r, Record::End { .. }) {
+            self.hasher.update(&len);
+            self.hasher.update(&self.buf);
+        }
+        self.bytes += 4 + self.buf.len() as u64;
+        Ok(())
+    }
+}
+
+/// The applied log id and membership `txn` sees.
+pub fn head(txn: &ReadTransaction) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    let meta = txn.open_table(SM_META)?;
+    let applied = meta.get(META_APPLIED)?.map(|v| codec::decode("sm_meta", v.value())).transpose()?;
+    let membership = meta.get(META_MEMBERSHIP)?.map(|v| codec::decode("sm_meta", v.value())).transpose()?;
+    Ok((applied, membership.unwrap_or_default()))
+}
+
+/// Writes every row visible to `txn` to `out`, in table and key order.
+pub fn write(txn: &ReadTransaction, out: &mut impl Write) -> Result<DumpSummary, StorageError> {
+    let (applied, membership) = head(txn)?;
+    let meta = txn.open_table(SM_META)?;
+    let mut w = Writer { out, hasher: blake3::Hasher::new(), buf: Vec::with_capacity(4096), bytes: 0 };
+    w.put(&Record::Begin { format: DUMP_FORMAT, applied, membership: membership.clone() })?;
+    let (mut rows, mut memories, mut namespaces) = (0u64, 0u64, 0u64);
+    for item in meta.iter()? {
+        let (k, v) = item?;
+        w.put(&Record::Meta { key: k.value().to_string(), value: v.value().to_vec() })?;
+        rows += 1;
+    }
+    for item in txn.open_table(NAMESPACES)?.iter()? {
+        let (k, v) = item?;
+        w.put(&Record::Namespace { name: k.value().to_string(), value: v.value().to_vec() })?;
+        rows += 1;
+        namespaces += 1;
+    }
+    for item in txn.open_table(MEMORIES)?.iter()? {
+        let (k, v) = item?;
+        w.put(&Record::Memory { key: k.value().to_vec(), value: v.value().to_vec() })?;
+        rows += 1;
+        memories += 1;
+    }
+    for item in txn.open_table(IDEMPOTENCY)?.iter()? {
+        let (k, v) = item?;
+        w.put(&Record::Idempotency { key: k.value().to_string(), value: v.value().to_vec() })?;
+        rows += 1;
+    }
+    for item in txn.open_table(IDEM_EXPIRY)?.iter()? {
+        let (k, _) = item?;
+        let (at_ms, key) = k.value();
+        w.put(&Record::IdemExpiry { at_ms, key: key.to_string() })?;
+        rows += 1;
+    }
+    let digest = *w.hasher.finalize().as_bytes();
+    w.put(&Record::End { rows, digest })?;
+    Ok(DumpSummary { applied, membership, rows, memories, namespaces, bytes: w.bytes, digest })
+}
+
+/// Reads records one at a time, checking the dump's shape as it goes.
+struct Reader<R: Read> {
+    r: R,
+    hasher: blake3::Hasher,
+    buf: Vec<u8>,
+    bytes: u64,
+}
+
+impl<R: Read> Reader<R> {
+    fn next(&mut self) -> Result<Record, StorageError> {
+        let mut len = [0u8; 4];
+        self.r.read_exact(&mut len).map_err(|e| corrupt(format!("truncated before a record: {e}")))?;
+        let n = u32::from_le_bytes(len) as usize;
+        if n > MAX_RECORD_BYTES {
+            return Err(corrupt(format!("record length {n} exceeds the limit")));
+        }
+        self.buf.resize(n, 0);
+        self.r.read_exact(&mut self.buf).map_err(|e| corrupt(format!("truncated record: {e}")))?;
+        let rec: Record = bincode::deserialize(&self.buf).map_err(|e| corrupt(format!("undecodable record: {e}")))?;
+        if !matches!(rec, Record::End { .. }) {
+            self.hasher.update(&len);
+            self.hasher.update(&self.buf);
+        }
+        self.bytes += 4 + n as u64;
+        Ok(rec)
+    }
+}
+
+/// Where a checked dump's rows go.
+trait Sink {
+    fn row(&mut self, r: Record) -> Result<(), StorageError>;
+}
+
+struct Discard;
+impl Sink for Discard {
+    fn row(&mut self, _: Record) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+fn read_all(r: impl Read, sink: &mut dyn Sink) -> Result<DumpSummary, StorageError> {
+    let mut rd = Reader { r, hasher: blake3::Hasher::new(), buf: Vec::new(), bytes: 0 };
+    let (applied, membership) = match rd.next()? {
+        Record::Begin { format: DUMP_FORMAT, applied, membership } => (applied, membership),
+        Record::Begin { format, .. } => return Err(corrupt(format!("unsupported dump format {format}"))),
+        other => return Err(corrupt(format!("dump does not start with Begin: {other:?}"))),
+    };
+    let (mut rows, mut memories, mut namespaces) = (0u64, 0u64, 0u64);
+    loop {
+        match rd.next()? {
+            Record::Begin { .. } => return Err(corrupt("a second Begin record")),
+            Record::End { rows: want_rows, digest } => {
+                let got = *rd.hasher.finalize().as_bytes();
+                if want_rows != rows || digest != got {
+                    return Err(corrupt(format!("dump digest mismatch ({rows} rows read, {want_rows} written)")));
+                }
+                let mut trailing = [0u8; 1];
+                if rd.r.read(&mut trailing)? != 0 {
+                    return Err(corrupt("bytes after the End record"));
+                }
+                let bytes = rd.bytes;
+                return Ok(DumpSummary { applied, membership, rows, memories, namespaces, bytes, digest });
+            }
+            row => {
+                rows += 1;
+                memories += matches!(row, Record::Memory { .. }) as u64;
+                namespaces += matches!(row, Record::Namespace { .. }) as u64;
+                sink.row(row)?;
+            }
+        }
+    }
+}
+
+/// Reads a whole dump, checking its shape, counts and digest; writes nothing.
+pub fn check(r: impl Read) -> Result<DumpSummary, StorageError> {
+    read_all(r, &mut Discard)
+}
+
+struct Tables<'t> {
+    meta: redb::Table<'t, &'static str, &'static [u8]>,
+    namespaces: redb::Table<'t, &'static str, &'static [u8]>,
+    memories: redb::Table<'t, &'static [u8], &'static [u8]>,
+    idempotency: redb::Table<'t, &'static str, &'static [u8]>,
+    idem_expiry: redb::Table<'t, (u64, &'static str), ()>,
+}
+
+impl Sink for Tables<'_> {
+    fn row(&mut self, r: Record) -> Result<(), StorageError> {
+        match r {
+            Record::Meta { key, value } => self.meta.insert(key.as_str(), value.as_slice()).map(drop),
+            Record::Namespace { name, value } => self.namespaces.insert(name.as_str(), value.as_slice()).map(drop),
+            Record::Memory { key, value } => self.memories.insert(key.as_slice(), value.as_slice()).map(drop),
+            Record::Idempotency { key, value } => self.idempotency.insert(key.as_str(), value.as_slice()).map(drop),
+            Record::IdemExpiry { at_ms, key } => self.idem_expiry.insert((at_ms, key.as_str()), ()).map(drop),
+            Record::Begin { .. } | Record::End { .. } => unreachable!("read_all passes rows only"),
+        }
+        .map_err(StorageError::from)
+    }
+}
+
+/// Replaces every row of the state machine with the dump's, inside `txn`. On error the caller
+/// drops `txn` and nothing changes.
+pub fn load(r: impl Read, txn: &WriteTransaction) -> Result<DumpSummary, StorageError> {
+    let mut t = Tables {
+        meta: txn.open_table(SM_META)?,
+        namespaces: txn.open_table(NAMESPACES)?,
+        memories: txn.open_table(MEMORIES)?,
+        idempotency: txn.open_table(IDEMPOTENCY)?,
+        idem_expiry: txn.open_table(IDEM_EXPIRY)?,
+    };
+    t.meta.retain(|_, _| false)?;
+    t.namespaces.retain(|_, _| false)?;
+    t.memories.retain(|_, _| false)?;
+    t.idempotency.retain(|_, _| false)?;
+    t.idem_expiry.retain(|_, _| false)?;
+    read_all(r, &mut t)
+}
