@@ -11,10 +11,12 @@
 //! * [`config`] — flags, env vars, TOML file, validation.
 //! * [`client`] — the Rust SDK: leader discovery, retries with idempotency keys.
 //! * [`vector`] — the `VectorIndex` trait: FAISS and an exact pure-Rust oracle, filters.
+//! * [`backup`] — encrypted, verifiable backup archives, restore, keys, scheduled backups.
 //! * [`error`] — error families.
 #![doc = include_str!("../docs/errors.md")]
 
 pub mod api;
+pub mod backup;
 pub mod client;
 
 pub mod config;

@@ -48,6 +48,7 @@ pub(crate) fn apply_command(
         }
         Op::Delete { namespace, id, precondition } => delete(txn, namespace, id, *precondition, ops)?,
         Op::DeleteNamespace { namespace } => delete_namespace(txn, namespace, ops)?,
+        Op::SetClusterId { cluster_id } => set_cluster_id(txn, cluster_id)?,
     };
     let result = CommandResult { index, outcome };
     if let Some(key) = &cmd.idempotency_key {
@@ -70,6 +71,7 @@ pub(crate) fn touched(cmd: &Command, changes: &mut crate::vector::Changes) {
         Op::Delete { namespace, id, .. } => {
             changes.memories.insert((namespace.clone(), id.clone()));
         }
+        Op::SetClusterId { .. } => {}
         Op::DeleteNamespace { namespace } => {
             changes.namespaces.insert(namespace.clone());
         }
@@ -271,4 +273,13 @@ fn delete_namespace(txn: &WriteTransaction, namespace: &str, ops: &mut Vec<Vecto
     txn.open_table(NAMESPACES)?.remove(namespace)?;
     ops.push(VectorOp::DropNamespace { namespace: namespace.into() });
     Ok(Outcome::NamespaceDeleted { memories })
+}
+
+/// The first cluster id applied wins; later proposals (a new leader racing) change nothing.
+fn set_cluster_id(txn: &WriteTransaction, id: &[u8; 16]) -> Result<Outcome, StorageError> {
+    let mut meta = txn.open_table(crate::storage::SM_META)?;
+    if meta.get(crate::storage::META_CLUSTER_ID)?.is_none() {
+        meta.insert(crate::storage::META_CLUSTER_ID, id.as_slice())?;
+    }
+    Ok(Outcome::None)
 }

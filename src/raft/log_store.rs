@@ -58,6 +58,25 @@ impl LogStore {
         Ok(out)
     }
 
+    /// Seeds an empty log for a node restored from a backup: everything up to `purged` is
+    /// committed and covered by the restored state; `vote` is where elections resume.
+    pub fn seed_restored(&self, vote: &Vote, purged: &LogId) -> Result<(), StorageError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StorageError::Corrupt { table: "log", reason: e.to_string() })?;
+        {
+            if txn.open_table(LOG)?.iter()?.next().is_some() {
+                return Err(StorageError::Corrupt { table: "log", reason: "a restored log must start empty".into() });
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert(VOTE, codec::encode(vote).as_slice())?;
+            meta.insert(PURGED, codec::encode(purged).as_slice())?;
+            meta.insert(COMMITTED, codec::encode(&Some(purged.clone())).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Runs `f` in one durable write transaction on the blocking pool.
     async fn write<F>(&self, f: F) -> Result<(), io::Error>
     where

@@ -74,6 +74,10 @@ pub enum Op {
     DeleteNamespace {
         namespace: String,
     },
+    /// Names the cluster once (proposed by the first leader; see `server`). Backups carry it.
+    SetClusterId {
+        cluster_id: [u8; 16],
+    },
 }
 
 /// The result of applying one command, returned to the proposer and remembered under the
@@ -124,6 +128,7 @@ impl std::fmt::Display for Command {
             Op::Put { namespace, items, .. } => write!(f, "put {namespace} x{}", items.len()),
             Op::Delete { namespace, id, .. } => write!(f, "delete {namespace}/{id}"),
             Op::DeleteNamespace { namespace } => write!(f, "delete-namespace {namespace}"),
+            Op::SetClusterId { cluster_id } => write!(f, "set-cluster-id {}", uuid::Uuid::from_bytes(*cluster_id)),
         }
     }
 }

@@ -127,6 +127,15 @@ pub fn write(txn: &ReadTransaction, out: &mut impl Write) -> Result<DumpSummary,
     Ok(DumpSummary { applied, membership, rows, memories, namespaces, bytes: w.bytes, digest })
 }
 
+/// A read that ran out is a truncated dump; an error from below (a layer that checks its
+/// own data, such as a backup archive) is passed on as it is.
+fn read_error(e: std::io::Error, what: &str) -> StorageError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => corrupt(what),
+        _ => StorageError::Io(e),
+    }
+}
+
 /// Reads records one at a time, checking the dump's shape as it goes.
 struct Reader<R: Read> {
     r: R,
@@ -138,13 +147,13 @@ struct Reader<R: Read> {
 impl<R: Read> Reader<R> {
     fn next(&mut self) -> Result<Record, StorageError> {
         let mut len = [0u8; 4];
-        self.r.read_exact(&mut len).map_err(|e| corrupt(format!("truncated before a record: {e}")))?;
+        self.r.read_exact(&mut len).map_err(|e| read_error(e, "truncated before a record"))?;
         let n = u32::from_le_bytes(len) as usize;
         if n > MAX_RECORD_BYTES {
             return Err(corrupt(format!("record length {n} exceeds the limit")));
         }
         self.buf.resize(n, 0);
-        self.r.read_exact(&mut self.buf).map_err(|e| corrupt(format!("truncated record: {e}")))?;
+        self.r.read_exact(&mut self.buf).map_err(|e| read_error(e, "truncated record"))?;
         let rec: Record = bincode::deserialize(&self.buf).map_err(|e| corrupt(format!("undecodable record: {e}")))?;
         if !matches!(rec, Record::End { .. }) {
             self.hasher.update(&len);

@@ -6,6 +6,7 @@
 //! idempotency   key                      -> bincode(IdempotencyRecord)
 //! idem_expiry   (recorded_at_ms, key)    -> ()        oldest first, for deterministic pruning
 //! sm_meta       "applied" | "membership" -> bincode(LogId) | bincode(StoredMembership)
+//!               "cluster_id"             -> 16 bytes, set once by the first leader or a restore
 //! ```
 //!
 //! The Raft log lives in its own redb file (see `raft::log_store`), so log appends and
@@ -27,6 +28,7 @@ pub const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta"
 
 pub const META_APPLIED: &str = "applied";
 pub const META_MEMBERSHIP: &str = "membership";
+pub const META_CLUSTER_ID: &str = "cluster_id";
 
 /// The `memories` key of a memory: namespace, a 0x00 separator (never valid in a namespace),
 /// then the id. Keys of one namespace are contiguous and sorted by id.

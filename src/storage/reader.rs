@@ -103,6 +103,17 @@ impl StateReader {
         Ok((info, Page { memories, next_after, applied_index }))
     }
 
+    /// The cluster's id, once the first leader has named it.
+    pub fn cluster_id(&self) -> Result<Option<[u8; 16]>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(SM_META)?;
+        let v = meta.get(super::META_CLUSTER_ID)?;
+        v.map(|v| {
+            v.value().try_into().map_err(|_| StorageError::Corrupt { table: "sm_meta", reason: "cluster id is not 16 bytes".into() })
+        })
+        .transpose()
+    }
+
     pub fn applied_index(&self) -> Result<u64, StorageError> {
         Self::applied(&self.db.begin_read()?)
     }
