@@ -16,9 +16,12 @@ pids=()
 stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 [ "${1:-}" = "--keep" ] || trap stop EXIT
 
+echo "==> a backup keyring (mode 0600; the nodes read it, the config never holds the key)"
+"$BIN/engramctl" keys generate --key-file "$DATA/backup-keys.toml"
+
 echo "==> starting nodes 1..3 (logs in $DATA/n*.log)"
 for i in 1 2 3; do
-  "$BIN/engram" --node-id "$i" --data-dir "$DATA/n$i" \
+  "$BIN/engram" --node-id "$i" --data-dir "$DATA/n$i" --backup-key-file "$DATA/backup-keys.toml" \
     --listen-api "127.0.0.1:700$i" --listen-raft "127.0.0.1:710$i" --listen-http "127.0.0.1:720$i" \
     >"$DATA/n$i.log" 2>&1 &
   pids+=($!)
@@ -59,6 +62,11 @@ ctl memory search-batch acme/user-42 --file "$DATA/queries.txt" --k 2
 
 echo "==> bad input is refused and names the field"
 ctl memory put acme/user-42 --text "wrong dimension" --embedding 0.1,0.2 || true
+
+echo "==> an online, encrypted backup streamed from a follower, then verified offline"
+mkdir -p "$DATA/backups"
+ctl --endpoints 127.0.0.1:7002 backup create "$DATA/backups"
+ctl backup verify "$DATA"/backups/backup-*.engram --key-file "$DATA/backup-keys.toml"
 
 echo "==> cluster status"
 ctl cluster status

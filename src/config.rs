@@ -15,6 +15,11 @@
 //! election_timeout_max_ms = 1000
 //! snapshot_logs_since_last = 5000
 //! snapshot_keep_logs = 1000
+//! snapshot_max_lag_logs = 100000  # the leader keeps log a follower needs, up to this far back
+//! backup_dir = "/var/lib/engram/backups"  # scheduled backups (default: <data_dir>/backups)
+//! backup_interval_secs = 3600      # the leader takes a backup this often; 0 = never
+//! backup_retention = 24            # scheduled backups kept in backup_dir
+//! backup_key_file = "/etc/engram/backup-keys.toml"   # keyring (mode 0600); else ENGRAM_BACKUP_KEY
 //! state_sync_interval_ms = 100     # 0: fsync the state machine on every apply
 //! ivf_min_vectors = 50000          # namespaces this large use IVF shards instead of Flat
 //! vector_part_max = 250000         # shard parts searched in parallel hold at most this many
@@ -77,6 +82,23 @@ pub struct NodeArgs {
     /// Log entries kept behind the latest snapshot for slow followers [default: 1000].
     #[arg(long, env = "ENGRAM_SNAPSHOT_KEEP_LOGS")]
     pub snapshot_keep_logs: Option<u64>,
+    /// The leader keeps log entries a lagging follower still needs, unless it is more than
+    /// this many entries behind the latest snapshot (then it gets the snapshot) [default: 100000].
+    #[arg(long, env = "ENGRAM_SNAPSHOT_MAX_LAG_LOGS")]
+    pub snapshot_max_lag_logs: Option<u64>,
+    /// Directory of scheduled backups [default: <data_dir>/backups].
+    #[arg(long, env = "ENGRAM_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// The leader writes a backup to backup_dir this often; 0 = never [default: 0].
+    #[arg(long, env = "ENGRAM_BACKUP_INTERVAL_SECS")]
+    pub backup_interval_secs: Option<u64>,
+    /// Scheduled backups kept in backup_dir; older ones are deleted [default: 24].
+    #[arg(long, env = "ENGRAM_BACKUP_RETENTION")]
+    pub backup_retention: Option<usize>,
+    /// Backup keyring file (mode 0600, see `engramctl keys`). Without it the key comes from
+    /// ENGRAM_BACKUP_KEY. The key itself never goes in this config.
+    #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
+    pub backup_key_file: Option<PathBuf>,
     /// Fsync state-machine applies at most this often; 0 = every apply. The log is always
     /// fsynced before a write is acknowledged, so this trades restart replay for latency
     /// [default: 100].
@@ -128,6 +150,11 @@ pub struct Config {
     pub election_timeout_max_ms: u64,
     pub snapshot_logs_since_last: u64,
     pub snapshot_keep_logs: u64,
+    pub snapshot_max_lag_logs: u64,
+    pub backup_dir: PathBuf,
+    pub backup_interval_secs: u64,
+    pub backup_retention: usize,
+    pub backup_key_file: Option<PathBuf>,
     pub state_sync_interval_ms: u64,
     pub ivf_min_vectors: usize,
     pub vector_part_max: usize,
@@ -165,6 +192,7 @@ impl NodeArgs {
             .clone()
             .or(file.data_dir.clone())
             .ok_or_else(|| ServerError::Config("data_dir is required (--data-dir or ENGRAM_DATA_DIR)".into()))?;
+        let backup_dir = cli.backup_dir.clone().or(file.backup_dir.clone()).unwrap_or_else(|| data_dir.join("backups"));
         let config = Config {
             node_id,
             data_dir,
@@ -178,6 +206,11 @@ impl NodeArgs {
             election_timeout_max_ms: pick!(cli, file, election_timeout_max_ms, 1000),
             snapshot_logs_since_last: pick!(cli, file, snapshot_logs_since_last, 5000),
             snapshot_keep_logs: pick!(cli, file, snapshot_keep_logs, 1000),
+            snapshot_max_lag_logs: pick!(cli, file, snapshot_max_lag_logs, 100_000),
+            backup_dir,
+            backup_interval_secs: pick!(cli, file, backup_interval_secs, 0),
+            backup_retention: pick!(cli, file, backup_retention, 24),
+            backup_key_file: cli.backup_key_file.clone().or(file.backup_key_file.clone()),
             state_sync_interval_ms: pick!(cli, file, state_sync_interval_ms, 100),
             ivf_min_vectors: pick!(cli, file, ivf_min_vectors, 50_000),
             vector_part_max: pick!(cli, file, vector_part_max, 250_000),
@@ -195,6 +228,7 @@ impl Config {
     /// A config for tests and embedding: loopback, ephemeral ports, fast timeouts.
     pub fn for_test(node_id: u64, data_dir: PathBuf) -> Config {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let backup_dir = data_dir.join("backups");
         Config {
             node_id,
             data_dir,
@@ -208,6 +242,11 @@ impl Config {
             election_timeout_max_ms: 600,
             snapshot_logs_since_last: 5000,
             snapshot_keep_logs: 1000,
+            snapshot_max_lag_logs: 100_000,
+            backup_dir,
+            backup_interval_secs: 0,
+            backup_retention: 24,
+            backup_key_file: None,
             state_sync_interval_ms: 100,
             ivf_min_vectors: 50_000,
             vector_part_max: 250_000,
@@ -240,6 +279,9 @@ impl Config {
         }
         if self.snapshot_logs_since_last == 0 {
             return err("snapshot_logs_since_last must be > 0".into());
+        }
+        if self.backup_interval_secs > 0 && self.backup_retention == 0 {
+            return err("backup_retention must be > 0 when backups are scheduled".into());
         }
         if self.ivf_min_vectors < 64 {
             return err("ivf_min_vectors must be at least 64".into());

@@ -31,6 +31,10 @@ pub enum ApiError {
     /// A write timed out after it was proposed: it MAY have been applied.
     #[error("deadline exceeded: {reason}")]
     Timeout { reason: String },
+    /// Stored or supplied data failed its checksum or authentication (a corrupt backup, a
+    /// wrong key): nothing was written.
+    #[error("data loss: {reason}")]
+    DataLoss { reason: String },
     /// Unexpected failure inside the node: a write MAY have been applied.
     #[error("internal error: {0}")]
     Internal(String),

@@ -15,7 +15,9 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+use crate::api::admin_service::BackupContext;
 use crate::api::{AdminApi, MemoryApi};
+use crate::backup::schedule::{self, BackupStatus, Schedule};
 use crate::config::Config;
 use crate::error::ServerError;
 use crate::memory::Limits;
@@ -24,7 +26,7 @@ use crate::proto::memory_service_server::MemoryServiceServer;
 use crate::proto::raft_service_server::RaftServiceServer;
 use crate::raft::network::Network;
 use crate::raft::service::PeerService;
-use crate::raft::{EngramNode, LogStore, Raft, RaftNode, StateMachineStore};
+use crate::raft::{Command, EngramNode, LogStore, Op, Raft, RaftNode, StateMachineStore};
 use crate::storage::StateReader;
 use crate::vector::VectorOptions;
 
@@ -44,6 +46,8 @@ pub struct NodeHandle {
     pub node: RaftNode,
     pub reader: StateReader,
     pub vectors: Arc<crate::vector::VectorStore>,
+    /// The outcome of this node's last scheduled backup.
+    pub last_backup: BackupStatus,
     state: StateMachineStore,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -80,7 +84,8 @@ fn raft_config(c: &Config) -> Result<Arc<openraft::Config>, ServerError> {
         election_timeout_min: c.election_timeout_min_ms,
         election_timeout_max: c.election_timeout_max_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_logs_since_last),
-        max_in_snapshot_log_to_keep: c.snapshot_keep_logs,
+        // Purging follows `raft::compaction`, which also keeps what lagging followers need.
+        max_in_snapshot_log_to_keep: u64::MAX,
         install_snapshot_timeout: 30_000,
         max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..Default::default()
@@ -175,7 +180,14 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
 
     let memory = MemoryServiceServer::new(MemoryApi::new(node.clone(), reader.clone(), vectors.clone(), limits))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me));
+    let last_backup = BackupStatus::default();
+    let backup = BackupContext {
+        db: state.database(),
+        reader: reader.clone(),
+        key_file: config.backup_key_file.clone(),
+        last: last_backup.clone(),
+    };
+    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me, backup));
     let api_server = Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
@@ -222,8 +234,74 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
             })
         },
     ];
+    let mut tasks = tasks;
+    tasks.push(tokio::spawn(crate::raft::compaction::run(
+        raft.clone(),
+        id,
+        config.snapshot_keep_logs,
+        config.snapshot_max_lag_logs,
+        Duration::from_millis(config.heartbeat_interval_ms * 5),
+        stopped(),
+    )));
+    tasks.push(tokio::spawn(leader_duties(node.clone(), reader.clone(), stopped())));
+    if config.backup_interval_secs > 0 {
+        let s = Schedule {
+            every: Duration::from_secs(config.backup_interval_secs),
+            dir: config.backup_dir.clone(),
+            keep: config.backup_retention,
+            key_file: config.backup_key_file.clone(),
+        };
+        tasks.push(tokio::spawn(schedule::run(
+            node.clone(),
+            state.database(),
+            reader.clone(),
+            s,
+            last_backup.clone(),
+            stopped(),
+        )));
+    }
     tracing::info!(node = id, %api_addr, %raft_addr, %http_addr, "engram node started");
-    Ok(NodeHandle { id, api_addr, raft_addr, http_addr, node, reader, vectors, state, shutdown, tasks })
+    Ok(NodeHandle { id, api_addr, raft_addr, http_addr, node, reader, vectors, last_backup, state, shutdown, tasks })
+}
+
+/// One-off chores: the first leader names the cluster (`Op::SetClusterId`); a node whose log
+/// is purged past its snapshot (a restored node) builds one, so it can feed new members.
+async fn leader_duties(node: RaftNode, reader: StateReader, stop: impl Future<Output = ()>) {
+    use openraft::async_runtime::watch::WatchReceiver;
+    tokio::pin!(stop);
+    let mut snapshot_checked = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+        let m = node.raft.metrics().borrow_watched().clone();
+        if !snapshot_checked && m.last_applied.is_some() {
+            snapshot_checked = true;
+            if m.purged.is_some() && m.snapshot < m.purged {
+                let _ = node.raft.trigger().snapshot().await;
+            }
+        }
+        let named = match reader.cluster_id() {
+            Ok(id) => id.is_some(),
+            Err(e) => {
+                tracing::error!(error = %e, "reading the cluster id failed");
+                return;
+            }
+        };
+        if named && snapshot_checked {
+            return;
+        }
+        if !named && node.is_leader() {
+            let cluster_id = *uuid::Builder::from_random_bytes(rand::random()).into_uuid().as_bytes();
+            let cmd =
+                Command { idempotency_key: None, now_ms: crate::memory::now_ms(), op: Op::SetClusterId { cluster_id } };
+            if let Err(e) = node.write(cmd).await {
+                tracing::debug!(error = %e, "naming the cluster failed; retrying");
+            }
+        }
+    }
 }
 
 /// Runs a node until `shutdown` resolves, then stops it gracefully.

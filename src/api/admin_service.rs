@@ -2,7 +2,14 @@
 //! Membership changes run on the leader; elsewhere they fail with a leader hint.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::io::Write;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tokio::sync::mpsc;
 
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
@@ -11,21 +18,72 @@ use tracing::instrument;
 
 use super::convert::{node_from_pb, node_to_pb};
 use super::observe;
+use crate::backup::schedule::BackupStatus;
+use crate::backup::Keyring;
 use crate::error::ApiError;
 use crate::proto as pb;
 use crate::proto::admin_service_server::AdminService;
+use crate::raft::node::ReadConsistency;
 use crate::raft::{EngramNode, NodeId, RaftNode};
+use crate::storage::StateReader;
 
 #[derive(Clone)]
 pub struct AdminApi {
     node: RaftNode,
     /// This node's own advertised addresses (used for a single-node bootstrap).
     me: EngramNode,
+    backup: BackupContext,
 }
 
+/// What `CreateBackup` and status need: the state, the key's whereabouts, the last scheduled
+/// backup.
+#[derive(Clone)]
+pub struct BackupContext {
+    pub db: Arc<redb::Database>,
+    pub reader: StateReader,
+    /// Keyring file; `None`: `ENGRAM_BACKUP_KEY`. Read per backup, so rotation needs no restart.
+    pub key_file: Option<PathBuf>,
+    pub last: BackupStatus,
+}
+
+/// A `Write` that sends what it is given as `BackupChunk`s of about 1 MiB. Fails once the
+/// caller has gone, which stops the backup.
+struct ChunkSender {
+    tx: mpsc::Sender<Result<pb::BackupChunk, Status>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkSender {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(BACKUP_CHUNK_BYTES));
+        self.tx
+            .blocking_send(Ok(pb::BackupChunk { data }))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the backup's receiver went away"))
+    }
+}
+
+impl Write for ChunkSender {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= BACKUP_CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+const BACKUP_CHUNK_BYTES: usize = 1 << 20;
+
 impl AdminApi {
-    pub fn new(node: RaftNode, me: EngramNode) -> Self {
-        AdminApi { node, me }
+    pub fn new(node: RaftNode, me: EngramNode, backup: BackupContext) -> Self {
+        AdminApi { node, me, backup }
     }
 
     fn membership(&self, log_index: u64) -> pb::MembershipResponse {
@@ -120,6 +178,14 @@ impl AdminService for AdminApi {
             .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.api_addr.clone()))
             .unwrap_or_default();
         let membership = self.membership(m.membership_config.log_id().map(|l| l.index).unwrap_or(0));
+        let cluster_id = self
+            .backup
+            .reader
+            .cluster_id()
+            .map_err(|e| Status::from(ApiError::Internal(e.to_string())))?
+            .map(|id| uuid::Uuid::from_bytes(id).to_string())
+            .unwrap_or_default();
+        let last = self.backup.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Ok(Response::new(pb::StatusResponse {
             node_id: m.id,
             state: state_name(m.state).into(),
@@ -132,6 +198,13 @@ impl AdminService for AdminApi {
             voters: membership.voters,
             learners: membership.learners,
             membership_log_index: membership.log_index,
+            cluster_id,
+            last_backup_at_ms: last.succeeded_at_ms,
+            last_backup_index: last.index,
+            last_backup_path: last.path,
+            last_backup_failed_at_ms: last.failed_at_ms,
+            last_backup_error: last.error,
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         }))
     }
 
@@ -217,6 +290,77 @@ impl AdminService for AdminApi {
             .map(|leader_id| Response::new(pb::TransferLeaderResponse { leader_id }))
             .map_err(Status::from);
         observe("transfer_leader", started, &res);
+        res
+    }
+
+    type CreateBackupStream = Pin<Box<dyn Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    #[instrument(skip_all)]
+    async fn create_backup(
+        &self,
+        _req: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<Self::CreateBackupStream>, Status> {
+        let started = Instant::now();
+        let res = async {
+            let keys = Keyring::resolve(self.backup.key_file.as_deref())?;
+            // Every write acknowledged before this call is in the backup.
+            self.node.linearize(ReadConsistency::Linearizable).await?;
+            let cluster_id = self.backup.reader.cluster_id().map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok::<_, ApiError>((keys, cluster_id.unwrap_or_default()))
+        }
+        .await;
+        let (keys, cluster_id) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                let status = Status::from(e);
+                observe::<()>("create_backup", started, &Err(status.clone()));
+                return Err(status);
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let db = self.backup.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let sink = ChunkSender { tx: tx.clone(), buf: Vec::with_capacity(BACKUP_CHUNK_BYTES) };
+            let outcome = crate::backup::create(&db, cluster_id, &keys, sink);
+            metrics::histogram!("engram_backup_stream_seconds").record(started.elapsed().as_secs_f64());
+            match outcome {
+                Ok((_, info)) => {
+                    tracing::info!(index = info.header.applied_index, bytes = info.archive_bytes, "backup streamed");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "backup stream failed");
+                    let _ = tx.blocking_send(Err(Status::from(ApiError::from(e))));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    #[instrument(skip_all)]
+    async fn trigger_snapshot(
+        &self,
+        _req: Request<pb::TriggerSnapshotRequest>,
+    ) -> Result<Response<pb::TriggerSnapshotResponse>, Status> {
+        let started = Instant::now();
+        let res = async {
+            let applied = self.node.raft.metrics().borrow_watched().last_applied.map(|l| l.index).unwrap_or(0);
+            self.node.raft.trigger().snapshot().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+            let mut rx = self.node.raft.metrics();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+            loop {
+                let snapshot = rx.borrow_watched().snapshot.map(|l| l.index).unwrap_or(0);
+                if snapshot >= applied {
+                    return Ok(pb::TriggerSnapshotResponse { snapshot_index: snapshot });
+                }
+                if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                    return Err(ApiError::Timeout { reason: format!("no snapshot at index {applied} yet") });
+                }
+            }
+        }
+        .await
+        .map(Response::new)
+        .map_err(Status::from);
+        observe("trigger_snapshot", started, &res);
         res
     }
 }

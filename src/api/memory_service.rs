@@ -74,10 +74,6 @@ pub struct MemoryApi {
     limits: Limits,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 impl MemoryApi {
     pub fn new(node: RaftNode, reader: StateReader, vectors: Arc<VectorStore>, limits: Limits) -> Self {
         MemoryApi { node, reader, vectors, limits }
@@ -92,7 +88,7 @@ impl MemoryApi {
     async fn propose(&self, key: Option<String>, op: Op) -> Result<CommandResult, ApiError> {
         // Fail fast with a leader hint before stamping anything.
         self.node.require_leader()?;
-        let res = self.node.write(Command { idempotency_key: key, now_ms: now_ms(), op }).await?;
+        let res = self.node.write(Command { idempotency_key: key, now_ms: crate::memory::now_ms(), op }).await?;
         match res.outcome {
             Outcome::Rejected(r) => Err(r.into()),
             _ => Ok(res),
@@ -165,7 +161,7 @@ impl MemoryApi {
             return Err(ApiError::not_found(format!("namespace {namespace:?}")));
         }
         match m {
-            Some(m) if m.expires_at_ms.is_none_or(|e| e > now_ms()) => {
+            Some(m) if m.expires_at_ms.is_none_or(|e| e > crate::memory::now_ms()) => {
                 Ok(pb::GetResponse { memory: Some(memory_to_pb(m)), read_index: applied })
             }
             _ => Err(ApiError::not_found(format!("memory {id:?} in namespace {namespace:?}"))),
@@ -240,7 +236,7 @@ impl MemoryApi {
         plans: Vec<SearchPlan>,
     ) -> Result<Vec<Result<Vec<pb::SearchHit>, ApiError>>, ApiError> {
         let vectors = self.vectors.clone();
-        let now = now_ms();
+        let now = crate::memory::now_ms();
         let found = tokio::task::spawn_blocking(move || {
             plans
                 .into_iter()
@@ -297,8 +293,10 @@ impl MemoryApi {
         };
         let after = convert::decode_page_token(&page_token)?;
         self.node.linearize(convert::consistency(consistency)?).await?;
-        let (ns, page) =
-            self.reader.list(&namespace, after.as_deref(), page_size as usize, now_ms()).map_err(Self::storage)?;
+        let (ns, page) = self
+            .reader
+            .list(&namespace, after.as_deref(), page_size as usize, crate::memory::now_ms())
+            .map_err(Self::storage)?;
         if ns.is_none() {
             return Err(ApiError::not_found(format!("namespace {namespace:?}")));
         }

@@ -9,6 +9,7 @@
 //! | `NotLeader` | UNAVAILABLE + `engram-not-leader`, `engram-leader-id`, `engram-leader-addr` | not applied |
 //! | `Unavailable` | UNAVAILABLE | maybe applied |
 //! | `Timeout` | DEADLINE_EXCEEDED | maybe applied |
+//! | `DataLoss` | DATA_LOSS | not applied (nothing was written) |
 //! | `Internal` | INTERNAL | maybe applied |
 
 use tonic::metadata::MetadataMap;
@@ -57,9 +58,25 @@ impl From<ApiError> for Status {
             }
             ApiError::Unavailable { .. } => Code::Unavailable,
             ApiError::Timeout { .. } => Code::DeadlineExceeded,
+            ApiError::DataLoss { .. } => Code::DataLoss,
             ApiError::Internal(_) => Code::Internal,
         };
         Status::with_metadata(code, message, md)
+    }
+}
+
+/// Backup and restore failures, as the API reports them.
+impl From<crate::backup::BackupError> for ApiError {
+    fn from(e: crate::backup::BackupError) -> ApiError {
+        use crate::backup::BackupError as B;
+        let reason = e.to_string();
+        match e {
+            B::Corrupt { .. } | B::WrongKey { .. } => ApiError::DataLoss { reason },
+            B::Key(_) => ApiError::FailedPrecondition { field: "backup_key".into(), reason, current_revision: 0 },
+            B::Empty(_) => ApiError::FailedPrecondition { field: "state".into(), reason, current_revision: 0 },
+            B::Target(_) => ApiError::invalid("target", reason),
+            B::Storage(_) | B::Io(_) => ApiError::Internal(reason),
+        }
     }
 }
 
@@ -97,6 +114,7 @@ pub fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "unavailable",
         Code::DeadlineExceeded => "deadline_exceeded",
         Code::Internal => "internal",
+        Code::DataLoss => "data_loss",
         _ => "other",
     }
 }

@@ -268,7 +268,8 @@ impl<R: Read> ArchiveReader<R> {
         let len = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
         let max = self.header.chunk_bytes as usize + TAG_BYTES;
         let kind = head[0];
-        if kind > KIND_MANIFEST || len < TAG_BYTES || (kind == KIND_DATA && len > max) || len > MAX_CHUNK_BYTES as usize {
+        if kind > KIND_MANIFEST || len < TAG_BYTES || (kind == KIND_DATA && len > max) || len > MAX_CHUNK_BYTES as usize
+        {
             return Err(BackupError::corrupt(&at, format!("bad frame (kind {kind}, length {len})")));
         }
         let mut sealed = vec![0u8; len];

@@ -86,7 +86,9 @@ impl Keyring {
             toml::from_str(&text).map_err(|e| key_err(format!("key file {}: {e}", path.display())))?;
         let mut keys = Vec::new();
         for e in &file.keys {
-            let secret = Zeroizing::new(hex::decode(&e.secret).map_err(|_| key_err(format!("key {}: secret is not hex", e.id)))?);
+            let secret = Zeroizing::new(
+                hex::decode(&e.secret).map_err(|_| key_err(format!("key {}: secret is not hex", e.id)))?,
+            );
             let key = MasterKey::from_bytes(&secret)
                 .ok_or_else(|| key_err(format!("key {}: secret must be 32 bytes (64 hex digits)", e.id)))?;
             if hex::encode(key.id()) != e.id {
@@ -106,7 +108,11 @@ impl Keyring {
         let mut keys = Vec::new();
         for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let secret = Zeroizing::new(hex::decode(part).map_err(|_| key_err(format!("{KEY_ENV}: not hex")))?);
-            keys.push((MasterKey::from_bytes(&secret).ok_or_else(|| key_err(format!("{KEY_ENV}: a key must be 64 hex digits")))?, 0));
+            keys.push((
+                MasterKey::from_bytes(&secret)
+                    .ok_or_else(|| key_err(format!("{KEY_ENV}: a key must be 64 hex digits")))?,
+                0,
+            ));
         }
         let active = keys.first().map(|(k, _)| k.id()).ok_or_else(|| key_err(format!("{KEY_ENV} is empty")))?;
         Ok(Keyring { keys, active })
@@ -127,7 +133,11 @@ impl Keyring {
             keys: self
                 .keys
                 .iter()
-                .map(|(k, at)| KeyEntry { id: hex::encode(k.id()), secret: hex::encode(k.expose()), created_at_ms: *at })
+                .map(|(k, at)| KeyEntry {
+                    id: hex::encode(k.id()),
+                    secret: hex::encode(k.expose()),
+                    created_at_ms: *at,
+                })
                 .collect(),
         };
         let text = Zeroizing::new(format!(
@@ -147,17 +157,13 @@ fn parse_id(s: &str) -> Result<[u8; 8], BackupError> {
     hex::decode(s).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| key_err(format!("bad key id {s:?}")))
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Creates a keyring file with one new key; refuses to overwrite an existing file.
 pub fn generate(path: &Path) -> Result<Keyring, BackupError> {
     if path.exists() {
         return Err(key_err(format!("{} exists; use `keys rotate` to add a key to it", path.display())));
     }
     let key = MasterKey::generate();
-    let ring = Keyring { active: key.id(), keys: vec![(key, now_ms())] };
+    let ring = Keyring { active: key.id(), keys: vec![(key, crate::memory::now_ms())] };
     ring.save(path)?;
     Ok(ring)
 }
@@ -167,7 +173,7 @@ pub fn rotate(path: &Path) -> Result<Keyring, BackupError> {
     let mut ring = Keyring::load(path)?;
     let key = MasterKey::generate();
     ring.active = key.id();
-    ring.keys.push((key, now_ms()));
+    ring.keys.push((key, crate::memory::now_ms()));
     ring.save(path)?;
     Ok(ring)
 }
@@ -208,7 +214,8 @@ mod tests {
     #[test]
     fn env_keys_are_hex_and_the_first_is_active() {
         let (a, b) = (MasterKey::generate(), MasterKey::generate());
-        let ring = Keyring::from_env_value(&format!("{}, {}", hex::encode(a.expose()), hex::encode(b.expose()))).unwrap();
+        let ring =
+            Keyring::from_env_value(&format!("{}, {}", hex::encode(a.expose()), hex::encode(b.expose()))).unwrap();
         assert_eq!(ring.active().id(), a.id());
         assert!(ring.get(&b.id()).is_some());
         assert!(Keyring::from_env_value("").is_err());

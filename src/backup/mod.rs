@@ -112,13 +112,14 @@ impl std::fmt::Display for BackupInfo {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Writes a backup of `db`, consistent at its applied log id, sealed with the keyring's
 /// active key. Returns the sink (for the caller to fsync) and what was written.
-pub fn create<W: Write>(db: &Database, cluster_id: [u8; 16], keys: &Keyring, out: W) -> Result<(W, BackupInfo), BackupError> {
+pub fn create<W: Write>(
+    db: &Database,
+    cluster_id: [u8; 16],
+    keys: &Keyring,
+    out: W,
+) -> Result<(W, BackupInfo), BackupError> {
     let txn = db.begin_read().map_err(StorageError::from)?;
     let (applied, _) = dump::head(&txn)?;
     let applied = applied.ok_or_else(|| BackupError::Empty("the state machine has applied nothing yet".into()))?;
@@ -126,7 +127,7 @@ pub fn create<W: Write>(db: &Database, cluster_id: [u8; 16], keys: &Keyring, out
     let header = Header {
         cluster_id,
         backup_id: *uuid::Uuid::now_v7().as_bytes(),
-        created_at_ms: now_ms(),
+        created_at_ms: crate::memory::now_ms(),
         applied_term: applied.leader_id.term,
         applied_node: applied.leader_id.node_id,
         applied_index: applied.index,

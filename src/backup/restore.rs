@@ -102,7 +102,7 @@ fn stage(input: impl Read, keys: &Keyring, target: &RestoreTarget, staging: &Pat
     let voters: BTreeSet<NodeId> = target.members.keys().copied().collect();
     let membership = Membership::new(vec![voters], target.members.clone())
         .map_err(|e| BackupError::Target(format!("members: {e}")))?;
-    let membership = StoredMembership::new(Some(applied.clone()), membership);
+    let membership = StoredMembership::new(Some(applied), membership);
     let cluster_id = restored_cluster_id(&h.backup_id, &target.members);
     {
         let mut meta = txn.open_table(SM_META).map_err(crate::error::StorageError::from)?;

@@ -86,10 +86,6 @@ pub struct LastBackup {
 
 pub type BackupStatus = Arc<Mutex<LastBackup>>;
 
-fn now_ms() -> u64 {
-    super::now_ms()
-}
-
 /// One scheduled backup, if this node leads and the cluster has an id.
 fn take(db: &Database, reader: &StateReader, s: &Schedule) -> Result<(PathBuf, BackupInfo), BackupError> {
     let keys = Keyring::resolve(s.key_file.as_deref())?;
@@ -128,19 +124,21 @@ pub async fn run(
         match outcome {
             Ok((path, info)) => {
                 metrics::counter!("engram_backups_total", "result" => "ok").increment(1);
-                metrics::gauge!("engram_backup_last_success_timestamp_seconds").set(now_ms() as f64 / 1000.0);
+                metrics::gauge!("engram_backup_last_success_timestamp_seconds")
+                    .set(crate::memory::now_ms() as f64 / 1000.0);
                 metrics::gauge!("engram_backup_last_bytes").set(info.archive_bytes as f64);
                 metrics::histogram!("engram_backup_seconds").record(started.elapsed().as_secs_f64());
                 tracing::info!(path = %path.display(), index = info.header.applied_index, bytes = info.archive_bytes, "scheduled backup written");
-                last.succeeded_at_ms = now_ms();
+                last.succeeded_at_ms = crate::memory::now_ms();
                 last.index = info.header.applied_index;
                 last.path = path.display().to_string();
             }
             Err(e) => {
                 metrics::counter!("engram_backups_total", "result" => "error").increment(1);
-                metrics::gauge!("engram_backup_last_failure_timestamp_seconds").set(now_ms() as f64 / 1000.0);
+                metrics::gauge!("engram_backup_last_failure_timestamp_seconds")
+                    .set(crate::memory::now_ms() as f64 / 1000.0);
                 tracing::error!(error = %e, "scheduled backup failed");
-                last.failed_at_ms = now_ms();
+                last.failed_at_ms = crate::memory::now_ms();
                 last.error = e.to_string();
             }
         }

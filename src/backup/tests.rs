@@ -32,10 +32,18 @@ fn fixture(dir: &std::path::Path, n: u64) -> Database {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    if i % 2 == 0 { (x & 0xff) as u8 } else { (j % 7) as u8 }
+                    if i % 2 == 0 {
+                        (x & 0xff) as u8
+                    } else {
+                        (j % 7) as u8
+                    }
                 })
                 .collect();
-            m.insert(crate::storage::memory_key(if i % 3 == 0 { "a" } else { "b" }, &format!("m{i:05}")).as_slice(), value.as_slice()).unwrap();
+            m.insert(
+                crate::storage::memory_key(if i % 3 == 0 { "a" } else { "b" }, &format!("m{i:05}")).as_slice(),
+                value.as_slice(),
+            )
+            .unwrap();
         }
         txn.open_table(IDEMPOTENCY).unwrap().insert("k1", b"result".as_slice()).unwrap();
         txn.open_table(crate::storage::IDEM_EXPIRY).unwrap().insert((7u64, "k1"), ()).unwrap();
@@ -86,7 +94,13 @@ fn small_chunked(db: &Database, key: &MasterKey) -> Vec<u8> {
     let mut z = zstd::stream::Encoder::new(&mut w, 3).unwrap();
     let s = crate::storage::dump::write(&txn, &mut z).unwrap();
     z.finish().unwrap();
-    let contents = Contents { rows: s.rows, memories: s.memories, namespaces: s.namespaces, dump_bytes: s.bytes, dump_digest: s.digest };
+    let contents = Contents {
+        rows: s.rows,
+        memories: s.memories,
+        namespaces: s.namespaces,
+        dump_bytes: s.bytes,
+        dump_digest: s.digest,
+    };
     w.finish(contents).unwrap().0
 }
 
@@ -103,7 +117,17 @@ fn frames(archive: &[u8]) -> Vec<(usize, usize)> {
 }
 
 fn members() -> BTreeMap<u64, EngramNode> {
-    (1..=3).map(|i| (i, EngramNode { raft_addr: format!("127.0.0.1:{}", 7100 + i), api_addr: format!("127.0.0.1:{}", 7000 + i) })).collect()
+    (1..=3)
+        .map(|i| {
+            (
+                i,
+                EngramNode {
+                    raft_addr: format!("127.0.0.1:{}", 7100 + i),
+                    api_addr: format!("127.0.0.1:{}", 7000 + i),
+                },
+            )
+        })
+        .collect()
 }
 
 fn target(dir: &std::path::Path) -> RestoreTarget {

@@ -1,9 +1,11 @@
 //! `engramctl`: the operator and developer CLI. Talks gRPC to any node(s) in `--endpoints`;
 //! follows leader hints like the SDK.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use engram::backup::{self, keys, restore, Keyring};
 use engram::client::{Client, ClientError, Consistency, Metric, NewMemory, Precondition};
 use engram::proto as pb;
 
@@ -34,6 +36,65 @@ enum Cmd {
     /// Memories.
     #[command(subcommand)]
     Memory(MemoryCmd),
+    /// Encrypted backups: create (online, over gRPC), verify and restore (offline, on files).
+    #[command(subcommand)]
+    Backup(BackupCmd),
+    /// Backup keyrings (key files, mode 0600).
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Build a Raft snapshot on the first endpoint now.
+    Snapshot,
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Stream a backup from a node (sealed with the node's active key) to a file or directory.
+    Create {
+        /// A file path, or an existing directory (the name is then chosen from the backup).
+        target: PathBuf,
+    },
+    /// Check a backup end to end without restoring it.
+    Verify {
+        file: PathBuf,
+        /// Keyring file; without it, ENGRAM_BACKUP_KEY.
+        #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
+        key_file: Option<PathBuf>,
+    },
+    /// Build one new node's data dir from a backup (run once per member, same members).
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        node_id: u64,
+        /// Every member of the new cluster, as ID=RAFT_ADDR,API_ADDR (repeat).
+        #[arg(long = "member", required = true)]
+        members: Vec<String>,
+        /// Replace a non-empty data dir.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
+        key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Create a keyring file with one new key (refuses to overwrite).
+    Generate {
+        #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
+        key_file: PathBuf,
+    },
+    /// Add a new active key to a keyring; older keys stay for older backups.
+    Rotate {
+        #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
+        key_file: PathBuf,
+    },
+    /// List key ids (never secrets).
+    List {
+        #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
+        key_file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -202,7 +263,7 @@ fn print_status(addr: &str, s: &pb::StatusResponse) {
     let voters: Vec<String> = s.voters.iter().map(|n| n.id.to_string()).collect();
     let learners: Vec<String> = s.learners.iter().map(|n| n.id.to_string()).collect();
     println!(
-        "{addr}  node={} state={} term={} leader={} last_log={} applied={} snapshot={} voters=[{}] learners=[{}]",
+        "{addr}  node={} state={} term={} leader={} last_log={} applied={} snapshot={} purged={} voters=[{}] learners=[{}] cluster={}",
         s.node_id,
         s.state,
         s.term,
@@ -210,9 +271,20 @@ fn print_status(addr: &str, s: &pb::StatusResponse) {
         s.last_log_index,
         s.applied_index,
         s.snapshot_index,
+        s.purged_index,
         voters.join(","),
-        learners.join(",")
+        learners.join(","),
+        if s.cluster_id.is_empty() { "-" } else { &s.cluster_id }
     );
+    if s.last_backup_at_ms > 0 {
+        println!(
+            "    last backup: index {} at {} ms: {}",
+            s.last_backup_index, s.last_backup_at_ms, s.last_backup_path
+        );
+    }
+    if s.last_backup_failed_at_ms > 0 {
+        println!("    last backup failure at {} ms: {}", s.last_backup_failed_at_ms, s.last_backup_error);
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -318,6 +390,12 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 println!("query {i}: {}", hits.join("  "));
             }
         }
+        Cmd::Backup(cmd) => backup_cmd(&client, cmd).await?,
+        Cmd::Keys(cmd) => keys_cmd(cmd)?,
+        Cmd::Snapshot => {
+            let index = client.admin().trigger_snapshot().await?;
+            println!("snapshot at log index {index}");
+        }
         Cmd::Memory(MemoryCmd::List { namespace, page_size, page_token, consistency: c }) => {
             let r = client.list(&namespace, page_size, &page_token, consistency(&c)?).await?;
             for m in &r.memories {
@@ -328,6 +406,62 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    Ok(())
+}
+
+fn open(file: &std::path::Path) -> Result<std::fs::File, String> {
+    std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))
+}
+
+async fn backup_cmd(client: &Client, cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error>> {
+    match cmd {
+        BackupCmd::Create { target } => {
+            let (path, h) = client.admin().create_backup(&target).await?;
+            let bytes = std::fs::metadata(&path)?.len();
+            println!(
+                "backup {} written to {} ({bytes} bytes) at log index {}, key {}",
+                uuid::Uuid::from_bytes(h.backup_id),
+                path.display(),
+                h.applied_index,
+                hex::encode(h.key_id)
+            );
+        }
+        BackupCmd::Verify { file, key_file } => {
+            let keys = Keyring::resolve(key_file.as_deref())?;
+            let info =
+                tokio::task::spawn_blocking(move || backup::verify(open(&file)?, &keys).map_err(|e| e.to_string()))
+                    .await??;
+            println!("OK: {info}");
+        }
+        BackupCmd::Restore { file, data_dir, node_id, members, force, key_file } => {
+            let keys = Keyring::resolve(key_file.as_deref())?;
+            let mut map = BTreeMap::new();
+            for m in &members {
+                let n = parse_member(m)?;
+                map.insert(n.id, engram::raft::EngramNode { raft_addr: n.raft_addr, api_addr: n.api_addr });
+            }
+            let target = restore::RestoreTarget { data_dir, node_id, members: map, force };
+            let info = tokio::task::spawn_blocking(move || {
+                restore::restore(open(&file)?, &keys, &target).map_err(|e| e.to_string())
+            })
+            .await??;
+            println!("restored: {info}");
+            println!("start every member on its restored data dir; no `cluster init` is needed");
+        }
+    }
+    Ok(())
+}
+
+fn keys_cmd(cmd: KeysCmd) -> Result<(), Box<dyn std::error::Error>> {
+    let (ring, what) = match cmd {
+        KeysCmd::Generate { key_file } => (keys::generate(&key_file)?, "created"),
+        KeysCmd::Rotate { key_file } => (keys::rotate(&key_file)?, "rotated"),
+        KeysCmd::List { key_file } => (Keyring::load(&key_file)?, "listed"),
+    };
+    for (id, created_at_ms, active) in ring.ids() {
+        println!("{}  created_at_ms={created_at_ms}{}", hex::encode(id), if active { "  (active)" } else { "" });
+    }
+    eprintln!("keyring {what}");
     Ok(())
 }
 

@@ -30,9 +30,11 @@ impl ClientError {
         let md = s.metadata();
         let not_leader = md.get(NOT_LEADER_HEADER).is_some();
         let outcome = match s.code() {
-            Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists => {
-                WriteOutcome::NotApplied
-            }
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::DataLoss => WriteOutcome::NotApplied,
             Code::Unavailable if not_leader => WriteOutcome::NotApplied,
             _ => WriteOutcome::MaybeApplied,
         };

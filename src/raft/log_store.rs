@@ -71,7 +71,7 @@ impl LogStore {
             let mut meta = txn.open_table(META)?;
             meta.insert(VOTE, codec::encode(vote).as_slice())?;
             meta.insert(PURGED, codec::encode(purged).as_slice())?;
-            meta.insert(COMMITTED, codec::encode(&Some(purged.clone())).as_slice())?;
+            meta.insert(COMMITTED, codec::encode(&Some(*purged)).as_slice())?;
         }
         txn.commit()?;
         Ok(())

@@ -7,6 +7,7 @@
 //! * [`node`] — [`RaftNode`]: what the API layer calls to write and to linearize reads.
 
 mod apply;
+pub mod compaction;
 pub mod log_store;
 pub mod network;
 pub mod node;

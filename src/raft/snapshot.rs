@@ -116,6 +116,12 @@ impl SnapshotFiles {
         Ok(files)
     }
 
+    fn is_temp(&self, path: &Path) -> bool {
+        let prefix = format!("{}.tmp-", self.current.file_name().unwrap_or_default().to_string_lossy());
+        path.parent() == self.current.parent()
+            && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+    }
+
     /// A fresh temp path beside the current snapshot (same file system, so rename is atomic).
     pub fn temp_path(&self) -> PathBuf {
         let mut name = self.current.file_name().unwrap_or_default().to_os_string();
@@ -161,17 +167,32 @@ impl SnapshotFiles {
 
     /// Makes `data` (a temp file written by [`build`](Self::build) or received from the
     /// leader) the current snapshot, unless the current one is at the same or a later log id.
-    pub fn publish(&self, meta: &SnapshotMeta, data: &SnapshotData) -> Result<(), StorageError> {
+    ///
+    /// A file that is not one of this node's temp files (another node's snapshot, in tests
+    /// that move snapshots between in-process nodes) is copied, never moved.
+    pub fn publish(&self, meta: &SnapshotMeta, data: &mut SnapshotData) -> Result<(), StorageError> {
         if data.path == self.current {
             return Ok(());
         }
         if let Some((current, _)) = self.current()? {
             if current.last_log_id >= meta.last_log_id {
-                let _ = std::fs::remove_file(&data.path);
+                if self.is_temp(&data.path) {
+                    let _ = std::fs::remove_file(&data.path);
+                }
                 return Ok(());
             }
         }
-        std::fs::rename(&data.path, &self.current)?;
+        let source = if self.is_temp(&data.path) {
+            data.path.clone()
+        } else {
+            let copy = self.temp_path();
+            let mut out = File::create(&copy)?;
+            io::copy(&mut Positional { data, pos: 0 }, &mut out)?;
+            out.sync_all()?;
+            copy
+        };
+        std::fs::rename(&source, &self.current)?;
+        data.path = self.current.clone();
         if let Some(dir) = self.current.parent() {
             File::open(dir)?.sync_all()?;
         }
@@ -233,11 +254,11 @@ mod tests {
     fn the_current_snapshot_only_moves_forward_and_temp_files_are_swept() {
         let dir = tempfile::tempdir().unwrap();
         let files = SnapshotFiles::open(dir.path().join("snapshot.bin")).unwrap();
-        files.publish(&meta(10), &file_with(&files, &meta(10), b"ten")).unwrap();
+        files.publish(&meta(10), &mut file_with(&files, &meta(10), b"ten")).unwrap();
         // A slower, older build finishing late must not replace the newer snapshot.
-        files.publish(&meta(5), &file_with(&files, &meta(5), b"five")).unwrap();
+        files.publish(&meta(5), &mut file_with(&files, &meta(5), b"five")).unwrap();
         assert_eq!(files.current().unwrap().unwrap().0, meta(10));
-        files.publish(&meta(12), &file_with(&files, &meta(12), b"twelve")).unwrap();
+        files.publish(&meta(12), &mut file_with(&files, &meta(12), b"twelve")).unwrap();
         assert_eq!(files.current().unwrap().unwrap().0, meta(12));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         // A crash leaves a temp file; the next open removes it.

@@ -208,9 +208,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let this = self.clone();
         let started = std::time::Instant::now();
         let (meta, data, summary) = blocking(move || {
-            let (meta, data, summary) = this.snapshots.build(&this.db)?;
+            let (meta, mut data, summary) = this.snapshots.build(&this.db)?;
             let _guard = this.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
-            this.snapshots.publish(&meta, &data)?;
+            this.snapshots.publish(&meta, &mut data)?;
             Ok((meta, data, summary))
         })
         .await?;
@@ -302,7 +302,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, mut snapshot: SnapshotData) -> Result<(), io::Error> {
         let this = self.clone();
         let meta = meta.clone();
         let started = std::time::Instant::now();
@@ -323,7 +323,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // never runs ahead of a state that failed to install.
             let summary = super::snapshot::install(&this.db, &meta, &snapshot)?;
             let _guard = this.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
-            this.snapshots.publish(&meta, &snapshot)?;
+            this.snapshots.publish(&meta, &mut snapshot)?;
             Ok(summary)
         })
         .await?;

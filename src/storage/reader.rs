@@ -109,7 +109,9 @@ impl StateReader {
         let meta = txn.open_table(SM_META)?;
         let v = meta.get(super::META_CLUSTER_ID)?;
         v.map(|v| {
-            v.value().try_into().map_err(|_| StorageError::Corrupt { table: "sm_meta", reason: "cluster id is not 16 bytes".into() })
+            v.value()
+                .try_into()
+                .map_err(|_| StorageError::Corrupt { table: "sm_meta", reason: "cluster id is not 16 bytes".into() })
         })
         .transpose()
     }
@@ -121,6 +123,16 @@ impl StateReader {
     /// BLAKE3 over every table of the state machine, in key order: equal digests mean
     /// byte-identical state.
     pub fn digest(&self) -> Result<[u8; 32], StorageError> {
+        self.digest_of(true)
+    }
+
+    /// BLAKE3 over the data tables only (memories, namespaces, idempotency), leaving out
+    /// `sm_meta` (applied id, membership, cluster id): equal across a backup and its restore.
+    pub fn data_digest(&self) -> Result<[u8; 32], StorageError> {
+        self.digest_of(false)
+    }
+
+    fn digest_of(&self, with_meta: bool) -> Result<[u8; 32], StorageError> {
         let txn = self.db.begin_read()?;
         let mut h = blake3::Hasher::new();
         let mut feed = |tag: &[u8], k: &[u8], v: &[u8]| {
@@ -146,9 +158,11 @@ impl StateReader {
             let (ts, key) = k.value();
             feed(b"e", &ts.to_be_bytes(), key.as_bytes());
         }
-        for item in txn.open_table(SM_META)?.iter()? {
-            let (k, v) = item?;
-            feed(b"s", k.value().as_bytes(), v.value());
+        if with_meta {
+            for item in txn.open_table(SM_META)?.iter()? {
+                let (k, v) = item?;
+                feed(b"s", k.value().as_bytes(), v.value());
+            }
         }
         Ok(*h.finalize().as_bytes())
     }

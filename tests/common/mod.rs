@@ -150,11 +150,57 @@ impl TestCluster {
         }
     }
 
+    /// A new cluster of `n` nodes restored from `backup` (`engram::backup::restore`, one data
+    /// dir per member), started without `init`: they elect a leader from the restored state.
+    pub async fn restored(
+        backup: &std::path::Path,
+        n: u64,
+        keys: &engram::backup::Keyring,
+        tweak: fn(&mut Config),
+    ) -> TestCluster {
+        init_tracing();
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let mut c = TestCluster { slots: vec![], tweak };
+        for id in 1..=n {
+            let dir = tempfile::tempdir().unwrap();
+            c.slots.push(Slot { id, dir, api: free(), raft: free(), http: free(), handle: None });
+        }
+        let members: std::collections::BTreeMap<u64, engram::raft::EngramNode> = c
+            .slots
+            .iter()
+            .map(|s| (s.id, engram::raft::EngramNode { raft_addr: s.raft.to_string(), api_addr: s.api.to_string() }))
+            .collect();
+        for s in &c.slots {
+            let target = engram::backup::restore::RestoreTarget {
+                data_dir: s.dir.path().join("data"),
+                node_id: s.id,
+                members: members.clone(),
+                force: false,
+            };
+            engram::backup::restore::restore(std::fs::File::open(backup).unwrap(), keys, &target).unwrap();
+        }
+        for id in 1..=n {
+            c.restart(id).await;
+        }
+        c.wait_for_leader().await;
+        c
+    }
+
+    /// The data dir of a node: restored clusters keep it one level down.
+    fn data_dir(slot: &Slot) -> std::path::PathBuf {
+        let restored = slot.dir.path().join("data");
+        if restored.exists() {
+            restored
+        } else {
+            slot.dir.path().to_path_buf()
+        }
+    }
+
     /// Restarts a stopped node from its data dir on its old addresses.
     pub async fn restart(&mut self, id: u64) {
         let tweak = self.tweak;
         let slot = self.slot_mut(id);
-        let mut cfg = Config::for_test(id, slot.dir.path().to_path_buf());
+        let mut cfg = Config::for_test(id, Self::data_dir(slot));
         tweak(&mut cfg);
         cfg.listen_api = slot.api;
         cfg.listen_raft = slot.raft;

@@ -1,0 +1,97 @@
+//! Log compaction policy: which log entries a node purges behind its latest snapshot.
+//!
+//! openraft's own policy purges everything `max_in_snapshot_log_to_keep` entries behind the
+//! snapshot and only protects ranges a replication is reading *right now*, so a follower that
+//! is briefly down or slow comes back to a purged log and has to take a whole snapshot. Engram
+//! turns openraft's policy off (`max_in_snapshot_log_to_keep = u64::MAX`) and runs this one:
+//!
+//! * purge up to `snapshot − keep`, and
+//! * on the leader, never past the last entry a follower or learner has (its `matched` index)
+//!   unless that follower is more than `max_lag` entries behind the snapshot: from there a
+//!   snapshot is the cheaper way to catch it up, and the log stays bounded.
+//!
+//! Followers purge by the first rule alone; they replicate to nobody.
+
+use std::time::Duration;
+
+use openraft::async_runtime::watch::WatchReceiver;
+
+use super::types::{NodeId, Raft};
+
+/// The index to purge up to, inclusive, or `None` to purge nothing now.
+pub fn purge_upto(
+    me: NodeId,
+    snapshot: Option<u64>,
+    purged: Option<u64>,
+    matched: Option<&[(NodeId, Option<u64>)]>,
+    keep: u64,
+    max_lag: u64,
+) -> Option<u64> {
+    let snapshot = snapshot?;
+    let mut upto = snapshot.checked_sub(keep)?;
+    let floor = snapshot.saturating_sub(max_lag);
+    for (id, m) in matched.unwrap_or_default() {
+        if *id == me {
+            continue;
+        }
+        match m {
+            Some(m) if *m >= floor => upto = upto.min(*m),
+            // Nothing replicated yet, but close enough: keep everything for it.
+            None if floor == 0 => return None,
+            _ => {}
+        }
+    }
+    (purged.is_none_or(|p| upto > p)).then_some(upto)
+}
+
+/// Applies [`purge_upto`] every `every` until `stop` resolves.
+pub async fn run(
+    raft: Raft,
+    me: NodeId,
+    keep: u64,
+    max_lag: u64,
+    every: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+        let m = raft.metrics().borrow_watched().clone();
+        let matched: Option<Vec<(NodeId, Option<u64>)>> =
+            m.replication.as_ref().map(|r| r.iter().map(|(id, l)| (*id, l.as_ref().map(|l| l.index))).collect());
+        let upto =
+            purge_upto(me, m.snapshot.map(|l| l.index), m.purged.map(|l| l.index), matched.as_deref(), keep, max_lag);
+        if let Some(upto) = upto {
+            if raft.trigger().purge_log(upto).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::purge_upto;
+
+    #[test]
+    fn the_leader_keeps_what_followers_within_the_lag_still_need() {
+        // No snapshot: nothing to purge. Follower: snapshot - keep.
+        assert_eq!(purge_upto(1, None, None, None, 0, 100), None);
+        assert_eq!(purge_upto(1, Some(500), None, None, 10, 100), Some(490));
+        assert_eq!(purge_upto(1, Some(500), Some(490), None, 10, 100), None, "already purged");
+        // Leader: follower 3 has only 450; it is within the lag, so keep from 451 on.
+        let m = [(1, Some(500)), (2, Some(500)), (3, Some(450))];
+        assert_eq!(purge_upto(1, Some(500), None, Some(&m), 0, 100), Some(450));
+        // 3 fell more than max_lag behind: it will get a snapshot; purge as usual.
+        let m = [(1, Some(500)), (2, Some(500)), (3, Some(350))];
+        assert_eq!(purge_upto(1, Some(500), None, Some(&m), 0, 100), Some(500));
+        // A new learner with nothing matched, while the log is still short: keep it all.
+        let m = [(1, Some(50)), (4, None)];
+        assert_eq!(purge_upto(1, Some(50), None, Some(&m), 0, 100), None);
+    }
+}
