@@ -114,6 +114,8 @@ fn populate(path: &Path, a: &Args) -> Database {
             ivf_min_vectors: 50_000,
         };
         txn.open_table(NAMESPACES).unwrap().insert("bench", codec::encode(&ns).as_slice()).unwrap();
+        txn.open_table(engram::storage::IDEMPOTENCY).unwrap();
+        txn.open_table(engram::storage::IDEM_EXPIRY).unwrap();
         let mut t = txn.open_table(MEMORIES).unwrap();
         let mut x = 0x2545f4914f6cdd1du64;
         for i in 0..a.memories {
