@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, Durability};
+use redb::Database;
 
 use super::{read_archive, BackupError, BackupInfo, Keyring};
 use crate::raft::{EngramNode, LogId, LogStore, Membership, NodeId, StoredMembership, Vote};
@@ -92,7 +92,7 @@ pub fn restore(input: impl Read, keys: &Keyring, target: &RestoreTarget) -> Resu
 fn stage(input: impl Read, keys: &Keyring, target: &RestoreTarget, staging: &Path) -> Result<BackupInfo, BackupError> {
     let db = Database::create(staging.join("state.redb")).map_err(crate::error::StorageError::from)?;
     let mut txn = db.begin_write().map_err(crate::error::StorageError::from)?;
-    txn.set_durability(Durability::Immediate).map_err(|e| BackupError::Target(e.to_string()))?;
+    crate::storage::set_durable(&mut txn, "state")?;
     let info = read_archive(input, keys, |r| dump::load(r, &txn))?;
     let h = &info.header;
     let applied = LogId::new(

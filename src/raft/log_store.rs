@@ -18,7 +18,7 @@ use std::sync::Arc;
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::types::{Entry, LogId, TypeConfig, Vote};
 use crate::error::StorageError;
@@ -62,8 +62,7 @@ impl LogStore {
     /// committed and covered by the restored state; `vote` is where elections resume.
     pub fn seed_restored(&self, vote: &Vote, purged: &LogId) -> Result<(), StorageError> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| StorageError::Corrupt { table: "log", reason: e.to_string() })?;
+        crate::storage::set_durable(&mut txn, "log")?;
         {
             if txn.open_table(LOG)?.iter()?.next().is_some() {
                 return Err(StorageError::Corrupt { table: "log", reason: "a restored log must start empty".into() });
@@ -85,8 +84,7 @@ impl LogStore {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
             let mut txn = db.begin_write()?;
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| StorageError::Corrupt { table: "log", reason: e.to_string() })?;
+            crate::storage::set_durable(&mut txn, "log")?;
             f(&txn)?;
             txn.commit()?;
             Ok(())

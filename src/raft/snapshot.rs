@@ -18,7 +18,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, Durability, ReadableDatabase};
+use redb::{Database, ReadableDatabase};
 
 use super::types::SnapshotMeta;
 use crate::error::StorageError;
@@ -210,7 +210,7 @@ pub fn install(db: &Database, meta: &SnapshotMeta, data: &SnapshotData) -> Resul
     }
     let z = zstd::stream::Decoder::with_buffer(r).map_err(|e| corrupt(format!("zstd: {e}")))?;
     let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate).map_err(|e| corrupt(e.to_string()))?;
+    crate::storage::set_durable(&mut txn, "snapshot")?;
     let summary = dump::load(ZstdErrors(z), &txn)?;
     if summary.applied != meta.last_log_id || summary.membership != meta.last_membership {
         return Err(corrupt("the dump's applied log id or membership differs from the snapshot meta"));

@@ -136,17 +136,7 @@ impl StateMachineStore {
     }
 
     fn read_applied_state(db: &Database) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        let txn = db.begin_read()?;
-        let meta = txn.open_table(SM_META)?;
-        let applied = match meta.get(META_APPLIED)? {
-            Some(v) => Some(codec::decode("sm_meta", v.value())?),
-            None => None,
-        };
-        let membership = match meta.get(META_MEMBERSHIP)? {
-            Some(v) => codec::decode("sm_meta", v.value())?,
-            None => StoredMembership::default(),
-        };
-        Ok((applied, membership))
+        crate::storage::dump::head(&db.begin_read()?)
     }
 
     /// Applies a batch of entries in one durable transaction; returns one result per entry.
@@ -192,7 +182,7 @@ impl StateMachineStore {
 }
 
 fn set_durable(txn: &mut WriteTransaction) -> Result<(), StorageError> {
-    txn.set_durability(Durability::Immediate).map_err(|e| StorageError::Corrupt { table: "sm", reason: e.to_string() })
+    crate::storage::set_durable(txn, "sm")
 }
 
 async fn blocking<T: Send + 'static>(

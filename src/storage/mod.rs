@@ -18,7 +18,9 @@ mod reader;
 
 pub use reader::{Page, StateReader};
 
-use redb::TableDefinition;
+use redb::{Durability, TableDefinition, WriteTransaction};
+
+use crate::error::StorageError;
 
 pub const MEMORIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("memories");
 pub const NAMESPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("namespaces");
@@ -47,4 +49,10 @@ pub fn namespace_range(namespace: &str) -> (Vec<u8>, Vec<u8>) {
     let mut hi = namespace.as_bytes().to_vec();
     hi.push(1);
     (lo, hi)
+}
+
+/// Makes `txn` fsync at commit (`Durability::Immediate`), as everything that must survive a
+/// crash before it is acknowledged requires.
+pub fn set_durable(txn: &mut WriteTransaction, table: &'static str) -> Result<(), StorageError> {
+    txn.set_durability(Durability::Immediate).map_err(|e| StorageError::Corrupt { table, reason: e.to_string() })
 }
