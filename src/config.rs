@@ -125,6 +125,11 @@ pub struct NodeArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "ENGRAM_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// BREAKS LINEARIZABILITY. Serves every read from local state without the read index.
+    /// It exists only as the chaos harness's canary (jepsen/), which must catch it.
+    #[arg(long, env = "ENGRAM_UNSAFE_STALE_READS", hide = true)]
+    #[serde(default)]
+    pub unsafe_stale_reads: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
@@ -162,6 +167,8 @@ pub struct Config {
     pub read_timeout_ms: u64,
     pub max_text_bytes: usize,
     pub log_format: LogFormat,
+    /// Test-only canary: reads skip the read index (see [`NodeArgs::unsafe_stale_reads`]).
+    pub unsafe_stale_reads: bool,
 }
 
 macro_rules! pick {
@@ -218,6 +225,7 @@ impl NodeArgs {
             read_timeout_ms: pick!(cli, file, read_timeout_ms, 5000),
             max_text_bytes: pick!(cli, file, max_text_bytes, 64 * 1024),
             log_format: pick!(cli, file, log_format, LogFormat::Text),
+            unsafe_stale_reads: cli.unsafe_stale_reads || file.unsafe_stale_reads,
         };
         config.validate()?;
         Ok(config)
@@ -254,6 +262,7 @@ impl Config {
             read_timeout_ms: 5000,
             max_text_bytes: 64 * 1024,
             log_format: LogFormat::Text,
+            unsafe_stale_reads: false,
         }
     }
 

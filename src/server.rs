@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -154,7 +155,11 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let raft = Raft::new(config.node_id, raft_config(&config)?, Network::default(), log_store, sm)
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
-    let node = RaftNode::new(config.node_id, raft.clone(), Duration::from_millis(config.read_timeout_ms));
+    let node = RaftNode::new(config.node_id, raft.clone(), Duration::from_millis(config.read_timeout_ms))
+        .with_unsafe_stale_reads(config.unsafe_stale_reads);
+    if config.unsafe_stale_reads {
+        tracing::warn!(node = config.node_id, "--unsafe-stale-reads: reads skip the read index and may be stale");
+    }
     let limits = Limits {
         max_text_bytes: config.max_text_bytes,
         ivf_min_vectors: config.ivf_min_vectors as u64,
@@ -305,10 +310,31 @@ async fn leader_duties(node: RaftNode, reader: StateReader, stop: impl Future<Ou
 }
 
 /// Runs a node until `shutdown` resolves, then stops it gracefully.
+///
+/// If Raft stops on its own (a fatal error: the log or state machine failed to write or fsync),
+/// the node stops too and returns the error: a node that cannot persist must not carry on
+/// serving what it may not have stored.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let handle = start(config).await?;
-    shutdown.await;
-    tracing::info!(node = handle.id, "shutting down");
+    let mut metrics = handle.node.raft.metrics();
+    let fatal = async move {
+        loop {
+            if let Err(f) = &metrics.borrow_watched().running_state {
+                return f.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "raft stopped".to_string();
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        _ = shutdown => Ok(()),
+        f = fatal => Err(ServerError::Raft(format!("fatal: {f}"))),
+    };
+    match &outcome {
+        Ok(()) => tracing::info!(node = handle.id, "shutting down"),
+        Err(e) => tracing::error!(node = handle.id, error = %e, "raft stopped; shutting the node down"),
+    }
     handle.shutdown().await;
-    Ok(())
+    outcome
 }

@@ -34,13 +34,22 @@ pub struct RaftNode {
     pub id: NodeId,
     pub raft: Raft,
     read_timeout: Duration,
+    /// The chaos harness's canary: every read is served locally, skipping the read index.
+    unsafe_stale_reads: bool,
     /// Lazily connected channels to leaders, by peer address, for follower ReadIndex calls.
     peers: Arc<Mutex<HashMap<String, RaftServiceClient<Channel>>>>,
 }
 
 impl RaftNode {
     pub fn new(id: NodeId, raft: Raft, read_timeout: Duration) -> Self {
-        RaftNode { id, raft, read_timeout, peers: Arc::default() }
+        RaftNode { id, raft, read_timeout, unsafe_stale_reads: false, peers: Arc::default() }
+    }
+
+    /// Breaks linearizability on purpose: reads skip the read index and serve local state.
+    /// Only the chaos harness's canary sets this (`--unsafe-stale-reads`); it must be caught.
+    pub fn with_unsafe_stale_reads(mut self, on: bool) -> Self {
+        self.unsafe_stale_reads = on;
+        self
     }
 
     /// The leader's id and node, as this node currently knows it.
@@ -83,6 +92,9 @@ impl RaftNode {
 
     /// Waits until a read at `consistency` may be served from the local state machine.
     pub async fn linearize(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
+        if self.unsafe_stale_reads {
+            return Ok(());
+        }
         let lease = match consistency {
             ReadConsistency::Stale => return Ok(()),
             ReadConsistency::Lease => true,
