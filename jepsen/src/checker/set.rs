@@ -1,0 +1,180 @@
+//! The set workload's checker. For every set (key) and every successful read of it:
+//!
+//! - **lost**: an element whose add was acknowledged before the read began, and whose
+//!   removal had not been invoked by the time the read ended, is missing;
+//! - **unexpected**: an element is present whose add was never invoked before the read ended,
+//!   or whose add definitely failed;
+//! - **resurrected**: an element whose removal was acknowledged before the read began is
+//!   present.
+//!
+//! The final reads (one per node, after the final heal) are ordinary reads here, so "every
+//! acknowledged add survives to the end" is the lost check at the end of the history. A set
+//! without a successful final read from every node makes the verdict unknown.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::Check;
+use crate::history::{Completed, Kind, Op};
+
+#[derive(Default)]
+struct Element {
+    add_invoke: Option<u64>,
+    add_ok: Option<u64>,
+    add_failed: bool,
+    remove_invoke: Option<u64>,
+    remove_ok: Option<u64>,
+}
+
+/// `final_from` is the event index from which reads count as final reads; `nodes` is how
+/// many final reads each set needs.
+pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
+    let mut c = Check::new("set");
+    let mut sets: BTreeMap<u64, HashMap<u64, Element>> = BTreeMap::new();
+    let mut reads: Vec<&Completed> = Vec::new();
+    let (mut adds_ok, mut adds_info, mut removes_ok) = (0u64, 0u64, 0u64);
+    for o in ops {
+        match &o.op {
+            Op::Add { key, element } => {
+                let e = sets.entry(*key).or_default().entry(*element).or_default();
+                e.add_invoke = Some(o.invoke);
+                match o.kind {
+                    Kind::Ok => {
+                        e.add_ok = o.complete;
+                        adds_ok += 1;
+                    }
+                    Kind::Info => adds_info += 1,
+                    Kind::Fail => e.add_failed = true,
+                    Kind::Invoke => {}
+                }
+            }
+            Op::Remove { key, element } => {
+                let e = sets.entry(*key).or_default().entry(*element).or_default();
+                e.remove_invoke = Some(o.invoke);
+                if o.kind == Kind::Ok {
+                    e.remove_ok = o.complete;
+                    removes_ok += 1;
+                }
+            }
+            Op::ReadSet { key, .. } => {
+                sets.entry(*key).or_default();
+                if o.kind == Kind::Ok {
+                    reads.push(o);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut final_reads: BTreeMap<u64, usize> = BTreeMap::new();
+    let (mut lost, mut unexpected, mut resurrected) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for r in &reads {
+        let Op::ReadSet { key, elements: Some(got) } = &r.op else { continue };
+        let (start, end) = (r.invoke, r.complete.unwrap_or(u64::MAX));
+        if start >= final_from {
+            *final_reads.entry(*key).or_default() += 1;
+        }
+        let got: BTreeSet<u64> = got.iter().copied().collect();
+        let elements = &sets[key];
+        for (el, e) in elements {
+            let acked_before = e.add_ok.is_some_and(|t| t < start);
+            let removing = e.remove_invoke.is_some_and(|t| t < end);
+            if acked_before && !removing && !got.contains(el) && lost.insert((*key, *el)) {
+                c.anomaly(format!(
+                    "set {key}: element {el} lost: add acknowledged at event {}, missing from the read at events {start}..{end}",
+                    e.add_ok.unwrap()
+                ));
+            }
+            if e.remove_ok.is_some_and(|t| t < start) && got.contains(el) && resurrected.insert((*key, *el)) {
+                c.anomaly(format!(
+                    "set {key}: element {el} resurrected: removal acknowledged at event {}, present in the read at events {start}..{end}",
+                    e.remove_ok.unwrap()
+                ));
+            }
+        }
+        for el in &got {
+            let invoked = elements.get(el).and_then(|e| e.add_invoke).is_some_and(|t| t < end);
+            if !invoked && unexpected.insert((*key, *el)) {
+                c.anomaly(format!(
+                    "set {key}: element {el} unexpected: never added before the read at events {start}..{end}"
+                ));
+            }
+            if elements.get(el).is_some_and(|e| e.add_failed) && unexpected.insert((*key, *el)) {
+                c.anomaly(format!(
+                    "set {key}: element {el} unexpected: its add definitely failed, yet the read at events {start}..{end} has it"
+                ));
+            }
+        }
+    }
+    for key in sets.keys() {
+        let n = final_reads.get(key).copied().unwrap_or(0);
+        if n < nodes {
+            c.unknown(format!("set {key}: {n} of {nodes} final reads succeeded"));
+        }
+    }
+    c.stat("sets", sets.len());
+    c.stat("adds_ok", adds_ok);
+    c.stat("adds_indeterminate", adds_info);
+    c.stat("removes_ok", removes_ok);
+    c.stat("reads_ok", reads.len());
+    c.stat("lost", lost.len());
+    c.stat("unexpected", unexpected.len());
+    c.stat("resurrected", resurrected.len());
+    c.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(process: u64, invoke: u64, complete: u64, kind: Kind, op: Op) -> Completed {
+        Completed { process, invoke, complete: Some(complete), invoke_ns: 0, complete_ns: None, kind, op }
+    }
+    fn read(invoke: u64, complete: u64, els: &[u64]) -> Completed {
+        op(9, invoke, complete, Kind::Ok, Op::ReadSet { key: 1, elements: Some(els.to_vec()) })
+    }
+    fn add(invoke: u64, complete: u64, kind: Kind, el: u64) -> Completed {
+        op(1, invoke, complete, kind, Op::Add { key: 1, element: el })
+    }
+
+    #[test]
+    fn acknowledged_adds_must_be_read() {
+        let h = [add(0, 1, Kind::Ok, 5), read(2, 3, &[5])];
+        assert_eq!(check(&h, 2, 1).valid, super::super::Validity::Valid);
+        let h = [add(0, 1, Kind::Ok, 5), read(2, 3, &[])];
+        let c = check(&h, 2, 1);
+        assert_eq!(c.valid, super::super::Validity::Invalid);
+        assert!(c.anomalies[0].contains("lost"), "{:?}", c.anomalies);
+    }
+
+    #[test]
+    fn indeterminate_adds_may_go_either_way_but_nothing_appears_from_nowhere() {
+        let h = [add(0, 1, Kind::Info, 5), read(2, 3, &[])];
+        assert_eq!(check(&h, 2, 1).valid, super::super::Validity::Valid);
+        let h = [add(0, 1, Kind::Info, 5), read(2, 3, &[5])];
+        assert_eq!(check(&h, 2, 1).valid, super::super::Validity::Valid);
+        let c = check(&[read(2, 3, &[6])], 2, 1);
+        assert!(c.anomalies[0].contains("unexpected"), "{:?}", c.anomalies);
+        // An add that definitely failed must not show up either.
+        let c = check(&[add(0, 1, Kind::Fail, 5), read(2, 3, &[5])], 2, 1);
+        assert!(c.anomalies[0].contains("definitely failed"), "{:?}", c.anomalies);
+    }
+
+    #[test]
+    fn removed_elements_stay_removed() {
+        let h = [
+            add(0, 1, Kind::Ok, 5),
+            op(1, 2, 3, Kind::Ok, Op::Remove { key: 1, element: 5 }),
+            read(4, 5, &[5]),
+        ];
+        let c = check(&h, 4, 1);
+        assert!(c.anomalies[0].contains("resurrected"), "{:?}", c.anomalies);
+        // A removal still in flight during the read excuses absence.
+        let h = [add(0, 1, Kind::Ok, 5), op(1, 2, 9, Kind::Info, Op::Remove { key: 1, element: 5 }), read(4, 5, &[])];
+        assert_eq!(check(&h, 4, 1).valid, super::super::Validity::Valid);
+    }
+
+    #[test]
+    fn missing_final_reads_make_it_unknown() {
+        let h = [add(0, 1, Kind::Ok, 5), read(2, 3, &[5])];
+        assert_eq!(check(&h, 2, 3).valid, super::super::Validity::Unknown);
+    }
+}

@@ -1,0 +1,465 @@
+//! Nemeses: faults injected on a schedule drawn from the run's seed.
+//!
+//! Each enabled fault family runs as its own stream: quiet for a while, a fault for a while,
+//! heal, repeat. Streams run concurrently, so with several families faults overlap (a kill
+//! during a partition during clock skew...). The schedule (which fault, on which node, when)
+//! depends only on the seed and the options; what the cluster does in response does not
+//! change it, so a run can be replayed with the same seed and schedule.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::Cluster;
+use crate::history::{Kind, NemesisTag, Op, Process};
+use crate::workload::Ctx;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// Network partitions between nodes (leader isolated, majority/minority, ring).
+    Partition,
+    /// Random packet loss between nodes.
+    Loss,
+    /// kill -9 a node, restart it later.
+    Kill,
+    /// SIGSTOP a node, SIGCONT it later.
+    Pause,
+    /// Remove a voter, replace it with a brand-new node (new id, empty disk).
+    Membership,
+    /// Shift nodes' wall clocks (libfaketime; monotonic time stays real).
+    Skew,
+    /// Make fsync/fdatasync fail with EIO (libfiu): the node must stop.
+    Disk,
+}
+
+impl Family {
+    pub fn all() -> Vec<Family> {
+        use Family::*;
+        vec![Partition, Loss, Kill, Pause, Membership, Skew, Disk]
+    }
+}
+
+/// One fault, fully decided by the schedule. Node choices are slot numbers, or "the leader
+/// at the time" where the fault says so.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "fault", rename_all = "kebab-case")]
+pub enum Fault {
+    PartitionLeader,
+    /// Split into a majority and a minority; `leader_in_majority` picks the side.
+    PartitionHalves { leader_in_majority: bool },
+    /// Each node hears only its ring neighbours.
+    PartitionRing,
+    Loss { pct: u32 },
+    Kill { leader: bool, slot: usize },
+    Pause { leader: bool, slot: usize },
+    Membership { slot: usize },
+    Skew { slots: Vec<usize>, secs: Vec<i64> },
+    Disk { slot: usize },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Step {
+    pub at_ms: u64,
+    pub hold_ms: u64,
+    pub fault: Fault,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Schedule {
+    pub streams: Vec<Vec<Step>>,
+}
+
+/// Draws the schedule for `families` over `run_ms`.
+pub fn schedule(seed: u64, families: &[Family], nodes: usize, run_ms: u64, interval_ms: u64) -> Schedule {
+    let mut streams = Vec::new();
+    for (i, f) in families.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(seed.wrapping_add(0x5EED * (i as u64 + 1)));
+        let mut steps = Vec::new();
+        // Let the workload warm up; stagger the streams.
+        let mut t = 2000 + rng.random_range(0..interval_ms.max(1));
+        loop {
+            let hold = rng.random_range(interval_ms / 2..=interval_ms * 3 / 2);
+            if t + hold + 1000 > run_ms {
+                break;
+            }
+            let slot = rng.random_range(0..nodes);
+            let fault = match f {
+                Family::Partition => match rng.random_range(0..if nodes >= 5 { 4 } else { 3 }) {
+                    0 => Fault::PartitionLeader,
+                    1 => Fault::PartitionHalves { leader_in_majority: true },
+                    2 => Fault::PartitionHalves { leader_in_majority: false },
+                    _ => Fault::PartitionRing,
+                },
+                Family::Loss => Fault::Loss { pct: *[5, 20, 40].choose(&mut rng).unwrap() },
+                Family::Kill => Fault::Kill { leader: rng.random_bool(0.5), slot },
+                Family::Pause => Fault::Pause { leader: rng.random_bool(0.5), slot },
+                Family::Membership => Fault::Membership { slot },
+                Family::Skew => {
+                    let mut slots: Vec<usize> = (0..nodes).collect();
+                    slots.shuffle(&mut rng);
+                    slots.truncate(rng.random_range(1..=nodes));
+                    let secs = slots.iter().map(|_| rng.random_range(-120i64..=120)).collect();
+                    Fault::Skew { slots, secs }
+                }
+                Family::Disk => Fault::Disk { slot },
+            };
+            steps.push(Step { at_ms: t, hold_ms: hold, fault });
+            t += hold + rng.random_range(interval_ms / 2..=interval_ms * 3 / 2);
+        }
+        streams.push(steps);
+    }
+    Schedule { streams }
+}
+
+/// Counts of what was injected, for results.json.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Injected {
+    pub faults: std::collections::BTreeMap<String, u64>,
+    /// Disk faults after which the node stopped on its own, and those where it kept running
+    /// (no write reached it while the fault held, e.g. it was partitioned or paused).
+    pub disk_node_stopped: u64,
+    pub disk_node_kept_running: u64,
+    pub membership_replaced: u64,
+    pub membership_failed: u64,
+}
+
+pub struct Nemesis {
+    pub cluster: Arc<Cluster>,
+    pub ctx: Arc<Ctx>,
+    pub injected: std::sync::Mutex<Injected>,
+    start: Instant,
+}
+
+impl Nemesis {
+    pub fn new(cluster: Arc<Cluster>, ctx: Arc<Ctx>) -> Arc<Nemesis> {
+        Arc::new(Nemesis { cluster, ctx, injected: Default::default(), start: Instant::now() })
+    }
+
+    fn log(&self, kind: Kind, fault: &str, detail: String) {
+        self.ctx.rec.record(
+            Process::Nemesis(NemesisTag::Nemesis),
+            kind,
+            Op::Nemesis { fault: fault.into(), detail },
+            None,
+            None,
+        );
+    }
+
+    fn count(&self, name: &str) {
+        *self.injected.lock().unwrap().faults.entry(name.into()).or_default() += 1;
+    }
+
+    /// Runs one stream to its end (or until the run stops).
+    pub async fn run_stream(self: Arc<Self>, steps: Vec<Step>) {
+        for step in steps {
+            let at = self.start + Duration::from_millis(step.at_ms);
+            tokio::time::sleep_until(at.into()).await;
+            if self.ctx.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let name = fault_name(&step.fault);
+            match self.apply(&step.fault).await {
+                Ok(Some(detail)) => {
+                    self.count(name);
+                    self.log(Kind::Invoke, name, detail);
+                    tokio::time::sleep(Duration::from_millis(step.hold_ms)).await;
+                    let healed = self.heal(&step.fault).await;
+                    self.log(Kind::Info, name, healed);
+                }
+                Ok(None) => {}
+                Err(e) => self.log(Kind::Info, name, format!("could not inject: {e}")),
+            }
+        }
+    }
+
+    async fn target(&self, leader: bool, slot: usize) -> usize {
+        if leader {
+            if let Some(l) = self.cluster.leader().await {
+                return l;
+            }
+        }
+        slot
+    }
+
+    /// Injects a fault; returns what was done, or None when it did not apply.
+    async fn apply(&self, fault: &Fault) -> Result<Option<String>> {
+        let c = &self.cluster;
+        let n = c.len();
+        Ok(Some(match fault {
+            Fault::PartitionLeader => {
+                let Some(l) = c.leader().await else { return Ok(None) };
+                let others: Vec<usize> = (0..n).filter(|s| *s != l).collect();
+                self.partition(&[vec![l], others.clone()])?;
+                format!("isolated leader n{}", l + 1)
+            }
+            Fault::PartitionHalves { leader_in_majority } => {
+                let l = c.leader().await.unwrap_or(0);
+                let mut rest: Vec<usize> = (0..n).filter(|s| *s != l).collect();
+                let minority_size = (n - 1) / 2;
+                let (mut majority, mut minority) = if *leader_in_majority {
+                    (vec![l], Vec::new())
+                } else {
+                    (Vec::new(), vec![l])
+                };
+                while let Some(s) = rest.pop() {
+                    if minority.len() < minority_size {
+                        minority.push(s);
+                    } else {
+                        majority.push(s);
+                    }
+                }
+                self.partition(&[majority.clone(), minority.clone()])?;
+                format!("majority {} | minority {}", slots(&majority), slots(&minority))
+            }
+            Fault::PartitionRing => {
+                for s in 0..n {
+                    let blocked: Vec<usize> = (0..n).filter(|o| ring_distance(s, *o, n) > 1).collect();
+                    c.net.set_rules(s, &blocked, 0)?;
+                }
+                "ring: each node hears its two neighbours".into()
+            }
+            Fault::Loss { pct } => {
+                for s in 0..n {
+                    c.net.set_rules(s, &[], *pct)?;
+                }
+                format!("{pct}% packet loss between nodes")
+            }
+            Fault::Kill { leader, slot } => {
+                let s = self.target(*leader, *slot).await;
+                if !c.kill(s) {
+                    return Ok(None);
+                }
+                format!("kill -9 n{}", s + 1)
+            }
+            Fault::Pause { leader, slot } => {
+                let s = self.target(*leader, *slot).await;
+                if !c.pause(s) {
+                    return Ok(None);
+                }
+                format!("SIGSTOP n{}", s + 1)
+            }
+            Fault::Membership { slot } => return self.replace(*slot).await,
+            Fault::Skew { slots: ss, secs } => {
+                for (s, d) in ss.iter().zip(secs) {
+                    c.set_skew(*s, *d)?;
+                }
+                let parts: Vec<String> = ss.iter().zip(secs).map(|(s, d)| format!("n{} {d:+}s", s + 1)).collect();
+                format!("clock skew {}", parts.join(", "))
+            }
+            Fault::Disk { slot } => {
+                if c.pid(*slot).is_none() {
+                    return Ok(None);
+                }
+                c.fsync_faults(*slot, true)?;
+                format!("fsync/fdatasync → EIO on n{}", slot + 1)
+            }
+        }))
+    }
+
+    fn partition(&self, groups: &[Vec<usize>]) -> Result<()> {
+        let c = &self.cluster;
+        for g in groups {
+            let outside: Vec<usize> = (0..c.len()).filter(|s| !g.contains(s)).collect();
+            for s in g {
+                c.net.set_rules(*s, &outside, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes a fault; returns what was done.
+    async fn heal(&self, fault: &Fault) -> String {
+        let c = &self.cluster;
+        match fault {
+            Fault::PartitionLeader | Fault::PartitionHalves { .. } | Fault::PartitionRing | Fault::Loss { .. } => {
+                for s in 0..c.len() {
+                    let _ = c.net.set_rules(s, &[], 0);
+                }
+                "network healed".into()
+            }
+            Fault::Kill { .. } | Fault::Membership { .. } => {
+                let restarted: Vec<usize> = (0..c.len()).filter(|s| c.pid(*s).is_none()).collect();
+                for s in &restarted {
+                    let _ = c.start(*s);
+                }
+                format!("restarted {}", slots(&restarted))
+            }
+            Fault::Pause { .. } => {
+                for s in 0..c.len() {
+                    c.resume(s);
+                }
+                "SIGCONT all".into()
+            }
+            Fault::Skew { slots: ss, .. } => {
+                for s in ss {
+                    let _ = c.set_skew(*s, 0);
+                }
+                "clocks reset".into()
+            }
+            Fault::Disk { slot } => {
+                let stopped = c.exited(*slot).is_some() || c.pid(*slot).is_none();
+                {
+                    let mut inj = self.injected.lock().unwrap();
+                    if stopped {
+                        inj.disk_node_stopped += 1;
+                    } else {
+                        inj.disk_node_kept_running += 1;
+                    }
+                }
+                if !stopped {
+                    let _ = c.fsync_faults(*slot, false);
+                    // It may have acknowledged nothing since; restart it anyway so every
+                    // disk fault ends the same way: a node recovering from its own files.
+                    c.kill(*slot);
+                }
+                let _ = c.start(*slot);
+                format!(
+                    "n{} {} under failing fsync; restarted",
+                    slot + 1,
+                    if stopped { "stopped on its own" } else { "was still running" }
+                )
+            }
+        }
+    }
+
+    /// Removes the slot's node from the cluster and replaces it with a new identity.
+    async fn replace(&self, slot: usize) -> Result<Option<String>> {
+        let c = &self.cluster;
+        let Some(l) = c.leader().await else { return Ok(None) };
+        let old = c.node_id(slot);
+        let admin = c.admin_client(l);
+        // Only when every slot's node is a voter: never shrink below the full cluster twice.
+        let st = admin.admin().status().await?;
+        let voters: Vec<u64> = st.voters.iter().map(|v| v.id).collect();
+        if (0..c.len()).any(|s| !voters.contains(&c.node_id(s))) || st.voters.len() != c.len() {
+            return Ok(None);
+        }
+        if l == slot {
+            // Removing the leader works in Raft, but let the other families test leader loss.
+            return Ok(None);
+        }
+        if let Err(e) = admin.admin().remove_nodes(vec![old]).await {
+            self.injected.lock().unwrap().membership_failed += 1;
+            return Err(e.into());
+        }
+        c.kill(slot);
+        let new = c.replace_identity(slot);
+        c.start(slot)?;
+        let joined = self.join(slot).await;
+        let mut inj = self.injected.lock().unwrap();
+        match &joined {
+            Ok(()) => inj.membership_replaced += 1,
+            Err(_) => inj.membership_failed += 1,
+        }
+        Ok(Some(match joined {
+            Ok(()) => format!("removed node {old} from n{}; node {new} joined in its place", slot + 1),
+            Err(e) => format!("removed node {old} from n{}; node {new} not joined yet: {e}", slot + 1),
+        }))
+    }
+
+    /// Adds the slot's (new) node as a learner, waits for it to catch up, promotes it.
+    pub async fn join(&self, slot: usize) -> Result<()> {
+        let c = &self.cluster;
+        let info = c.node_info(slot);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let l = c.leader().await;
+            if let Some(l) = l {
+                let admin = c.admin_client_with_timeout(l, Duration::from_secs(30));
+                let added = admin.admin().add_learner(info.clone(), true).await;
+                if added.is_ok() && admin.admin().promote_voters(vec![info.id]).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("node {} could not join within 60 s", info.id);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The final heal: network, clocks, processes; then every slot's node a voter again.
+    pub async fn heal_all(&self) -> Vec<String> {
+        let c = &self.cluster;
+        let mut done = Vec::new();
+        for s in 0..c.len() {
+            let _ = c.net.set_rules(s, &[], 0);
+            let _ = c.set_skew(s, 0);
+            c.resume(s);
+            if c.pid(s).is_none() {
+                let _ = c.start(s);
+                done.push(format!("started n{}", s + 1));
+            }
+        }
+        if let Ok(l) = c.await_leader(Duration::from_secs(30)).await {
+            if let Ok(st) = c.admin_client(l).admin().status().await {
+                let voters: Vec<u64> = st.voters.iter().map(|v| v.id).collect();
+                for s in 0..c.len() {
+                    if !voters.contains(&c.node_id(s)) {
+                        let r = self.join(s).await;
+                        done.push(format!("n{} rejoined: {r:?}", s + 1));
+                    }
+                }
+            }
+        }
+        self.log(Kind::Info, "final-heal", done.join("; "));
+        done
+    }
+}
+
+fn ring_distance(a: usize, b: usize, n: usize) -> usize {
+    let d = a.abs_diff(b);
+    d.min(n - d)
+}
+
+fn slots(v: &[usize]) -> String {
+    let names: Vec<String> = v.iter().map(|s| format!("n{}", s + 1)).collect();
+    format!("[{}]", names.join(" "))
+}
+
+pub fn fault_name(f: &Fault) -> &'static str {
+    match f {
+        Fault::PartitionLeader => "partition-leader",
+        Fault::PartitionHalves { leader_in_majority: true } => "partition-majority-with-leader",
+        Fault::PartitionHalves { leader_in_majority: false } => "partition-minority-with-leader",
+        Fault::PartitionRing => "partition-ring",
+        Fault::Loss { .. } => "packet-loss",
+        Fault::Kill { .. } => "kill",
+        Fault::Pause { .. } => "pause",
+        Fault::Membership { .. } => "membership",
+        Fault::Skew { .. } => "clock-skew",
+        Fault::Disk { .. } => "disk-eio",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_depends_only_on_the_seed() {
+        let a = serde_json::to_string(&schedule(7, &Family::all(), 5, 120_000, 8000)).unwrap();
+        let b = serde_json::to_string(&schedule(7, &Family::all(), 5, 120_000, 8000)).unwrap();
+        let c = serde_json::to_string(&schedule(8, &Family::all(), 5, 120_000, 8000)).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let s = schedule(7, &[Family::Kill], 3, 60_000, 5000);
+        assert!(!s.streams[0].is_empty());
+        assert!(s.streams[0].iter().all(|st| st.at_ms + st.hold_ms < 60_000));
+        assert!(s.streams[0].windows(2).all(|w| w[0].at_ms + w[0].hold_ms < w[1].at_ms));
+    }
+
+    #[test]
+    fn a_ring_keeps_only_neighbours() {
+        assert_eq!(ring_distance(0, 4, 5), 1);
+        assert_eq!(ring_distance(0, 2, 5), 2);
+        assert_eq!(ring_distance(1, 3, 5), 2);
+    }
+}

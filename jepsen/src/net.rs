@@ -1,0 +1,242 @@
+//! The network under test: one namespace per node, one for the clients, and a hub namespace
+//! holding the bridge they all hang off. Nothing is created in the host's own namespace, so
+//! a run cannot disturb the machine it runs on, and deleting the namespaces removes
+//! everything (veth pairs die with them).
+//!
+//! ```text
+//!                 hub netns: bridge br0
+//!       ┌────────────┬──────┴─────┬────────────┐
+//!   veth│        veth│        veth│        veth│
+//!  ┌────┴────┐  ┌────┴────┐  ┌────┴────┐  ┌────┴─────┐
+//!  │ node 1  │  │ node 2  │  │ node 3  │  │ clients  │
+//!  │ .11     │  │ .12     │  │ .13     │  │ .2       │
+//!  │ nftables│  │ nftables│  │ nftables│  │ harness  │
+//!  └─────────┘  └─────────┘  └─────────┘  └──────────┘
+//! ```
+//!
+//! Faults between nodes are nftables rules in each node's namespace (an `input` chain that
+//! drops packets from chosen node addresses); the clients' address is never dropped, so a
+//! client can always reach every node, as in Jepsen.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+/// Namespaces are named `egj<pid>-…` so stale ones from a killed harness can be found.
+pub const PREFIX: &str = "egj";
+const SUBNET: [u8; 3] = [10, 213, 0];
+
+pub struct Net {
+    pub id: String,
+    pub hub: String,
+    pub client: String,
+    pub nodes: Vec<String>,
+    torn_down: bool,
+}
+
+pub fn node_ip(slot: usize) -> Ipv4Addr {
+    Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], 11 + slot as u8)
+}
+
+pub fn client_ip() -> Ipv4Addr {
+    Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], 2)
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sh_input(args: &[&str], input: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", args[0]))?;
+    child.stdin.take().unwrap().write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{} failed: {}\n{input}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Result<String> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+impl Net {
+    /// Creates the namespaces, the bridge and the links, and an empty nftables table on
+    /// every node. On error, whatever was created is removed again.
+    pub fn create(nodes: usize) -> Result<Net> {
+        let id = format!("{PREFIX}{}", std::process::id());
+        let mut net = Net {
+            hub: format!("{id}-hub"),
+            client: format!("{id}-c"),
+            nodes: (0..nodes).map(|i| format!("{id}-n{}", i + 1)).collect(),
+            id,
+            torn_down: false,
+        };
+        if let Err(e) = net.build() {
+            net.teardown();
+            return Err(e);
+        }
+        Ok(net)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        sh(&["ip", "netns", "add", &self.hub])?;
+        in_ns(&self.hub, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        in_ns(&self.hub, &["ip", "link", "set", "br0", "up"])?;
+        in_ns(&self.hub, &["ip", "link", "set", "lo", "up"])?;
+        let mut hosts: Vec<(String, Ipv4Addr)> =
+            self.nodes.iter().enumerate().map(|(i, n)| (n.clone(), node_ip(i))).collect();
+        hosts.push((self.client.clone(), client_ip()));
+        for (i, (ns, ip)) in hosts.iter().enumerate() {
+            sh(&["ip", "netns", "add", ns])?;
+            let veth = format!("v{i}");
+            in_ns(&self.hub, &["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+            in_ns(&self.hub, &["ip", "link", "set", &veth, "master", "br0", "up"])?;
+            in_ns(ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            in_ns(ns, &["ip", "link", "set", "eth0", "up"])?;
+            in_ns(ns, &["ip", "link", "set", "lo", "up"])?;
+        }
+        for ns in &self.nodes {
+            sh_input(
+                &["ip", "netns", "exec", ns, "nft", "-f", "-"],
+                "table inet jepsen {\n  chain input { type filter hook input priority 0; policy accept; }\n}\n",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Sets node `slot`'s input rules: drop everything from `blocked` node slots, and drop
+    /// `loss_pct` percent of what comes from the other nodes. Replaces earlier rules.
+    pub fn set_rules(&self, slot: usize, blocked: &[usize], loss_pct: u32) -> Result<()> {
+        let mut script = String::from("flush chain inet jepsen input\n");
+        let others: Vec<String> =
+            (0..self.nodes.len()).filter(|s| *s != slot).map(|s| node_ip(s).to_string()).collect();
+        if !blocked.is_empty() {
+            let ips: Vec<String> = blocked.iter().map(|s| node_ip(*s).to_string()).collect();
+            script += &format!("add rule inet jepsen input ip saddr {{ {} }} drop\n", ips.join(", "));
+        }
+        if loss_pct > 0 && !others.is_empty() {
+            script += &format!(
+                "add rule inet jepsen input ip saddr {{ {} }} numgen random mod 100 < {loss_pct} drop\n",
+                others.join(", ")
+            );
+        }
+        sh_input(&["ip", "netns", "exec", &self.nodes[slot], "nft", "-f", "-"], &script)
+    }
+
+    /// Moves the calling thread into the clients' namespace. Call it on the main thread
+    /// before any other thread exists: threads started afterwards inherit it.
+    pub fn enter_client_ns(&self) -> Result<()> {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.client))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns into the client namespace")?;
+        Ok(())
+    }
+
+    /// Kills whatever still runs in the namespaces and deletes them. Idempotent; never fails.
+    pub fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        self.guard().teardown();
+    }
+
+    /// A guard that tears the namespaces down when dropped (also on panic).
+    pub fn guard(&self) -> Guard {
+        let mut names = self.nodes.clone();
+        names.push(self.client.clone());
+        names.push(self.hub.clone());
+        Guard { names }
+    }
+}
+
+pub struct Guard {
+    names: Vec<String>,
+}
+
+impl Guard {
+    pub fn teardown(&mut self) {
+        remove_namespaces(&std::mem::take(&mut self.names));
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn remove_namespaces(names: &[String]) {
+    for ns in names {
+        if let Ok(pids) = sh(&["ip", "netns", "pids", ns]) {
+            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // Never kill ourselves: the harness lives in the client namespace.
+                if pid as u32 != std::process::id() {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+        let _ = sh(&["ip", "netns", "del", ns]);
+    }
+}
+
+/// Removes namespaces left by harness runs that no longer exist (a `kill -9`ed harness).
+pub fn sweep_stale() -> usize {
+    let Ok(list) = sh(&["ip", "netns", "list"]) else { return 0 };
+    let mut stale = Vec::new();
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            stale.push(name.to_string());
+        }
+    }
+    remove_namespaces(&stale);
+    stale.len()
+}
+
+/// Installs the system tools the harness drives, when missing (Debian).
+pub fn ensure_tools(need_faketime: bool, need_fiu: bool) -> Result<()> {
+    let mut pkgs = Vec::new();
+    if sh(&["sh", "-c", "command -v ip"]).is_err() {
+        pkgs.push("iproute2");
+    }
+    if sh(&["sh", "-c", "command -v nft"]).is_err() {
+        pkgs.push("nftables");
+    }
+    if need_faketime && !std::path::Path::new(crate::cluster::LIBFAKETIME).exists() {
+        pkgs.push("libfaketime");
+    }
+    if need_fiu && sh(&["sh", "-c", "command -v fiu-ctrl"]).is_err() {
+        pkgs.push("fiu-utils");
+    }
+    if pkgs.is_empty() {
+        return Ok(());
+    }
+    eprintln!("jepsen: installing {}", pkgs.join(" "));
+    sh(&["apt-get", "update", "-qq"])?;
+    let mut cmd = vec!["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq"];
+    cmd.extend(pkgs);
+    sh(&cmd).map(|_| ())
+}
