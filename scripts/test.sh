@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, proptests and in-process cluster tests (real gRPC on
-# loopback, real redb files). Usage: scripts/test.sh [extra cargo test args]
+# loopback, real redb files), then the chaos harness's CI tier (jepsen/README.md: real
+# engram processes in network namespaces under partitions, kill -9 and pauses, plus the
+# canary that must be caught; needs root). Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -8,3 +10,13 @@ cargo test --workspace --locked "$@"
 # The `gpu` feature needs CUDA FAISS to link, which CI machines lack; make sure it compiles.
 # (scripts/gpu/selftest.sh runs it on a GPU machine.)
 cargo check --locked --lib --no-default-features --features gpu
+# The chaos harness's CI tier: about 4 minutes, prints `N passed, N failed`.
+# ENGRAM_SKIP_JEPSEN=1 skips it (for machines without root or network namespaces).
+if [ "${ENGRAM_SKIP_JEPSEN:-0}" = "1" ]; then
+  echo "test.sh: ENGRAM_SKIP_JEPSEN=1: skipping the jepsen CI tier"
+else
+  cargo build --locked --bins --workspace
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO "${CARGO_TARGET_DIR:-target}/debug/engram-jepsen" ci
+fi

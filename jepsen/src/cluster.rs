@@ -144,7 +144,7 @@ impl Cluster {
         if !preload.is_empty() {
             cmd.env("LD_PRELOAD", preload.join(" "));
         }
-        cmd.env("ENGRAM_LOG", "info,openraft=warn");
+        cmd.env("ENGRAM_LOG", "info,openraft=warn").env("NO_COLOR", "1");
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         s.child = Some(cmd.spawn().context("starting engram")?);
         s.paused = false;

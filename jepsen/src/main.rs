@@ -243,19 +243,19 @@ fn main() {
             }
         },
         Cmd::Ci(t) => {
-            let base = |nem: &str| -> Vec<String> {
-                ["--nodes", "3", "--time-limit", "40", "--interval-ms", "5000", "--nemesis", nem]
+            let base = |nem: &str, secs: &str| -> Vec<String> {
+                ["--nodes", "3", "--time-limit", secs, "--interval-ms", "5000", "--nemesis", nem]
                     .iter()
                     .map(|s| s.to_string())
                     .collect()
             };
-            let mut canary = base("partition");
-            canary.extend(["--canary".to_string(), "--time-limit".into(), "30".into()]);
+            let mut canary = base("partition", "30");
+            canary.push("--canary".into());
             tier(
                 vec![
-                    ("ci-partition".into(), base("partition"), 0),
-                    ("ci-kill".into(), base("kill"), 0),
-                    ("ci-pause".into(), base("pause"), 0),
+                    ("ci-partition".into(), base("partition", "40"), 0),
+                    ("ci-kill".into(), base("kill", "40"), 0),
+                    ("ci-pause".into(), base("pause", "40"), 0),
                     ("ci-canary".into(), canary, 1),
                 ],
                 &t,
