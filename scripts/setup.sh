@@ -9,6 +9,8 @@ command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 dpkg -s libopenblas-dev >/dev/null 2>&1 || need+=(libopenblas-dev)
+# libfiu's fsync fault injection, for tests/disk_faults.rs.
+dpkg -s fiu-utils >/dev/null 2>&1 || need+=(fiu-utils)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 if ((${#need[@]})); then

@@ -84,6 +84,10 @@ impl Cluster {
         self.slots.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
     pub fn node_id(&self, slot: usize) -> u64 {
         self.slots[slot].lock().unwrap().node_id
     }

@@ -14,6 +14,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+/// Client process ids from here on belong to the final reads, after the final heal.
+pub const FINAL_PROCESSES: u64 = 1_000_000_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
@@ -130,15 +133,7 @@ impl Recorder {
     pub fn record(&self, process: Process, kind: Kind, op: Op, node: Option<usize>, error: Option<String>) {
         let mut inner = self.inner.lock().unwrap();
         // Time is taken under the lock so that indexes and times agree.
-        let e = Event {
-            index: inner.events.len() as u64,
-            time_ns: self.elapsed_ns(),
-            process,
-            kind,
-            op,
-            node,
-            error,
-        };
+        let e = Event { index: inner.events.len() as u64, time_ns: self.elapsed_ns(), process, kind, op, node, error };
         if let Some(out) = inner.out.as_mut() {
             let _ = serde_json::to_writer(&mut *out, &e);
             let _ = out.write_all(b"\n");

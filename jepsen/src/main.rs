@@ -35,13 +35,9 @@ enum Cmd {
         time_limit: u64,
     },
     /// Rerun a stored run with its seed and options.
-    Replay {
-        dir: PathBuf,
-    },
+    Replay { dir: PathBuf },
     /// Recheck a stored run's history.
-    Check {
-        dir: PathBuf,
-    },
+    Check { dir: PathBuf },
 }
 
 #[derive(Args, Clone)]
@@ -120,7 +116,9 @@ impl RunArgs {
             self.nemesis
                 .iter()
                 .filter(|n| !n.is_empty() && n.as_str() != "none")
-                .map(|n| <Family as clap::ValueEnum>::from_str(n, true).map_err(|e| anyhow::anyhow!("nemesis {n:?}: {e}")))
+                .map(|n| {
+                    <Family as clap::ValueEnum>::from_str(n, true).map_err(|e| anyhow::anyhow!("nemesis {n:?}: {e}"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?
         };
         let has = |w: &str| self.workload.iter().any(|x| x == w);

@@ -53,15 +53,32 @@ impl Family {
 pub enum Fault {
     PartitionLeader,
     /// Split into a majority and a minority; `leader_in_majority` picks the side.
-    PartitionHalves { leader_in_majority: bool },
+    PartitionHalves {
+        leader_in_majority: bool,
+    },
     /// Each node hears only its ring neighbours.
     PartitionRing,
-    Loss { pct: u32 },
-    Kill { leader: bool, slot: usize },
-    Pause { leader: bool, slot: usize },
-    Membership { slot: usize },
-    Skew { slots: Vec<usize>, secs: Vec<i64> },
-    Disk { slot: usize },
+    Loss {
+        pct: u32,
+    },
+    Kill {
+        leader: bool,
+        slot: usize,
+    },
+    Pause {
+        leader: bool,
+        slot: usize,
+    },
+    Membership {
+        slot: usize,
+    },
+    Skew {
+        slots: Vec<usize>,
+        secs: Vec<i64>,
+    },
+    Disk {
+        slot: usize,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,11 +222,8 @@ impl Nemesis {
                 let l = c.leader().await.unwrap_or(0);
                 let mut rest: Vec<usize> = (0..n).filter(|s| *s != l).collect();
                 let minority_size = (n - 1) / 2;
-                let (mut majority, mut minority) = if *leader_in_majority {
-                    (vec![l], Vec::new())
-                } else {
-                    (Vec::new(), vec![l])
-                };
+                let (mut majority, mut minority) =
+                    if *leader_in_majority { (vec![l], Vec::new()) } else { (Vec::new(), vec![l]) };
                 while let Some(s) = rest.pop() {
                     if minority.len() < minority_size {
                         minority.push(s);
@@ -369,8 +383,12 @@ impl Nemesis {
             Err(_) => inj.membership_failed += 1,
         }
         Ok(Some(match joined {
-            Ok(()) => format!("removed node {old} from n{}{}; node {new} joined in its place", slot + 1, maybe(&removed)),
-            Err(e) => format!("removed node {old} from n{}{}; node {new} not joined yet: {e}", slot + 1, maybe(&removed)),
+            Ok(()) => {
+                format!("removed node {old} from n{}{}; node {new} joined in its place", slot + 1, maybe(&removed))
+            }
+            Err(e) => {
+                format!("removed node {old} from n{}{}; node {new} not joined yet: {e}", slot + 1, maybe(&removed))
+            }
         }))
     }
 
@@ -422,7 +440,11 @@ impl Nemesis {
                 let mut stale: Vec<u64> = st.voters.iter().chain(&st.learners).map(|v| v.id).collect();
                 stale.retain(|id| !current.contains(id));
                 if !stale.is_empty() {
-                    let r = c.admin_client_with_timeout(l, Duration::from_secs(10)).admin().remove_nodes(stale.clone()).await;
+                    let r = c
+                        .admin_client_with_timeout(l, Duration::from_secs(10))
+                        .admin()
+                        .remove_nodes(stale.clone())
+                        .await;
                     done.push(format!("removed retired nodes {stale:?}: {:?}", r.map(|_| ())));
                 }
             }

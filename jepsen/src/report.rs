@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::checker::Check;
-use crate::history::{Completed, Event, Kind, Op, Process};
+use crate::history::{Completed, Event, Kind, Op, Process, FINAL_PROCESSES};
 
 const W: f64 = 1100.0;
 /// Large runs are thinned to this many operations in the plots (evenly).
@@ -65,18 +65,20 @@ fn thin(ops: &[Completed]) -> Vec<&Completed> {
     ops.iter().step_by(stride).collect()
 }
 
-fn timeline(ops: &[Completed], iv: &[(u64, u64, String)], end_ns: u64) -> String {
+fn timeline(ops: &[Completed], iv: &[(u64, u64, String)], end_ns: u64, workers: usize) -> String {
     let ops = thin(ops);
-    // Rows: one per worker, folding retired process ids onto their worker by arrival order.
-    let mut rows: Vec<u64> = ops.iter().map(|o| o.process).collect();
-    rows.sort_unstable();
-    rows.dedup();
-    let rows = rows.len().min(60);
-    let row_of = |p: u64| (p as usize) % rows.max(1);
+    // One row per worker (a retired process id p continues worker p mod workers), and one
+    // for the final reads.
+    let rows = workers + 1;
+    let row_of = |p: u64| if p >= FINAL_PROCESSES { workers } else { (p % workers.max(1) as u64) as usize };
     let h = 14.0 * rows as f64 + 30.0;
-    let x = |t: u64| 40.0 + (t as f64 / end_ns.max(1) as f64) * (W - 60.0);
+    let x = |t: u64| 60.0 + (t as f64 / end_ns.max(1) as f64) * (W - 80.0);
     let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-size="10">"#);
     shade(&mut svg, iv, &x, 0.0, h - 20.0);
+    for r in 0..rows {
+        let label = if r == workers { "final".to_string() } else { format!("worker {r}") };
+        let _ = write!(svg, r##"<text x="2" y="{:.1}" fill="#444">{label}</text>"##, 14.0 * r as f64 + 11.0);
+    }
     for o in &ops {
         let y = 14.0 * row_of(o.process) as f64 + 2.0;
         let end = o.complete_ns.unwrap_or(end_ns);
@@ -127,13 +129,8 @@ fn latency(ops: &[Completed], iv: &[(u64, u64, String)], end_ns: u64) -> String 
     for o in &ops {
         let Some(done) = o.complete_ns else { continue };
         let ms = (done - o.invoke_ns) as f64 / 1e6;
-        let _ = write!(
-            svg,
-            r#"<circle cx="{:.1}" cy="{:.1}" r="1.5" fill="{}"/>"#,
-            x(o.invoke_ns),
-            y(ms),
-            color(o.kind)
-        );
+        let _ =
+            write!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="1.5" fill="{}"/>"#, x(o.invoke_ns), y(ms), color(o.kind));
     }
     axis(&mut svg, end_ns, h - 26.0, &x);
     svg + "</svg>"
@@ -161,15 +158,29 @@ fn throughput(ops: &[Completed], iv: &[(u64, u64, String)], end_ns: u64) -> Stri
         let pts: Vec<String> = counts
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{:.1},{:.1}", x(i as u64 * 1_000_000_000), (h - 30.0) - c[k] as f64 / max * (h - 45.0)))
+            .map(|(i, c)| {
+                format!("{:.1},{:.1}", x(i as u64 * 1_000_000_000), (h - 30.0) - c[k] as f64 / max * (h - 45.0))
+            })
             .collect();
-        let _ = write!(svg, r#"<polyline fill="none" stroke="{}" stroke-width="1.2" points="{}"/>"#, color(kind), pts.join(" "));
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{}" stroke-width="1.2" points="{}"/>"#,
+            color(kind),
+            pts.join(" ")
+        );
     }
     axis(&mut svg, end_ns, h - 26.0, &x);
     svg + "</svg>"
 }
 
-pub fn html(title: &str, events: &[Event], ops: &[Completed], checks: &[Check], summary: &serde_json::Value) -> String {
+pub fn html(
+    title: &str,
+    events: &[Event],
+    ops: &[Completed],
+    checks: &[Check],
+    summary: &serde_json::Value,
+    workers: usize,
+) -> String {
     let end_ns = events.last().map_or(1, |e| e.time_ns);
     let iv = intervals(events);
     let mut out = String::new();
@@ -199,7 +210,7 @@ pub fn html(title: &str, events: &[Event], ops: &[Completed], checks: &[Check], 
     }
     out += "<h2>Timeline</h2><p>One row per worker; green ok, red fail, orange info (indeterminate). \
             Shaded bands: faults in force (hover for details).</p>";
-    out += &timeline(ops, &iv, end_ns);
+    out += &timeline(ops, &iv, end_ns, workers);
     out += "<h2>Latency</h2>";
     out += &latency(ops, &iv, end_ns);
     out += "<h2>Throughput (completions per second)</h2>";

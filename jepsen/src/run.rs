@@ -207,7 +207,7 @@ pub fn check(events: &[Event], w: &WorkloadOptions, final_from: u64, nodes: usiz
 pub fn final_from(events: &[Event]) -> u64 {
     events
         .iter()
-        .find(|e| matches!(e.process, history::Process::Client(p) if p >= 1_000_000_000))
+        .find(|e| matches!(e.process, history::Process::Client(p) if p >= history::FINAL_PROCESSES))
         .map_or(u64::MAX, |e| e.index)
 }
 
@@ -251,7 +251,8 @@ pub fn finish(
         "operations": results.operations,
         "injected": results.injected,
     });
-    let html = report::html(&format!("Engram jepsen: {}", opts.name), events, &ops, &results.checks, &summary);
+    let workers = workload::total_workers(&opts.workload) as usize;
+    let html = report::html(&format!("Engram jepsen: {}", opts.name), events, &ops, &results.checks, &summary, workers);
     std::fs::write(dir.join("report.html"), html)?;
     Ok(results)
 }

@@ -276,7 +276,8 @@ async fn set_worker(mut w: Worker, group: Arc<Mutex<SetGroup>>, opts: WorkloadOp
         w.invoke(&op);
         let (kind, done, err) = match op.clone() {
             Op::Add { element, .. } => {
-                let m = NewMemory::new(format!("element {element}"), REGISTER_VEC.to_vec()).with_id(format!("e{element}"));
+                let m =
+                    NewMemory::new(format!("element {element}"), REGISTER_VEC.to_vec()).with_id(format!("e{element}"));
                 match w.writer.put(&ns, m).await {
                     Ok(_) => {
                         group.lock().await.acked.push(element);
@@ -386,7 +387,7 @@ impl Ctx {
     }
 }
 
-fn total_workers(o: &WorkloadOptions) -> u64 {
+pub fn total_workers(o: &WorkloadOptions) -> u64 {
     let mut n = 0;
     if o.register {
         n += o.register_group * o.register_groups;
@@ -451,7 +452,7 @@ pub fn spawn(ctx: &Arc<Ctx>, opts: &WorkloadOptions, seed: u64) -> Vec<tokio::ta
 /// as ordinary operations by processes of their own; a read that fails is retried a few
 /// times (each attempt recorded).
 pub async fn final_reads(ctx: &Arc<Ctx>, opts: &WorkloadOptions) {
-    let base = 1_000_000_000u64;
+    let base = crate::history::FINAL_PROCESSES;
     let mut tasks = Vec::new();
     for node in 0..ctx.nodes {
         let ctx = ctx.clone();
@@ -489,7 +490,13 @@ pub async fn final_reads(ctx: &Arc<Ctx>, opts: &WorkloadOptions) {
                         let op = attempt(Op::ReadSet { key, elements: None });
                         match read_set(&c, key).await {
                             Ok(elements) => {
-                                rec.record(process, Kind::Ok, Op::ReadSet { key, elements: Some(elements) }, Some(node), None);
+                                rec.record(
+                                    process,
+                                    Kind::Ok,
+                                    Op::ReadSet { key, elements: Some(elements) },
+                                    Some(node),
+                                    None,
+                                );
                                 break;
                             }
                             Err(e) => {
@@ -506,8 +513,9 @@ pub async fn final_reads(ctx: &Arc<Ctx>, opts: &WorkloadOptions) {
                     for _ in 0..10 {
                         // One batch behind one read barrier; each query is its own operation,
                         // all invoked before and completed after the batch.
-                        let ps: Vec<Process> =
-                            (0..chunk.len()).map(|i| Process::Client(base * 2 + node as u64 * 1000 + i as u64)).collect();
+                        let ps: Vec<Process> = (0..chunk.len())
+                            .map(|i| Process::Client(base * 2 + node as u64 * 1000 + i as u64))
+                            .collect();
                         for (id, p) in chunk.iter().zip(&ps) {
                             rec.record(*p, Kind::Invoke, Op::Search { id: *id, hits: None }, Some(node), None);
                         }

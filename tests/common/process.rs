@@ -20,8 +20,14 @@ impl EngramProcess {
 
     /// Starts the node from its data dir (fresh or existing) with fast test timeouts.
     pub fn start(&mut self, bin: &Path, state_sync_interval_ms: u64) {
-        let log = std::fs::File::create(self.data_dir.with_extension("log")).unwrap();
+        self.start_with_env(bin, state_sync_interval_ms, &[]);
+    }
+
+    /// [`start`](Self::start) with extra environment variables (fault injection preloads).
+    pub fn start_with_env(&mut self, bin: &Path, state_sync_interval_ms: u64, env: &[(&str, String)]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log")).unwrap();
         let child = Command::new(bin)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .args(["--node-id", &self.id.to_string(), "--data-dir", self.data_dir.to_str().unwrap()])
             .args(["--listen-api", &self.api, "--listen-raft", &self.raft, "--listen-http", &self.http])
             .args(["--heartbeat-interval-ms", "50", "--election-timeout-min-ms", "300"])
@@ -36,6 +42,19 @@ impl EngramProcess {
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The exit status if the process has ended on its own (it is reaped).
+    #[allow(dead_code)]
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().unwrap()?;
+        self.child = None;
+        Some(status)
     }
 
     pub fn kill9(&mut self) {

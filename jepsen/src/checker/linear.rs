@@ -39,7 +39,9 @@ pub enum Verdict {
     Linearizable,
     /// No linearization exists. `stuck` is the completed operation the search could never
     /// get past, the place to start reading the history.
-    NotLinearizable { stuck: usize },
+    NotLinearizable {
+        stuck: usize,
+    },
     /// The search ran out of its time budget: nothing is known.
     Unknown,
 }
@@ -133,7 +135,7 @@ pub fn check(calls: &[Call], budget: Duration) -> Verdict {
             return Verdict::Linearizable;
         }
         iterations += 1;
-        if iterations % 4096 == 0 && Instant::now() >= deadline {
+        if iterations.is_multiple_of(4096) && Instant::now() >= deadline {
             return Verdict::Unknown;
         }
         if cur == usize::MAX {
@@ -283,10 +285,7 @@ mod tests {
             c(2, RegOp::Read(Some(2)), 4, Some(5)),
         ];
         assert_eq!(check(&h, B), Verdict::Linearizable);
-        let h = [
-            c(0, RegOp::Write(1), 0, Some(1)),
-            c(1, RegOp::Cas(3, 2), 2, Some(3)),
-        ];
+        let h = [c(0, RegOp::Write(1), 0, Some(1)), c(1, RegOp::Cas(3, 2), 2, Some(3))];
         assert!(matches!(check(&h, B), Verdict::NotLinearizable { .. }));
     }
 

@@ -101,7 +101,9 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
             }
             let invoked = hm.and_then(|m| m.put_invoke).is_some_and(|t| t < end);
             if (!invoked || hm.is_some_and(|m| m.put_failed)) && phantom.insert(*h) {
-                c.anomaly(format!("memory {h} phantom: returned by the search at events {start}..{end} but never stored"));
+                c.anomaly(format!(
+                    "memory {h} phantom: returned by the search at events {start}..{end} but never stored"
+                ));
             }
         }
     }

@@ -160,11 +160,7 @@ mod tests {
 
     #[test]
     fn removed_elements_stay_removed() {
-        let h = [
-            add(0, 1, Kind::Ok, 5),
-            op(1, 2, 3, Kind::Ok, Op::Remove { key: 1, element: 5 }),
-            read(4, 5, &[5]),
-        ];
+        let h = [add(0, 1, Kind::Ok, 5), op(1, 2, 3, Kind::Ok, Op::Remove { key: 1, element: 5 }), read(4, 5, &[5])];
         let c = check(&h, 4, 1);
         assert!(c.anomalies[0].contains("resurrected"), "{:?}", c.anomalies);
         // A removal still in flight during the read excuses absence.
