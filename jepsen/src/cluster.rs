@@ -74,6 +74,7 @@ impl Cluster {
             slots: (0..n).map(|i| Mutex::new(Slot { node_id: i as u64 + 1, child: None, paused: false })).collect(),
             next_id: Mutex::new(n as u64 + 1),
         };
+        std::fs::create_dir_all(dir.join("faults"))?;
         for s in 0..n {
             c.set_skew(s, 0)?;
         }
@@ -100,12 +101,14 @@ impl Cluster {
         self.dir.join(format!("n{}.log", slot + 1))
     }
 
+    /// libfaketime's per-slot offset file.
     fn skew_file(&self, slot: usize) -> PathBuf {
-        self.dir.join(format!("n{}.faketime", slot + 1))
+        self.dir.join("faults").join(format!("n{}.faketime", slot + 1))
     }
 
+    /// libfiu's control FIFO prefix (the process appends `-<pid>.in` / `.out`).
     fn fiu_fifo(&self, slot: usize) -> PathBuf {
-        self.dir.join(format!("n{}.fiu", slot + 1))
+        self.dir.join("faults").join(format!("n{}.fiu", slot + 1))
     }
 
     /// Starts the slot's node if it is not running.
@@ -160,7 +163,7 @@ impl Cluster {
         let mut s = self.slots[slot].lock().unwrap();
         let Some(mut child) = s.child.take() else { return false };
         let _ = child.kill();
-        let _ = child.wait();
+        net::blocking(|| child.wait()).ok();
         s.paused = false;
         true
     }
@@ -206,6 +209,10 @@ impl Cluster {
     /// Makes every fsync / fdatasync of the slot's process fail with EIO (or stop failing).
     pub fn fsync_faults(&self, slot: usize, on: bool) -> Result<()> {
         let Some(pid) = self.pid(slot) else { bail!("node in slot {} is not running", slot + 1) };
+        // A stopped process cannot answer on its control FIFO.
+        if self.slots[slot].lock().unwrap().paused {
+            bail!("node in slot {} is paused", slot + 1);
+        }
         let cmd = if on {
             "enable name=posix/io/sync/*,failinfo=5" // errno 5: EIO
         } else {
@@ -300,11 +307,12 @@ impl Cluster {
         self.await_leader(Duration::from_secs(30)).await
     }
 
-    /// Stops everything (kill -9; the run is over).
+    /// Stops everything (kill -9; the run is over) and removes the fault-control files.
     pub fn stop_all(&self) {
         for s in 0..self.len() {
             self.resume(s);
             self.kill(s);
         }
+        let _ = std::fs::remove_dir_all(self.dir.join("faults"));
     }
 }

@@ -20,6 +20,7 @@
 
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -43,34 +44,66 @@ pub fn client_ip() -> Ipv4Addr {
     Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], 2)
 }
 
-/// Runs a command, failing with its stderr.
+/// How long any one tool (ip, nft, fiu-ctrl) may take. fiu-ctrl, for one, blocks forever
+/// on a stopped process's control FIFO.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a command, failing with its stderr, or when it takes longer than [`TOOL_TIMEOUT`].
 pub fn sh(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", args[0]))?;
-    if !out.status.success() {
-        bail!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    run_tool(args, "", TOOL_TIMEOUT)
 }
 
-fn sh_input(args: &[&str], input: &str) -> Result<()> {
-    use std::io::Write;
+fn sh_input(args: &[&str], input: &str) -> Result<String> {
+    run_tool(args, input, TOOL_TIMEOUT)
+}
+
+/// Runs blocking work without stalling the async runtime it is called from (the nemesis and
+/// the cluster shell out from async code; a blocked worker would stop timers and clients).
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn run_tool(args: &[&str], input: &str, timeout: Duration) -> Result<String> {
+    blocking(|| run_tool_blocking(args, input, timeout))
+}
+
+fn run_tool_blocking(args: &[&str], input: &str, timeout: Duration) -> Result<String> {
+    use std::io::{Read, Write};
     let mut child = Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {}", args[0]))?;
-    child.stdin.take().unwrap().write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{} failed: {}\n{input}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    let mut stdin = child.stdin.take().unwrap();
+    if !input.is_empty() {
+        stdin.write_all(input.as_bytes())?;
     }
-    Ok(())
+    drop(stdin);
+    // Outputs are small (well under a pipe's buffer), so polling cannot deadlock.
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} timed out after {timeout:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child.stdout.take().unwrap().read_to_string(&mut out)?;
+    child.stderr.take().unwrap().read_to_string(&mut err)?;
+    if !status.success() {
+        bail!("{} failed: {}\n{input}", args.join(" "), err.trim());
+    }
+    Ok(out)
 }
 
 fn in_ns(ns: &str, args: &[&str]) -> Result<String> {
@@ -140,7 +173,7 @@ impl Net {
                 others.join(", ")
             );
         }
-        sh_input(&["ip", "netns", "exec", &self.nodes[slot], "nft", "-f", "-"], &script)
+        sh_input(&["ip", "netns", "exec", &self.nodes[slot], "nft", "-f", "-"], &script).map(|_| ())
     }
 
     /// Moves the calling thread into the clients' namespace. Call it on the main thread
@@ -235,8 +268,9 @@ pub fn ensure_tools(need_faketime: bool, need_fiu: bool) -> Result<()> {
         return Ok(());
     }
     eprintln!("jepsen: installing {}", pkgs.join(" "));
-    sh(&["apt-get", "update", "-qq"])?;
+    let long = Duration::from_secs(900);
+    run_tool(&["apt-get", "update", "-qq"], "", long)?;
     let mut cmd = vec!["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq"];
     cmd.extend(pkgs);
-    sh(&cmd).map(|_| ())
+    run_tool(&cmd, "", long).map(|_| ())
 }

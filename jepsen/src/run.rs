@@ -90,6 +90,15 @@ pub fn run(opts: RunOptions) -> Result<Results> {
     let net = Net::create(opts.nodes)?;
     let mut guard = net.guard();
     net.enter_client_ns()?;
+    // If the run ever wedges, tear down and give up rather than hang a CI job.
+    let mut watchdog = net.guard();
+    let limit = Duration::from_secs(opts.time_limit_s + 1200);
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("jepsen: the run exceeded its time limit by 20 minutes; tearing down");
+        watchdog.teardown();
+        std::process::exit(3);
+    });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let out = rt.block_on(run_async(&opts, net, &dir));
     rt.shutdown_timeout(Duration::from_secs(5));
