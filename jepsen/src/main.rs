@@ -36,7 +36,7 @@ enum Cmd {
     },
     /// Rerun a stored run with its seed and options.
     Replay { dir: PathBuf },
-    /// Recheck a stored run's history.
+    /// Recheck a stored run's history (rewrites its results.json and report.html).
     Check { dir: PathBuf },
 }
 
@@ -319,6 +319,12 @@ fn recheck(dir: &std::path::Path) -> i32 {
                 println!("  {a}");
             }
         }
+        // Rewrite results.json and report.html; what was injected is only known from the
+        // earlier results.
+        let old: Option<run::Results> =
+            std::fs::read(dir.join("results.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let (injected, took) = old.map_or_else(Default::default, |r| (r.injected, r.duration_s));
+        run::finish(&opts, dir, &events, checks, injected, std::time::Duration::from_secs_f64(took))?;
         Ok(valid.exit_code())
     };
     go().unwrap_or_else(|e| {

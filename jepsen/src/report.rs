@@ -46,18 +46,54 @@ fn color(kind: Kind) -> &'static str {
     }
 }
 
+/// A fixed colour per fault family, so the same fault looks the same everywhere.
+fn fault_color(label: &str) -> &'static str {
+    let family = label.split(&[':', '-'][..]).next().unwrap_or("");
+    match family {
+        "partition" => "#4a7dcc",
+        "packet" => "#4aa3a3",
+        "kill" => "#c44a6a",
+        "pause" => "#a05cc4",
+        "membership" => "#7a8a3a",
+        "clock" => "#cc7a4a",
+        "disk" => "#555",
+        _ => "#999",
+    }
+}
+
 fn shade(svg: &mut String, iv: &[(u64, u64, String)], x: &dyn Fn(u64) -> f64, top: f64, h: f64) {
-    let palette = ["#4a7dcc", "#a05cc4", "#cc7a4a", "#4aa3a3", "#c44a6a", "#7a8a3a", "#666"];
-    for (i, (a, b, label)) in iv.iter().enumerate() {
-        let c = palette[(label.len() + i) % palette.len()];
+    for (a, b, label) in iv {
         let _ = write!(
             svg,
-            r#"<rect x="{:.1}" y="{top}" width="{:.1}" height="{h}" fill="{c}" opacity="0.12"><title>{}</title></rect>"#,
+            r#"<rect x="{:.1}" y="{top}" width="{:.1}" height="{h}" fill="{}" opacity="0.08"><title>{}</title></rect>"#,
             x(*a),
             (x(*b) - x(*a)).max(1.0),
+            fault_color(label),
             esc(label)
         );
     }
+}
+
+/// One lane per fault family, a bar for each interval the fault held.
+fn lanes(svg: &mut String, iv: &[(u64, u64, String)], x: &dyn Fn(u64) -> f64) -> f64 {
+    let mut families: Vec<&str> = iv.iter().map(|(_, _, l)| l.split(':').next().unwrap_or("")).collect();
+    families.sort_unstable();
+    families.dedup();
+    for (row, fam) in families.iter().enumerate() {
+        let y = 12.0 * row as f64;
+        let _ = write!(svg, r##"<text x="2" y="{:.1}" fill="#444">{}</text>"##, y + 9.0, esc(fam));
+        for (a, b, label) in iv.iter().filter(|(_, _, l)| l.split(':').next() == Some(fam)) {
+            let _ = write!(
+                svg,
+                r#"<rect x="{:.1}" y="{y}" width="{:.1}" height="9" fill="{}"><title>{}</title></rect>"#,
+                x(*a),
+                (x(*b) - x(*a)).max(1.0),
+                fault_color(label),
+                esc(label)
+            );
+        }
+    }
+    12.0 * families.len() as f64 + 4.0
 }
 
 fn thin(ops: &[Completed]) -> Vec<&Completed> {
@@ -71,16 +107,19 @@ fn timeline(ops: &[Completed], iv: &[(u64, u64, String)], end_ns: u64, workers: 
     // for the final reads.
     let rows = workers + 1;
     let row_of = |p: u64| if p >= FINAL_PROCESSES { workers } else { (p % workers.max(1) as u64) as usize };
-    let h = 14.0 * rows as f64 + 30.0;
-    let x = |t: u64| 60.0 + (t as f64 / end_ns.max(1) as f64) * (W - 80.0);
+    let x = |t: u64| 100.0 + (t as f64 / end_ns.max(1) as f64) * (W - 120.0);
+    let mut body = String::new();
+    let top = lanes(&mut body, iv, &x);
+    let h = top + 14.0 * rows as f64 + 30.0;
     let mut svg = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-size="10">"#);
-    shade(&mut svg, iv, &x, 0.0, h - 20.0);
+    shade(&mut svg, iv, &x, top, h - top - 20.0);
+    svg += &body;
     for r in 0..rows {
-        let label = if r == workers { "final".to_string() } else { format!("worker {r}") };
-        let _ = write!(svg, r##"<text x="2" y="{:.1}" fill="#444">{label}</text>"##, 14.0 * r as f64 + 11.0);
+        let label = if r == workers { "final reads".to_string() } else { format!("worker {r}") };
+        let _ = write!(svg, r##"<text x="2" y="{:.1}" fill="#444">{label}</text>"##, top + 14.0 * r as f64 + 11.0);
     }
     for o in &ops {
-        let y = 14.0 * row_of(o.process) as f64 + 2.0;
+        let y = top + 14.0 * row_of(o.process) as f64 + 2.0;
         let end = o.complete_ns.unwrap_or(end_ns);
         let _ = write!(
             svg,
@@ -139,7 +178,8 @@ fn latency(ops: &[Completed], iv: &[(u64, u64, String)], end_ns: u64) -> String 
 fn throughput(ops: &[Completed], iv: &[(u64, u64, String)], end_ns: u64) -> String {
     let buckets = (end_ns / 1_000_000_000 + 1) as usize;
     let mut counts = vec![[0u32; 3]; buckets];
-    for o in ops {
+    // The final reads are a burst of their own; the plot is about the workload under faults.
+    for o in ops.iter().filter(|o| o.process < FINAL_PROCESSES) {
         let Some(t) = o.complete_ns else { continue };
         let k = match o.kind {
             Kind::Ok => 0,
@@ -208,12 +248,12 @@ pub fn html(
             out += "</ul>";
         }
     }
-    out += "<h2>Timeline</h2><p>One row per worker; green ok, red fail, orange info (indeterminate). \
-            Shaded bands: faults in force (hover for details).</p>";
+    out += "<h2>Timeline</h2><p>Top: one lane per fault family, a bar while the fault held. Below: one row per \
+            worker; green ok, red fail, orange info (indeterminate). Hover for details.</p>";
     out += &timeline(ops, &iv, end_ns, workers);
     out += "<h2>Latency</h2>";
     out += &latency(ops, &iv, end_ns);
-    out += "<h2>Throughput (completions per second)</h2>";
+    out += "<h2>Throughput (completions per second, before the final reads)</h2>";
     out += &throughput(ops, &iv, end_ns);
     out += "<h2>Nemesis</h2><table><tr><th>from<th>to<th>fault</tr>";
     for (a, b, l) in &iv {
