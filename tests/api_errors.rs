@@ -280,3 +280,16 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
     assert_eq!((after.voters, after.learners), (before.voters, before.learners));
     cluster.shutdown().await;
 }
+
+/// Found by the chaos harness: a write to a node that is down was reported as "maybe
+/// applied", so every write during a kill was indeterminate. A connection that is refused
+/// never carried the request, so the SDK must say it was not applied.
+#[tokio::test]
+async fn a_write_that_could_not_connect_is_reported_not_applied() {
+    // A port nothing listens on: the connection is refused before anything is sent.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let c = engram::client::Client::pinned(&format!("127.0.0.1:{port}")).unwrap();
+    let err = c.put(NS, NewMemory::new("x", vec![1.0])).await.unwrap_err();
+    assert_eq!(err.code, Code::Unavailable, "{err}");
+    assert_eq!(err.outcome, engram::client::WriteOutcome::NotApplied, "{err}");
+}

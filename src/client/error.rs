@@ -35,7 +35,7 @@ impl ClientError {
             | Code::FailedPrecondition
             | Code::AlreadyExists
             | Code::DataLoss => WriteOutcome::NotApplied,
-            Code::Unavailable if not_leader => WriteOutcome::NotApplied,
+            Code::Unavailable if not_leader || never_sent(s) => WriteOutcome::NotApplied,
             _ => WriteOutcome::MaybeApplied,
         };
         ClientError {
@@ -58,5 +58,32 @@ impl ClientError {
     /// Transient: another attempt (possibly at another node) may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self.code, Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled)
+    }
+}
+
+/// The call failed while connecting, so the request never left this process. (A connection
+/// that breaks after the request was written fails with another error, which stays
+/// "maybe applied".)
+fn never_sent(s: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(s);
+    while let Some(e) = cause {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_unavailable_errors_may_have_been_applied() {
+        let e = ClientError::from_status(&tonic::Status::unavailable("leadership changed"));
+        assert_eq!(e.outcome, WriteOutcome::MaybeApplied);
+        let e = ClientError::from_status(&tonic::Status::deadline_exceeded("slow"));
+        assert_eq!(e.outcome, WriteOutcome::MaybeApplied);
     }
 }

@@ -25,7 +25,8 @@ impl EngramProcess {
 
     /// [`start`](Self::start) with extra environment variables (fault injection preloads).
     pub fn start_with_env(&mut self, bin: &Path, state_sync_interval_ms: u64, env: &[(&str, String)]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log")).unwrap();
         let child = Command::new(bin)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .args(["--node-id", &self.id.to_string(), "--data-dir", self.data_dir.to_str().unwrap()])
