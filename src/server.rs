@@ -201,7 +201,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming(api_listener), stopped());
 
-    let peer = RaftServiceServer::new(PeerService::new(raft.clone(), state.snapshot_files()))
+    let peer = RaftServiceServer::new(PeerService::new(config.node_id, raft.clone(), state.snapshot_files()))
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
     let raft_server = Server::builder()

@@ -412,3 +412,46 @@ async fn five_nodes_tolerate_two_failures_and_refuse_writes_without_a_majority()
     assert_eq!(client.get(NS, "b").await.unwrap().text, "second");
     cluster.shutdown().await;
 }
+
+/// Found by the chaos harness's soak run: acknowledged writes were lost after a node was
+/// replaced by a new one on its address while the old one's removal had not landed. The new
+/// node answered Raft requests meant for the old one, so the leader counted it twice and
+/// committed with a minority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_never_answers_raft_requests_meant_for_another() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    client.put(NS, NewMemory::new("first", vector(1, 4)).with_id("a")).await.unwrap();
+    let leader = cluster.wait_for_leader().await;
+    let followers: Vec<u64> = cluster.running().into_iter().filter(|id| *id != leader).collect();
+    let (gone, other) = (followers[0], followers[1]);
+
+    // `gone` dies for good; node 4 takes its address and joins while `gone` is still a
+    // voter: four voters, so a write needs three of them.
+    cluster.stop(gone).await;
+    cluster.replace_at(gone, 4).await;
+    let admin = cluster.pinned(leader);
+    admin.admin().add_learner(cluster.node_info(4), true).await.unwrap();
+    admin.admin().promote_voters(vec![4]).await.unwrap();
+    client.put(NS, NewMemory::new("second", vector(2, 4)).with_id("b")).await.unwrap();
+
+    // With `other` down too, two voters are alive: the leader and node 4. Node 4 must not
+    // also answer as `gone`, or the leader counts three and acknowledges the write.
+    cluster.stop(other).await;
+    let impatient = engram::client::Client::with_retry(
+        [cluster.slot(leader).api.to_string()],
+        engram::client::RetryPolicy { max_attempts: 1, timeout: Duration::from_secs(3), ..Default::default() },
+    )
+    .unwrap();
+    let e = impatient.put(NS, NewMemory::new("third", vector(3, 4)).with_id("c")).await.unwrap_err();
+    // The client's own deadline ends the call (Cancelled), or the node gives up first.
+    assert!(matches!(e.code, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled), "{e:?}");
+
+    // `other` returns: a real majority (the leader, `other`, node 4) commits again, and what
+    // was acknowledged is there.
+    cluster.restart(other).await;
+    cluster.wait_for_leader().await;
+    client.put(NS, NewMemory::new("fourth", vector(4, 4)).with_id("d")).await.unwrap();
+    assert_eq!(client.get(NS, "b").await.unwrap().text, "second");
+    cluster.shutdown().await;
+}

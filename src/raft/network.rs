@@ -27,6 +27,21 @@ type RPCError = openraft::errors::RPCError<TypeConfig>;
 /// Snapshot chunk size on the wire.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
+/// Metadata on every peer RPC: the node id it is meant for. Addresses outlive identities (a
+/// replaced node's successor often gets its address) and a removal can be cut short, so a
+/// request for a departed node may reach another one. Answering it would let one node vote
+/// and acknowledge appends in two members' names, and a leader would count a quorum that
+/// does not exist. The receiver refuses a request meant for anyone else (see
+/// `service::PeerService`), and the sender sees that node as unreachable.
+pub const TARGET_NODE_HEADER: &str = "engram-target-node";
+
+/// A peer request addressed to node `target`.
+pub(crate) fn addressed<T>(msg: T, target: NodeId) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(TARGET_NODE_HEADER, target.into());
+    req
+}
+
 /// Opens peer connections.
 #[derive(Clone, Default)]
 pub struct Network {}
@@ -79,8 +94,8 @@ fn status_to_rpc(target: NodeId, s: tonic::Status) -> RPCError {
     }
 }
 
-fn with_timeout<T>(msg: T, option: &RPCOption) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
+fn request<T>(msg: T, target: NodeId, option: &RPCOption) -> tonic::Request<T> {
+    let mut req = addressed(msg, target);
     req.set_timeout(option.hard_ttl());
     req
 }
@@ -88,8 +103,10 @@ fn with_timeout<T>(msg: T, option: &RPCOption) -> tonic::Request<T> {
 macro_rules! unary {
     ($self:ident, $method:ident, $rpc:expr, $option:expr) => {{
         let mut c = $self.client()?;
-        let resp =
-            c.$method(with_timeout(encode(&$rpc), &$option)).await.map_err(|s| status_to_rpc($self.target, s))?;
+        let resp = c
+            .$method(request(encode(&$rpc), $self.target, &$option))
+            .await
+            .map_err(|s| status_to_rpc($self.target, s))?;
         decode(resp.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }};
 }
@@ -144,7 +161,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let data = Arc::new(snapshot.snapshot);
         let len = data.len().map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         let target = self.target;
-        let send = client.install_snapshot(chunks(data, len, meta));
+        let send = client.install_snapshot(addressed(chunks(data, len, meta), target));
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             resp = send => {

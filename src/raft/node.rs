@@ -104,8 +104,10 @@ impl RaftNode {
         let linearizer = match self.raft.get_read_linearizer(policy).await {
             Ok(l) => l,
             Err(RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(f))) => {
-                let leader = f.leader_node.ok_or_else(|| ApiError::Unavailable { reason: "no leader known".into() })?;
-                self.remote_linearizer(&leader, lease).await?
+                let (Some(id), Some(leader)) = (f.leader_id, f.leader_node) else {
+                    return Err(ApiError::Unavailable { reason: "no leader known".into() });
+                };
+                self.remote_linearizer(id, &leader, lease).await?
             }
             Err(e) => return Err(ApiError::Unavailable { reason: format!("cannot confirm leadership: {e}") }),
         };
@@ -118,10 +120,15 @@ impl RaftNode {
         }
     }
 
-    async fn remote_linearizer(&self, leader: &EngramNode, lease: bool) -> Result<Linearizer<TypeConfig>, ApiError> {
+    async fn remote_linearizer(
+        &self,
+        leader_id: NodeId,
+        leader: &EngramNode,
+        lease: bool,
+    ) -> Result<Linearizer<TypeConfig>, ApiError> {
         let unavailable = |e: String| ApiError::Unavailable { reason: format!("read index from leader: {e}") };
         let mut client = self.peer(&leader.raft_addr).map_err(unavailable)?;
-        let mut req = tonic::Request::new(ReadIndexRequest { lease });
+        let mut req = super::network::addressed(ReadIndexRequest { lease }, leader_id);
         req.set_timeout(self.read_timeout);
         let resp = client.read_index(req).await.map_err(|s| unavailable(s.message().to_string()))?;
         let read_log_id = decode(resp.get_ref()).map_err(|e| unavailable(e.to_string()))?;

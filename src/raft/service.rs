@@ -4,21 +4,37 @@ use futures::StreamExt;
 use openraft::ReadPolicy;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::network::{decode, encode};
+use super::network::{decode, encode, TARGET_NODE_HEADER};
 use super::snapshot::{SnapshotData, SnapshotFiles};
 use super::state_machine::Snapshot;
-use super::types::{Raft, SnapshotMeta, Vote};
+use super::types::{NodeId, Raft, SnapshotMeta, Vote};
 use crate::proto::raft_service_server::RaftService;
 use crate::proto::{RaftPayload, ReadIndexRequest, SnapshotChunk};
 
 pub struct PeerService {
+    me: NodeId,
     raft: Raft,
     snapshots: SnapshotFiles,
 }
 
 impl PeerService {
-    pub fn new(raft: Raft, snapshots: SnapshotFiles) -> Self {
-        PeerService { raft, snapshots }
+    pub fn new(me: NodeId, raft: Raft, snapshots: SnapshotFiles) -> Self {
+        PeerService { me, raft, snapshots }
+    }
+
+    /// Refuses a request meant for another node (see [`TARGET_NODE_HEADER`]) as unavailable:
+    /// the node it was meant for is not at this address.
+    fn check_target<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let target = req.metadata().get(TARGET_NODE_HEADER).and_then(|v| v.to_str().ok()?.parse::<NodeId>().ok());
+        match target {
+            Some(t) if t == self.me => Ok(()),
+            Some(t) => {
+                metrics::counter!("engram_raft_misaddressed_requests_total").increment(1);
+                tracing::debug!(me = self.me, target = t, "refused a peer request meant for another node");
+                Err(Status::unavailable(format!("this is node {}, not node {t}", self.me)))
+            }
+            None => Err(Status::invalid_argument(format!("peer request without a valid {TARGET_NODE_HEADER}"))),
+        }
     }
 
     /// Writes a snapshot stream to a temp file; returns it only if every byte arrived intact.
@@ -67,30 +83,35 @@ fn fatal(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl RaftService for PeerService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_target(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
         let resp = self.raft.append_entries(rpc).await.map_err(fatal)?;
         Ok(Response::new(encode(&resp)))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_target(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
         let resp = self.raft.vote(rpc).await.map_err(fatal)?;
         Ok(Response::new(encode(&resp)))
     }
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_target(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
         let resp = self.raft.pre_vote(rpc).await.map_err(fatal)?;
         Ok(Response::new(encode(&resp)))
     }
 
     async fn transfer_leader(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_target(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
         let resp = self.raft.handle_transfer_leader(rpc).await.map_err(fatal)?;
         Ok(Response::new(encode(&resp)))
     }
 
     async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftPayload>, Status> {
+        self.check_target(&req)?;
         let mut stream = req.into_inner();
         let path = self.snapshots.temp_path();
         let (vote, meta, data) = match self.receive(&mut stream, &path).await {
@@ -109,6 +130,7 @@ impl RaftService for PeerService {
     }
 
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<RaftPayload>, Status> {
+        self.check_target(&req)?;
         let policy = if req.get_ref().lease { ReadPolicy::LeaseRead } else { ReadPolicy::ReadIndex };
         match self.raft.get_read_linearizer(policy).await {
             Ok(lin) => Ok(Response::new(encode(lin.read_log_id()))),

@@ -205,19 +205,42 @@ impl TestCluster {
         cfg.listen_api = slot.api;
         cfg.listen_raft = slot.raft;
         cfg.listen_http = slot.http;
+        slot.handle = Some(Self::start_retrying(cfg).await);
+    }
+
+    /// Starts a fresh node `id` (empty data dir, not yet a member) on the addresses of the
+    /// stopped node `old`, as an operator replacing a machine would.
+    pub async fn replace_at(&mut self, old: u64, id: u64) -> &Slot {
+        let (api, raft, http) = {
+            let s = self.slot(old);
+            assert!(s.handle.is_none(), "node {old} still runs");
+            (s.api, s.raft, s.http)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::for_test(id, dir.path().to_path_buf());
+        (self.tweak)(&mut cfg);
+        cfg.listen_api = api;
+        cfg.listen_raft = raft;
+        cfg.listen_http = http;
+        let handle = Self::start_retrying(cfg).await;
+        self.slots.push(Slot { id, dir, api, raft, http, handle: Some(handle) });
+        self.slots.last().unwrap()
+    }
+
+    /// `server::start`, retried while the old listener's ports are still being released.
+    async fn start_retrying(cfg: Config) -> NodeHandle {
         let mut tries = 0;
-        let handle = loop {
+        loop {
             match server::start(cfg.clone()).await {
-                Ok(h) => break h,
+                Ok(h) => return h,
                 Err(e) if tries < 50 => {
                     tries += 1;
-                    tracing::warn!("restart of node {id} failed ({e}), retrying");
+                    tracing::warn!("start of node {} failed ({e}), retrying", cfg.node_id);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => panic!("restart of node {id} failed: {e}"),
+                Err(e) => panic!("start of node {} failed: {e}", cfg.node_id),
             }
-        };
-        slot.handle = Some(handle);
+        }
     }
 
     /// State digests of every running node.
