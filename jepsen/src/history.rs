@@ -52,14 +52,24 @@ pub enum Op {
     Cas { key: u64, from: u64, to: u64 },
     /// Set: add a unique element to set `key`.
     Add { key: u64, element: u64 },
-    /// Set: delete an element whose add was acknowledged.
-    Remove { key: u64, element: u64 },
+    /// Set: delete an element whose add was acknowledged. `found` is filled in on `ok`:
+    /// whether there was anything to delete.
+    Remove {
+        key: u64,
+        element: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        found: Option<bool>,
+    },
     /// Set: read the whole set.
     ReadSet { key: u64, elements: Option<Vec<u64>> },
     /// Search: store memory `id` under its own vector.
     Put { id: u64 },
-    /// Search: delete memory `id`.
-    Unput { id: u64 },
+    /// Search: delete memory `id`; `found` as for `Remove`.
+    Unput {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        found: Option<bool>,
+    },
     /// Search: nearest neighbour of `id`'s vector.
     Search { id: u64, hits: Option<Vec<u64>> },
     /// A fault starting or healing.

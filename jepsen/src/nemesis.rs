@@ -237,13 +237,13 @@ impl Nemesis {
             Fault::PartitionRing => {
                 for s in 0..n {
                     let blocked: Vec<usize> = (0..n).filter(|o| ring_distance(s, *o, n) > 1).collect();
-                    c.net.set_rules(s, &blocked, 0)?;
+                    c.net.set_blocked(s, &blocked)?;
                 }
                 "ring: each node hears its two neighbours".into()
             }
             Fault::Loss { pct } => {
                 for s in 0..n {
-                    c.net.set_rules(s, &[], *pct)?;
+                    c.net.set_loss(s, *pct)?;
                 }
                 format!("{pct}% packet loss between nodes")
             }
@@ -286,7 +286,7 @@ impl Nemesis {
         for g in groups {
             let outside: Vec<usize> = (0..c.len()).filter(|s| !g.contains(s)).collect();
             for s in g {
-                c.net.set_rules(*s, &outside, 0)?;
+                c.net.set_blocked(*s, &outside)?;
             }
         }
         Ok(())
@@ -296,11 +296,17 @@ impl Nemesis {
     async fn heal(&self, fault: &Fault, target: Option<usize>) -> String {
         let c = &self.cluster;
         match fault {
-            Fault::PartitionLeader | Fault::PartitionHalves { .. } | Fault::PartitionRing | Fault::Loss { .. } => {
+            Fault::PartitionLeader | Fault::PartitionHalves { .. } | Fault::PartitionRing => {
                 for s in 0..c.len() {
-                    let _ = c.net.set_rules(s, &[], 0);
+                    let _ = c.net.set_blocked(s, &[]);
                 }
-                "network healed".into()
+                "partition healed".into()
+            }
+            Fault::Loss { .. } => {
+                for s in 0..c.len() {
+                    let _ = c.net.set_loss(s, 0);
+                }
+                "packet loss healed".into()
             }
             Fault::Kill { .. } => {
                 let s = target.expect("a kill that applied has a target");
@@ -418,9 +424,12 @@ impl Nemesis {
         let c = &self.cluster;
         let mut done = Vec::new();
         for s in 0..c.len() {
-            let _ = c.net.set_rules(s, &[], 0);
+            let _ = c.net.set_blocked(s, &[]);
+            let _ = c.net.set_loss(s, 0);
             let _ = c.set_skew(s, 0);
             c.resume(s);
+            // A disk-fault hold cut short by the end of the run leaves failing fsyncs behind.
+            let _ = c.fsync_faults(s, false);
             if c.pid(s).is_none() {
                 let _ = c.start(s);
                 done.push(format!("started n{}", s + 1));

@@ -33,6 +33,9 @@ pub struct Net {
     pub hub: String,
     pub client: String,
     pub nodes: Vec<String>,
+    /// Per node slot: the slots it drops everything from, and the loss percentage. The
+    /// partition and loss nemeses overlap, so each sets its half and the rules are the union.
+    rules: std::sync::Mutex<Vec<(Vec<usize>, u32)>>,
     torn_down: bool,
 }
 
@@ -122,6 +125,7 @@ impl Net {
             client: format!("{id}-c"),
             nodes: (0..nodes).map(|i| format!("{id}-n{}", i + 1)).collect(),
             id,
+            rules: std::sync::Mutex::new(vec![(Vec::new(), 0); nodes]),
             torn_down: false,
         };
         if let Err(e) = net.build() {
@@ -157,9 +161,23 @@ impl Net {
         Ok(())
     }
 
-    /// Sets node `slot`'s input rules: drop everything from `blocked` node slots, and drop
-    /// `loss_pct` percent of what comes from the other nodes. Replaces earlier rules.
-    pub fn set_rules(&self, slot: usize, blocked: &[usize], loss_pct: u32) -> Result<()> {
+    /// Node `slot` drops everything from the `blocked` node slots (a partition; empty heals
+    /// it). Packet loss set by [`set_loss`](Self::set_loss) stays.
+    pub fn set_blocked(&self, slot: usize, blocked: &[usize]) -> Result<()> {
+        let mut rules = self.rules.lock().unwrap();
+        rules[slot].0 = blocked.to_vec();
+        self.apply_rules(slot, &rules[slot].0, rules[slot].1)
+    }
+
+    /// Node `slot` drops `loss_pct` percent of what comes from the other nodes (0 heals it).
+    /// A partition set by [`set_blocked`](Self::set_blocked) stays.
+    pub fn set_loss(&self, slot: usize, loss_pct: u32) -> Result<()> {
+        let mut rules = self.rules.lock().unwrap();
+        rules[slot].1 = loss_pct;
+        self.apply_rules(slot, &rules[slot].0, rules[slot].1)
+    }
+
+    fn apply_rules(&self, slot: usize, blocked: &[usize], loss_pct: u32) -> Result<()> {
         let mut script = String::from("flush chain inet jepsen input\n");
         let others: Vec<String> =
             (0..self.nodes.len()).filter(|s| *s != slot).map(|s| node_ip(s).to_string()).collect();

@@ -13,7 +13,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,18 +87,12 @@ pub fn run(opts: RunOptions) -> Result<Results> {
     let _ = std::fs::remove_file(&latest);
     let _ = std::os::unix::fs::symlink(&dir, &latest);
 
+    catch_interrupts()?;
+    CHECKING.store(false, Ordering::SeqCst);
     let net = Net::create(opts.nodes)?;
     let mut guard = net.guard();
     net.enter_client_ns()?;
-    // If the run ever wedges, tear down and give up rather than hang a CI job.
-    let mut watchdog = net.guard();
-    let limit = Duration::from_secs(opts.time_limit_s + 1200);
-    std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        eprintln!("jepsen: the run exceeded its time limit by 20 minutes; tearing down");
-        watchdog.teardown();
-        std::process::exit(3);
-    });
+    let _supervisor = Supervisor::start(net.guard(), Duration::from_secs(opts.time_limit_s + 1200));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let out = rt.block_on(run_async(&opts, net, &dir));
     rt.shutdown_timeout(Duration::from_secs(5));
@@ -108,6 +102,63 @@ pub fn run(opts: RunOptions) -> Result<Results> {
         let _ = std::fs::remove_dir_all(dir.join("data"));
     }
     Ok(results)
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static CHECKING: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// From here on SIGINT and SIGTERM only raise a flag; the run's [`Supervisor`] acts on it,
+/// whatever phase the run is in (booting, workload, final reads, checking).
+fn catch_interrupts() -> Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(SigHandler::Handler(on_interrupt), SaFlags::SA_RESTART, SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.context("installing a signal handler")?;
+    }
+    Ok(())
+}
+
+/// Watches one run from a thread of its own. On SIGINT or SIGTERM it tears the network down
+/// (killing every node in it) and exits 130. If the run wedges past `limit` before it
+/// reaches checking (checking has its own per-key budgets), it tears down and exits 3
+/// rather than hang a CI job. Dropping it ends the watch.
+struct Supervisor {
+    done: Arc<AtomicBool>,
+}
+
+impl Supervisor {
+    fn start(mut guard: net::Guard, limit: Duration) -> Supervisor {
+        let done = Arc::new(AtomicBool::new(false));
+        let watching = done.clone();
+        let deadline = Instant::now() + limit;
+        std::thread::spawn(move || {
+            while !watching.load(Ordering::SeqCst) {
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    eprintln!("jepsen: interrupted; tearing down");
+                    guard.teardown();
+                    std::process::exit(130);
+                }
+                if !CHECKING.load(Ordering::SeqCst) && Instant::now() > deadline {
+                    eprintln!("jepsen: the run exceeded its time limit by 20 minutes; tearing down");
+                    guard.teardown();
+                    std::process::exit(3);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Supervisor { done }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+    }
 }
 
 fn chrono_like_stamp() -> String {
@@ -157,16 +208,10 @@ async fn drive(opts: &RunOptions, cluster: &Arc<Cluster>, dir: &Path, started: I
     let workers = workload::spawn(&ctx, &opts.workload, opts.seed);
     let streams: Vec<_> = schedule.streams.into_iter().map(|s| tokio::spawn(nem.clone().run_stream(s))).collect();
 
-    let interrupted = tokio::select! {
-        _ = tokio::time::sleep(Duration::from_millis(run_ms)) => false,
-        _ = interrupt() => true,
-    };
+    tokio::time::sleep(Duration::from_millis(run_ms)).await;
     ctx.stop.store(true, Ordering::Relaxed);
     for s in &streams {
         s.abort();
-    }
-    if interrupted {
-        bail!("interrupted");
     }
     eprintln!("jepsen[{}]: workload done; final heal", opts.name);
     nem.heal_all().await;
@@ -183,17 +228,10 @@ async fn drive(opts: &RunOptions, cluster: &Arc<Cluster>, dir: &Path, started: I
     cluster.stop_all();
 
     let events = rec.events();
+    CHECKING.store(true, Ordering::SeqCst);
     let checks = check(&events, &opts.workload, final_from, cluster.len(), Duration::from_secs(opts.key_budget_s));
     let injected = nem.injected.lock().unwrap().clone();
     finish(opts, dir, &events, checks, injected, started.elapsed())
-}
-
-async fn interrupt() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// Runs every enabled checker over a history.

@@ -270,7 +270,7 @@ async fn set_worker(mut w: Worker, group: Arc<Mutex<SetGroup>>, opts: WorkloadOp
         let ns = set_ns(key);
         let op = match victim {
             Some(u64::MAX) => Op::ReadSet { key, elements: None },
-            Some(element) => Op::Remove { key, element },
+            Some(element) => Op::Remove { key, element, found: None },
             None => Op::Add { key, element: w.value() },
         };
         w.invoke(&op);
@@ -287,7 +287,7 @@ async fn set_worker(mut w: Worker, group: Arc<Mutex<SetGroup>>, opts: WorkloadOp
                 }
             }
             Op::Remove { element, .. } => match w.writer.delete(&ns, &format!("e{element}")).await {
-                Ok(_) => (Kind::Ok, op, None),
+                Ok(r) => (Kind::Ok, Op::Remove { key, element, found: Some(r.deleted) }, None),
                 Err(e) => (outcome(&e, false), op, Some(e.to_string())),
             },
             Op::ReadSet { .. } => match read_set(&w.reader, key).await {
@@ -336,7 +336,7 @@ async fn search_worker(mut w: Worker, pool: Arc<Mutex<SearchPool>>, opts: Worklo
                 Op::Put { id: w.value() }
             } else if roll < 0.55 {
                 let i = w.rng.random_range(0..p.acked.len());
-                Op::Unput { id: p.acked.swap_remove(i) }
+                Op::Unput { id: p.acked.swap_remove(i), found: None }
             } else {
                 // Mostly recent memories: the freshest writes are the interesting ones.
                 let n = p.acked.len();
@@ -357,8 +357,8 @@ async fn search_worker(mut w: Worker, pool: Arc<Mutex<SearchPool>>, opts: Worklo
                     Err(e) => (outcome(&e, false), op, Some(e.to_string())),
                 }
             }
-            Op::Unput { id } => match w.writer.delete(SEARCH_NS, &format!("m{id}")).await {
-                Ok(_) => (Kind::Ok, op, None),
+            Op::Unput { id, .. } => match w.writer.delete(SEARCH_NS, &format!("m{id}")).await {
+                Ok(r) => (Kind::Ok, Op::Unput { id, found: Some(r.deleted) }, None),
                 Err(e) => (outcome(&e, false), op, Some(e.to_string())),
             },
             Op::Search { id, .. } => match w.reader.search_with(search_request(id)).await {

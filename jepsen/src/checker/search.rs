@@ -1,10 +1,13 @@
 //! The search-visibility checker. Every memory `id` is stored under its own vector (see
 //! [`vector_for`]); a search asks for the nearest neighbour of that exact vector.
-//! For every successful search:
+//! A memory is *known present* from the earliest of its acknowledged put and the end of the
+//! first search that returned it; a delete *may have removed* it when it was acknowledged as
+//! deleting something or its outcome is unknown. For every successful search:
 //!
-//! - **invisible**: the put of `id` was acknowledged before the search began and its delete
-//!   had not been invoked by the time the search ended, yet `id` is not the hit;
-//! - **resurrected**: a hit whose delete was acknowledged before the search began;
+//! - **invisible**: the memory was known present before the search began and no delete that
+//!   may have removed it had been invoked by the time the search ended, yet `id` is not the
+//!   hit; or a delete invoked after it was known present found nothing to delete;
+//! - **resurrected**: a hit whose deleting delete was acknowledged before the search began;
 //! - **phantom**: a hit whose put was never invoked before the search ended, or definitely
 //!   failed.
 //!
@@ -36,10 +39,21 @@ pub fn vector_for(id: u64, dim: usize) -> Vec<f32> {
 #[derive(Default)]
 struct Memory {
     put_invoke: Option<u64>,
-    put_ok: Option<u64>,
     put_failed: bool,
+    /// When the memory was known present: its acknowledged put, or a search that returned it.
+    present_by: Option<u64>,
+    /// A delete that may have removed it (deleted something, or outcome unknown).
     unput_invoke: Option<u64>,
     unput_ok: Option<u64>,
+    /// An acknowledged delete that found nothing: (invoke, complete).
+    unput_found_nothing: Option<(u64, u64)>,
+}
+
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
@@ -54,27 +68,52 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
                 m.put_invoke = Some(o.invoke);
                 match o.kind {
                     Kind::Ok => {
-                        m.put_ok = o.complete;
+                        m.present_by = earliest(m.present_by, o.complete);
                         puts_ok += 1;
                     }
                     Kind::Fail => m.put_failed = true,
                     _ => {}
                 }
             }
-            Op::Unput { id } => {
+            Op::Unput { id, found } => {
                 let m = mems.entry(*id).or_default();
-                m.unput_invoke = Some(o.invoke);
-                if o.kind == Kind::Ok {
-                    m.unput_ok = o.complete;
-                    unputs_ok += 1;
+                match (o.kind, found) {
+                    (Kind::Ok, Some(false)) => {
+                        m.unput_found_nothing = Some((o.invoke, o.complete.unwrap_or(u64::MAX)));
+                    }
+                    (Kind::Ok, _) => {
+                        m.unput_invoke = Some(o.invoke);
+                        m.unput_ok = o.complete;
+                        unputs_ok += 1;
+                    }
+                    (Kind::Info, _) => m.unput_invoke = Some(o.invoke),
+                    (Kind::Fail | Kind::Invoke, _) => {}
                 }
             }
             Op::Search { .. } if o.kind == Kind::Ok => searches.push(o),
             _ => {}
         }
     }
-    let mut finals: HashMap<u64, usize> = HashMap::new();
+    // A search that returned a memory proves it present from that search's end on.
+    for s in &searches {
+        let Op::Search { hits: Some(hits), .. } = &s.op else { continue };
+        for h in hits {
+            if let Some(m) = mems.get_mut(h) {
+                m.present_by = earliest(m.present_by, s.complete);
+            }
+        }
+    }
     let (mut invisible, mut resurrected, mut phantom) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for (id, m) in &mems {
+        if let (Some(t), Some((start, end))) = (m.present_by, m.unput_found_nothing) {
+            if t < start && invisible.insert(*id) {
+                c.anomaly(format!(
+                    "memory {id} lost: present by event {t}, yet the delete at events {start}..{end} found nothing to delete"
+                ));
+            }
+        }
+    }
+    let mut finals: HashMap<u64, usize> = HashMap::new();
     for s in &searches {
         let Op::Search { id, hits: Some(hits) } = &s.op else { continue };
         let (start, end) = (s.invoke, s.complete.unwrap_or(u64::MAX));
@@ -82,13 +121,14 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
             *finals.entry(*id).or_default() += 1;
         }
         let m = mems.get(id);
-        let acked = m.and_then(|m| m.put_ok).is_some_and(|t| t < start);
+        let present_before = m.and_then(|m| m.present_by).filter(|t| *t < start);
         let deleting = m.and_then(|m| m.unput_invoke).is_some_and(|t| t < end);
-        if acked && !deleting && !hits.contains(id) && invisible.insert(*id) {
-            c.anomaly(format!(
-                "memory {id} invisible: put acknowledged at event {}, search at events {start}..{end} returned {hits:?}",
-                m.unwrap().put_ok.unwrap()
-            ));
+        if let Some(t) = present_before {
+            if !deleting && !hits.contains(id) && invisible.insert(*id) {
+                c.anomaly(format!(
+                    "memory {id} invisible: present by event {t}, search at events {start}..{end} returned {hits:?}"
+                ));
+            }
         }
         for h in hits {
             let hm = mems.get(h);
@@ -107,10 +147,10 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
             }
         }
     }
-    // Every acknowledged, never-deleted memory needs a final search from every node.
+    // Every present, never-deleted memory needs a final search from every node.
     let mut short = 0;
     for (id, m) in &mems {
-        if m.put_ok.is_some() && m.unput_invoke.is_none() && finals.get(id).copied().unwrap_or(0) < nodes {
+        if m.present_by.is_some() && m.unput_invoke.is_none() && finals.get(id).copied().unwrap_or(0) < nodes {
             short += 1;
         }
     }
@@ -153,7 +193,7 @@ mod tests {
         assert_eq!(check(&[put.clone(), search(2, 3, &[3])], 2, 1).valid, Validity::Valid);
         let c = check(&[put.clone(), search(2, 3, &[])], 2, 1);
         assert!(c.anomalies[0].contains("invisible"));
-        let del = op(2, 3, Kind::Ok, Op::Unput { id: 3 });
+        let del = op(2, 3, Kind::Ok, Op::Unput { id: 3, found: Some(true) });
         let c = check(&[put.clone(), del, search(4, 3, &[3])], 4, 1);
         assert!(c.anomalies[0].contains("resurrected"));
         let c = check(&[search(4, 3, &[7])], 4, 1);
@@ -163,5 +203,21 @@ mod tests {
         assert_eq!(check(&[info, search(2, 3, &[])], 2, 1).valid, Validity::Valid);
         // No final search: unknown.
         assert_eq!(check(&[put], 2, 1).valid, Validity::Unknown);
+    }
+
+    #[test]
+    fn deletes_that_deleted_nothing_excuse_nothing() {
+        let put = op(0, 1, Kind::Ok, Op::Put { id: 3 });
+        let none = op(2, 3, Kind::Ok, Op::Unput { id: 3, found: Some(false) });
+        let c = check(&[put.clone(), none, search(4, 3, &[])], 4, 1);
+        assert!(c.anomalies.iter().any(|a| a.contains("found nothing")), "{:?}", c.anomalies);
+        let failed = op(2, 3, Kind::Fail, Op::Unput { id: 3, found: None });
+        let c = check(&[put, failed, search(4, 3, &[])], 4, 1);
+        assert!(c.anomalies[0].contains("invisible"), "{:?}", c.anomalies);
+        // An indeterminate put that a search saw must stay visible, and needs final searches.
+        let info = op(0, 9, Kind::Info, Op::Put { id: 3 });
+        let c = check(&[info.clone(), search(1, 3, &[3]), search(4, 3, &[])], 4, 1);
+        assert!(c.anomalies[0].contains("invisible"), "{:?}", c.anomalies);
+        assert_eq!(check(&[info, search(1, 3, &[3])], 4, 1).valid, Validity::Unknown);
     }
 }

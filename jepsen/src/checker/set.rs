@@ -1,11 +1,17 @@
-//! The set workload's checker. For every set (key) and every successful read of it:
+//! The set workload's checker. An element is *known present* from the earliest of its
+//! acknowledged add and the end of the first read that returned it (so an indeterminate add
+//! that a read saw counts like an acknowledged one). A removal *may have removed* the element
+//! when it was acknowledged as deleting something or its outcome is unknown; a removal that
+//! definitely failed, or was acknowledged as finding nothing, removed nothing. For every set
+//! (key):
 //!
-//! - **lost**: an element whose add was acknowledged before the read began, and whose
-//!   removal had not been invoked by the time the read ended, is missing;
+//! - **lost**: a read that began after the element was known present, while no removal that
+//!   may have removed it had been invoked by the read's end, lacks the element; or a removal
+//!   invoked after the element was known present found nothing to delete;
 //! - **unexpected**: an element is present whose add was never invoked before the read ended,
 //!   or whose add definitely failed;
-//! - **resurrected**: an element whose removal was acknowledged before the read began is
-//!   present.
+//! - **resurrected**: an element whose deleting removal was acknowledged before the read began
+//!   is present.
 //!
 //! The final reads (one per node, after the final heal) are ordinary reads here, so "every
 //! acknowledged add survives to the end" is the lost check at the end of the history. A set
@@ -19,10 +25,21 @@ use crate::history::{Completed, Kind, Op};
 #[derive(Default)]
 struct Element {
     add_invoke: Option<u64>,
-    add_ok: Option<u64>,
     add_failed: bool,
+    /// When the element was known present: its acknowledged add, or a read that returned it.
+    present_by: Option<u64>,
+    /// A removal that may have removed it (deleted something, or outcome unknown).
     remove_invoke: Option<u64>,
     remove_ok: Option<u64>,
+    /// An acknowledged removal that found nothing to delete: (invoke, complete).
+    remove_found_nothing: Option<(u64, u64)>,
+}
+
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// `final_from` is the event index from which reads count as final reads; `nodes` is how
@@ -31,7 +48,7 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
     let mut c = Check::new("set");
     let mut sets: BTreeMap<u64, HashMap<u64, Element>> = BTreeMap::new();
     let mut reads: Vec<&Completed> = Vec::new();
-    let (mut adds_ok, mut adds_info, mut removes_ok) = (0u64, 0u64, 0u64);
+    let (mut adds_ok, mut adds_info, mut removes_ok, mut seen_unacked) = (0u64, 0u64, 0u64, 0u64);
     for o in ops {
         match &o.op {
             Op::Add { key, element } => {
@@ -39,7 +56,7 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
                 e.add_invoke = Some(o.invoke);
                 match o.kind {
                     Kind::Ok => {
-                        e.add_ok = o.complete;
+                        e.present_by = earliest(e.present_by, o.complete);
                         adds_ok += 1;
                     }
                     Kind::Info => adds_info += 1,
@@ -47,12 +64,19 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
                     Kind::Invoke => {}
                 }
             }
-            Op::Remove { key, element } => {
+            Op::Remove { key, element, found } => {
                 let e = sets.entry(*key).or_default().entry(*element).or_default();
-                e.remove_invoke = Some(o.invoke);
-                if o.kind == Kind::Ok {
-                    e.remove_ok = o.complete;
-                    removes_ok += 1;
+                match (o.kind, found) {
+                    (Kind::Ok, Some(false)) => {
+                        e.remove_found_nothing = Some((o.invoke, o.complete.unwrap_or(u64::MAX)));
+                    }
+                    (Kind::Ok, _) => {
+                        e.remove_invoke = Some(o.invoke);
+                        e.remove_ok = o.complete;
+                        removes_ok += 1;
+                    }
+                    (Kind::Info, _) => e.remove_invoke = Some(o.invoke),
+                    (Kind::Fail | Kind::Invoke, _) => {}
                 }
             }
             Op::ReadSet { key, .. } => {
@@ -64,8 +88,32 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
             _ => {}
         }
     }
+    // A read that returned an element proves it present from that read's end on.
+    for r in &reads {
+        let Op::ReadSet { key, elements: Some(got) } = &r.op else { continue };
+        let elements = sets.get_mut(key).expect("every read's set is known");
+        for el in got {
+            if let Some(e) = elements.get_mut(el) {
+                if e.present_by.is_none() {
+                    seen_unacked += 1;
+                }
+                e.present_by = earliest(e.present_by, r.complete);
+            }
+        }
+    }
     let mut final_reads: BTreeMap<u64, usize> = BTreeMap::new();
     let (mut lost, mut unexpected, mut resurrected) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for (key, elements) in &sets {
+        for (el, e) in elements {
+            if let (Some(t), Some((start, end))) = (e.present_by, e.remove_found_nothing) {
+                if t < start && lost.insert((*key, *el)) {
+                    c.anomaly(format!(
+                        "set {key}: element {el} lost: present by event {t}, yet the removal at events {start}..{end} found nothing to delete"
+                    ));
+                }
+            }
+        }
+    }
     for r in &reads {
         let Op::ReadSet { key, elements: Some(got) } = &r.op else { continue };
         let (start, end) = (r.invoke, r.complete.unwrap_or(u64::MAX));
@@ -75,13 +123,14 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
         let got: BTreeSet<u64> = got.iter().copied().collect();
         let elements = &sets[key];
         for (el, e) in elements {
-            let acked_before = e.add_ok.is_some_and(|t| t < start);
+            let present_before = e.present_by.filter(|t| *t < start);
             let removing = e.remove_invoke.is_some_and(|t| t < end);
-            if acked_before && !removing && !got.contains(el) && lost.insert((*key, *el)) {
-                c.anomaly(format!(
-                    "set {key}: element {el} lost: add acknowledged at event {}, missing from the read at events {start}..{end}",
-                    e.add_ok.unwrap()
-                ));
+            if let Some(t) = present_before {
+                if !removing && !got.contains(el) && lost.insert((*key, *el)) {
+                    c.anomaly(format!(
+                        "set {key}: element {el} lost: present by event {t}, missing from the read at events {start}..{end}"
+                    ));
+                }
             }
             if e.remove_ok.is_some_and(|t| t < start) && got.contains(el) && resurrected.insert((*key, *el)) {
                 c.anomaly(format!(
@@ -113,6 +162,7 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
     c.stat("sets", sets.len());
     c.stat("adds_ok", adds_ok);
     c.stat("adds_indeterminate", adds_info);
+    c.stat("seen_without_ack", seen_unacked);
     c.stat("removes_ok", removes_ok);
     c.stat("reads_ok", reads.len());
     c.stat("lost", lost.len());
@@ -160,12 +210,43 @@ mod tests {
 
     #[test]
     fn removed_elements_stay_removed() {
-        let h = [add(0, 1, Kind::Ok, 5), op(1, 2, 3, Kind::Ok, Op::Remove { key: 1, element: 5 }), read(4, 5, &[5])];
+        let h = [add(0, 1, Kind::Ok, 5), remove(2, 3, Kind::Ok, Some(true)), read(4, 5, &[5])];
         let c = check(&h, 4, 1);
         assert!(c.anomalies[0].contains("resurrected"), "{:?}", c.anomalies);
         // A removal still in flight during the read excuses absence.
-        let h = [add(0, 1, Kind::Ok, 5), op(1, 2, 9, Kind::Info, Op::Remove { key: 1, element: 5 }), read(4, 5, &[])];
+        let h = [add(0, 1, Kind::Ok, 5), remove(2, 9, Kind::Info, None), read(4, 5, &[])];
         assert_eq!(check(&h, 4, 1).valid, super::super::Validity::Valid);
+    }
+
+    fn remove(invoke: u64, complete: u64, kind: Kind, found: Option<bool>) -> Completed {
+        op(1, invoke, complete, kind, Op::Remove { key: 1, element: 5, found })
+    }
+
+    #[test]
+    fn removals_that_removed_nothing_excuse_nothing() {
+        // The add was acknowledged, then the removal found nothing: the element was lost.
+        let h = [add(0, 1, Kind::Ok, 5), remove(2, 3, Kind::Ok, Some(false)), read(4, 5, &[])];
+        let c = check(&h, 4, 1);
+        assert!(c.anomalies[0].contains("found nothing"), "{:?}", c.anomalies);
+        // A removal that definitely failed removed nothing, so a later read must still have it.
+        let h = [add(0, 1, Kind::Ok, 5), remove(2, 3, Kind::Fail, None), read(4, 5, &[])];
+        let c = check(&h, 4, 1);
+        assert!(c.anomalies[0].contains("missing from the read"), "{:?}", c.anomalies);
+        // A removal concurrent with the add may find nothing; the add then wins.
+        let h = [add(0, 3, Kind::Ok, 5), remove(1, 2, Kind::Ok, Some(false)), read(4, 5, &[5])];
+        assert_eq!(check(&h, 4, 1).valid, super::super::Validity::Valid);
+        let h = [add(0, 3, Kind::Ok, 5), remove(1, 2, Kind::Ok, Some(false)), read(4, 5, &[])];
+        assert_eq!(check(&h, 4, 1).valid, super::super::Validity::Invalid);
+    }
+
+    #[test]
+    fn an_indeterminate_add_once_read_must_stay() {
+        let h = [add(0, 9, Kind::Info, 5), read(1, 2, &[5]), read(3, 4, &[])];
+        let c = check(&h, 3, 1);
+        assert!(c.anomalies[0].contains("present by event 2"), "{:?}", c.anomalies);
+        // Reads that overlap say nothing about each other's order.
+        let h = [add(0, 9, Kind::Info, 5), read(1, 4, &[5]), read(3, 5, &[])];
+        assert_eq!(check(&h, 3, 1).valid, super::super::Validity::Valid);
     }
 
     #[test]
