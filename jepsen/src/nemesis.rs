@@ -145,6 +145,10 @@ pub struct Injected {
     pub disk_node_kept_running: u64,
     pub membership_replaced: u64,
     pub membership_failed: u64,
+    /// Membership steps spent finishing what an earlier one left undone (a node that had not
+    /// joined, a retired identity still listed).
+    #[serde(default)]
+    pub membership_repaired: u64,
 }
 
 pub struct Nemesis {
@@ -360,8 +364,13 @@ impl Nemesis {
         let Some(l) = c.leader().await else { return Ok(None) };
         let old = c.node_id(slot);
         let admin = c.admin_client(l);
-        // Only when every slot's node is a voter: never shrink below the full cluster twice.
         let st = admin.admin().status().await?;
+        // First finish what an earlier step left undone, as an operator would.
+        if let Some(done) = self.repair(l, &st).await {
+            self.injected.lock().unwrap().membership_repaired += 1;
+            return Ok(Some(done));
+        }
+        // Only when every slot's node is a voter: never shrink below the full cluster twice.
         let voters: Vec<u64> = st.voters.iter().map(|v| v.id).collect();
         if (0..c.len()).any(|s| !voters.contains(&c.node_id(s))) || st.voters.len() != c.len() {
             return Ok(None);
@@ -419,6 +428,30 @@ impl Nemesis {
         }
     }
 
+    /// Makes every slot's node a voter and removes retired identities still listed (a removal
+    /// that timed out but landed, or the learner a cut-short joint change leaves behind).
+    /// Says what it did, or None when there was nothing to do.
+    async fn repair(&self, leader: usize, st: &engram::proto::StatusResponse) -> Option<String> {
+        let c = &self.cluster;
+        let mut done = Vec::new();
+        let voters: Vec<u64> = st.voters.iter().map(|v| v.id).collect();
+        for s in 0..c.len() {
+            if !voters.contains(&c.node_id(s)) {
+                let r = self.join(s).await;
+                done.push(format!("n{} (node {}) joined: {r:?}", s + 1, c.node_id(s)));
+            }
+        }
+        let current: Vec<u64> = (0..c.len()).map(|s| c.node_id(s)).collect();
+        let mut stale: Vec<u64> = st.voters.iter().chain(&st.learners).map(|v| v.id).collect();
+        stale.retain(|id| !current.contains(id));
+        if !stale.is_empty() {
+            let r =
+                c.admin_client_with_timeout(leader, Duration::from_secs(10)).admin().remove_nodes(stale.clone()).await;
+            done.push(format!("removed retired nodes {stale:?}: {:?}", r.map(|_| ())));
+        }
+        (!done.is_empty()).then(|| done.join("; "))
+    }
+
     /// The final heal: network, clocks, processes; then every slot's node a voter again.
     pub async fn heal_all(&self) -> Vec<String> {
         let c = &self.cluster;
@@ -437,25 +470,7 @@ impl Nemesis {
         }
         if let Ok(l) = c.await_leader(Duration::from_secs(30)).await {
             if let Ok(st) = c.admin_client(l).admin().status().await {
-                let voters: Vec<u64> = st.voters.iter().map(|v| v.id).collect();
-                for s in 0..c.len() {
-                    if !voters.contains(&c.node_id(s)) {
-                        let r = self.join(s).await;
-                        done.push(format!("n{} (node {}) joined: {r:?}", s + 1, c.node_id(s)));
-                    }
-                }
-                // Retired identities whose removal timed out but did not land.
-                let current: Vec<u64> = (0..c.len()).map(|s| c.node_id(s)).collect();
-                let mut stale: Vec<u64> = st.voters.iter().chain(&st.learners).map(|v| v.id).collect();
-                stale.retain(|id| !current.contains(id));
-                if !stale.is_empty() {
-                    let r = c
-                        .admin_client_with_timeout(l, Duration::from_secs(10))
-                        .admin()
-                        .remove_nodes(stale.clone())
-                        .await;
-                    done.push(format!("removed retired nodes {stale:?}: {:?}", r.map(|_| ())));
-                }
+                done.extend(self.repair(l, &st).await);
             }
         }
         self.log(Kind::Info, "final-heal", done.join("; "));
