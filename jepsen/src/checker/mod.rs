@@ -1,5 +1,6 @@
 //! Checkers: each reads the paired history and returns a [`Check`].
 
+mod lifecycle;
 pub mod linear;
 pub mod register;
 pub mod search;

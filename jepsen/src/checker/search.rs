@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use super::lifecycle::Lifecycle;
 use super::Check;
 use crate::history::{Completed, Kind, Op};
 
@@ -36,60 +37,20 @@ pub fn vector_for(id: u64, dim: usize) -> Vec<f32> {
         .collect()
 }
 
-#[derive(Default)]
-struct Memory {
-    put_invoke: Option<u64>,
-    put_failed: bool,
-    /// When the memory was known present: its acknowledged put, or a search that returned it.
-    present_by: Option<u64>,
-    /// A delete that may have removed it (deleted something, or outcome unknown).
-    unput_invoke: Option<u64>,
-    unput_ok: Option<u64>,
-    /// An acknowledged delete that found nothing: (invoke, complete).
-    unput_found_nothing: Option<(u64, u64)>,
-}
-
-fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
     let mut c = Check::new("search");
-    let mut mems: HashMap<u64, Memory> = HashMap::new();
+    let mut mems: HashMap<u64, Lifecycle> = HashMap::new();
     let mut searches: Vec<&Completed> = Vec::new();
     let (mut puts_ok, mut unputs_ok) = (0u64, 0u64);
     for o in ops {
         match &o.op {
             Op::Put { id } => {
-                let m = mems.entry(*id).or_default();
-                m.put_invoke = Some(o.invoke);
-                match o.kind {
-                    Kind::Ok => {
-                        m.present_by = earliest(m.present_by, o.complete);
-                        puts_ok += 1;
-                    }
-                    Kind::Fail => m.put_failed = true,
-                    _ => {}
+                mems.entry(*id).or_default().add(o);
+                if o.kind == Kind::Ok {
+                    puts_ok += 1;
                 }
             }
-            Op::Unput { id, found } => {
-                let m = mems.entry(*id).or_default();
-                match (o.kind, found) {
-                    (Kind::Ok, Some(false)) => {
-                        m.unput_found_nothing = Some((o.invoke, o.complete.unwrap_or(u64::MAX)));
-                    }
-                    (Kind::Ok, _) => {
-                        m.unput_invoke = Some(o.invoke);
-                        m.unput_ok = o.complete;
-                        unputs_ok += 1;
-                    }
-                    (Kind::Info, _) => m.unput_invoke = Some(o.invoke),
-                    (Kind::Fail | Kind::Invoke, _) => {}
-                }
-            }
+            Op::Unput { id, found } => unputs_ok += u64::from(mems.entry(*id).or_default().remove(o, *found)),
             Op::Search { .. } if o.kind == Kind::Ok => searches.push(o),
             _ => {}
         }
@@ -99,14 +60,14 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
         let Op::Search { hits: Some(hits), .. } = &s.op else { continue };
         for h in hits {
             if let Some(m) = mems.get_mut(h) {
-                m.present_by = earliest(m.present_by, s.complete);
+                m.seen(s.complete);
             }
         }
     }
     let (mut invisible, mut resurrected, mut phantom) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     for (id, m) in &mems {
-        if let (Some(t), Some((start, end))) = (m.present_by, m.unput_found_nothing) {
-            if t < start && invisible.insert(*id) {
+        if let Some((t, start, end)) = m.lost_to_empty_removal() {
+            if invisible.insert(*id) {
                 c.anomaly(format!(
                     "memory {id} lost: present by event {t}, yet the delete at events {start}..{end} found nothing to delete"
                 ));
@@ -121,8 +82,8 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
             *finals.entry(*id).or_default() += 1;
         }
         let m = mems.get(id);
-        let present_before = m.and_then(|m| m.present_by).filter(|t| *t < start);
-        let deleting = m.and_then(|m| m.unput_invoke).is_some_and(|t| t < end);
+        let present_before = m.and_then(|m| m.present_before(start));
+        let deleting = m.is_some_and(|m| m.removing_before(end));
         if let Some(t) = present_before {
             if !deleting && !hits.contains(id) && invisible.insert(*id) {
                 c.anomaly(format!(
@@ -132,15 +93,15 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
         }
         for h in hits {
             let hm = mems.get(h);
-            if let Some(t) = hm.and_then(|m| m.unput_ok).filter(|t| *t < start) {
+            if let Some(t) = hm.and_then(|m| m.removed_before(start)) {
                 if resurrected.insert(*h) {
                     c.anomaly(format!(
                         "memory {h} resurrected: delete acknowledged at event {t}, search at events {start}..{end} returned it"
                     ));
                 }
             }
-            let invoked = hm.and_then(|m| m.put_invoke).is_some_and(|t| t < end);
-            if (!invoked || hm.is_some_and(|m| m.put_failed)) && phantom.insert(*h) {
+            let invoked = hm.is_some_and(|m| m.added_before(end));
+            if (!invoked || hm.is_some_and(|m| m.add_failed())) && phantom.insert(*h) {
                 c.anomaly(format!(
                     "memory {h} phantom: returned by the search at events {start}..{end} but never stored"
                 ));
@@ -150,7 +111,7 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
     // Every present, never-deleted memory needs a final search from every node.
     let mut short = 0;
     for (id, m) in &mems {
-        if m.present_by.is_some() && m.unput_invoke.is_none() && finals.get(id).copied().unwrap_or(0) < nodes {
+        if m.present_by().is_some() && !m.ever_removed() && finals.get(id).copied().unwrap_or(0) < nodes {
             short += 1;
         }
     }

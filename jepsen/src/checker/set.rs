@@ -19,64 +19,31 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::lifecycle::Lifecycle;
 use super::Check;
 use crate::history::{Completed, Kind, Op};
-
-#[derive(Default)]
-struct Element {
-    add_invoke: Option<u64>,
-    add_failed: bool,
-    /// When the element was known present: its acknowledged add, or a read that returned it.
-    present_by: Option<u64>,
-    /// A removal that may have removed it (deleted something, or outcome unknown).
-    remove_invoke: Option<u64>,
-    remove_ok: Option<u64>,
-    /// An acknowledged removal that found nothing to delete: (invoke, complete).
-    remove_found_nothing: Option<(u64, u64)>,
-}
-
-fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
 
 /// `final_from` is the event index from which reads count as final reads; `nodes` is how
 /// many final reads each set needs.
 pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
     let mut c = Check::new("set");
-    let mut sets: BTreeMap<u64, HashMap<u64, Element>> = BTreeMap::new();
+    let mut sets: BTreeMap<u64, HashMap<u64, Lifecycle>> = BTreeMap::new();
     let mut reads: Vec<&Completed> = Vec::new();
     let (mut adds_ok, mut adds_info, mut removes_ok, mut seen_unacked) = (0u64, 0u64, 0u64, 0u64);
     for o in ops {
         match &o.op {
             Op::Add { key, element } => {
-                let e = sets.entry(*key).or_default().entry(*element).or_default();
-                e.add_invoke = Some(o.invoke);
+                sets.entry(*key).or_default().entry(*element).or_default().add(o);
                 match o.kind {
-                    Kind::Ok => {
-                        e.present_by = earliest(e.present_by, o.complete);
-                        adds_ok += 1;
-                    }
+                    Kind::Ok => adds_ok += 1,
                     Kind::Info => adds_info += 1,
-                    Kind::Fail => e.add_failed = true,
-                    Kind::Invoke => {}
+                    Kind::Fail | Kind::Invoke => {}
                 }
             }
             Op::Remove { key, element, found } => {
                 let e = sets.entry(*key).or_default().entry(*element).or_default();
-                match (o.kind, found) {
-                    (Kind::Ok, Some(false)) => {
-                        e.remove_found_nothing = Some((o.invoke, o.complete.unwrap_or(u64::MAX)));
-                    }
-                    (Kind::Ok, _) => {
-                        e.remove_invoke = Some(o.invoke);
-                        e.remove_ok = o.complete;
-                        removes_ok += 1;
-                    }
-                    (Kind::Info, _) => e.remove_invoke = Some(o.invoke),
-                    (Kind::Fail | Kind::Invoke, _) => {}
+                if e.remove(o, *found) {
+                    removes_ok += 1;
                 }
             }
             Op::ReadSet { key, .. } => {
@@ -93,11 +60,8 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
         let Op::ReadSet { key, elements: Some(got) } = &r.op else { continue };
         let elements = sets.get_mut(key).expect("every read's set is known");
         for el in got {
-            if let Some(e) = elements.get_mut(el) {
-                if e.present_by.is_none() {
-                    seen_unacked += 1;
-                }
-                e.present_by = earliest(e.present_by, r.complete);
+            if elements.get_mut(el).is_some_and(|e| e.seen(r.complete)) {
+                seen_unacked += 1;
             }
         }
     }
@@ -105,8 +69,8 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
     let (mut lost, mut unexpected, mut resurrected) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     for (key, elements) in &sets {
         for (el, e) in elements {
-            if let (Some(t), Some((start, end))) = (e.present_by, e.remove_found_nothing) {
-                if t < start && lost.insert((*key, *el)) {
+            if let Some((t, start, end)) = e.lost_to_empty_removal() {
+                if lost.insert((*key, *el)) {
                     c.anomaly(format!(
                         "set {key}: element {el} lost: present by event {t}, yet the removal at events {start}..{end} found nothing to delete"
                     ));
@@ -123,30 +87,30 @@ pub fn check(ops: &[Completed], final_from: u64, nodes: usize) -> Check {
         let got: BTreeSet<u64> = got.iter().copied().collect();
         let elements = &sets[key];
         for (el, e) in elements {
-            let present_before = e.present_by.filter(|t| *t < start);
-            let removing = e.remove_invoke.is_some_and(|t| t < end);
-            if let Some(t) = present_before {
+            let removing = e.removing_before(end);
+            if let Some(t) = e.present_before(start) {
                 if !removing && !got.contains(el) && lost.insert((*key, *el)) {
                     c.anomaly(format!(
                         "set {key}: element {el} lost: present by event {t}, missing from the read at events {start}..{end}"
                     ));
                 }
             }
-            if e.remove_ok.is_some_and(|t| t < start) && got.contains(el) && resurrected.insert((*key, *el)) {
-                c.anomaly(format!(
-                    "set {key}: element {el} resurrected: removal acknowledged at event {}, present in the read at events {start}..{end}",
-                    e.remove_ok.unwrap()
-                ));
+            if let Some(t) = e.removed_before(start) {
+                if got.contains(el) && resurrected.insert((*key, *el)) {
+                    c.anomaly(format!(
+                        "set {key}: element {el} resurrected: removal acknowledged at event {t}, present in the read at events {start}..{end}"
+                    ));
+                }
             }
         }
         for el in &got {
-            let invoked = elements.get(el).and_then(|e| e.add_invoke).is_some_and(|t| t < end);
+            let invoked = elements.get(el).is_some_and(|e| e.added_before(end));
             if !invoked && unexpected.insert((*key, *el)) {
                 c.anomaly(format!(
                     "set {key}: element {el} unexpected: never added before the read at events {start}..{end}"
                 ));
             }
-            if elements.get(el).is_some_and(|e| e.add_failed) && unexpected.insert((*key, *el)) {
+            if elements.get(el).is_some_and(|e| e.add_failed()) && unexpected.insert((*key, *el)) {
                 c.anomaly(format!(
                     "set {key}: element {el} unexpected: its add definitely failed, yet the read at events {start}..{end} has it"
                 ));
