@@ -448,6 +448,32 @@ pub fn spawn(ctx: &Arc<Ctx>, opts: &WorkloadOptions, seed: u64) -> Vec<tokio::ta
     tasks
 }
 
+/// How many times a final read is tried before its key is left without one (which makes
+/// the checkers' verdict unknown, never valid).
+const FINAL_READ_ATTEMPTS: usize = 10;
+
+/// One final read, tried until it succeeds: each attempt is recorded as `pending`, then as
+/// a failure or as the operation `read` completed.
+async fn final_read<F, Fut>(rec: &Recorder, process: Process, node: usize, pending: Op, mut read: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Op, ClientError>>,
+{
+    for _ in 0..FINAL_READ_ATTEMPTS {
+        rec.record(process, Kind::Invoke, pending.clone(), Some(node), None);
+        match read().await {
+            Ok(done) => {
+                rec.record(process, Kind::Ok, done, Some(node), None);
+                return;
+            }
+            Err(e) => {
+                rec.record(process, Kind::Fail, pending.clone(), Some(node), Some(e.to_string()));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 /// Final reads from every node: each register key, each set, each stored memory. Recorded
 /// as ordinary operations by processes of their own; a read that fails is retried a few
 /// times (each attempt recorded).
@@ -458,59 +484,33 @@ pub async fn final_reads(ctx: &Arc<Ctx>, opts: &WorkloadOptions) {
         let ctx = ctx.clone();
         let opts = opts.clone();
         tasks.push(tokio::spawn(async move {
-            let c = reader_for(node);
+            let c = &reader_for(node);
             let process = Process::Client(base + node as u64);
             let rec = &ctx.rec;
-            let attempt = |op: Op| {
-                rec.record(process, Kind::Invoke, op.clone(), Some(node), None);
-                op
-            };
             if opts.register {
                 let keys: Vec<u64> = ctx.touched.register_keys.lock().unwrap().iter().copied().collect();
                 for key in keys {
-                    for _ in 0..10 {
-                        let op = attempt(Op::Read { key, value: None });
-                        match read_register(&c, &format!("k{key}")).await {
-                            Ok((value, _)) => {
-                                rec.record(process, Kind::Ok, Op::Read { key, value }, Some(node), None);
-                                break;
-                            }
-                            Err(e) => {
-                                rec.record(process, Kind::Fail, op, Some(node), Some(e.to_string()));
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                            }
-                        }
-                    }
+                    let read = || async move {
+                        let (value, _) = read_register(c, &format!("k{key}")).await?;
+                        Ok(Op::Read { key, value })
+                    };
+                    final_read(rec, process, node, Op::Read { key, value: None }, read).await;
                 }
             }
             if opts.set {
                 let keys: Vec<u64> = ctx.touched.set_keys.lock().unwrap().iter().copied().collect();
                 for key in keys {
-                    for _ in 0..10 {
-                        let op = attempt(Op::ReadSet { key, elements: None });
-                        match read_set(&c, key).await {
-                            Ok(elements) => {
-                                rec.record(
-                                    process,
-                                    Kind::Ok,
-                                    Op::ReadSet { key, elements: Some(elements) },
-                                    Some(node),
-                                    None,
-                                );
-                                break;
-                            }
-                            Err(e) => {
-                                rec.record(process, Kind::Fail, op, Some(node), Some(e.to_string()));
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                            }
-                        }
-                    }
+                    let read = || async move {
+                        let elements = read_set(c, key).await?;
+                        Ok(Op::ReadSet { key, elements: Some(elements) })
+                    };
+                    final_read(rec, process, node, Op::ReadSet { key, elements: None }, read).await;
                 }
             }
             if opts.search {
                 let ids: Vec<u64> = ctx.touched.search_ids.lock().unwrap().iter().copied().collect();
                 for chunk in ids.chunks(64) {
-                    for _ in 0..10 {
+                    for _ in 0..FINAL_READ_ATTEMPTS {
                         // One batch behind one read barrier; each query is its own operation,
                         // all invoked before and completed after the batch.
                         let ps: Vec<Process> = (0..chunk.len())
