@@ -451,6 +451,8 @@ pub fn spawn(ctx: &Arc<Ctx>, opts: &WorkloadOptions, seed: u64) -> Vec<tokio::ta
 /// How many times a final read is tried before its key is left without one (which makes
 /// the checkers' verdict unknown, never valid).
 const FINAL_READ_ATTEMPTS: usize = 10;
+/// The pause between final-read attempts.
+const FINAL_READ_RETRY: Duration = Duration::from_millis(500);
 
 /// One final read, tried until it succeeds: each attempt is recorded as `pending`, then as
 /// a failure or as the operation `read` completed.
@@ -468,7 +470,7 @@ where
             }
             Err(e) => {
                 rec.record(process, Kind::Fail, pending.clone(), Some(node), Some(e.to_string()));
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(FINAL_READ_RETRY).await;
             }
         }
     }
@@ -533,7 +535,7 @@ pub async fn final_reads(ctx: &Arc<Ctx>, opts: &WorkloadOptions) {
                                     let op = Op::Search { id: *id, hits: None };
                                     rec.record(*p, Kind::Fail, op, Some(node), Some(e.to_string()));
                                 }
-                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                tokio::time::sleep(FINAL_READ_RETRY).await;
                             }
                         }
                     }
