@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/engram/v1/types.proto",
             "proto/engram/v1/memory.proto",
             "proto/engram/v1/admin.proto",
+            "proto/engram/v1/auth.proto",
             "proto/engram/v1/raft.proto",
         ],
         &["proto"],

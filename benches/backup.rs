@@ -112,10 +112,15 @@ fn populate(path: &Path, a: &Args) -> Database {
             created_at_ms: 1,
             index: IndexKind::Ivf { nlist: 1024 },
             ivf_min_vectors: 50_000,
+            // Only byte quotas read this; the benchmark sets none.
+            bytes: 0,
         };
         txn.open_table(NAMESPACES).unwrap().insert("bench", codec::encode(&ns).as_slice()).unwrap();
         txn.open_table(engram::storage::IDEMPOTENCY).unwrap();
         txn.open_table(engram::storage::IDEM_EXPIRY).unwrap();
+        for (_, table) in engram::storage::AUTH_TABLES {
+            txn.open_table(table).unwrap();
+        }
         let mut t = txn.open_table(MEMORIES).unwrap();
         let mut x = 0x2545f4914f6cdd1du64;
         for i in 0..a.memories {

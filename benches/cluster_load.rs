@@ -222,6 +222,7 @@ async fn main() {
             initial_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_millis(20),
             timeout: Duration::from_millis(300),
+            ..RetryPolicy::default()
         };
         let writer = Client::with_retry(survivors, fast).unwrap();
         let victim = procs.iter_mut().find(|p| p.id == lid).unwrap();

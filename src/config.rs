@@ -27,6 +27,25 @@
 //! read_timeout_ms = 5000
 //! max_text_bytes = 65536
 //! log_format = "text"               # or "json"
+//!
+//! # Security (docs/security.md). Without these the node refuses to start, unless `insecure`.
+//! tls_ca_file = "/etc/engram/ca.pem"           # the cluster CA (engramctl certs init)
+//! tls_cert_file = "/etc/engram/node-1.pem"     # node-<id>.<cluster>.engram (engramctl certs node)
+//! tls_key_file = "/etc/engram/node-1-key.pem"  # mode 0600
+//! api_tls_cert_file = "…"   # optional: another certificate for the API listener (+ api_tls_key_file)
+//! api_client_ca_file = "…"  # optional: API clients must present a certificate from this CA
+//! insecure = false          # plaintext, no authentication; loopback listeners only
+//! jwt_algorithm = "rs256"   # optional JWTs: hs256 | rs256 | eddsa, with jwt_key_file,
+//! jwt_key_file = "/etc/engram/idp.pub.pem"     # jwt_issuer, jwt_audience, jwt_roles_claim
+//! rate_limit_requests_per_sec_per_principal = 5000   # 0 = off
+//! rate_limit_requests_per_sec_per_namespace = 0
+//! rate_limit_write_bytes_per_sec_per_principal = 67108864
+//! max_connections = 1024          # per listener; more are closed at once
+//! handshake_timeout_ms = 10000    # TLS handshake / first bytes
+//! idle_timeout_ms = 300000        # a connection silent this long is closed
+//! max_response_bytes = 16777216   # search / list responses
+//! max_snapshot_bytes = 68719476736
+//! metrics_namespaces = ["acme/user-42"]   # namespaces that get their own metric series
 //! ```
 
 use std::net::SocketAddr;
@@ -125,10 +144,79 @@ pub struct NodeArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "ENGRAM_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// BREAKS LINEARIZABILITY. Serves every read from local state without the read index.
-    /// It exists only as the chaos harness's canary (jepsen/), which must catch it.
-    #[arg(long, env = "ENGRAM_UNSAFE_STALE_READS", hide = true)]
+    /// The cluster CA certificate (PEM). With tls_cert_file and tls_key_file: mutual TLS
+    /// between peers, TLS for clients.
+    #[arg(long, env = "ENGRAM_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// This node's certificate, naming node-<id>.<cluster>.engram (`engramctl certs node`).
+    #[arg(long, env = "ENGRAM_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// This node's private key (mode 0600).
+    #[arg(long, env = "ENGRAM_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Another certificate for the API listener [default: the node certificate].
+    #[arg(long, env = "ENGRAM_API_TLS_CERT_FILE")]
+    pub api_tls_cert_file: Option<PathBuf>,
+    #[arg(long, env = "ENGRAM_API_TLS_KEY_FILE")]
+    pub api_tls_key_file: Option<PathBuf>,
+    /// API clients must present a certificate signed by this CA.
+    #[arg(long, env = "ENGRAM_API_CLIENT_CA_FILE")]
+    pub api_client_ca_file: Option<PathBuf>,
+    /// Plaintext listeners and no authentication: everyone may do everything. Refused unless
+    /// every listener is on loopback. For development and tests only.
+    #[arg(long, env = "ENGRAM_INSECURE")]
     #[serde(default)]
+    pub insecure: bool,
+    /// Accept JWTs signed with this algorithm (with jwt_key_file).
+    #[arg(long, env = "ENGRAM_JWT_ALGORITHM")]
+    pub jwt_algorithm: Option<crate::auth::jwt::JwtAlgorithm>,
+    /// HS256: the shared secret (mode 0600); RS256/EdDSA: the issuer's public key (PEM).
+    #[arg(long, env = "ENGRAM_JWT_KEY_FILE")]
+    pub jwt_key_file: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "ENGRAM_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "ENGRAM_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The claim that lists role names [default: roles].
+    #[arg(long, env = "ENGRAM_JWT_ROLES_CLAIM")]
+    pub jwt_roles_claim: Option<String>,
+    /// Requests per second one principal may make on this node; 0 = unlimited [default: 5000].
+    #[arg(long, env = "ENGRAM_RATE_LIMIT_REQUESTS_PER_SEC_PER_PRINCIPAL")]
+    pub rate_limit_requests_per_sec_per_principal: Option<u32>,
+    /// Requests per second on one namespace on this node; 0 = unlimited [default: 0].
+    #[arg(long, env = "ENGRAM_RATE_LIMIT_REQUESTS_PER_SEC_PER_NAMESPACE")]
+    pub rate_limit_requests_per_sec_per_namespace: Option<u32>,
+    /// Bytes of memories one principal may write per second on this node; 0 = unlimited
+    /// [default: 67108864].
+    #[arg(long, env = "ENGRAM_RATE_LIMIT_WRITE_BYTES_PER_SEC_PER_PRINCIPAL")]
+    pub rate_limit_write_bytes_per_sec_per_principal: Option<u32>,
+    /// Open connections per listener; more are closed at once [default: 1024].
+    #[arg(long, env = "ENGRAM_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Time for a new connection's TLS handshake (or first bytes) [default: 10000].
+    #[arg(long, env = "ENGRAM_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// A connection that sends nothing this long is closed [default: 300000].
+    #[arg(long, env = "ENGRAM_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Largest search or list response, in bytes [default: 16777216].
+    #[arg(long, env = "ENGRAM_MAX_RESPONSE_BYTES")]
+    pub max_response_bytes: Option<usize>,
+    /// Largest snapshot a peer may send [default: 68719476736].
+    #[arg(long, env = "ENGRAM_MAX_SNAPSHOT_BYTES")]
+    pub max_snapshot_bytes: Option<u64>,
+    /// Namespaces that get their own metric series (comma separated); all others are counted
+    /// together, so metric cardinality stays bounded.
+    #[arg(long, env = "ENGRAM_METRICS_NAMESPACES", value_delimiter = ',')]
+    pub metrics_namespaces: Option<Vec<String>>,
+    /// BREAKS LINEARIZABILITY. Serves every read from local state without the read index.
+    /// The chaos harness's canary (jepsen/), which must catch it; only in builds with the
+    /// `canary` feature, only as a flag (no env var, no config field).
+    #[cfg(feature = "canary")]
+    #[arg(long, hide = true)]
+    #[serde(skip)]
     pub unsafe_stale_reads: bool,
 }
 
@@ -167,8 +255,56 @@ pub struct Config {
     pub read_timeout_ms: u64,
     pub max_text_bytes: usize,
     pub log_format: LogFormat,
-    /// Test-only canary: reads skip the read index (see [`NodeArgs::unsafe_stale_reads`]).
+    /// Certificates; `None` exactly when `insecure`.
+    pub tls: Option<crate::transport::TlsPaths>,
+    pub insecure: bool,
+    pub jwt: Option<crate::auth::jwt::JwtSettings>,
+    pub rates: crate::auth::limits::RateSettings,
+    pub max_connections: usize,
+    pub handshake_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_response_bytes: usize,
+    pub max_snapshot_bytes: u64,
+    pub metrics_namespaces: Vec<String>,
+    /// Test-only canary: reads skip the read index (only with the `canary` feature).
     pub unsafe_stale_reads: bool,
+}
+
+/// The certificate files: none (insecure) or at least the three peer files.
+fn tls_paths(cli: &NodeArgs, file: &NodeArgs) -> Result<Option<crate::transport::TlsPaths>, ServerError> {
+    let get = |c: &Option<PathBuf>, f: &Option<PathBuf>| c.clone().or(f.clone());
+    let ca = get(&cli.tls_ca_file, &file.tls_ca_file);
+    let cert = get(&cli.tls_cert_file, &file.tls_cert_file);
+    let key = get(&cli.tls_key_file, &file.tls_key_file);
+    let api_cert = get(&cli.api_tls_cert_file, &file.api_tls_cert_file);
+    let api_key = get(&cli.api_tls_key_file, &file.api_tls_key_file);
+    let api_client_ca = get(&cli.api_client_ca_file, &file.api_client_ca_file);
+    match (ca, cert, key) {
+        (None, None, None) if api_cert.is_none() && api_key.is_none() && api_client_ca.is_none() => Ok(None),
+        (Some(ca), Some(cert), Some(key)) => {
+            if api_cert.is_some() != api_key.is_some() {
+                return Err(ServerError::Config("api_tls_cert_file and api_tls_key_file go together".into()));
+            }
+            Ok(Some(crate::transport::TlsPaths { ca, cert, key, api_cert, api_key, api_client_ca }))
+        }
+        _ => Err(ServerError::Config("TLS needs tls_ca_file, tls_cert_file and tls_key_file together".into())),
+    }
+}
+
+fn jwt_settings(cli: &NodeArgs, file: &NodeArgs) -> Result<Option<crate::auth::jwt::JwtSettings>, ServerError> {
+    let algorithm = cli.jwt_algorithm.or(file.jwt_algorithm);
+    let key_file = cli.jwt_key_file.clone().or(file.jwt_key_file.clone());
+    match (algorithm, key_file) {
+        (None, None) => Ok(None),
+        (Some(algorithm), Some(key_file)) => Ok(Some(crate::auth::jwt::JwtSettings {
+            algorithm,
+            key_file,
+            issuer: cli.jwt_issuer.clone().or(file.jwt_issuer.clone()),
+            audience: cli.jwt_audience.clone().or(file.jwt_audience.clone()),
+            roles_claim: cli.jwt_roles_claim.clone().or(file.jwt_roles_claim.clone()).unwrap_or_else(|| "roles".into()),
+        })),
+        _ => Err(ServerError::Config("jwt_algorithm and jwt_key_file go together".into())),
+    }
 }
 
 macro_rules! pick {
@@ -225,7 +361,29 @@ impl NodeArgs {
             read_timeout_ms: pick!(cli, file, read_timeout_ms, 5000),
             max_text_bytes: pick!(cli, file, max_text_bytes, 64 * 1024),
             log_format: pick!(cli, file, log_format, LogFormat::Text),
-            unsafe_stale_reads: cli.unsafe_stale_reads || file.unsafe_stale_reads,
+            tls: tls_paths(&cli, &file)?,
+            insecure: cli.insecure || file.insecure,
+            jwt: jwt_settings(&cli, &file)?,
+            rates: crate::auth::limits::RateSettings {
+                requests_per_sec_per_principal: pick!(cli, file, rate_limit_requests_per_sec_per_principal, 5000),
+                requests_per_sec_per_namespace: pick!(cli, file, rate_limit_requests_per_sec_per_namespace, 0),
+                write_bytes_per_sec_per_principal: pick!(
+                    cli,
+                    file,
+                    rate_limit_write_bytes_per_sec_per_principal,
+                    64 << 20
+                ),
+            },
+            max_connections: pick!(cli, file, max_connections, 1024),
+            handshake_timeout_ms: pick!(cli, file, handshake_timeout_ms, 10_000),
+            idle_timeout_ms: pick!(cli, file, idle_timeout_ms, 300_000),
+            max_response_bytes: pick!(cli, file, max_response_bytes, 16 << 20),
+            max_snapshot_bytes: pick!(cli, file, max_snapshot_bytes, 64 << 30),
+            metrics_namespaces: cli.metrics_namespaces.clone().or(file.metrics_namespaces.clone()).unwrap_or_default(),
+            #[cfg(feature = "canary")]
+            unsafe_stale_reads: cli.unsafe_stale_reads,
+            #[cfg(not(feature = "canary"))]
+            unsafe_stale_reads: false,
         };
         config.validate()?;
         Ok(config)
@@ -262,8 +420,23 @@ impl Config {
             read_timeout_ms: 5000,
             max_text_bytes: 64 * 1024,
             log_format: LogFormat::Text,
+            tls: None,
+            insecure: true,
+            jwt: None,
+            rates: crate::auth::limits::RateSettings::default(),
+            max_connections: 1024,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            max_response_bytes: 16 << 20,
+            max_snapshot_bytes: 64 << 30,
+            metrics_namespaces: vec![],
             unsafe_stale_reads: false,
         }
+    }
+
+    /// [`for_test`](Self::for_test) with certificates: TLS, mutual TLS between peers, keys.
+    pub fn for_test_secure(node_id: u64, data_dir: PathBuf, tls: crate::transport::TlsPaths) -> Config {
+        Config { tls: Some(tls), insecure: false, ..Config::for_test(node_id, data_dir) }
     }
 
     pub fn validate(&self) -> Result<(), ServerError> {
@@ -304,6 +477,41 @@ impl Config {
         if self.max_text_bytes == 0 || self.max_text_bytes > 16 << 20 {
             return err("max_text_bytes must be in 1..=16777216".into());
         }
+        match (&self.tls, self.insecure) {
+            (None, false) => {
+                return err("no certificates: set tls_ca_file, tls_cert_file and tls_key_file \
+                    (engramctl certs), or --insecure for a loopback-only development node"
+                    .into())
+            }
+            (Some(_), true) => return err("--insecure and TLS certificates exclude each other".into()),
+            _ => {}
+        }
+        if self.insecure {
+            let exposed: Vec<String> = [self.listen_api, self.listen_raft, self.listen_http]
+                .iter()
+                .filter(|a| !a.ip().is_loopback())
+                .map(|a| a.to_string())
+                .collect();
+            if !exposed.is_empty() {
+                return err(format!(
+                    "--insecure serves without authentication, so only on loopback; {} is not",
+                    exposed.join(", ")
+                ));
+            }
+        }
+        if self.insecure && self.jwt.is_some() {
+            return err("JWTs need TLS: drop --insecure".into());
+        }
+        if self.max_connections == 0 || self.handshake_timeout_ms == 0 || self.idle_timeout_ms == 0 {
+            return err("max_connections, handshake_timeout_ms and idle_timeout_ms must be > 0".into());
+        }
+        if self.max_response_bytes < 1 << 20 {
+            return err("max_response_bytes must be at least 1048576".into());
+        }
+        for ns in &self.metrics_namespaces {
+            crate::memory::validate_namespace(ns)
+                .map_err(|e| ServerError::Config(format!("metrics_namespaces: {ns:?}: {e}")))?;
+        }
         Ok(())
     }
 }
@@ -316,7 +524,8 @@ mod tests {
     fn file_is_overridden_by_flags_and_validated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("engram.toml");
-        std::fs::write(&path, "node_id = 3\ndata_dir = \"/tmp/x\"\nheartbeat_interval_ms = 50\n").unwrap();
+        std::fs::write(&path, "node_id = 3\ndata_dir = \"/tmp/x\"\nheartbeat_interval_ms = 50\ninsecure = true\n")
+            .unwrap();
         let args =
             NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap(), "--heartbeat-interval-ms", "70"]);
         let c = args.resolve().unwrap();
@@ -332,11 +541,49 @@ mod tests {
             "1",
             "--data-dir",
             "/tmp/x",
+            "--insecure",
             "--election-timeout-min-ms",
             "1200",
         ])
         .resolve()
         .unwrap_err();
         assert!(e.to_string().contains("election_timeout_min_ms"), "{e}");
+    }
+
+    #[test]
+    fn security_is_not_optional() {
+        let base = ["engram", "--node-id", "1", "--data-dir", "/tmp/x"];
+        // No certificates and no --insecure: refused, and the message says what to do.
+        let e = NodeArgs::parse_from(base).resolve().unwrap_err().to_string();
+        assert!(e.contains("tls_ca_file") && e.contains("--insecure"), "{e}");
+        // --insecure only on loopback.
+        let mut args = base.to_vec();
+        args.extend(["--insecure", "--listen-api", "0.0.0.0:7001"]);
+        let e = NodeArgs::parse_from(args).resolve().unwrap_err().to_string();
+        assert!(e.contains("loopback") && e.contains("0.0.0.0:7001"), "{e}");
+        // Half a TLS setup is no setup.
+        let mut args = base.to_vec();
+        args.extend(["--tls-ca-file", "/tmp/ca.pem"]);
+        assert!(NodeArgs::parse_from(args).resolve().unwrap_err().to_string().contains("together"));
+        let mut args = base.to_vec();
+        args.extend(["--tls-ca-file", "a", "--tls-cert-file", "b", "--tls-key-file", "c"]);
+        assert!(NodeArgs::parse_from(args).resolve().unwrap().tls.is_some());
+    }
+
+    #[test]
+    fn the_stale_read_canary_is_no_config_field_and_no_env_var() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engram.toml");
+        std::fs::write(&path, "node_id = 3\ndata_dir = \"/tmp/x\"\ninsecure = true\nunsafe_stale_reads = true\n")
+            .unwrap();
+        let e = NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap()]).resolve().unwrap_err();
+        assert!(e.to_string().contains("unsafe_stale_reads"), "{e}");
+        // The variable the canary once read does nothing now.
+        std::env::set_var("ENGRAM_UNSAFE_STALE_READS", "true");
+        let c = NodeArgs::parse_from(["engram", "--node-id", "1", "--data-dir", "/tmp/x", "--insecure"]).resolve();
+        std::env::remove_var("ENGRAM_UNSAFE_STALE_READS");
+        assert!(!c.unwrap().unsafe_stale_reads);
+        #[cfg(not(feature = "canary"))]
+        assert!(NodeArgs::try_parse_from(["engram", "--unsafe-stale-reads"]).is_err());
     }
 }

@@ -35,6 +35,18 @@ pub enum ApiError {
     /// wrong key): nothing was written.
     #[error("data loss: {reason}")]
     DataLoss { reason: String },
+    /// No valid credentials (missing, malformed, unknown, revoked, expired): nothing was
+    /// applied. The message never says which.
+    #[error("unauthenticated: {reason}")]
+    Unauthenticated { reason: String },
+    /// The caller's grants do not allow this: nothing was applied. Said the same way whether or
+    /// not the namespace exists.
+    #[error("permission denied{}: {reason}", if field.is_empty() { String::new() } else { format!(" on `{field}`") })]
+    PermissionDenied { field: String, reason: String },
+    /// A rate limit or quota: nothing was applied. Retry after `retry_after_ms` (rate limits);
+    /// a quota stays exceeded until memories are deleted or the quota is raised.
+    #[error("resource exhausted: {reason}")]
+    ResourceExhausted { field: String, reason: String, retry_after_ms: u64 },
     /// Unexpected failure inside the node: a write MAY have been applied.
     #[error("internal error: {0}")]
     Internal(String),

@@ -14,6 +14,29 @@ use crate::raft::RaftNode;
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Namespaces that get their own label value (`metrics_namespaces`); the first node started in
+/// a process sets it.
+static LABELLED: OnceLock<std::collections::HashSet<String>> = OnceLock::new();
+
+/// Sets which namespaces get their own metric series.
+pub fn label_namespaces(names: &[String]) {
+    let _ = LABELLED.set(names.iter().cloned().collect());
+}
+
+/// The allow-listed namespaces.
+pub fn labelled_namespaces() -> impl Iterator<Item = &'static String> {
+    LABELLED.get().into_iter().flatten()
+}
+
+/// The `namespace` label value for `ns`: itself when allow-listed, else `_other`, so a tenant
+/// creating namespaces cannot create metric series.
+pub fn namespace_label(ns: &str) -> String {
+    match LABELLED.get() {
+        Some(set) if set.contains(ns) => ns.to_string(),
+        _ => "_other".to_string(),
+    }
+}
+
 /// The process-wide metrics recorder (installed once; in-process test clusters share it).
 pub fn prometheus() -> &'static PrometheusHandle {
     PROMETHEUS.get_or_init(|| {

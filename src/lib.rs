@@ -3,6 +3,9 @@
 //! # Layout
 //!
 //! * [`memory`] — the memory model and input validation.
+//! * [`auth`] — keys, JWTs, replicated grants and quotas, certificates, the auth layers, limits.
+//! * [`transport`] — the accept loop of every listener: TLS, connection limits, deadlines.
+//! * [`secrets`] — files that hold secrets (0600, never the config).
 //! * [`storage`] — redb tables, record codec, the read handle.
 //! * [`raft`] — openraft with a redb log and state machine, peer transport, [`raft::RaftNode`].
 //! * [`api`] — gRPC services (memory, admin), proto conversions, the one error→status map.
@@ -14,8 +17,10 @@
 //! * [`backup`] — encrypted, verifiable backup archives, restore, keys, scheduled backups.
 //! * [`error`] — error families.
 #![doc = include_str!("../docs/errors.md")]
+#![doc = include_str!("../docs/security.md")]
 
 pub mod api;
+pub mod auth;
 pub mod backup;
 pub mod client;
 
@@ -24,8 +29,10 @@ pub mod error;
 pub mod http;
 pub mod memory;
 pub mod raft;
+pub mod secrets;
 pub mod server;
 pub mod storage;
+pub mod transport;
 pub mod vector;
 
 /// Generated protobuf types and gRPC stubs (`proto/engram/v1`).

@@ -2,7 +2,11 @@
 //! and the services, and returns a [`NodeHandle`]; [`run`] does the same and waits for a
 //! shutdown signal. The `engram` binary and the in-process test clusters both use it.
 //!
-//! Listeners: client/admin gRPC (with health and reflection), peer Raft gRPC, HTTP.
+//! Listeners: client/admin gRPC (with health and reflection), peer Raft gRPC, HTTP. Both gRPC
+//! listeners run the accept loop of [`crate::transport`] (connection limit, handshake and idle
+//! deadlines, TLS) and an auth layer ([`crate::auth::layer`]): keys or JWTs on the API port,
+//! the cluster certificate on the peer port. SIGHUP (or [`NodeHandle::reload_tls`]) reloads
+//! the certificates.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,30 +17,32 @@ use openraft::async_runtime::watch::WatchReceiver;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::api::admin_service::BackupContext;
-use crate::api::{AdminApi, MemoryApi};
+use crate::api::{AdminApi, AuthApi, MemoryApi};
+use crate::auth::jwt::JwtVerifier;
+use crate::auth::layer::{ApiAuth, ApiAuthLayer, PeerAuthLayer};
+use crate::auth::limits::RateLimits;
 use crate::backup::schedule::{self, BackupStatus, Schedule};
 use crate::config::Config;
 use crate::error::ServerError;
 use crate::memory::Limits;
 use crate::proto::admin_service_server::AdminServiceServer;
+use crate::proto::auth_service_server::AuthServiceServer;
 use crate::proto::memory_service_server::MemoryServiceServer;
 use crate::proto::raft_service_server::RaftServiceServer;
-use crate::raft::network::Network;
+use crate::raft::network::{Network, MAX_PEER_MESSAGE_BYTES};
 use crate::raft::service::PeerService;
 use crate::raft::{Command, EngramNode, LogStore, Op, Raft, RaftNode, StateMachineStore};
 use crate::storage::StateReader;
+use crate::transport::NodeTls;
 use crate::vector::VectorOptions;
 
-/// Largest client request. With at most `MAX_PAYLOAD_ENTRIES` entries per AppendEntries,
-/// a peer message stays under `MAX_PEER_MESSAGE_BYTES` (bincode and protobuf sizes of an
-/// entry are within a few percent of each other).
+/// Largest client request. AppendEntries carry at most `network::MAX_APPEND_BYTES` of entries,
+/// or one entry, so a peer message stays under `network::MAX_PEER_MESSAGE_BYTES`.
 const MAX_MESSAGE_BYTES: usize = 8 << 20;
 const MAX_PAYLOAD_ENTRIES: u64 = 32;
-const MAX_PEER_MESSAGE_BYTES: usize = 512 << 20;
 
 /// A running node.
 pub struct NodeHandle {
@@ -49,6 +55,8 @@ pub struct NodeHandle {
     pub vectors: Arc<crate::vector::VectorStore>,
     /// The outcome of this node's last scheduled backup.
     pub last_backup: BackupStatus,
+    /// Certificates (`None` on an `--insecure` node).
+    pub tls: Option<Arc<NodeTls>>,
     state: StateMachineStore,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -58,6 +66,14 @@ impl NodeHandle {
     /// The addresses this node announces to the cluster.
     pub fn engram_node(&self) -> EngramNode {
         EngramNode { raft_addr: self.raft_addr.to_string(), api_addr: self.api_addr.to_string() }
+    }
+
+    /// Re-reads the certificate files (what SIGHUP does); on error the old ones stay in use.
+    pub fn reload_tls(&self) -> Result<(), crate::transport::tls::TlsError> {
+        match &self.tls {
+            Some(t) => t.reload(),
+            None => Ok(()),
+        }
     }
 
     /// Graceful stop: listeners close, Raft shuts down, the state machine is fsynced and the
@@ -94,9 +110,11 @@ fn raft_config(c: &Config) -> Result<Arc<openraft::Config>, ServerError> {
     Ok(Arc::new(rc.validate().map_err(|e| ServerError::Config(e.to_string()))?))
 }
 
-/// Refuses to start on a data dir that belongs to another node id.
+/// Makes the data dir private (0700) and refuses one that belongs to another node id.
 fn check_identity(c: &Config) -> Result<(), ServerError> {
-    std::fs::create_dir_all(&c.data_dir)?;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&c.data_dir)?;
+    std::fs::set_permissions(&c.data_dir, std::fs::Permissions::from_mode(0o700))?;
     let path = c.data_dir.join("node_id");
     match std::fs::read_to_string(&path) {
         Ok(s) if s.trim() == c.node_id.to_string() => Ok(()),
@@ -107,17 +125,32 @@ fn check_identity(c: &Config) -> Result<(), ServerError> {
             c.node_id
         ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::write(&path, c.node_id.to_string())?;
+            crate::secrets::write_private(&path, c.node_id.to_string().as_bytes(), false)?;
             Ok(())
         }
         Err(e) => Err(e.into()),
     }
 }
 
-/// Accepted connections get TCP_NODELAY: without it small responses wait out the peer's
-/// delayed ACK (~40 ms per request).
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
+/// The storage files are the node's data: no one else reads them (the process umask covers
+/// files created later; `engram` sets 077).
+fn private_files(dir: &std::path::Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["raft-log.redb", "state.redb"] {
+        let p = dir.join(name);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
+fn listener_limits(c: &Config) -> crate::transport::Limits {
+    crate::transport::Limits {
+        max_connections: c.max_connections,
+        handshake_timeout: Duration::from_millis(c.handshake_timeout_ms),
+        idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+    }
 }
 
 /// Starts a node and returns once its listeners are bound and Raft is running.
@@ -125,6 +158,19 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     config.validate()?;
     check_identity(&config)?;
     crate::http::prometheus();
+    crate::http::label_namespaces(&config.metrics_namespaces);
+    let tls = match &config.tls {
+        Some(paths) => Some(Arc::new(
+            NodeTls::load(paths.clone(), config.node_id).map_err(|e| ServerError::Config(format!("TLS: {e}")))?,
+        )),
+        None => {
+            tracing::warn!(
+                node = config.node_id,
+                "--insecure: plaintext listeners and NO authentication; every caller may do everything"
+            );
+            None
+        }
+    };
     let api_listener = TcpListener::bind(config.listen_api).await?;
     let raft_listener = TcpListener::bind(config.listen_raft).await?;
     let http_listener = TcpListener::bind(config.listen_http).await?;
@@ -152,10 +198,11 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         tokio::task::spawn_blocking(move || sm.open_vectors(&log)).await.map_err(std::io::Error::other)??;
     }
     let state = sm.clone();
-    let raft = Raft::new(config.node_id, raft_config(&config)?, Network::default(), log_store, sm)
+    private_files(&config.data_dir)?;
+    let raft = Raft::new(config.node_id, raft_config(&config)?, Network::new(tls.clone()), log_store, sm)
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
-    let node = RaftNode::new(config.node_id, raft.clone(), Duration::from_millis(config.read_timeout_ms))
+    let node = RaftNode::new(config.node_id, raft.clone(), Duration::from_millis(config.read_timeout_ms), tls.clone())
         .with_unsafe_stale_reads(config.unsafe_stale_reads);
     if config.unsafe_stale_reads {
         tracing::warn!(node = config.node_id, "--unsafe-stale-reads: reads skip the read index and may be stale");
@@ -177,14 +224,34 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<MemoryServiceServer<MemoryApi>>().await;
     health_reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
+    health_reporter.set_serving::<AuthServiceServer<AuthApi>>().await;
+    // Reflection lists what this port serves, never the peer-only RaftService.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("engram.v1.MemoryService")
+        .with_service_name("engram.v1.AdminService")
+        .with_service_name("engram.v1.AuthService")
+        .with_service_name("grpc.health.v1.Health")
         .build_v1()
         .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
 
-    let memory = MemoryServiceServer::new(MemoryApi::new(node.clone(), reader.clone(), vectors.clone(), limits))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let rates = Arc::new(RateLimits::new(config.rates));
+    let jwt = config.jwt.as_ref().map(JwtVerifier::load).transpose().map_err(ServerError::Config)?;
+    let auth = Arc::new(ApiAuth::new(!config.insecure, reader.clone(), node.clone(), jwt, rates.clone()));
+    let authorizer = auth.authorizer.clone();
+    let memory = MemoryServiceServer::new(MemoryApi::new(
+        node.clone(),
+        reader.clone(),
+        vectors.clone(),
+        limits,
+        crate::api::memory_service::Guards {
+            authorizer: authorizer.clone(),
+            rates: rates.clone(),
+            max_response_bytes: config.max_response_bytes,
+        },
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let last_backup = BackupStatus::default();
     let backup = BackupContext {
         db: state.database(),
@@ -192,22 +259,39 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         key_file: config.backup_key_file.clone(),
         last: last_backup.clone(),
     };
-    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me, backup));
+    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me, backup, !config.insecure));
+    let auth_api = AuthServiceServer::new(AuthApi::new(node.clone(), reader.clone(), authorizer));
+    let listen = listener_limits(&config);
+    let api_tls = tls.clone().map(|t| Arc::new(move || t.api_acceptor()) as crate::transport::listener::Acceptors);
+    let peer_tls = tls.clone().map(|t| Arc::new(move || t.peer_acceptor()) as crate::transport::listener::Acceptors);
     let api_server = Server::builder()
-        .tcp_nodelay(true)
+        .layer(ApiAuthLayer::new(auth))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(memory)
         .add_service(admin)
-        .serve_with_incoming_shutdown(incoming(api_listener), stopped());
+        .add_service(auth_api)
+        .serve_with_incoming_shutdown(
+            crate::transport::listener::incoming(api_listener, "api", listen, api_tls),
+            stopped(),
+        );
 
-    let peer = RaftServiceServer::new(PeerService::new(config.node_id, raft.clone(), state.snapshot_files()))
-        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let peer = RaftServiceServer::new(PeerService::new(
+        config.node_id,
+        raft.clone(),
+        state.snapshot_files(),
+        tls.is_some(),
+        config.max_snapshot_bytes,
+    ))
+    .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
     let raft_server = Server::builder()
-        .tcp_nodelay(true)
+        .layer(PeerAuthLayer::new(tls.as_ref().map(|t| t.cluster())))
         .add_service(peer)
-        .serve_with_incoming_shutdown(incoming(raft_listener), stopped());
+        .serve_with_incoming_shutdown(
+            crate::transport::listener::incoming(raft_listener, "peer", listen, peer_tls),
+            stopped(),
+        );
 
     let http_server = axum::serve(http_listener, crate::http::router(node.clone())).with_graceful_shutdown(stopped());
 
@@ -249,6 +333,10 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         stopped(),
     )));
     tasks.push(tokio::spawn(leader_duties(node.clone(), reader.clone(), stopped())));
+    tasks.push(tokio::spawn(sweep_rate_limits(rates, stopped())));
+    if let Some(t) = tls.clone() {
+        tasks.push(tokio::spawn(reload_on_sighup(t, stopped())));
+    }
     if config.backup_interval_secs > 0 {
         let s = Schedule {
             every: Duration::from_secs(config.backup_interval_secs),
@@ -266,7 +354,56 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         )));
     }
     tracing::info!(node = id, %api_addr, %raft_addr, %http_addr, "engram node started");
-    Ok(NodeHandle { id, api_addr, raft_addr, http_addr, node, reader, vectors, last_backup, state, shutdown, tasks })
+    Ok(NodeHandle {
+        id,
+        api_addr,
+        raft_addr,
+        http_addr,
+        node,
+        reader,
+        vectors,
+        last_backup,
+        tls,
+        state,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Rate-limit buckets that have refilled are forgotten every minute.
+async fn sweep_rate_limits(rates: Arc<RateLimits>, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => rates.sweep(),
+        }
+    }
+}
+
+/// SIGHUP reloads the certificates.
+async fn reload_on_sighup(tls: Arc<NodeTls>, stop: impl Future<Output = ()>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::pin!(stop);
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: certificates reload only through the API");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                if let Err(e) = tls.reload() {
+                    metrics::counter!("engram_tls_reload_failures_total").increment(1);
+                    tracing::error!(error = %e, "TLS reload failed; the previous certificates stay in use");
+                }
+            }
+        }
+    }
 }
 
 /// One-off chores: the first leader names the cluster (`Op::SetClusterId`); a node whose log
@@ -300,9 +437,7 @@ async fn leader_duties(node: RaftNode, reader: StateReader, stop: impl Future<Ou
         }
         if !named && node.is_leader() {
             let cluster_id = *uuid::Builder::from_random_bytes(rand::random()).into_uuid().as_bytes();
-            let cmd =
-                Command { idempotency_key: None, now_ms: crate::memory::now_ms(), op: Op::SetClusterId { cluster_id } };
-            if let Err(e) = node.write(cmd).await {
+            if let Err(e) = node.write(Command::system(Op::SetClusterId { cluster_id })).await {
                 tracing::debug!(error = %e, "naming the cluster failed; retrying");
             }
         }

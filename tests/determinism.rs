@@ -1,11 +1,16 @@
 //! Determinism of the state machine: applying the same log on fresh state machines gives
 //! byte-identical state (equal digests), however the entries are batched into `apply` calls,
-//! and a snapshot installed elsewhere reproduces the same state.
+//! and a snapshot installed elsewhere reproduces the same state. The log mixes memory writes
+//! with auth changes (keys, grants, revocations, quotas) and commands made by those keys, so
+//! every authorization and quota decision in `apply` is covered too.
 
 use std::collections::BTreeMap;
 
+use engram::auth::records::{Grant, KeyRecord, Permission, Permissions, Quota};
+use engram::auth::token::KeyId;
+use engram::auth::Principal;
 use engram::memory::{MemoryInput, Metric, Precondition};
-use engram::raft::{Command, Entry, LogId, Op, StateMachineStore};
+use engram::raft::{Command, Entry, Idempotency, LogId, Op, StateMachineStore};
 use engram::storage::StateReader;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::EntryPayload;
@@ -46,15 +51,55 @@ fn op() -> impl Strategy<Value = Op> {
             metric: Metric::Cosine,
             ivf_min_vectors: 64,
         }),
+        2 => auth_op(),
+    ]
+}
+
+/// Keys 1..=3 with role "r" (or root for key 1), grants on "a" or "b/*" (some tagged), revocations, quotas.
+fn auth_op() -> impl Strategy<Value = Op> {
+    let key = (1u8..=3).prop_map(|i| KeyRecord {
+        id: KeyId([i; 8]),
+        name: format!("k{i}"),
+        roles: vec![if i == 1 { "root".into() } else { "r".into() }],
+        hash: [i; 32],
+        created_at_ms: 0,
+        expires_at_ms: (i == 3).then_some(100_000_000),
+        revoked_at_ms: None,
+    });
+    let grant =
+        (prop_oneof![Just("a"), Just("b/*")], any::<bool>(), any::<bool>()).prop_map(|(ns, write, tagged)| Grant {
+            namespace: ns.into(),
+            permissions: Permissions::of(if write {
+                &[Permission::Read, Permission::Write][..]
+            } else {
+                &[Permission::Read][..]
+            }),
+            tag: tagged.then(|| ("k".to_string(), "v".to_string())),
+        });
+    prop_oneof![
+        key.prop_map(|record| Op::CreateKey { record }),
+        Just(Op::CreateRole { name: "r".into() }),
+        grant.prop_map(|grant| Op::GrantRole { role: "r".into(), grant }),
+        Just(Op::RevokeGrant { role: "r".into(), namespace: "a".into() }),
+        (1u8..=3).prop_map(|i| Op::RevokeKey { id: KeyId([i; 8]) }),
+        (prop::option::of(1u64..4), prop::option::of(1u64..6)).prop_map(|(n, m)| Op::SetQuota {
+            tenant: "b".into(),
+            quota: Quota { max_namespaces: n, max_memories_per_namespace: m, max_bytes_per_namespace: None },
+        }),
     ]
 }
 
 fn command() -> impl Strategy<Value = Command> {
-    (op(), prop::option::of("[a-c]"), 0u64..200_000_000).prop_map(|(op, key, now_ms)| Command {
-        idempotency_key: key.map(|k| format!("key-{k}")),
-        now_ms,
-        op,
-    })
+    let principal =
+        prop_oneof![2 => Just(None), 1 => (1u8..=4).prop_map(|i| Some(Principal::Key { id: KeyId([i; 8]) }))];
+    (op(), prop::option::of(("[a-c]", 0u8..2)), 0u64..200_000_000, principal).prop_map(
+        |(op, key, now_ms, principal)| Command {
+            principal,
+            idempotency: key.map(|(k, f)| Idempotency { key: format!("key-{k}"), fingerprint: [f; 32] }),
+            now_ms,
+            op,
+        },
+    )
 }
 
 fn entries(cmds: &[Command]) -> Vec<Entry> {

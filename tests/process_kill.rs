@@ -34,6 +34,7 @@ fn client(nodes: &[EngramProcess]) -> Client {
         initial_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(200),
         timeout: Duration::from_secs(2),
+        ..RetryPolicy::default()
     };
     Client::with_retry(eps, retry).unwrap()
 }

@@ -248,6 +248,7 @@ impl Cluster {
                 initial_backoff: Duration::from_millis(50),
                 max_backoff: Duration::from_millis(50),
                 timeout,
+                ..RetryPolicy::default()
             },
         )
         .expect("valid endpoint")

@@ -66,6 +66,7 @@ fn retry(attempts: u32, timeout: Duration) -> RetryPolicy {
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(250),
         timeout,
+        ..RetryPolicy::default()
     }
 }
 
@@ -216,6 +217,7 @@ async fn read_register(c: &Client, id: &str) -> Result<(Option<u64>, u64), Clien
                 message: format!("register {id} holds {:?}", m.text),
                 field: None,
                 outcome: WriteOutcome::NotApplied,
+                retry_after: None,
             })?;
             Ok((Some(v), m.revision))
         }

@@ -1,5 +1,8 @@
 //! `AdminService`: cluster bootstrap, membership changes, leader transfer and status.
-//! Membership changes run on the leader; elsewhere they fail with a leader hint.
+//! Membership changes run on the leader; elsewhere they fail with a leader hint. The API
+//! layer has already required a cluster admin for every call here, except `InitCluster` on a
+//! node that belongs to no cluster yet, which may come without credentials (see
+//! [`AdminApi::init_cluster`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -18,13 +21,15 @@ use tracing::instrument;
 
 use super::convert::{node_from_pb, node_to_pb};
 use super::observe;
+use crate::auth::records::{KeyRecord, ROOT_ROLE};
+use crate::auth::token::KeyId;
 use crate::backup::schedule::BackupStatus;
 use crate::backup::Keyring;
 use crate::error::ApiError;
 use crate::proto as pb;
 use crate::proto::admin_service_server::AdminService;
 use crate::raft::node::ReadConsistency;
-use crate::raft::{EngramNode, NodeId, RaftNode};
+use crate::raft::{Command, EngramNode, NodeId, Op, Outcome, RaftNode};
 use crate::storage::StateReader;
 
 #[derive(Clone)]
@@ -33,6 +38,8 @@ pub struct AdminApi {
     /// This node's own advertised addresses (used for a single-node bootstrap).
     me: EngramNode,
     backup: BackupContext,
+    /// Keys are required (not `--insecure`): a new cluster needs a root key.
+    secure: bool,
 }
 
 /// What `CreateBackup` and status need: the state, the key's whereabouts, the last scheduled
@@ -82,8 +89,47 @@ impl Write for ChunkSender {
 const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 
 impl AdminApi {
-    pub fn new(node: RaftNode, me: EngramNode, backup: BackupContext) -> Self {
-        AdminApi { node, me, backup }
+    pub fn new(node: RaftNode, me: EngramNode, backup: BackupContext, secure: bool) -> Self {
+        AdminApi { node, me, backup, secure }
+    }
+
+    /// Whether this node already belongs to a cluster (it has a membership).
+    fn is_member(&self) -> bool {
+        self.node.raft.metrics().borrow_watched().membership_config.membership().nodes().next().is_some()
+    }
+
+    /// The root key named in an init request.
+    fn root_key(id: &str, hash: &[u8]) -> Result<KeyRecord, ApiError> {
+        let id: KeyId = id.parse().map_err(|_| ApiError::invalid("root_key_id", "must be 16 lowercase hex digits"))?;
+        let hash: [u8; 32] = hash.try_into().map_err(|_| ApiError::invalid("root_key_hash", "must be 32 bytes"))?;
+        Ok(KeyRecord {
+            id,
+            name: ROOT_ROLE.into(),
+            roles: vec![ROOT_ROLE.into()],
+            hash,
+            created_at_ms: crate::memory::now_ms(),
+            expires_at_ms: None,
+            revoked_at_ms: None,
+        })
+    }
+
+    /// Installs the root key once this node leads (the node that initialized a cluster is its
+    /// first leader: the others have no membership to campaign with).
+    async fn install_root_key(&self, record: KeyRecord) -> Result<(), ApiError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !self.node.is_leader() {
+            if self.node.leader().is_some() || tokio::time::Instant::now() > deadline {
+                // Another node leads (a retry): send the init there.
+                return self.node.require_leader();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let res = self.node.write(Command::system(Op::BootstrapRootKey { record })).await?;
+        match res.outcome {
+            Outcome::KeyCreated { .. } => Ok(()),
+            Outcome::Rejected(r) => Err(r.into()),
+            other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+        }
     }
 
     fn membership(&self, log_index: u64) -> pb::MembershipResponse {
@@ -139,14 +185,29 @@ fn state_name(s: ServerState) -> &'static str {
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
+    /// Bootstraps the cluster. Without credentials it is answered only by a node that belongs
+    /// to no cluster (so, before the root key exists, whoever reaches a fresh node first
+    /// claims it: bootstrap before exposing the nodes). A retry on a cluster whose root key
+    /// never got installed installs it; a cluster with a root key refuses another.
     #[instrument(skip_all)]
     async fn init_cluster(
         &self,
         req: Request<pb::InitClusterRequest>,
     ) -> Result<Response<pb::InitClusterResponse>, Status> {
         let started = Instant::now();
-        let pb::InitClusterRequest { members } = req.into_inner();
+        let authenticated = req.extensions().get::<crate::auth::Caller>().is_some();
+        let pb::InitClusterRequest { members, root_key_id, root_key_hash } = req.into_inner();
         let res = async {
+            if !authenticated && self.is_member() {
+                return Err(ApiError::Unauthenticated { reason: "this node already belongs to a cluster".into() });
+            }
+            let root = match (self.secure, root_key_id.is_empty() && root_key_hash.is_empty()) {
+                (true, true) => {
+                    return Err(ApiError::invalid("root_key_id", "a secured cluster is initialized with a root key"))
+                }
+                (true, false) => Some(Self::root_key(&root_key_id, &root_key_hash)?),
+                (false, _) => None,
+            };
             let mut map = BTreeMap::new();
             if members.is_empty() {
                 map.insert(self.node.id, self.me.clone());
@@ -160,8 +221,22 @@ impl AdminService for AdminApi {
             if !map.contains_key(&self.node.id) {
                 return Err(ApiError::invalid("members", format!("must include this node ({})", self.node.id)));
             }
-            self.node.initialize(map).await?;
-            Ok(pb::InitClusterResponse {})
+            match self.node.initialize(map).await {
+                Ok(()) => {}
+                // Initialized before: go on only to install a missing root key.
+                Err(ApiError::FailedPrecondition { .. })
+                    if root.is_some()
+                        && !self.backup.reader.has_root_key().map_err(|e| ApiError::Internal(e.to_string()))? => {}
+                Err(e) => return Err(e),
+            }
+            let installed = match root {
+                Some(record) => {
+                    self.install_root_key(record).await?;
+                    true
+                }
+                None => false,
+            };
+            Ok(pb::InitClusterResponse { root_key_installed: installed })
         }
         .await
         .map(Response::new)

@@ -32,12 +32,34 @@ pub fn precondition(p: Option<pb::Precondition>) -> Precondition {
     }
 }
 
+/// Longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+
 pub fn idempotency_key(o: Option<pb::WriteOptions>) -> Result<Option<String>, ApiError> {
     let key = o.map(|pb::WriteOptions { idempotency_key }| idempotency_key).unwrap_or_default();
-    if key.len() > 256 {
-        return Err(ApiError::invalid("options.idempotency_key", "longer than 256 bytes"));
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(ApiError::invalid(
+            "options.idempotency_key",
+            format!("longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+        ));
     }
     Ok((!key.is_empty()).then_some(key))
+}
+
+/// The idempotency key with the fingerprint of the request it comes with: what the client
+/// asked for (as decoded, before the leader stamped anything), so a retry matches and a reuse
+/// for another request does not.
+pub fn idempotency<T: serde::Serialize>(
+    o: Option<pb::WriteOptions>,
+    what: &str,
+    request: &T,
+) -> Result<Option<crate::raft::Idempotency>, ApiError> {
+    Ok(idempotency_key(o)?.map(|key| {
+        let mut h = blake3::Hasher::new_derive_key("engram request fingerprint v1");
+        h.update(what.as_bytes());
+        h.update(&crate::storage::codec::encode(request));
+        crate::raft::Idempotency { key, fingerprint: *h.finalize().as_bytes() }
+    }))
 }
 
 pub fn consistency(c: i32) -> Result<ReadConsistency, ApiError> {
@@ -67,7 +89,8 @@ pub fn metric_to_pb(m: Metric) -> pb::Metric {
 }
 
 pub fn namespace_to_pb(n: NamespaceInfo) -> pb::NamespaceInfo {
-    let NamespaceInfo { name, dimension, metric, memory_count, created_at_ms, index: _, ivf_min_vectors: _ } = n;
+    let NamespaceInfo { name, dimension, metric, memory_count, created_at_ms, index: _, ivf_min_vectors: _, bytes: _ } =
+        n;
     pb::NamespaceInfo { namespace: name, dimension, metric: metric_to_pb(metric) as i32, memory_count, created_at_ms }
 }
 
@@ -181,5 +204,69 @@ pub fn search_filter(f: Option<pb::SearchFilter>) -> Result<crate::vector::Filte
         created_after_ms: (created_after_ms != 0).then_some(created_after_ms),
         created_before_ms: (created_before_ms != 0).then_some(created_before_ms),
         min_importance,
+        scope: None,
     })
+}
+
+/// A grant as a client wrote it, checked.
+pub fn grant_from_pb(field: &str, g: Option<pb::Grant>) -> Result<crate::auth::records::Grant, ApiError> {
+    use crate::auth::records::{Grant, Permission, Permissions};
+    let pb::Grant { namespace, permissions, tag_key, tag_value } =
+        g.ok_or_else(|| ApiError::invalid(field, "is required"))?;
+    let mut perms = Vec::with_capacity(permissions.len());
+    for (i, p) in permissions.iter().enumerate() {
+        perms.push(Permission::parse(p).ok_or_else(|| {
+            ApiError::invalid(format!("{field}.permissions[{i}]"), "one of read, write, delete, admin")
+        })?);
+    }
+    let tag = match (tag_key.is_empty(), tag_value.is_empty()) {
+        (true, true) => None,
+        (false, _) => Some((tag_key, tag_value)),
+        (true, false) => return Err(ApiError::invalid(format!("{field}.tag_key"), "a tag value needs a key")),
+    };
+    let g = Grant { namespace, permissions: Permissions::of(&perms), tag };
+    crate::auth::records::validate_grant(field, &g)?;
+    Ok(g)
+}
+
+pub fn grant_to_pb(g: &crate::auth::records::Grant) -> pb::Grant {
+    let (tag_key, tag_value) = g.tag.clone().unwrap_or_default();
+    pb::Grant {
+        namespace: g.namespace.clone(),
+        permissions: g.permissions.names().into_iter().map(String::from).collect(),
+        tag_key,
+        tag_value,
+    }
+}
+
+pub fn role_to_pb(r: &crate::auth::records::Role) -> pb::Role {
+    pb::Role {
+        name: r.name.clone(),
+        grants: r.grants.iter().map(grant_to_pb).collect(),
+        created_at_ms: r.created_at_ms,
+    }
+}
+
+pub fn key_to_pb(k: &crate::auth::records::KeyRecord) -> pb::KeyInfo {
+    pb::KeyInfo {
+        id: k.id.to_string(),
+        name: k.name.clone(),
+        roles: k.roles.clone(),
+        created_at_ms: k.created_at_ms,
+        expires_at_ms: k.expires_at_ms.unwrap_or(0),
+        revoked_at_ms: k.revoked_at_ms.unwrap_or(0),
+    }
+}
+
+pub fn quota_from_pb(q: Option<pb::Quota>) -> crate::auth::records::Quota {
+    let pb::Quota { max_namespaces, max_memories_per_namespace, max_bytes_per_namespace } = q.unwrap_or_default();
+    crate::auth::records::Quota { max_namespaces, max_memories_per_namespace, max_bytes_per_namespace }
+}
+
+pub fn quota_to_pb(q: &crate::auth::records::Quota) -> pb::Quota {
+    pb::Quota {
+        max_namespaces: q.max_namespaces,
+        max_memories_per_namespace: q.max_memories_per_namespace,
+        max_bytes_per_namespace: q.max_bytes_per_namespace,
+    }
 }

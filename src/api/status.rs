@@ -10,6 +10,9 @@
 //! | `Unavailable` | UNAVAILABLE | maybe applied |
 //! | `Timeout` | DEADLINE_EXCEEDED | maybe applied |
 //! | `DataLoss` | DATA_LOSS | not applied (nothing was written) |
+//! | `Unauthenticated` | UNAUTHENTICATED | not applied |
+//! | `PermissionDenied` | PERMISSION_DENIED (+ `engram-field`) | not applied |
+//! | `ResourceExhausted` | RESOURCE_EXHAUSTED + `retry-after` (s), `engram-retry-after-ms` | not applied |
 //! | `Internal` | INTERNAL | maybe applied |
 
 use tonic::metadata::MetadataMap;
@@ -23,6 +26,10 @@ pub const NOT_LEADER_HEADER: &str = "engram-not-leader";
 pub const LEADER_ID_HEADER: &str = "engram-leader-id";
 pub const LEADER_ADDR_HEADER: &str = "engram-leader-addr";
 pub const REVISION_HEADER: &str = "engram-current-revision";
+pub const RETRY_AFTER_HEADER: &str = "retry-after";
+pub const RETRY_AFTER_MS_HEADER: &str = "engram-retry-after-ms";
+/// How long a quota refusal tells a client to wait: quotas do not refill by themselves.
+pub const QUOTA_RETRY_AFTER_MS: u64 = 60_000;
 
 fn insert(md: &mut MetadataMap, key: &'static str, value: &str) {
     if let Ok(v) = value.parse() {
@@ -59,6 +66,21 @@ impl From<ApiError> for Status {
             ApiError::Unavailable { .. } => Code::Unavailable,
             ApiError::Timeout { .. } => Code::DeadlineExceeded,
             ApiError::DataLoss { .. } => Code::DataLoss,
+            ApiError::Unauthenticated { .. } => Code::Unauthenticated,
+            ApiError::PermissionDenied { field, .. } => {
+                if !field.is_empty() {
+                    insert(&mut md, FIELD_HEADER, &field);
+                }
+                Code::PermissionDenied
+            }
+            ApiError::ResourceExhausted { field, retry_after_ms, .. } => {
+                if !field.is_empty() {
+                    insert(&mut md, FIELD_HEADER, &field);
+                }
+                insert(&mut md, RETRY_AFTER_HEADER, &retry_after_ms.div_ceil(1000).max(1).to_string());
+                insert(&mut md, RETRY_AFTER_MS_HEADER, &retry_after_ms.to_string());
+                Code::ResourceExhausted
+            }
             ApiError::Internal(_) => Code::Internal,
         };
         Status::with_metadata(code, message, md)
@@ -100,6 +122,20 @@ impl From<Rejection> for ApiError {
                 what: format!("namespace {namespace:?}"),
                 reason: format!("it has dimension {dimension} and metric {metric:?}"),
             },
+            Rejection::Unauthenticated { reason } => ApiError::Unauthenticated { reason },
+            Rejection::PermissionDenied { field, reason } => ApiError::PermissionDenied { field, reason },
+            Rejection::QuotaExceeded { field, reason } => {
+                ApiError::ResourceExhausted { field, reason, retry_after_ms: QUOTA_RETRY_AFTER_MS }
+            }
+            Rejection::IdempotencyKeyReused => ApiError::FailedPrecondition {
+                field: "options.idempotency_key".into(),
+                reason: "this idempotency key was already used for a different request".into(),
+                current_revision: 0,
+            },
+            Rejection::AuthNotFound { what } => ApiError::NotFound { what },
+            Rejection::AuthExists { what } => {
+                ApiError::AlreadyExists { what, reason: "pick another name or id".into() }
+            }
         }
     }
 }
@@ -115,6 +151,9 @@ pub fn code_name(code: Code) -> &'static str {
         Code::DeadlineExceeded => "deadline_exceeded",
         Code::Internal => "internal",
         Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
         _ => "other",
     }
 }

@@ -13,8 +13,6 @@
 //! `ENGRAM_BACKUP_KEY` holds one or more hex secrets, comma separated; the first is active.
 //! [`rotate`] adds a new active key and keeps the old ones, so old backups stay restorable.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -70,17 +68,10 @@ impl Keyring {
 
     /// Loads a keyring file, refusing one that group or others may read.
     pub fn load(path: &Path) -> Result<Keyring, BackupError> {
-        let mode = std::fs::metadata(path).map_err(|e| key_err(format!("key file {}: {e}", path.display())))?;
-        let mode = mode.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(key_err(format!(
-                "key file {} is accessible by group or others (mode {:o}); run `chmod 600` on it",
-                path.display(),
-                mode & 0o777
-            )));
-        }
+        let bytes = crate::secrets::read_private(path).map_err(|e| key_err(format!("key file {e}")))?;
         let text = Zeroizing::new(
-            std::fs::read_to_string(path).map_err(|e| key_err(format!("key file {}: {e}", path.display())))?,
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| key_err(format!("key file {}: not UTF-8", path.display())))?,
         );
         let file: KeyringFile =
             toml::from_str(&text).map_err(|e| key_err(format!("key file {}: {e}", path.display())))?;
@@ -144,11 +135,7 @@ impl Keyring {
             "# Engram backup keyring. Mode 0600; keep every key an old backup may still need.\n{}",
             toml::to_string(&file).map_err(|e| key_err(e.to_string()))?
         ));
-        let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::now_v7()));
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        crate::secrets::write_private(path, text.as_bytes(), true)?;
         Ok(())
     }
 }
@@ -180,6 +167,8 @@ pub fn rotate(path: &Path) -> Result<Keyring, BackupError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

@@ -47,6 +47,10 @@ fn fixture(dir: &std::path::Path, n: u64) -> Database {
         }
         txn.open_table(IDEMPOTENCY).unwrap().insert("k1", b"result".as_slice()).unwrap();
         txn.open_table(crate::storage::IDEM_EXPIRY).unwrap().insert((7u64, "k1"), ()).unwrap();
+        // The auth state travels with the data: a key, a role, a quota.
+        for (i, (_, table)) in crate::storage::AUTH_TABLES.into_iter().enumerate() {
+            txn.open_table(table).unwrap().insert(format!("row-{i}").as_str(), b"auth".as_slice()).unwrap();
+        }
     }
     txn.commit().unwrap();
     db
@@ -70,6 +74,13 @@ fn data_digest(db: &Database) -> [u8; 32] {
         let (k, v) = item.unwrap();
         h.update(k.value().as_bytes());
         h.update(v.value());
+    }
+    for (_, table) in crate::storage::AUTH_TABLES {
+        for item in txn.open_table(table).unwrap().iter().unwrap() {
+            let (k, v) = item.unwrap();
+            h.update(k.value().as_bytes());
+            h.update(v.value());
+        }
     }
     *h.finalize().as_bytes()
 }

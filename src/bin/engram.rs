@@ -6,6 +6,11 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() {
+    // Everything the node writes (log, state, snapshots, index files, backups) is its own.
+    // SAFETY: umask only sets the process's file-mode mask; no memory is involved.
+    unsafe {
+        libc::umask(0o077);
+    }
     let config = match NodeArgs::parse().resolve() {
         Ok(c) => c,
         Err(e) => {

@@ -4,7 +4,7 @@
 use thiserror::Error;
 use tonic::Code;
 
-use crate::api::status::{FIELD_HEADER, NOT_LEADER_HEADER};
+use crate::api::status::{FIELD_HEADER, NOT_LEADER_HEADER, RETRY_AFTER_MS_HEADER};
 
 /// Whether a failed write may have taken effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub struct ClientError {
     /// The offending field, for InvalidArgument / FailedPrecondition.
     pub field: Option<String>,
     pub outcome: WriteOutcome,
+    /// RESOURCE_EXHAUSTED: how long the node asked the client to wait.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ClientError {
@@ -34,7 +36,10 @@ impl ClientError {
             | Code::NotFound
             | Code::FailedPrecondition
             | Code::AlreadyExists
-            | Code::DataLoss => WriteOutcome::NotApplied,
+            | Code::DataLoss
+            | Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::ResourceExhausted => WriteOutcome::NotApplied,
             Code::Unavailable if not_leader || never_sent(s) => WriteOutcome::NotApplied,
             _ => WriteOutcome::MaybeApplied,
         };
@@ -43,6 +48,10 @@ impl ClientError {
             message: s.message().to_string(),
             field: md.get(FIELD_HEADER).and_then(|v| v.to_str().ok()).map(String::from),
             outcome,
+            retry_after: (s.code() == Code::ResourceExhausted)
+                .then(|| md.get(RETRY_AFTER_MS_HEADER)?.to_str().ok()?.parse::<u64>().ok())
+                .flatten()
+                .map(std::time::Duration::from_millis),
         }
     }
 
@@ -52,6 +61,7 @@ impl ClientError {
             message: message.into(),
             field: None,
             outcome: WriteOutcome::NotApplied,
+            retry_after: None,
         }
     }
 

@@ -4,7 +4,20 @@
 //! transient failures are retried with backoff at the next endpoint, and every write carries
 //! an idempotency key chosen once per logical write, so a retry after a timeout is applied at
 //! most once. Failed calls return a [`ClientError`] whose [`WriteOutcome`] says whether the
-//! write may have been applied.
+//! write may have been applied. A RESOURCE_EXHAUSTED refusal (a rate limit) is retried after
+//! the `retry-after` the node gives, when that is within [`RetryPolicy::max_rate_limit_wait`].
+//!
+//! Secured clusters need TLS and a credential ([`ClientOptions`]):
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), engram::client::ClientError> {
+//! use engram::client::{Client, ClientOptions, ClientTls};
+//! let tls = ClientTls::from_files("ca.pem".as_ref(), Some("demo.engram".into()), None)?;
+//! let key = std::fs::read_to_string("root.key").unwrap();
+//! let opts = ClientOptions { tls: Some(tls), credential: Some(key), ..Default::default() };
+//! let client = Client::with_options(["10.0.0.1:7001"], opts)?;
+//! # Ok(()) }
+//! ```
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), engram::client::ClientError> {
@@ -16,6 +29,8 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
+mod connect;
 mod error;
 
 use std::collections::HashMap;
@@ -23,8 +38,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use auth::Auth;
+pub use connect::{ClientOptions, ClientTls};
+use connect::{Credential, Svc};
 pub use error::{ClientError, WriteOutcome};
-use tonic::transport::{Channel, Endpoint};
 
 use crate::api::status::LEADER_ADDR_HEADER;
 use crate::proto as pb;
@@ -98,6 +115,9 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Per-attempt deadline.
     pub timeout: Duration,
+    /// A rate-limited call is retried after the node's `retry-after` if that is at most this
+    /// long; a longer wait (a quota) is returned as the error.
+    pub max_rate_limit_wait: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -107,6 +127,7 @@ impl Default for RetryPolicy {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(1000),
             timeout: Duration::from_secs(10),
+            max_rate_limit_wait: Duration::from_secs(5),
         }
     }
 }
@@ -118,7 +139,11 @@ pub struct Client {
 
 struct Inner {
     endpoints: Vec<String>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, Svc>>,
+    tls: Option<ClientTls>,
+    credential: Credential,
+    /// Kept to make pinned clients like this one.
+    options: ClientOptions,
     /// Where the next call goes first: the last known leader, else a round-robin endpoint.
     preferred: Mutex<String>,
     retry: RetryPolicy,
@@ -134,7 +159,17 @@ impl Client {
         Self::with_retry(endpoints, RetryPolicy::default())
     }
 
+    /// A plaintext client without credentials (for `--insecure` nodes).
     pub fn with_retry<I, S>(endpoints: I, retry: RetryPolicy) -> Result<Client, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::with_options(endpoints, ClientOptions { retry, ..Default::default() })
+    }
+
+    /// A client with TLS and a credential as `options` say.
+    pub fn with_options<I, S>(endpoints: I, options: ClientOptions) -> Result<Client, ClientError>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -145,22 +180,32 @@ impl Client {
             inner: Arc::new(Inner {
                 endpoints,
                 channels: Mutex::new(HashMap::new()),
+                tls: options.tls.clone(),
+                credential: Credential::new(options.credential.as_deref())?,
                 preferred: Mutex::new(first),
-                retry,
+                retry: options.retry,
+                options,
             }),
         })
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
-        let mut channels = self.inner.channels.lock().unwrap();
+    /// A client like this one (TLS, credential) pinned to `addr`, never redirected or retried.
+    pub fn pinned_like(&self, addr: &str) -> Result<Client, ClientError> {
+        let retry = RetryPolicy { max_attempts: 1, ..self.inner.options.retry };
+        Self::with_options([addr], ClientOptions { retry, ..self.inner.options.clone() })
+    }
+
+    /// The same client with another credential (same endpoints, TLS and retries).
+    pub fn with_credential(&self, credential: Option<String>) -> Result<Client, ClientError> {
+        Self::with_options(self.inner.endpoints.clone(), ClientOptions { credential, ..self.inner.options.clone() })
+    }
+
+    fn channel(&self, addr: &str) -> Result<Svc, ClientError> {
+        let mut channels = self.inner.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ClientError::config(format!("bad endpoint {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let ch = connect::channel(addr, self.inner.tls.as_ref(), &self.inner.credential)?;
         channels.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -178,7 +223,7 @@ impl Client {
     /// transient failures. `call` must resend the same request (same idempotency key).
     async fn call<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
-        F: Fn(Channel, Duration) -> Fut,
+        F: Fn(Svc, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let policy = self.inner.retry;
@@ -200,6 +245,12 @@ impl Client {
             if maybe_applied {
                 err.outcome = WriteOutcome::MaybeApplied;
             }
+            // A rate limit: wait as told, if that is not too long, and try the same node again.
+            if let Some(wait) = err.retry_after.filter(|w| *w <= policy.max_rate_limit_wait) {
+                last = Some(err);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             if !err.is_retryable() {
                 return Err(err);
             }
@@ -220,7 +271,7 @@ impl Client {
         Err(last.unwrap_or_else(|| ClientError::config("no attempts made")))
     }
 
-    fn memory(ch: Channel) -> MemoryServiceClient<Channel> {
+    fn memory(ch: Svc) -> MemoryServiceClient<Svc> {
         MemoryServiceClient::new(ch).max_decoding_message_size(128 << 20).max_encoding_message_size(8 << 20)
     }
 
@@ -411,13 +462,18 @@ impl Client {
         Admin { client: self }
     }
 
+    /// Keys, roles, grants and quotas (cluster admin), and whoami (anyone).
+    pub fn auth(&self) -> Auth<'_> {
+        Auth { client: self }
+    }
+
     /// A client pinned to one endpoint, never redirected (for per-node status and tests).
     pub fn pinned(addr: &str) -> Result<Client, ClientError> {
         Self::with_retry([addr], RetryPolicy { max_attempts: 1, ..RetryPolicy::default() })
     }
 }
 
-fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+pub(crate) fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
     r
@@ -429,16 +485,35 @@ pub struct Admin<'a> {
 }
 
 impl Admin<'_> {
-    fn admin(ch: Channel) -> AdminServiceClient<Channel> {
+    fn admin(ch: Svc) -> AdminServiceClient<Svc> {
         AdminServiceClient::new(ch)
     }
 
-    /// Bootstraps the cluster on the first endpoint (empty `members`: single node).
+    /// Bootstraps an `--insecure` cluster on the first endpoint (empty `members`: one node).
     pub async fn init_cluster(&self, members: Vec<pb::NodeInfo>) -> Result<(), ClientError> {
+        self.init(pb::InitClusterRequest { members, ..Default::default() }).await.map(drop)
+    }
+
+    /// Bootstraps a secured cluster whose root key is `root` (only its id and hash leave this
+    /// process: keep the key safe, see `engramctl cluster init`). Sent to the first endpoint;
+    /// a retry with the same key installs it if an earlier attempt did not get that far.
+    pub async fn init_secure_cluster(
+        &self,
+        members: Vec<pb::NodeInfo>,
+        root: &crate::auth::token::ApiKey,
+    ) -> Result<(), ClientError> {
+        let req =
+            pb::InitClusterRequest { members, root_key_id: root.id.to_string(), root_key_hash: root.hash().to_vec() };
+        self.init(req).await.map(drop)
+    }
+
+    async fn init(&self, req: pb::InitClusterRequest) -> Result<pb::InitClusterResponse, ClientError> {
         let addr = self.client.inner.endpoints[0].clone();
         let mut c = Self::admin(self.client.channel(&addr)?);
-        c.init_cluster(pb::InitClusterRequest { members }).await.map_err(|s| ClientError::from_status(&s))?;
-        Ok(())
+        Ok(c.init_cluster(timed(req, Duration::from_secs(30)))
+            .await
+            .map_err(|s| ClientError::from_status(&s))?
+            .into_inner())
     }
 
     pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {

@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use validate::{validate_embedding, validate_id, validate_input, validate_namespace, Limits};
+pub use validate::{
+    validate_embedding, validate_id, validate_input, validate_namespace, Limits, MAX_NAMESPACE_BYTES,
+    MAX_NAMESPACE_DEPTH,
+};
 
 /// Distance metric of a namespace, fixed at creation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +73,8 @@ pub struct NamespaceInfo {
     pub index: IndexKind,
     /// Memories from which the shard becomes IVF; fixed at creation by the leader.
     pub ivf_min_vectors: u64,
+    /// Sum of [`Memory::stored_bytes`] over the namespace (what byte quotas count).
+    pub bytes: u64,
 }
 
 /// A stored memory. `revision` is the log index of its last write.
@@ -87,6 +92,23 @@ pub struct Memory {
     pub expires_at_ms: Option<u64>,
     pub content_hash: [u8; 32],
     pub revision: u64,
+}
+
+/// What a memory weighs against a byte quota: text, vector and tags as the client sent them.
+fn weight(text: &str, embedding: &[f32], tags: &BTreeMap<String, String>) -> u64 {
+    (text.len() + embedding.len() * 4 + tags.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()) as u64
+}
+
+impl Memory {
+    pub fn stored_bytes(&self) -> u64 {
+        weight(&self.text, &self.embedding, &self.tags)
+    }
+}
+
+impl MemoryInput {
+    pub fn stored_bytes(&self) -> u64 {
+        weight(&self.text, &self.embedding, &self.tags)
+    }
 }
 
 /// What a client writes. By the time it is in a log entry, `id` is always set (the leader

@@ -31,10 +31,15 @@ impl Default for Limits {
     }
 }
 
-const MAX_NAMESPACE_BYTES: usize = 256;
+pub const MAX_NAMESPACE_BYTES: usize = 256;
+pub const MAX_NAMESPACE_DEPTH: usize = 8;
+const MAX_SEGMENT_BYTES: usize = 64;
 const MAX_ID_BYTES: usize = 128;
 
-/// Namespaces are `/`-separated scopes of `[A-Za-z0-9_.-]` segments, e.g. `acme/user-42`.
+/// Namespaces are canonical before any grant is checked: `/`-separated segments of
+/// `[a-z0-9_-]` (1..=64 bytes each, so never `.` or `..`), at most 8 deep and 256 bytes long,
+/// e.g. `acme/user-42`. A grant on `acme/*` therefore covers exactly the names that start
+/// with `acme/`.
 pub fn validate_namespace(ns: &str) -> Result<(), ApiError> {
     const F: &str = "namespace";
     if ns.is_empty() {
@@ -43,13 +48,21 @@ pub fn validate_namespace(ns: &str) -> Result<(), ApiError> {
     if ns.len() > MAX_NAMESPACE_BYTES {
         return Err(ApiError::invalid(F, format!("longer than {MAX_NAMESPACE_BYTES} bytes")));
     }
+    let mut depth = 0;
     for segment in ns.split('/') {
+        depth += 1;
         if segment.is_empty() {
             return Err(ApiError::invalid(F, "empty path segment (leading, trailing or double '/')"));
         }
-        if !segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
-            return Err(ApiError::invalid(F, "segments may only hold [A-Za-z0-9_.-]"));
+        if segment.len() > MAX_SEGMENT_BYTES {
+            return Err(ApiError::invalid(F, format!("a segment is longer than {MAX_SEGMENT_BYTES} bytes")));
         }
+        if !segment.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
+            return Err(ApiError::invalid(F, "segments may only hold [a-z0-9_-]"));
+        }
+    }
+    if depth > MAX_NAMESPACE_DEPTH {
+        return Err(ApiError::invalid(F, format!("deeper than {MAX_NAMESPACE_DEPTH} segments")));
     }
     Ok(())
 }
@@ -134,7 +147,26 @@ mod tests {
     #[test]
     fn namespaces() {
         assert!(validate_namespace("acme/user-42").is_ok());
-        for bad in ["", "/a", "a/", "a//b", "a b", "ü", &"x".repeat(300)] {
+        assert!(validate_namespace("a/b-c/d_e/0").is_ok());
+        let deep = vec!["a"; 9].join("/");
+        let long_segment = "x".repeat(65);
+        for bad in [
+            "",
+            "/a",
+            "a/",
+            "a//b",
+            "a b",
+            "ü",
+            &"x".repeat(300),
+            "..",
+            ".",
+            "a/../b",
+            "a/./b",
+            "A/b",
+            "a.b",
+            &deep,
+            &long_segment,
+        ] {
             assert!(validate_namespace(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -7,7 +7,9 @@
 //! * [`node`] — [`RaftNode`]: what the API layer calls to write and to linearize reads.
 
 mod apply;
+mod apply_auth;
 pub mod compaction;
+pub mod guard;
 pub mod log_store;
 pub mod network;
 pub mod node;

@@ -1,7 +1,12 @@
-//! Peer transport, client side: one lazily connected tonic channel per target node.
+//! Peer transport, client side: one lazily connected tonic channel per target node, over
+//! mutual TLS when the node has certificates (the target's certificate must name it:
+//! `node-<target>.<cluster>.engram`), rebuilt after a certificate reload.
 //!
 //! Raft messages travel as bincode inside `RaftPayload` (see `proto/engram/v1/raft.proto`).
-//! Snapshots are streamed in chunks with a BLAKE3 checksum on the last chunk.
+//! An AppendEntries is cut to at most [`MAX_APPEND_BYTES`] of entries (openraft resends the
+//! rest), so every peer message stays under the receiver's limit. Responses are checked by
+//! [`super::guard`] like requests. Snapshots are streamed in chunks with a BLAKE3 checksum on
+//! the last chunk.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,15 +22,24 @@ use openraft::{OptionalSend, RaftNetworkV2};
 use serde::{de::DeserializeOwned, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
+use super::guard;
 use super::snapshot::SnapshotData;
 use super::types::{EngramNode, NodeId, TypeConfig, Vote};
 use crate::proto::raft_service_client::RaftServiceClient;
 use crate::proto::{RaftPayload, SnapshotChunk};
+use crate::transport::NodeTls;
 
 type RPCError = openraft::errors::RPCError<TypeConfig>;
 
 /// Snapshot chunk size on the wire.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Entries sent in one AppendEntries, by encoded size (at least one entry is always sent).
+pub const MAX_APPEND_BYTES: usize = 8 << 20;
+
+/// Largest peer message either side accepts: a full AppendEntries plus one maximal entry
+/// (a client request of at most 8 MiB grows by a few percent as bincode).
+pub const MAX_PEER_MESSAGE_BYTES: usize = 32 << 20;
 
 /// Metadata on every peer RPC: the node id it is meant for. Addresses outlive identities (a
 /// replaced node's successor often gets its address) and a removal can be cut short, so a
@@ -44,36 +58,80 @@ pub(crate) fn addressed<T>(msg: T, target: NodeId) -> tonic::Request<T> {
 
 /// Opens peer connections.
 #[derive(Clone, Default)]
-pub struct Network {}
+pub struct Network {
+    tls: Option<Arc<NodeTls>>,
+}
+
+impl Network {
+    /// Plaintext without `tls` (`--insecure`), else mutual TLS with the node's certificates.
+    pub fn new(tls: Option<Arc<NodeTls>>) -> Self {
+        Network { tls }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &EngramNode) -> PeerClient {
-        PeerClient::new(target, &node.raft_addr)
+        PeerClient::new(target, &node.raft_addr, self.tls.clone())
     }
+}
+
+/// A lazily connected channel to peer `target` at `addr`.
+pub(crate) fn peer_channel(target: NodeId, addr: &str, tls: Option<&NodeTls>) -> Result<Channel, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut e =
+        Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
+    if let Some(tls) = tls {
+        e = e.tls_config(tls.peer_client(target)).map_err(|e| format!("peer TLS: {e}"))?;
+    }
+    Ok(e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy())
 }
 
 /// A connection to one peer.
 pub struct PeerClient {
     target: NodeId,
-    client: Result<RaftServiceClient<Channel>, String>,
+    addr: String,
+    tls: Option<Arc<NodeTls>>,
+    /// The channel and the TLS generation it was made with.
+    client: Result<(RaftServiceClient<Channel>, u64), String>,
 }
 
 impl PeerClient {
-    pub fn new(target: NodeId, addr: &str) -> Self {
-        let client = Endpoint::from_shared(format!("http://{addr}"))
-            .map(|e| {
-                let ch = e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy();
-                RaftServiceClient::new(ch).max_decoding_message_size(512 << 20).max_encoding_message_size(512 << 20)
-            })
-            .map_err(|e| format!("bad peer address {addr:?}: {e}"));
-        PeerClient { target, client }
+    pub fn new(target: NodeId, addr: &str, tls: Option<Arc<NodeTls>>) -> Self {
+        let mut c = PeerClient { target, addr: addr.to_string(), tls, client: Err(String::new()) };
+        c.connect();
+        c
     }
 
-    fn client(&self) -> Result<RaftServiceClient<Channel>, RPCError> {
-        self.client.clone().map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))
+    fn generation(&self) -> u64 {
+        self.tls.as_ref().map(|t| t.generation()).unwrap_or(0)
     }
+
+    fn connect(&mut self) {
+        let generation = self.generation();
+        self.client = peer_channel(self.target, &self.addr, self.tls.as_deref()).map(|ch| {
+            let c = RaftServiceClient::new(ch)
+                .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+            (c, generation)
+        });
+    }
+
+    fn client(&mut self) -> Result<RaftServiceClient<Channel>, RPCError> {
+        if matches!(&self.client, Ok((_, g)) if *g != self.generation()) {
+            self.connect();
+        }
+        self.client
+            .clone()
+            .map(|(c, _)| c)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))
+    }
+}
+
+/// A transfer-leader answer carries nothing openraft acts on beyond success.
+fn accept_transfer(_: &TransferLeaderResponse<TypeConfig>) -> Result<(), guard::GuardError> {
+    Ok(())
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> RaftPayload {
@@ -101,14 +159,28 @@ fn request<T>(msg: T, target: NodeId, option: &RPCOption) -> tonic::Request<T> {
 }
 
 macro_rules! unary {
-    ($self:ident, $method:ident, $rpc:expr, $option:expr) => {{
+    ($self:ident, $method:ident, $rpc:expr, $option:expr, $check:path) => {{
         let mut c = $self.client()?;
         let resp = c
             .$method(request(encode(&$rpc), $self.target, &$option))
             .await
             .map_err(|s| status_to_rpc($self.target, s))?;
-        decode(resp.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        let resp = decode(resp.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        $check(&resp).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        resp
     }};
+}
+
+/// How many of `entries` fit in one message of at most [`MAX_APPEND_BYTES`] (at least one).
+fn fitting(entries: &[super::types::Entry]) -> usize {
+    let mut bytes = 0u64;
+    for (i, e) in entries.iter().enumerate() {
+        bytes += bincode::serialized_size(e).unwrap_or(u64::MAX);
+        if bytes > MAX_APPEND_BYTES as u64 {
+            return i.max(1);
+        }
+    }
+    entries.len()
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
@@ -116,10 +188,20 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError> {
-        unary!(self, append_entries, rpc, option)
+        // openraft allows sending a prefix and answering PartialSuccess up to its last entry.
+        let keep = fitting(&rpc.entries);
+        let cut = (keep < rpc.entries.len()).then(|| {
+            rpc.entries.truncate(keep);
+            rpc.entries.last().map(|e| e.log_id)
+        });
+        let resp: AppendEntriesResponse<TypeConfig> = unary!(self, append_entries, rpc, option, guard::append_response);
+        Ok(match (resp, cut) {
+            (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(last),
+            (resp, _) => resp,
+        })
     }
 
     async fn vote(
@@ -127,7 +209,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError> {
-        unary!(self, vote, rpc, option)
+        Ok(unary!(self, vote, rpc, option, guard::vote_response))
     }
 
     async fn pre_vote(
@@ -135,7 +217,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError> {
-        unary!(self, pre_vote, rpc, option)
+        Ok(unary!(self, pre_vote, rpc, option, guard::vote_response))
     }
 
     async fn transfer_leader(
@@ -143,7 +225,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError> {
-        unary!(self, transfer_leader, req, option)
+        Ok(unary!(self, transfer_leader, req, option, accept_transfer))
     }
 
     async fn full_snapshot(
@@ -169,7 +251,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                     RPCError::Unreachable(u) => StreamingError::Unreachable(u),
                     other => StreamingError::Network(NetworkError::new(&other)),
                 })?;
-                decode(resp.get_ref()).map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+                let resp = decode(resp.get_ref()).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+                guard::snapshot_response(&resp).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+                Ok(resp)
             }
         }
     }

@@ -13,13 +13,14 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::errors::{ClientWriteError, RaftError};
 use openraft::raft::linearizable_read::Linearizer;
 use openraft::{ReadPolicy, ServerState};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::network::decode;
 use super::types::{Command, CommandResult, EngramNode, NodeId, Raft, TypeConfig};
 use crate::error::ApiError;
 use crate::proto::raft_service_client::RaftServiceClient;
 use crate::proto::ReadIndexRequest;
+use crate::transport::NodeTls;
 
 /// How a read is made consistent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,9 @@ pub enum ReadConsistency {
     Stale,
 }
 
+/// Channels to leaders by (node id, address), with the TLS generation they were made with.
+type PeerChannels = HashMap<(NodeId, String), (RaftServiceClient<Channel>, u64)>;
+
 #[derive(Clone)]
 pub struct RaftNode {
     pub id: NodeId,
@@ -36,13 +40,21 @@ pub struct RaftNode {
     read_timeout: Duration,
     /// The chaos harness's canary: every read is served locally, skipping the read index.
     unsafe_stale_reads: bool,
-    /// Lazily connected channels to leaders, by peer address, for follower ReadIndex calls.
-    peers: Arc<Mutex<HashMap<String, RaftServiceClient<Channel>>>>,
+    /// Lazily connected channels to leaders, by node and address, for follower ReadIndex
+    /// calls, with the TLS generation they were made with.
+    peers: Arc<Mutex<PeerChannels>>,
+    /// Peer TLS (`None`: an `--insecure` node).
+    tls: Option<Arc<NodeTls>>,
 }
 
 impl RaftNode {
-    pub fn new(id: NodeId, raft: Raft, read_timeout: Duration) -> Self {
-        RaftNode { id, raft, read_timeout, unsafe_stale_reads: false, peers: Arc::default() }
+    pub fn new(id: NodeId, raft: Raft, read_timeout: Duration, tls: Option<Arc<NodeTls>>) -> Self {
+        RaftNode { id, raft, read_timeout, unsafe_stale_reads: false, peers: Arc::default(), tls }
+    }
+
+    /// The node's TLS state, if it has certificates.
+    pub fn tls(&self) -> Option<&Arc<NodeTls>> {
+        self.tls.as_ref()
     }
 
     /// Breaks linearizability on purpose: reads skip the read index and serve local state.
@@ -127,27 +139,28 @@ impl RaftNode {
         lease: bool,
     ) -> Result<Linearizer<TypeConfig>, ApiError> {
         let unavailable = |e: String| ApiError::Unavailable { reason: format!("read index from leader: {e}") };
-        let mut client = self.peer(&leader.raft_addr).map_err(unavailable)?;
+        let mut client = self.peer(leader_id, &leader.raft_addr).map_err(unavailable)?;
         let mut req = super::network::addressed(ReadIndexRequest { lease }, leader_id);
         req.set_timeout(self.read_timeout);
         let resp = client.read_index(req).await.map_err(|s| unavailable(s.message().to_string()))?;
-        let read_log_id = decode(resp.get_ref()).map_err(|e| unavailable(e.to_string()))?;
+        let read_log_id: openraft::raft::linearizable_read::ReadLogId<TypeConfig> =
+            decode(resp.get_ref()).map_err(|e| unavailable(e.to_string()))?;
+        super::guard::read_index(read_log_id.log_id()).map_err(|e| unavailable(e.to_string()))?;
         let applied = self.raft.metrics().borrow_watched().last_applied;
         Ok(Linearizer::new(self.id, read_log_id, applied))
     }
 
-    fn peer(&self, addr: &str) -> Result<RaftServiceClient<Channel>, String> {
-        let mut peers = self.peers.lock().unwrap();
-        if let Some(c) = peers.get(addr) {
-            return Ok(c.clone());
+    fn peer(&self, id: NodeId, addr: &str) -> Result<RaftServiceClient<Channel>, String> {
+        let generation = self.tls.as_ref().map(|t| t.generation()).unwrap_or(0);
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (id, addr.to_string());
+        if let Some((c, g)) = peers.get(&key) {
+            if *g == generation {
+                return Ok(c.clone());
+            }
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let c = RaftServiceClient::new(ch);
-        peers.insert(addr.to_string(), c.clone());
+        let c = RaftServiceClient::new(super::network::peer_channel(id, addr, self.tls.as_deref())?);
+        peers.insert(key, (c.clone(), generation));
         Ok(c)
     }
 

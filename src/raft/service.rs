@@ -1,25 +1,50 @@
-//! Peer transport, server side: the `RaftService` on the peer listener. Only peers call it.
+//! Peer transport, server side: the `RaftService` on the peer listener. Only peers call it:
+//! with certificates, the listener's layer has verified the caller's certificate against the
+//! cluster CA and put its node id in the request ([`PeerIdentity`]); every message is then
+//! checked by [`super::guard`] (bounds, and that its vote names that same node) before
+//! openraft sees it. A snapshot stream is checked on its first chunk, before a byte is
+//! written, and bounded in size.
 
 use futures::StreamExt;
 use openraft::ReadPolicy;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::guard;
 use super::network::{decode, encode, TARGET_NODE_HEADER};
 use super::snapshot::{SnapshotData, SnapshotFiles};
 use super::state_machine::Snapshot;
-use super::types::{NodeId, Raft, SnapshotMeta, Vote};
+use super::types::{NodeId, Raft, SnapshotMeta, TypeConfig, Vote};
 use crate::proto::raft_service_server::RaftService;
 use crate::proto::{RaftPayload, ReadIndexRequest, SnapshotChunk};
+use openraft::raft::TransferLeaderRequest;
+
+/// The cluster member a peer request comes from, proven by its certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerIdentity(pub NodeId);
 
 pub struct PeerService {
     me: NodeId,
     raft: Raft,
     snapshots: SnapshotFiles,
+    /// Peers are authenticated by certificates: a request without a [`PeerIdentity`] is refused.
+    authenticated: bool,
+    max_snapshot_bytes: u64,
 }
 
 impl PeerService {
-    pub fn new(me: NodeId, raft: Raft, snapshots: SnapshotFiles) -> Self {
-        PeerService { me, raft, snapshots }
+    pub fn new(me: NodeId, raft: Raft, snapshots: SnapshotFiles, authenticated: bool, max_snapshot_bytes: u64) -> Self {
+        PeerService { me, raft, snapshots, authenticated, max_snapshot_bytes }
+    }
+
+    /// The sender's node id when peers are authenticated (`None` on an insecure node), after
+    /// checking the request is meant for this node.
+    fn sender<T>(&self, req: &Request<T>) -> Result<Option<NodeId>, Status> {
+        self.check_target(req)?;
+        match (self.authenticated, req.extensions().get::<PeerIdentity>()) {
+            (true, Some(p)) => Ok(Some(p.0)),
+            (true, None) => Err(Status::unauthenticated("peer requests need a cluster certificate")),
+            (false, _) => Ok(None),
+        }
     }
 
     /// Refuses a request meant for another node (see [`TARGET_NODE_HEADER`]) as unavailable:
@@ -42,22 +67,44 @@ impl PeerService {
         &self,
         stream: &mut Streaming<SnapshotChunk>,
         path: &std::path::Path,
+        sender: Option<NodeId>,
     ) -> Result<(Vote, SnapshotMeta, SnapshotData), Status> {
         use tokio::io::AsyncWriteExt;
-        let mut file = tokio::fs::File::create(path).await.map_err(fatal)?;
+        let mut file: Option<tokio::fs::File> = None;
         let mut head: Option<(Vote, SnapshotMeta)> = None;
         let mut hasher = blake3::Hasher::new();
         let mut checksum: Option<Vec<u8>> = None;
+        let mut received = 0u64;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             if checksum.is_some() {
                 return Err(Status::invalid_argument("snapshot chunk after the last one"));
             }
-            if head.is_none() {
-                head = Some(bincode::deserialize(&chunk.meta).map_err(bad)?);
+            match &head {
+                None => {
+                    let (vote, meta): (Vote, SnapshotMeta) = bincode::deserialize(&chunk.meta).map_err(bad)?;
+                    guard::snapshot(&vote, &meta, sender).map_err(refused)?;
+                    head = Some((vote, meta));
+                }
+                Some(_) if !chunk.meta.is_empty() => {
+                    return Err(Status::invalid_argument("snapshot meta after the first chunk"))
+                }
+                Some(_) => {}
+            }
+            received += chunk.data.len() as u64;
+            if received > self.max_snapshot_bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot larger than max_snapshot_bytes ({})",
+                    self.max_snapshot_bytes
+                )));
+            }
+            if file.is_none() {
+                file = Some(tokio::fs::File::create(path).await.map_err(fatal)?);
             }
             hasher.update(&chunk.data);
-            file.write_all(&chunk.data).await.map_err(fatal)?;
+            if let Some(f) = file.as_mut() {
+                f.write_all(&chunk.data).await.map_err(fatal)?;
+            }
             if !chunk.checksum.is_empty() {
                 checksum = Some(chunk.checksum);
             }
@@ -66,6 +113,7 @@ impl PeerService {
         if checksum.as_deref() != Some(hasher.finalize().as_bytes().as_slice()) {
             return Err(Status::data_loss("snapshot checksum mismatch or stream cut short"));
         }
+        let file = file.ok_or_else(|| Status::invalid_argument("snapshot stream without data"))?;
         file.sync_all().await.map_err(fatal)?;
         let data = SnapshotData::open(path).map_err(fatal)?;
         Ok((vote, meta, data))
@@ -76,6 +124,12 @@ fn bad(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("undecodable raft payload: {e}"))
 }
 
+fn refused(e: guard::GuardError) -> Status {
+    metrics::counter!("engram_raft_refused_messages_total").increment(1);
+    tracing::warn!(error = %e, "refused a peer message");
+    Status::invalid_argument(format!("refused raft message: {e}"))
+}
+
 fn fatal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -83,38 +137,45 @@ fn fatal(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl RaftService for PeerService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.check_target(&req)?;
+        let sender = self.sender(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
+        guard::append_entries(&rpc, sender).map_err(refused)?;
         let resp = self.raft.append_entries(rpc).await.map_err(fatal)?;
         Ok(Response::new(encode(&resp)))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.check_target(&req)?;
+        let sender = self.sender(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
+        guard::vote_request(&rpc, sender).map_err(refused)?;
         let resp = self.raft.vote(rpc).await.map_err(fatal)?;
         Ok(Response::new(encode(&resp)))
     }
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.check_target(&req)?;
+        let sender = self.sender(&req)?;
         let rpc = decode(req.get_ref()).map_err(bad)?;
+        guard::vote_request(&rpc, sender).map_err(refused)?;
         let resp = self.raft.pre_vote(rpc).await.map_err(fatal)?;
         Ok(Response::new(encode(&resp)))
     }
 
     async fn transfer_leader(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.check_target(&req)?;
-        let rpc = decode(req.get_ref()).map_err(bad)?;
+        let sender = self.sender(&req)?;
+        let rpc: TransferLeaderRequest<TypeConfig> = decode(req.get_ref()).map_err(bad)?;
+        guard::transfer_leader(&rpc, sender).map_err(refused)?;
+        if *rpc.to_node_id() != self.me {
+            return Err(refused(guard::GuardError::Shape(format!("a transfer to node {}", rpc.to_node_id()))));
+        }
         let resp = self.raft.handle_transfer_leader(rpc).await.map_err(fatal)?;
         Ok(Response::new(encode(&resp)))
     }
 
     async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftPayload>, Status> {
-        self.check_target(&req)?;
+        let sender = self.sender(&req)?;
         let mut stream = req.into_inner();
         let path = self.snapshots.temp_path();
-        let (vote, meta, data) = match self.receive(&mut stream, &path).await {
+        let (vote, meta, data) = match self.receive(&mut stream, &path, sender).await {
             Ok(received) => received,
             Err(e) => {
                 let _ = tokio::fs::remove_file(&path).await;
@@ -130,7 +191,7 @@ impl RaftService for PeerService {
     }
 
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<RaftPayload>, Status> {
-        self.check_target(&req)?;
+        self.sender(&req)?;
         let policy = if req.get_ref().lease { ReadPolicy::LeaseRead } else { ReadPolicy::ReadIndex };
         match self.raft.get_read_linearizer(policy).await {
             Ok(lin) => Ok(Response::new(encode(lin.read_log_id()))),

@@ -69,6 +69,9 @@ impl StateMachineStore {
         txn.open_table(IDEMPOTENCY)?;
         txn.open_table(IDEM_EXPIRY)?;
         txn.open_table(SM_META)?;
+        for (_, table) in crate::storage::AUTH_TABLES {
+            txn.open_table(table)?;
+        }
         txn.commit()?;
         let db = Arc::new(db);
         let vectors = Arc::new(VectorStore::new(crate::storage::StateReader::new(db.clone()), vectors));

@@ -5,6 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::records::{Grant, KeyRecord, Quota, Role};
+use crate::auth::token::KeyId;
+use crate::auth::Principal;
 use crate::memory::{MemoryInput, Metric, NamespaceInfo, Precondition};
 
 /// A cluster member's addresses.
@@ -43,11 +46,31 @@ pub type Membership = openraft::Membership<NodeId, EngramNode>;
 /// One replicated write.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Command {
-    /// Client-chosen key: a second command with the same key returns the first result.
-    pub idempotency_key: Option<String>,
+    /// Who asked. `apply` authorizes the op again for this principal at the entry's log index,
+    /// so a write proposed just before a revocation applied is refused on every node. `None`:
+    /// the node itself (naming the cluster, installing the root key) or an `--insecure` node.
+    pub principal: Option<Principal>,
+    /// Client-chosen key: a second command with the same key, principal and namespace returns
+    /// the first result; one whose request differs is refused.
+    pub idempotency: Option<Idempotency>,
     /// The leader's wall clock when it proposed the command (Unix ms).
     pub now_ms: u64,
     pub op: Op,
+}
+
+impl Command {
+    /// A command the node proposes on its own behalf.
+    pub fn system(op: Op) -> Command {
+        Command { principal: None, idempotency: None, now_ms: crate::memory::now_ms(), op }
+    }
+}
+
+/// An idempotency key and the fingerprint of the request it was first used with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Idempotency {
+    pub key: String,
+    /// BLAKE3 of the request as the client sent it (before the leader stamped ids).
+    pub fingerprint: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,6 +101,59 @@ pub enum Op {
     SetClusterId {
         cluster_id: [u8; 16],
     },
+    /// Stores an API key (its hash; the leader made the secret and returned it once).
+    CreateKey {
+        record: KeyRecord,
+    },
+    /// The root key proposed at `cluster init`: applied only while no root key exists.
+    BootstrapRootKey {
+        record: KeyRecord,
+    },
+    RevokeKey {
+        id: KeyId,
+    },
+    CreateRole {
+        name: String,
+    },
+    DeleteRole {
+        name: String,
+    },
+    /// Adds a grant to a role (a grant equal to an existing one is not added twice).
+    GrantRole {
+        role: String,
+        grant: Grant,
+    },
+    /// Removes every grant of the role on exactly this namespace pattern.
+    RevokeGrant {
+        role: String,
+        namespace: String,
+    },
+    /// Sets (or, with every limit `None`, clears) a tenant's quota; `*` is the default.
+    SetQuota {
+        tenant: String,
+        quota: Quota,
+    },
+}
+
+impl Op {
+    /// The namespace a memory op touches; `None` for cluster-level ops.
+    pub fn namespace(&self) -> Option<&str> {
+        match self {
+            Op::CreateNamespace { namespace, .. }
+            | Op::Put { namespace, .. }
+            | Op::Delete { namespace, .. }
+            | Op::DeleteNamespace { namespace } => Some(namespace),
+            Op::SetClusterId { .. }
+            | Op::CreateKey { .. }
+            | Op::BootstrapRootKey { .. }
+            | Op::RevokeKey { .. }
+            | Op::CreateRole { .. }
+            | Op::DeleteRole { .. }
+            | Op::GrantRole { .. }
+            | Op::RevokeGrant { .. }
+            | Op::SetQuota { .. } => None,
+        }
+    }
 }
 
 /// The result of applying one command, returned to the proposer and remembered under the
@@ -104,6 +180,18 @@ pub enum Outcome {
     },
     /// Deterministically refused in `apply`; the state did not change.
     Rejected(Rejection),
+    KeyCreated {
+        id: KeyId,
+    },
+    KeyRevoked {
+        existed: bool,
+    },
+    /// The role as it is after the change.
+    Role(Role),
+    RoleDeleted {
+        existed: bool,
+    },
+    QuotaSet,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,10 +203,47 @@ pub struct PutResult {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Rejection {
-    PreconditionFailed { field: String, id: String, current_revision: Option<u64> },
-    NamespaceNotFound { namespace: String },
-    DimensionMismatch { field: String, expected: u32, got: u32 },
-    NamespaceExists { namespace: String, dimension: u32, metric: Metric },
+    PreconditionFailed {
+        field: String,
+        id: String,
+        current_revision: Option<u64>,
+    },
+    NamespaceNotFound {
+        namespace: String,
+    },
+    DimensionMismatch {
+        field: String,
+        expected: u32,
+        got: u32,
+    },
+    NamespaceExists {
+        namespace: String,
+        dimension: u32,
+        metric: Metric,
+    },
+    /// The principal's key is unknown, revoked or expired at the entry's time.
+    Unauthenticated {
+        reason: String,
+    },
+    /// No grant of the principal allows the op.
+    PermissionDenied {
+        field: String,
+        reason: String,
+    },
+    /// A tenant quota would be exceeded.
+    QuotaExceeded {
+        field: String,
+        reason: String,
+    },
+    /// The idempotency key was first used for a different request.
+    IdempotencyKeyReused,
+    /// An auth record the op names does not exist (a role, a key).
+    AuthNotFound {
+        what: String,
+    },
+    AuthExists {
+        what: String,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -129,6 +254,15 @@ impl std::fmt::Display for Command {
             Op::Delete { namespace, id, .. } => write!(f, "delete {namespace}/{id}"),
             Op::DeleteNamespace { namespace } => write!(f, "delete-namespace {namespace}"),
             Op::SetClusterId { cluster_id } => write!(f, "set-cluster-id {}", uuid::Uuid::from_bytes(*cluster_id)),
+            Op::CreateKey { record } | Op::BootstrapRootKey { record } => {
+                write!(f, "create-key {} ({})", record.id, record.name)
+            }
+            Op::RevokeKey { id } => write!(f, "revoke-key {id}"),
+            Op::CreateRole { name } => write!(f, "create-role {name}"),
+            Op::DeleteRole { name } => write!(f, "delete-role {name}"),
+            Op::GrantRole { role, grant } => write!(f, "grant {role} {}", grant.namespace),
+            Op::RevokeGrant { role, namespace } => write!(f, "revoke {role} {namespace}"),
+            Op::SetQuota { tenant, .. } => write!(f, "set-quota {tenant}"),
         }
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! dump    := record*            record := len: u32 LE | bincode(Record)   (len <= 64 MiB)
-//! records := Begin, (Meta | Namespace | Memory | Idempotency | IdemExpiry)*, End
+//! records := Begin, (Meta | Namespace | Memory | Idempotency | IdemExpiry | Auth)*, End
+//! Auth    := { table: 0 keys | 1 roles | 2 quotas, key, value }     (format 2)
 //! End     := { rows, digest = BLAKE3 over every byte before End's length prefix }
 //! ```
 //!
@@ -21,7 +22,7 @@ use super::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBER
 use crate::error::StorageError;
 use crate::raft::{LogId, StoredMembership};
 
-pub const DUMP_FORMAT: u16 = 1;
+pub const DUMP_FORMAT: u16 = 2;
 const MAX_RECORD_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,6 +33,7 @@ enum Record {
     Memory { key: Vec<u8>, value: Vec<u8> },
     Idempotency { key: String, value: Vec<u8> },
     IdemExpiry { at_ms: u64, key: String },
+    Auth { table: u8, key: String, value: Vec<u8> },
     End { rows: u64, digest: [u8; 32] },
 }
 
@@ -121,6 +123,13 @@ pub fn write(txn: &ReadTransaction, out: &mut impl Write) -> Result<DumpSummary,
         let (at_ms, key) = k.value();
         w.put(&Record::IdemExpiry { at_ms, key: key.to_string() })?;
         rows += 1;
+    }
+    for (table, def) in super::AUTH_TABLES {
+        for item in txn.open_table(def)?.iter()? {
+            let (k, v) = item?;
+            w.put(&Record::Auth { table, key: k.value().to_string(), value: v.value().to_vec() })?;
+            rows += 1;
+        }
     }
     let digest = *w.hasher.finalize().as_bytes();
     w.put(&Record::End { rows, digest })?;
@@ -220,6 +229,7 @@ struct Tables<'t> {
     memories: redb::Table<'t, &'static [u8], &'static [u8]>,
     idempotency: redb::Table<'t, &'static str, &'static [u8]>,
     idem_expiry: redb::Table<'t, (u64, &'static str), ()>,
+    auth: Vec<redb::Table<'t, &'static str, &'static [u8]>>,
 }
 
 impl Sink for Tables<'_> {
@@ -230,6 +240,10 @@ impl Sink for Tables<'_> {
             Record::Memory { key, value } => self.memories.insert(key.as_slice(), value.as_slice()).map(drop),
             Record::Idempotency { key, value } => self.idempotency.insert(key.as_str(), value.as_slice()).map(drop),
             Record::IdemExpiry { at_ms, key } => self.idem_expiry.insert((at_ms, key.as_str()), ()).map(drop),
+            Record::Auth { table, key, value } => match self.auth.get_mut(table as usize) {
+                Some(t) => t.insert(key.as_str(), value.as_slice()).map(drop),
+                None => return Err(corrupt(format!("unknown auth table {table}"))),
+            },
             Record::Begin { .. } | Record::End { .. } => unreachable!("read_all passes rows only"),
         }
         .map_err(StorageError::from)
@@ -245,11 +259,15 @@ pub fn load(r: impl Read, txn: &WriteTransaction) -> Result<DumpSummary, Storage
         memories: txn.open_table(MEMORIES)?,
         idempotency: txn.open_table(IDEMPOTENCY)?,
         idem_expiry: txn.open_table(IDEM_EXPIRY)?,
+        auth: super::AUTH_TABLES.iter().map(|(_, def)| txn.open_table(*def)).collect::<Result<_, _>>()?,
     };
     t.meta.retain(|_, _| false)?;
     t.namespaces.retain(|_, _| false)?;
     t.memories.retain(|_, _| false)?;
     t.idempotency.retain(|_, _| false)?;
     t.idem_expiry.retain(|_, _| false)?;
+    for table in &mut t.auth {
+        table.retain(|_, _| false)?;
+    }
     read_all(r, &mut t)
 }

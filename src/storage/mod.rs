@@ -7,11 +7,18 @@
 //! idem_expiry   (recorded_at_ms, key)    -> ()        oldest first, for deterministic pruning
 //! sm_meta       "applied" | "membership" -> bincode(LogId) | bincode(StoredMembership)
 //!               "cluster_id"             -> 16 bytes, set once by the first leader or a restore
+//! auth_keys     key id (16 hex)          -> bincode(KeyRecord)   hash of the secret, never the secret
+//! auth_roles    role name                -> bincode(Role)
+//! quotas        tenant | "*"             -> bincode(Quota)
 //! ```
+//!
+//! The idempotency key is `principal 0x00 namespace 0x00 client key`: the first two never hold
+//! 0x00, so keys of different principals or namespaces never meet.
 //!
 //! The Raft log lives in its own redb file (see `raft::log_store`), so log appends and
 //! state-machine applies never wait on each other's write lock.
 
+pub mod auth;
 pub mod codec;
 pub mod dump;
 mod reader;
@@ -27,6 +34,11 @@ pub const NAMESPACES: TableDefinition<&str, &[u8]> = TableDefinition::new("names
 pub const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 pub const IDEM_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("idem_expiry");
 pub const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+pub const AUTH_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("auth_keys");
+pub const AUTH_ROLES: TableDefinition<&str, &[u8]> = TableDefinition::new("auth_roles");
+pub const QUOTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("quotas");
+/// The auth tables, as snapshots, backups and digests walk them.
+pub const AUTH_TABLES: [(u8, TableDefinition<&str, &[u8]>); 3] = [(0, AUTH_KEYS), (1, AUTH_ROLES), (2, QUOTAS)];
 
 pub const META_APPLIED: &str = "applied";
 pub const META_MEMBERSHIP: &str = "membership";

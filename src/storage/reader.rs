@@ -71,6 +71,19 @@ impl StateReader {
         limit: usize,
         now_ms: u64,
     ) -> Result<(Option<NamespaceInfo>, Page), StorageError> {
+        self.list_where(ns, after, (limit, usize::MAX), now_ms, |_| true)
+    }
+
+    /// [`list`](Self::list) of the memories `keep` accepts, stopping early (with a next page)
+    /// once the page's memories hold `max_bytes` of text and vectors.
+    pub fn list_where(
+        &self,
+        ns: &str,
+        after: Option<&str>,
+        (limit, max_bytes): (usize, usize),
+        now_ms: u64,
+        keep: impl Fn(&Memory) -> bool,
+    ) -> Result<(Option<NamespaceInfo>, Page), StorageError> {
         let txn = self.db.begin_read()?;
         let applied_index = Self::applied(&txn)?;
         let nss = txn.open_table(NAMESPACES)?;
@@ -87,20 +100,51 @@ impl StateReader {
         let table = txn.open_table(MEMORIES)?;
         let mut memories = Vec::with_capacity(limit.min(1024));
         let mut more = false;
+        let mut bytes = 0usize;
         for item in table.range::<&[u8]>(start.as_slice()..hi.as_slice())? {
             let (_, v) = item?;
             let m = codec::decode_memory(v.value())?;
-            if m.expires_at_ms.is_some_and(|e| e <= now_ms) {
+            if m.expires_at_ms.is_some_and(|e| e <= now_ms) || !keep(&m) {
                 continue;
             }
-            if memories.len() == limit {
+            if memories.len() == limit || (bytes >= max_bytes && !memories.is_empty()) {
                 more = true;
                 break;
             }
+            bytes += m.stored_bytes() as usize;
             memories.push(m);
         }
         let next_after = if more { memories.last().map(|m| m.id.clone()) } else { None };
         Ok((info, Page { memories, next_after, applied_index }))
+    }
+
+    /// An API key's record.
+    pub fn key(&self, id: &crate::auth::token::KeyId) -> Result<Option<crate::auth::records::KeyRecord>, StorageError> {
+        super::auth::key(&self.db.begin_read()?.open_table(super::AUTH_KEYS)?, id)
+    }
+
+    /// The role records `names` refer to.
+    pub fn roles(&self, names: &[String]) -> Result<Vec<crate::auth::records::Role>, StorageError> {
+        super::auth::roles(&self.db.begin_read()?.open_table(super::AUTH_ROLES)?, names)
+    }
+
+    pub fn keys(&self) -> Result<Vec<crate::auth::records::KeyRecord>, StorageError> {
+        let txn = self.db.begin_read()?;
+        Ok(super::auth::all(&txn.open_table(super::AUTH_KEYS)?, "auth_keys")?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    pub fn all_roles(&self) -> Result<Vec<crate::auth::records::Role>, StorageError> {
+        let txn = self.db.begin_read()?;
+        Ok(super::auth::all(&txn.open_table(super::AUTH_ROLES)?, "auth_roles")?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    pub fn quotas(&self) -> Result<Vec<(String, crate::auth::records::Quota)>, StorageError> {
+        super::auth::all(&self.db.begin_read()?.open_table(super::QUOTAS)?, "quotas")
+    }
+
+    /// Whether any root key exists (the cluster has been claimed).
+    pub fn has_root_key(&self) -> Result<bool, StorageError> {
+        Ok(self.keys()?.iter().any(|k| k.roles.iter().any(|r| r == crate::auth::records::ROOT_ROLE)))
     }
 
     /// The cluster's id, once the first leader has named it.
@@ -126,7 +170,7 @@ impl StateReader {
         self.digest_of(true)
     }
 
-    /// BLAKE3 over the data tables only (memories, namespaces, idempotency), leaving out
+    /// BLAKE3 over the data tables only (memories, namespaces, idempotency, auth), leaving out
     /// `sm_meta` (applied id, membership, cluster id): equal across a backup and its restore.
     pub fn data_digest(&self) -> Result<[u8; 32], StorageError> {
         self.digest_of(false)
@@ -157,6 +201,12 @@ impl StateReader {
             let (k, _) = item?;
             let (ts, key) = k.value();
             feed(b"e", &ts.to_be_bytes(), key.as_bytes());
+        }
+        for (tag, table) in super::AUTH_TABLES {
+            for item in txn.open_table(table)?.iter()? {
+                let (k, v) = item?;
+                feed(&[b'a', tag], k.value().as_bytes(), v.value());
+            }
         }
         if with_meta {
             for item in txn.open_table(SM_META)?.iter()? {

@@ -32,6 +32,9 @@ pub struct Filter {
     pub created_after_ms: Option<u64>,
     pub created_before_ms: Option<u64>,
     pub min_importance: Option<f32>,
+    /// An access scope: the memory carries at least one of these tags (a tag-scoped key's
+    /// grants). `Some(empty)` allows nothing.
+    pub scope: Option<Vec<(String, String)>>,
 }
 
 impl Filter {
@@ -309,6 +312,15 @@ impl Shard {
             let mut any = RoaringTreemap::new();
             for v in values {
                 if let Some(b) = self.tag_index.get(&(k.clone(), v.clone())) {
+                    any |= b;
+                }
+            }
+            narrow(any);
+        }
+        if let Some(scope) = &f.scope {
+            let mut any = RoaringTreemap::new();
+            for pair in scope {
+                if let Some(b) = self.tag_index.get(pair) {
                     any |= b;
                 }
             }

@@ -180,11 +180,14 @@ impl VectorStore {
         Ok(())
     }
 
+    /// The totals, plus a series per allow-listed namespace (see `http::namespace_label`).
     fn export(shards: &HashMap<String, Shard>) {
         let total: usize = shards.values().map(Shard::len).sum();
         metrics::gauge!("engram_vector_indexed_memories").set(total as f64);
-        for (ns, s) in shards {
-            metrics::gauge!("engram_vector_shard_memories", "namespace" => ns.clone()).set(s.len() as f64);
+        metrics::gauge!("engram_vector_shards").set(shards.len() as f64);
+        for ns in crate::http::labelled_namespaces() {
+            let len = shards.get(ns).map(Shard::len).unwrap_or(0);
+            metrics::gauge!("engram_vector_shard_memories", "namespace" => ns.clone()).set(len as f64);
         }
     }
 
@@ -209,7 +212,7 @@ impl VectorStore {
         }
         let kind = buildable(kind, memories.len());
         let shard = Shard::build(dim, metric, kind, &memories, self.options.max_part)?;
-        metrics::counter!("engram_vector_rebuilds_total", "namespace" => ns.to_string()).increment(1);
+        metrics::counter!("engram_vector_rebuilds_total", "namespace" => crate::http::namespace_label(ns)).increment(1);
         tracing::info!(
             namespace = ns,
             memories = memories.len(),

@@ -3,11 +3,12 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod secure;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use engram::client::{Client, RetryPolicy};
+use engram::client::{Client, ClientOptions, RetryPolicy};
 use engram::config::Config;
 use engram::proto as pb;
 use engram::server::{self, NodeHandle};
@@ -27,6 +28,8 @@ pub struct TestCluster {
     pub slots: Vec<Slot>,
     /// Applied to every node's config (fault and tuning knobs).
     pub tweak: fn(&mut Config),
+    /// Certificates and the root key, for a secured cluster (`None`: `--insecure` nodes).
+    pub secure: Option<std::sync::Arc<secure::Secure>>,
 }
 
 pub fn init_tracing() {
@@ -43,22 +46,69 @@ impl TestCluster {
     }
 
     pub async fn start_with(n: u64, tweak: fn(&mut Config)) -> TestCluster {
+        Self::boot(n, tweak, None).await
+    }
+
+    /// `n` nodes with certificates (mutual TLS between peers, TLS for clients) and keys: the
+    /// cluster is initialized with a root key, which [`client`](Self::client) uses.
+    pub async fn start_secure(n: u64) -> TestCluster {
+        Self::start_secure_with(n, |_| {}).await
+    }
+
+    pub async fn start_secure_with(n: u64, tweak: fn(&mut Config)) -> TestCluster {
+        Self::boot(n, tweak, Some(std::sync::Arc::new(secure::Secure::new("test")))).await
+    }
+
+    async fn boot(n: u64, tweak: fn(&mut Config), secure: Option<std::sync::Arc<secure::Secure>>) -> TestCluster {
         init_tracing();
-        let mut c = TestCluster { slots: vec![], tweak };
+        let mut c = TestCluster { slots: vec![], tweak, secure };
         for id in 1..=n {
             c.add_node(id).await;
         }
         let members = c.slots.iter().map(|s| c.node_info(s.id)).collect();
-        Client::pinned(&c.slots[0].api.to_string()).unwrap().admin().init_cluster(members).await.unwrap();
+        let first = c.pinned(c.slots[0].id).with_credential(None).unwrap();
+        match &c.secure {
+            Some(s) => first.admin().init_secure_cluster(members, &s.root).await.unwrap(),
+            None => first.admin().init_cluster(members).await.unwrap(),
+        }
         c.wait_for_leader().await;
         c
+    }
+
+    /// A node's config: loopback, test timeouts, certificates when secured, then `tweak`.
+    pub fn config(&self, id: u64, data_dir: std::path::PathBuf) -> Config {
+        let mut cfg = match &self.secure {
+            Some(s) => Config::for_test_secure(id, data_dir, s.node_paths(id)),
+            None => Config::for_test(id, data_dir),
+        };
+        (self.tweak)(&mut cfg);
+        cfg
+    }
+
+    /// Connection options for this cluster with `credential` (TLS when secured).
+    pub fn options(&self, credential: Option<String>) -> ClientOptions {
+        ClientOptions {
+            retry: RetryPolicy { max_attempts: 60, timeout: Duration::from_secs(5), ..Default::default() },
+            tls: self.secure.as_ref().map(|s| s.client_tls()),
+            credential,
+        }
+    }
+
+    /// The root key's text, when secured.
+    pub fn root_key(&self) -> Option<String> {
+        self.secure.as_ref().map(|s| s.root.expose().to_string())
+    }
+
+    /// A client over every node with `credential`.
+    pub fn client_as(&self, credential: Option<String>) -> Client {
+        let eps: Vec<String> = self.slots.iter().map(|s| s.api.to_string()).collect();
+        Client::with_options(eps, self.options(credential)).unwrap()
     }
 
     /// Starts a fresh, uninitialized node (not yet a member).
     pub async fn add_node(&mut self, id: u64) -> &Slot {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::for_test(id, dir.path().to_path_buf());
-        (self.tweak)(&mut cfg);
+        let cfg = self.config(id, dir.path().to_path_buf());
         let handle = server::start(cfg).await.unwrap();
         self.slots.push(Slot {
             id,
@@ -92,16 +142,14 @@ impl TestCluster {
         self.slots.iter().filter(|s| s.handle.is_some()).map(|s| s.id).collect()
     }
 
-    /// An SDK client over every node's address (running or not).
+    /// An SDK client over every node's address (running or not); the root key when secured.
     pub fn client(&self) -> Client {
-        let eps: Vec<String> = self.slots.iter().map(|s| s.api.to_string()).collect();
-        Client::with_retry(eps, RetryPolicy { max_attempts: 60, timeout: Duration::from_secs(5), ..Default::default() })
-            .unwrap()
+        self.client_as(self.root_key())
     }
 
-    /// A client that only ever talks to node `id`.
+    /// A client that only ever talks to node `id` (the root key when secured).
     pub fn pinned(&self, id: u64) -> Client {
-        Client::pinned(&self.slot(id).api.to_string()).unwrap()
+        self.client().pinned_like(&self.slot(id).api.to_string()).unwrap()
     }
 
     /// Waits until every running voter agrees on one running leader; returns its id.
@@ -158,9 +206,21 @@ impl TestCluster {
         keys: &engram::backup::Keyring,
         tweak: fn(&mut Config),
     ) -> TestCluster {
+        Self::restored_with(backup, n, keys, tweak, None).await
+    }
+
+    /// [`restored`](Self::restored) with certificates (a restored cluster gets new ones; its
+    /// keys and grants come from the backup).
+    pub async fn restored_with(
+        backup: &std::path::Path,
+        n: u64,
+        keys: &engram::backup::Keyring,
+        tweak: fn(&mut Config),
+        secure: Option<std::sync::Arc<secure::Secure>>,
+    ) -> TestCluster {
         init_tracing();
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let mut c = TestCluster { slots: vec![], tweak };
+        let mut c = TestCluster { slots: vec![], tweak, secure };
         for id in 1..=n {
             let dir = tempfile::tempdir().unwrap();
             c.slots.push(Slot { id, dir, api: free(), raft: free(), http: free(), handle: None });
@@ -198,10 +258,8 @@ impl TestCluster {
 
     /// Restarts a stopped node from its data dir on its old addresses.
     pub async fn restart(&mut self, id: u64) {
-        let tweak = self.tweak;
+        let mut cfg = self.config(id, Self::data_dir(self.slot(id)));
         let slot = self.slot_mut(id);
-        let mut cfg = Config::for_test(id, Self::data_dir(slot));
-        tweak(&mut cfg);
         cfg.listen_api = slot.api;
         cfg.listen_raft = slot.raft;
         cfg.listen_http = slot.http;
@@ -217,8 +275,7 @@ impl TestCluster {
             (s.api, s.raft, s.http)
         };
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::for_test(id, dir.path().to_path_buf());
-        (self.tweak)(&mut cfg);
+        let mut cfg = self.config(id, dir.path().to_path_buf());
         cfg.listen_api = api;
         cfg.listen_raft = raft;
         cfg.listen_http = http;

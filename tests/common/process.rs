@@ -10,12 +10,14 @@ pub struct EngramProcess {
     pub raft: String,
     pub http: String,
     pub data_dir: PathBuf,
+    /// Security flags: `--insecure` unless a test gives it certificates instead.
+    pub security: Vec<String>,
     child: Option<Child>,
 }
 
 impl EngramProcess {
     pub fn new(id: u64, api: String, raft: String, http: String, data_dir: PathBuf) -> Self {
-        EngramProcess { id, api, raft, http, data_dir, child: None }
+        EngramProcess { id, api, raft, http, data_dir, security: vec!["--insecure".into()], child: None }
     }
 
     /// Starts the node from its data dir (fresh or existing) with fast test timeouts.
@@ -30,6 +32,7 @@ impl EngramProcess {
         let child = Command::new(bin)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .args(["--node-id", &self.id.to_string(), "--data-dir", self.data_dir.to_str().unwrap()])
+            .args(&self.security)
             .args(["--listen-api", &self.api, "--listen-raft", &self.raft, "--listen-http", &self.http])
             .args(["--heartbeat-interval-ms", "50", "--election-timeout-min-ms", "300"])
             .args(["--election-timeout-max-ms", "600"])

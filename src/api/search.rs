@@ -1,0 +1,227 @@
+//! `Search` and `SearchBatch`: validate, linearize, authorize each query's namespace (a
+//! tag-scoped grant becomes a filter inside FAISS, so a scoped search still returns k hits),
+//! search on the blocking pool, and assemble a response of bounded size.
+
+use std::time::Instant;
+
+use super::convert::{self, memory_to_pb};
+use super::memory_service::MemoryApi;
+use crate::auth::policy::Access;
+use crate::auth::records::Permission;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::memory::validate_namespace;
+use crate::proto as pb;
+use crate::vector::{better, SearchParams};
+
+const MAX_K: u32 = 1000;
+const MAX_BATCH_QUERIES: usize = 256;
+/// Hits a batch may ask for in all (queries × k).
+const MAX_BATCH_HITS: usize = 16_384;
+
+/// A validated search, not yet checked against its namespace (that waits for the read barrier).
+pub(super) struct SearchPlan {
+    namespace: String,
+    vector: Vec<f32>,
+    k: usize,
+    filter: crate::vector::Filter,
+    score_threshold: Option<f32>,
+    include_memory: bool,
+    params: SearchParams,
+    metric: crate::memory::Metric,
+}
+
+impl SearchPlan {
+    /// The plan and the request's own consistency value.
+    fn new(req: pb::SearchRequest) -> Result<(SearchPlan, i32), ApiError> {
+        let pb::SearchRequest { namespace, vector, k, filter, score_threshold, include_memory, consistency, nprobe } =
+            req;
+        validate_namespace(&namespace)?;
+        if k == 0 || k > MAX_K {
+            return Err(ApiError::invalid("k", format!("must be 1..={MAX_K}")));
+        }
+        if score_threshold.is_some_and(|t| !t.is_finite()) {
+            return Err(ApiError::invalid("score_threshold", "must be finite"));
+        }
+        let filter = convert::search_filter(filter)?;
+        convert::consistency(consistency)?;
+        let params =
+            SearchParams { nprobe: if nprobe == 0 { SearchParams::default().nprobe } else { nprobe as usize } };
+        let plan = SearchPlan {
+            namespace,
+            vector,
+            k: k as usize,
+            filter,
+            score_threshold,
+            include_memory,
+            params,
+            metric: crate::memory::Metric::Cosine,
+        };
+        Ok((plan, consistency))
+    }
+}
+
+/// Prefixes an argument error's field with the query's position in a batch.
+fn within(i: usize, e: ApiError) -> ApiError {
+    match e {
+        ApiError::InvalidArgument { field, reason } => {
+            ApiError::InvalidArgument { field: format!("queries[{i}].{field}"), reason }
+        }
+        ApiError::PermissionDenied { field, reason } => {
+            ApiError::PermissionDenied { field: format!("queries[{i}].{field}"), reason }
+        }
+        other => other,
+    }
+}
+
+impl MemoryApi {
+    pub(super) async fn search_inner(
+        &self,
+        caller: &Caller,
+        req: pb::SearchRequest,
+    ) -> Result<pb::SearchResponse, ApiError> {
+        let started = Instant::now();
+        let (plan, consistency) = SearchPlan::new(req)?;
+        self.guards.rates.check_namespace(&plan.namespace)?;
+        self.node.linearize(convert::consistency(consistency)?).await?;
+        let applied = self.reader.applied_index().map_err(Self::storage)?;
+        let plan = self.bind(caller, plan)?;
+        let mut budget = self.guards.max_response_bytes;
+        let mut hits = self.run_searches(vec![plan], &mut budget).await?;
+        let hits = hits.pop().expect("one result per plan")?;
+        metrics::histogram!("engram_search_duration_seconds").record(started.elapsed().as_secs_f64());
+        Ok(pb::SearchResponse { hits, read_index: applied })
+    }
+
+    pub(super) async fn search_batch_inner(
+        &self,
+        caller: &Caller,
+        req: pb::SearchBatchRequest,
+    ) -> Result<pb::SearchBatchResponse, ApiError> {
+        let started = Instant::now();
+        let pb::SearchBatchRequest { queries, consistency } = req;
+        if queries.is_empty() || queries.len() > MAX_BATCH_QUERIES {
+            return Err(ApiError::invalid("queries", format!("must hold 1..={MAX_BATCH_QUERIES} searches")));
+        }
+        let mut plans = Vec::with_capacity(queries.len());
+        for (i, q) in queries.into_iter().enumerate() {
+            let (plan, own) = SearchPlan::new(q).map_err(|e| within(i, e))?;
+            if own != 0 && own != consistency {
+                return Err(within(i, ApiError::invalid("consistency", "must be unset or the batch's")));
+            }
+            plans.push(plan);
+        }
+        let asked: usize = plans.iter().map(|p| p.k).sum();
+        if asked > MAX_BATCH_HITS {
+            return Err(ApiError::invalid(
+                "queries",
+                format!("the batch asks for {asked} hits in all; at most {MAX_BATCH_HITS}"),
+            ));
+        }
+        for p in &plans {
+            self.guards.rates.check_namespace(&p.namespace)?;
+        }
+        self.node.linearize(convert::consistency(consistency)?).await?;
+        let applied = self.reader.applied_index().map_err(Self::storage)?;
+        let plans = plans
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| self.bind(caller, p).map_err(|e| within(i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut budget = self.guards.max_response_bytes;
+        let mut results = Vec::with_capacity(plans.len());
+        for hits in self.run_searches(plans, &mut budget).await? {
+            results.push(pb::SearchResponse { hits: hits?, read_index: applied });
+        }
+        metrics::histogram!("engram_search_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+        Ok(pb::SearchBatchResponse { results, read_index: applied })
+    }
+
+    /// Checks a plan against the caller's grants and the namespace it names, after the read
+    /// barrier (so a revocation acknowledged before the search is seen). The grant check
+    /// comes first: a namespace the caller may not read is refused whether or not it exists.
+    fn bind(&self, caller: &Caller, mut plan: SearchPlan) -> Result<SearchPlan, ApiError> {
+        let access = self.guards.authorizer.authorize(caller, Permission::Read, "namespace", &plan.namespace)?;
+        if let Access::Tagged(tags) = access {
+            plan.filter.scope = Some(tags.into_iter().collect());
+        }
+        let info = self
+            .reader
+            .namespace(&plan.namespace)
+            .map_err(Self::storage)?
+            .ok_or_else(|| ApiError::not_found(format!("namespace {:?}", plan.namespace)))?;
+        crate::memory::validate_embedding("vector", &plan.vector, Some(info.dimension), &self.limits)?;
+        plan.metric = info.metric;
+        Ok(plan)
+    }
+
+    /// Runs bound plans on the blocking pool (FAISS work, and waiting out a shard rebuild,
+    /// stay off the async workers); one result per plan, in order.
+    async fn run_searches(
+        &self,
+        plans: Vec<SearchPlan>,
+        budget: &mut usize,
+    ) -> Result<Vec<Result<Vec<pb::SearchHit>, ApiError>>, ApiError> {
+        let vectors = self.vectors.clone();
+        let now = crate::memory::now_ms();
+        let found = tokio::task::spawn_blocking(move || {
+            plans
+                .into_iter()
+                .map(|p| {
+                    let hits = vectors.search(&p.namespace, &p.vector, p.k, &p.filter, p.params, now);
+                    (p, hits)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("search task: {e}")))?;
+        let mut out = Vec::with_capacity(found.len());
+        for (plan, hits) in found {
+            out.push(self.finish(plan, hits, budget));
+        }
+        Ok(out)
+    }
+
+    /// Applies the score threshold and attaches memories, within the response's byte budget.
+    fn finish(
+        &self,
+        plan: SearchPlan,
+        hits: Result<Option<Vec<(String, f32)>>, crate::vector::VectorError>,
+        budget: &mut usize,
+    ) -> Result<Vec<pb::SearchHit>, ApiError> {
+        let hits = hits
+            .map_err(|e| match e {
+                // The namespace was re-created with another dimension after validation.
+                crate::vector::VectorError::Dimension { expected, got } => {
+                    ApiError::invalid("vector", format!("dimension {got} does not match the namespace's {expected}"))
+                }
+                other => ApiError::Internal(format!("vector search: {other}")),
+            })?
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(hits.len());
+        for (id, score) in hits {
+            if plan.score_threshold.is_some_and(|t| better(plan.metric, t, score)) {
+                continue;
+            }
+            let memory = if plan.include_memory {
+                self.reader.get(&plan.namespace, &id).map_err(Self::storage)?.1.map(memory_to_pb)
+            } else {
+                None
+            };
+            let hit = pb::SearchHit { id, score, memory };
+            let size = prost::Message::encoded_len(&hit) + 8;
+            if size > *budget {
+                return Err(ApiError::invalid(
+                    "k",
+                    format!(
+                        "the response would exceed {} bytes (max_response_bytes); ask for fewer hits or leave out include_memory",
+                        self.guards.max_response_bytes
+                    ),
+                ));
+            }
+            *budget -= size;
+            out.push(hit);
+        }
+        Ok(out)
+    }
+}
