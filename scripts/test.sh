@@ -15,6 +15,10 @@ cargo check --locked --lib --no-default-features --features gpu
 if [ "${ENGRAM_SKIP_JEPSEN:-0}" = "1" ]; then
   echo "test.sh: ENGRAM_SKIP_JEPSEN=1: skipping the jepsen CI tier"
 else
+  # The canary's flag exists only in builds with the `canary` feature: build one as
+  # engram-canary, then the normal binaries (which never have the flag).
+  cargo build --locked --bin engram --features canary
+  cp "${CARGO_TARGET_DIR:-target}/debug/engram" "${CARGO_TARGET_DIR:-target}/debug/engram-canary"
   cargo build --locked --bins --workspace
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"

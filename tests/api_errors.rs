@@ -50,6 +50,12 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         (put("", input("a", "t", vector(1, 4))), "namespace"),
         (put("a//b", input("a", "t", vector(1, 4))), "namespace"),
         (put("bad ns", input("a", "t", vector(1, 4))), "namespace"),
+        // Canonical names only, so a prefix grant means what it says.
+        (put("..", input("a", "t", vector(1, 4))), "namespace"),
+        (put("acme/../other", input("a", "t", vector(1, 4))), "namespace"),
+        (put("acme/./x", input("a", "t", vector(1, 4))), "namespace"),
+        (put("Acme/x", input("a", "t", vector(1, 4))), "namespace"),
+        (put(&["a"; 9].join("/"), input("a", "t", vector(1, 4))), "namespace"),
         (pb::PutRequest { namespace: NS.into(), memory: None, precondition: None, options: None }, "memory"),
         (put(NS, input("a", "", vector(1, 4))), "memory.text"),
         (put(NS, input("a", &big, vector(1, 4))), "memory.text"),

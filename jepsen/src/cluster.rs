@@ -9,15 +9,22 @@
 //!   every call (`FAKETIME_NO_CACHE`), with monotonic time left real
 //!   (`FAKETIME_DONT_FAKE_MONOTONIC`: tokio hangs if monotonic time jumps);
 //! - libfiu's POSIX preload lets `fiu-ctrl` make `fsync`/`fdatasync` fail with EIO at will.
+//!
+//! Security is on, as in production: each run makes a cluster CA, every node (fresh ids from
+//! the membership nemesis included) gets its certificate from it and speaks mutual TLS to its
+//! peers, the cluster is initialized with a root key, and the workload runs under a key
+//! whose role may read, write and delete memories but not administer the cluster.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use engram::client::{Client, RetryPolicy};
+use engram::auth::certs::CertAuthority;
+use engram::auth::token::ApiKey;
+use engram::client::{Client, ClientOptions, ClientTls, RetryPolicy};
 use engram::proto as pb;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -48,10 +55,28 @@ struct Slot {
     paused: bool,
 }
 
+/// The run's cluster CA and keys.
+pub struct Security {
+    ca: CertAuthority,
+    root: ApiKey,
+    certs: PathBuf,
+}
+
+/// How every client of this run connects: TLS from the run's CA, and the workload's key once
+/// the cluster made it (process-wide: one run per process).
+static CLIENT_TLS: OnceLock<ClientTls> = OnceLock::new();
+static WORKLOAD_KEY: OnceLock<String> = OnceLock::new();
+
+/// Options for a client of the workload (TLS, the workload key) with `retry`.
+pub fn workload_options(retry: RetryPolicy) -> ClientOptions {
+    ClientOptions { retry, tls: CLIENT_TLS.get().cloned(), credential: WORKLOAD_KEY.get().cloned() }
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     pub net: Net,
     opts: NodeOptions,
+    security: Security,
     slots: Vec<Mutex<Slot>>,
     next_id: Mutex<u64>,
 }
@@ -67,10 +92,21 @@ fn raft_addr(slot: usize) -> String {
 impl Cluster {
     pub fn new(dir: &Path, net: Net, opts: NodeOptions) -> Result<Cluster> {
         let n = net.nodes.len();
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs)?;
+        let ca = CertAuthority::generate("jepsen", 7)?;
+        std::fs::write(certs.join("ca.pem"), &ca.cert_pem)?;
+        let tls = ClientTls {
+            ca_pem: ca.cert_pem.clone().into_bytes(),
+            server_name: Some(engram::auth::identity::cluster_dns_name("jepsen")),
+            identity: None,
+        };
+        let _ = CLIENT_TLS.set(tls);
         let c = Cluster {
             dir: dir.to_path_buf(),
             net,
             opts,
+            security: Security { ca, root: ApiKey::generate(), certs },
             slots: (0..n).map(|i| Mutex::new(Slot { node_id: i as u64 + 1, child: None, paused: false })).collect(),
             next_id: Mutex::new(n as u64 + 1),
         };
@@ -134,6 +170,9 @@ impl Cluster {
         cmd.args(["--election-timeout-max-ms", "1200", "--read-timeout-ms", "3000"]);
         cmd.arg("--snapshot-logs-since-last").arg(self.opts.snapshot_logs_since_last.to_string());
         cmd.arg("--snapshot-keep-logs").arg(self.opts.snapshot_keep_logs.to_string());
+        let (cert, key) = self.node_cert(s.node_id)?;
+        cmd.arg("--tls-ca-file").arg(self.security.certs.join("ca.pem"));
+        cmd.arg("--tls-cert-file").arg(cert).arg("--tls-key-file").arg(key);
         if self.opts.unsafe_stale_reads {
             cmd.arg("--unsafe-stale-reads");
         }
@@ -156,6 +195,18 @@ impl Cluster {
         s.child = Some(cmd.spawn().context("starting engram")?);
         s.paused = false;
         Ok(())
+    }
+
+    /// Node `id`'s certificate files, issued by the run's CA on first use.
+    fn node_cert(&self, id: u64) -> Result<(PathBuf, PathBuf)> {
+        let cert = self.security.certs.join(format!("node-{id}.pem"));
+        let key = self.security.certs.join(format!("node-{id}-key.pem"));
+        if !cert.exists() {
+            let issued = self.security.ca.issue_node(id, &[], 7)?;
+            engram::secrets::write_private(&key, issued.key_pem.as_bytes(), true)?;
+            std::fs::write(&cert, &issued.cert_pem)?;
+        }
+        Ok((cert, key))
     }
 
     /// `kill -9`. Returns whether a process was running.
@@ -241,17 +292,19 @@ impl Cluster {
     }
 
     pub fn admin_client_with_timeout(&self, slot: usize, timeout: Duration) -> Client {
-        Client::with_retry(
-            [api_addr(slot)],
-            RetryPolicy {
-                max_attempts: 1,
-                initial_backoff: Duration::from_millis(50),
-                max_backoff: Duration::from_millis(50),
-                timeout,
-                ..RetryPolicy::default()
-            },
-        )
-        .expect("valid endpoint")
+        let retry = RetryPolicy {
+            max_attempts: 1,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(50),
+            timeout,
+            ..RetryPolicy::default()
+        };
+        let opts = ClientOptions {
+            retry,
+            tls: CLIENT_TLS.get().cloned(),
+            credential: Some(self.security.root.expose().to_string()),
+        };
+        Client::with_options([api_addr(slot)], opts).expect("valid endpoint")
     }
 
     /// The slot whose node says it is the leader, asking every running node.
@@ -297,7 +350,7 @@ impl Cluster {
         let members: Vec<pb::NodeInfo> = (0..self.len()).map(|s| self.node_info(s)).collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match self.admin_client(0).admin().init_cluster(members.clone()).await {
+            match self.admin_client(0).admin().init_secure_cluster(members.clone(), &self.security.root).await {
                 Ok(()) => break,
                 // A retry after an init that did land.
                 Err(e) if matches!(e.code, tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists) => break,
@@ -305,7 +358,42 @@ impl Cluster {
                 Err(e) => bail!("init cluster: {e}"),
             }
         }
-        self.await_leader(Duration::from_secs(30)).await
+        let leader = self.await_leader(Duration::from_secs(30)).await?;
+        self.make_workload_key().await?;
+        Ok(leader)
+    }
+
+    /// A role that may read, write and delete every namespace (not administer), and a key.
+    async fn make_workload_key(&self) -> Result<()> {
+        if WORKLOAD_KEY.get().is_some() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let attempt = async {
+                let l = self.await_leader(Duration::from_secs(10)).await?;
+                let auth = self.admin_client_with_timeout(l, Duration::from_secs(5));
+                let auth = auth.auth();
+                match auth.create_role("workload").await {
+                    Ok(_) => {}
+                    Err(e) if e.code == tonic::Code::AlreadyExists => {}
+                    Err(e) => bail!("create role: {e}"),
+                }
+                auth.grant("workload", "*", &["read", "write", "delete"], None).await?;
+                Ok(auth.create_key("jepsen-worker", &["workload"], 0).await?.key)
+            };
+            match attempt.await {
+                Ok(key) => {
+                    let _ = WORKLOAD_KEY.set(key);
+                    return Ok(());
+                }
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("jepsen: making the workload key: {e:#}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Stops everything (kill -9; the run is over) and removes the fault-control files.

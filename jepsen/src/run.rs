@@ -180,8 +180,17 @@ fn chrono_like_stamp() -> String {
 
 async fn run_async(opts: &RunOptions, net: Net, dir: &Path) -> Result<Results> {
     let started = Instant::now();
+    // The canary flag exists only in builds with the `canary` feature: scripts/test.sh makes
+    // one, `engram-canary`, beside the normal binary.
+    let engram = if opts.canary { opts.engram.with_file_name("engram-canary") } else { opts.engram.clone() };
+    if !engram.exists() {
+        anyhow::bail!(
+            "{} is missing (the canary needs `cargo build --bin engram --features canary`, copied to engram-canary)",
+            engram.display()
+        );
+    }
     let node_opts = NodeOptions {
-        engram: opts.engram.clone(),
+        engram,
         faketime: opts.nemeses.contains(&Family::Skew),
         fiu: opts.nemeses.contains(&Family::Disk),
         unsafe_stale_reads: opts.canary,

@@ -73,12 +73,13 @@ fn retry(attempts: u32, timeout: Duration) -> RetryPolicy {
 /// A client whose first choice is `home`, then the others in order.
 pub fn writer_for(home: usize, nodes: usize) -> Client {
     let eps: Vec<String> = (0..nodes).map(|i| api_addr((home + i) % nodes)).collect();
-    Client::with_retry(eps, retry(4, Duration::from_secs(2))).expect("endpoints")
+    Client::with_options(eps, crate::cluster::workload_options(retry(4, Duration::from_secs(2)))).expect("endpoints")
 }
 
 /// A client that only ever talks to `home`.
 pub fn reader_for(home: usize) -> Client {
-    Client::with_retry([api_addr(home)], retry(1, Duration::from_secs(4))).expect("endpoint")
+    Client::with_options([api_addr(home)], crate::cluster::workload_options(retry(1, Duration::from_secs(4))))
+        .expect("endpoint")
 }
 
 /// How a failed call completes its operation.

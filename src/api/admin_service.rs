@@ -1,7 +1,7 @@
 //! `AdminService`: cluster bootstrap, membership changes, leader transfer and status.
 //! Membership changes run on the leader; elsewhere they fail with a leader hint. The API
 //! layer has already required a cluster admin for every call here, except `InitCluster` on a
-//! node that belongs to no cluster yet, which may come without credentials (see
+//! cluster without a root key yet, which may come without credentials (see
 //! [`AdminApi::init_cluster`]).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -185,10 +185,10 @@ fn state_name(s: ServerState) -> &'static str {
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
-    /// Bootstraps the cluster. Without credentials it is answered only by a node that belongs
-    /// to no cluster (so, before the root key exists, whoever reaches a fresh node first
-    /// claims it: bootstrap before exposing the nodes). A retry on a cluster whose root key
-    /// never got installed installs it; a cluster with a root key refuses another.
+    /// Bootstraps the cluster. Without credentials it is answered only until the cluster has a
+    /// root key (so whoever reaches a fresh node first claims it: bootstrap before exposing the
+    /// nodes). A retry on a cluster whose root key never got installed installs it; a cluster
+    /// with a root key refuses another.
     #[instrument(skip_all)]
     async fn init_cluster(
         &self,
@@ -198,7 +198,8 @@ impl AdminService for AdminApi {
         let authenticated = req.extensions().get::<crate::auth::Caller>().is_some();
         let pb::InitClusterRequest { members, root_key_id, root_key_hash } = req.into_inner();
         let res = async {
-            if !authenticated && self.is_member() {
+            let claimed = self.backup.reader.has_root_key().map_err(|e| ApiError::Internal(e.to_string()))?;
+            if !authenticated && self.is_member() && (claimed || !self.secure) {
                 return Err(ApiError::Unauthenticated { reason: "this node already belongs to a cluster".into() });
             }
             let root = match (self.secure, root_key_id.is_empty() && root_key_hash.is_empty()) {

@@ -4,7 +4,7 @@
 //! against the replicated state (hash, revocation, expiry) or a JWT, applies the principal's
 //! request rate, requires cluster admin for `AdminService` and `AuthService` (but `WhoAmI`),
 //! and puts the [`Caller`] into the request. Health and reflection need no credentials; nor
-//! does `InitCluster` on a node that belongs to no cluster yet (its handler checks that). An
+//! does `InitCluster` while the cluster has no root key yet (its handler checks that). An
 //! `--insecure` node makes every caller [`Caller::insecure`].
 //!
 //! **Peer listener** ([`PeerAuthLayer`]): the TLS handshake already verified the client
@@ -121,11 +121,13 @@ impl ApiAuth {
         if !self.secure {
             return Ok(Some(Caller::insecure()));
         }
-        if header.is_none() && path == INIT_CLUSTER_PATH {
-            // Only a node that belongs to no cluster answers this without a key (see handler).
-            return Ok(None);
-        }
-        let caller = self.authenticate(header).await?;
+        let caller = match self.authenticate(header).await {
+            Ok(c) => c,
+            // Until the cluster has a root key there is no key to present: the handler answers
+            // InitCluster without credentials only then.
+            Err(_) if path == INIT_CLUSTER_PATH => return Ok(None),
+            Err(e) => return Err(e),
+        };
         self.limits.check_principal(&caller.name)?;
         if ADMIN_PREFIXES.iter().any(|p| path.starts_with(p)) && path != WHOAMI_PATH {
             self.authorizer.require_admin(&caller)?;

@@ -39,8 +39,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use auth::Auth;
+use connect::Credential;
+pub use connect::Svc;
 pub use connect::{ClientOptions, ClientTls};
-use connect::{Credential, Svc};
 pub use error::{ClientError, WriteOutcome};
 
 use crate::api::status::LEADER_ADDR_HEADER;
@@ -198,6 +199,12 @@ impl Client {
     /// The same client with another credential (same endpoints, TLS and retries).
     pub fn with_credential(&self, credential: Option<String>) -> Result<Client, ClientError> {
         Self::with_options(self.inner.endpoints.clone(), ClientOptions { credential, ..self.inner.options.clone() })
+    }
+
+    /// This client's channel to `addr` (TLS and credential included), for calling the
+    /// generated gRPC stubs directly.
+    pub fn raw_channel(&self, addr: &str) -> Result<Svc, ClientError> {
+        self.channel(addr)
     }
 
     fn channel(&self, addr: &str) -> Result<Svc, ClientError> {

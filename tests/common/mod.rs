@@ -178,6 +178,25 @@ impl TestCluster {
         }
     }
 
+    /// Waits until the first leader has named the cluster and every running node has applied
+    /// everything the leader has: the state is quiet (for before/after comparisons).
+    pub async fn settle(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let leader = self.wait_for_leader().await;
+            let h = self.handle(leader);
+            if h.reader.cluster_id().unwrap().is_some() {
+                let applied = h.reader.applied_index().unwrap();
+                self.wait_applied(applied).await;
+                if self.handle(leader).reader.applied_index().unwrap() == applied {
+                    return;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the cluster never settled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until every running node has applied at least `index`.
     pub async fn wait_applied(&self, index: u64) {
         for id in self.running() {
