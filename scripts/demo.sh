@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds Engram, starts a 3-node cluster on loopback, writes and reads some memories,
-# shows the cluster status, then stops the cluster. Usage: scripts/demo.sh [--keep]
+# Builds Engram, makes the cluster's certificates, starts a secured 3-node cluster on loopback
+# (mutual TLS between nodes, TLS + API keys for clients), makes a tenant key, writes, reads and
+# searches memories with it, shows what it may not do, takes a backup, shows the cluster
+# status, then stops the cluster. Usage: scripts/demo.sh [--keep]
 #   --keep   leave the cluster running (stop it with: pkill -f 'target/release/engram ')
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +21,15 @@ stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/
 echo "==> a backup keyring (mode 0600; the nodes read it, the config never holds the key)"
 "$BIN/engramctl" keys generate --key-file "$DATA/backup-keys.toml"
 
+echo "==> certificates: a CA for cluster 'demo', one certificate per node (keys 0600)"
+CERTS="$DATA/certs"
+"$BIN/engramctl" certs init --dir "$CERTS" --cluster demo
+for i in 1 2 3; do "$BIN/engramctl" certs node --dir "$CERTS" --id "$i" --host 127.0.0.1; done
+
 echo "==> starting nodes 1..3 (logs in $DATA/n*.log)"
 for i in 1 2 3; do
   "$BIN/engram" --node-id "$i" --data-dir "$DATA/n$i" --backup-key-file "$DATA/backup-keys.toml" \
+    --tls-ca-file "$CERTS/ca.pem" --tls-cert-file "$CERTS/node-$i.pem" --tls-key-file "$CERTS/node-$i-key.pem" \
     --listen-api "127.0.0.1:700$i" --listen-raft "127.0.0.1:710$i" --listen-http "127.0.0.1:720$i" \
     >"$DATA/n$i.log" 2>&1 &
   pids+=($!)
@@ -31,14 +39,29 @@ for i in 1 2 3; do
 done
 
 export ENGRAM_ENDPOINTS=127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
+export ENGRAM_CA_FILE="$CERTS/ca.pem"
 ctl() { echo "\$ engramctl $*"; "$BIN/engramctl" "$@"; }
 
-echo "==> bootstrapping the cluster"
-ctl --endpoints 127.0.0.1:7001 cluster init \
+echo "==> bootstrapping the cluster; the root key goes to $DATA/root.key (0600)"
+ctl --endpoints 127.0.0.1:7001 cluster init --root-key-file "$DATA/root.key" \
   --member 1=127.0.0.1:7101,127.0.0.1:7001 \
   --member 2=127.0.0.1:7102,127.0.0.1:7002 \
   --member 3=127.0.0.1:7103,127.0.0.1:7003
 for _ in $(seq 50); do curl -sf 127.0.0.1:7201/readyz >/dev/null && break; sleep 0.1; done
+
+echo "==> as root: a role confined to acme/*, and a key for the tenant's app"
+export ENGRAM_API_KEY_FILE="$DATA/root.key"
+ctl auth role create acme-rw
+ctl auth role grant acme-rw --namespace 'acme/*' --perm read,write,delete
+ctl auth key create --name acme-app --role acme-rw --out "$DATA/acme.key"
+ctl namespace create other/private --dimension 4
+
+echo "==> from here on the tenant's key"
+export ENGRAM_API_KEY_FILE="$DATA/acme.key"
+ctl auth whoami
+echo "==> no key, or another tenant's namespace: refused"
+env -u ENGRAM_API_KEY_FILE "$BIN/engramctl" memory list acme/user-42 && exit 1 || true
+ctl memory list other/private && exit 1 || true
 
 echo "==> writing memories (any endpoint; the CLI follows the leader)"
 ctl namespace create acme/user-42 --dimension 4 --metric cosine
@@ -63,7 +86,8 @@ ctl memory search-batch acme/user-42 --file "$DATA/queries.txt" --k 2
 echo "==> bad input is refused and names the field"
 ctl memory put acme/user-42 --text "wrong dimension" --embedding 0.1,0.2 || true
 
-echo "==> an online, encrypted backup streamed from a follower, then verified offline"
+echo "==> an online, encrypted backup streamed from a follower (an admin call: the root key), then verified offline"
+export ENGRAM_API_KEY_FILE="$DATA/root.key"
 mkdir -p "$DATA/backups"
 ctl --endpoints 127.0.0.1:7002 backup create "$DATA/backups"
 ctl backup verify "$DATA"/backups/backup-*.engram --key-file "$DATA/backup-keys.toml"

@@ -238,8 +238,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
 
     let rates = Arc::new(RateLimits::new(config.rates));
     let jwt = config.jwt.as_ref().map(JwtVerifier::load).transpose().map_err(ServerError::Config)?;
-    let auth = Arc::new(ApiAuth::new(!config.insecure, reader.clone(), node.clone(), jwt, rates.clone()));
-    let authorizer = auth.authorizer.clone();
+    let authorizer = crate::auth::Authorizer::new(reader.clone(), state.auth_generation());
+    let auth = Arc::new(ApiAuth::new(!config.insecure, authorizer.clone(), node.clone(), jwt, rates.clone()));
     let memory = MemoryServiceServer::new(MemoryApi::new(
         node.clone(),
         reader.clone(),

@@ -455,3 +455,32 @@ async fn a_node_never_answers_raft_requests_meant_for_another() {
     assert_eq!(client.get(NS, "b").await.unwrap().text, "second");
     cluster.shutdown().await;
 }
+
+/// A follower that missed ~24 MiB of large batches catches up through AppendEntries cut to
+/// the 8 MiB budget (openraft resends the rest), never sending a message past the receiver's
+/// 32 MiB limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_catches_up_on_large_entries_in_bounded_messages() {
+    let mut cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    let leader = cluster.wait_for_leader().await;
+    let lagging = cluster.running().into_iter().find(|id| *id != leader).unwrap();
+    cluster.stop(lagging).await;
+    let text = "z".repeat(60_000);
+    for b in 0..8u32 {
+        let items = (0..50u32)
+            .map(|i| {
+                (NewMemory::new(text.clone(), vector(b * 50 + i, 4)).with_id(format!("b{b}-{i}")), Default::default())
+            })
+            .collect();
+        client.put_batch(NS, items).await.unwrap();
+    }
+    cluster.restart(lagging).await;
+    cluster.settle().await;
+    let digests = cluster.digests();
+    assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "{digests:?}");
+    let got = cluster.pinned(lagging).list(NS, 1000, "", engram::client::Consistency::Stale).await.unwrap();
+    assert!(!got.next_page_token.is_empty() || got.memories.len() == 400);
+    assert_eq!(cluster.pinned(lagging).list_all(NS).await.unwrap().len(), 400);
+    cluster.shutdown().await;
+}

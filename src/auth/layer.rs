@@ -32,7 +32,6 @@ use crate::error::ApiError;
 use crate::raft::node::ReadConsistency;
 use crate::raft::service::PeerIdentity;
 use crate::raft::RaftNode;
-use crate::storage::StateReader;
 use crate::transport::ConnInfo;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -59,7 +58,6 @@ const UNKNOWN_KEY_BARRIERS: usize = 8;
 pub struct ApiAuth {
     /// `false`: `--insecure`, everyone may do everything.
     pub secure: bool,
-    pub reader: StateReader,
     pub node: RaftNode,
     pub jwt: Option<JwtVerifier>,
     pub limits: Arc<RateLimits>,
@@ -70,13 +68,12 @@ pub struct ApiAuth {
 impl ApiAuth {
     pub fn new(
         secure: bool,
-        reader: StateReader,
+        authorizer: Authorizer,
         node: RaftNode,
         jwt: Option<JwtVerifier>,
         limits: Arc<RateLimits>,
     ) -> ApiAuth {
-        let authorizer = Authorizer::new(reader.clone());
-        ApiAuth { secure, reader, node, jwt, limits, authorizer, barriers: Semaphore::new(UNKNOWN_KEY_BARRIERS) }
+        ApiAuth { secure, node, jwt, limits, authorizer, barriers: Semaphore::new(UNKNOWN_KEY_BARRIERS) }
     }
 
     fn unauthenticated() -> ApiError {
@@ -88,17 +85,16 @@ impl ApiAuth {
         let header = header.ok_or_else(Self::unauthenticated)?;
         match parse_bearer(header).map_err(|_| Self::unauthenticated())? {
             Bearer::Key(key) => {
-                let storage = |e: crate::error::StorageError| ApiError::Internal(e.to_string());
-                let mut rec = self.reader.key(&key.id).map_err(storage)?;
+                let mut rec = self.authorizer.key(&key.id)?;
                 if rec.is_none() {
                     // A key created moments ago may not have reached this node: catch up once.
                     if let Ok(_permit) = self.barriers.try_acquire() {
                         if self.node.linearize(ReadConsistency::Linearizable).await.is_ok() {
-                            rec = self.reader.key(&key.id).map_err(storage)?;
+                            rec = self.authorizer.key(&key.id)?;
                         }
                     }
                 }
-                let rec = rec.ok_or_else(Self::unauthenticated)?;
+                let (rec, _) = rec.ok_or_else(Self::unauthenticated)?;
                 if !key.matches(&rec.hash) || !rec.usable_at(crate::memory::now_ms()) {
                     return Err(Self::unauthenticated());
                 }

@@ -23,12 +23,16 @@ pub mod policy;
 pub mod records;
 pub mod token;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::storage::StateReader;
 use policy::Access;
-use records::{Permission, Role};
+use records::{KeyRecord, Permission, Role};
 use token::KeyId;
 
 /// The principal a replicated write is made for (it travels in the log entry).
@@ -72,38 +76,98 @@ impl Caller {
     }
 }
 
-/// Authorization against the local replicated state.
+/// Authorization against the local replicated state, through a cache of keys and roles that
+/// is dropped whenever the state machine commits an auth change (its generation moves).
 #[derive(Clone)]
 pub struct Authorizer {
     reader: StateReader,
+    generation: Arc<AtomicU64>,
+    cache: Arc<Mutex<AuthCache>>,
 }
+
+/// A key's record with the roles it names.
+pub type KeyWithRoles = (KeyRecord, Arc<Vec<Role>>);
+
+/// Keys and role sets as of one generation. Only keys that exist are cached, so unknown ids
+/// cannot grow it; it is emptied past [`MAX_CACHED`] entries.
+#[derive(Default)]
+struct AuthCache {
+    generation: u64,
+    keys: HashMap<KeyId, KeyWithRoles>,
+    roles: HashMap<Vec<String>, Arc<Vec<Role>>>,
+}
+
+const MAX_CACHED: usize = 100_000;
 
 fn unauthenticated() -> ApiError {
     ApiError::Unauthenticated { reason: "invalid, revoked or expired credentials".into() }
 }
 
+fn storage(e: crate::error::StorageError) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
 impl Authorizer {
-    pub fn new(reader: StateReader) -> Self {
-        Authorizer { reader }
+    /// `generation` is the state machine's [`auth_generation`](crate::raft::StateMachineStore::auth_generation).
+    pub fn new(reader: StateReader, generation: Arc<AtomicU64>) -> Self {
+        Authorizer { reader, generation, cache: Arc::default() }
+    }
+
+    /// The cache, emptied if the auth state moved on. The generation is read before the
+    /// state, so what is cached is never older than the generation it is filed under.
+    fn cache(&self) -> std::sync::MutexGuard<'_, AuthCache> {
+        let now = self.generation.load(Ordering::SeqCst);
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if c.generation != now || c.keys.len() + c.roles.len() > MAX_CACHED {
+            *c = AuthCache { generation: now, ..Default::default() };
+        }
+        c
+    }
+
+    /// A key's record and the roles it names, as the local state has them.
+    pub fn key(&self, id: &KeyId) -> Result<Option<KeyWithRoles>, ApiError> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        if let Some(hit) = self.cache().keys.get(id) {
+            return Ok(Some(hit.clone()));
+        }
+        let Some(rec) = self.reader.key(id).map_err(storage)? else { return Ok(None) };
+        let roles = Arc::new(self.reader.roles(&rec.roles).map_err(storage)?);
+        let mut c = self.cache();
+        if c.generation == generation {
+            c.keys.insert(*id, (rec.clone(), roles.clone()));
+        }
+        Ok(Some((rec, roles)))
+    }
+
+    fn named_roles(&self, names: &[String]) -> Result<Arc<Vec<Role>>, ApiError> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        if let Some(hit) = self.cache().roles.get(names) {
+            return Ok(hit.clone());
+        }
+        let roles = Arc::new(self.reader.roles(names).map_err(storage)?);
+        let mut c = self.cache();
+        if c.generation == generation {
+            c.roles.insert(names.to_vec(), roles.clone());
+        }
+        Ok(roles)
     }
 
     /// The caller's roles now, or UNAUTHENTICATED if its key stopped working.
-    pub fn roles(&self, caller: &Caller, now_ms: u64) -> Result<Vec<Role>, ApiError> {
-        let storage = |e: crate::error::StorageError| ApiError::Internal(e.to_string());
+    pub fn roles(&self, caller: &Caller, now_ms: u64) -> Result<Arc<Vec<Role>>, ApiError> {
         match &caller.principal {
-            None => Ok(vec![Role::root()]),
+            None => Ok(Arc::new(vec![Role::root()])),
             Some(Principal::Key { id }) => {
-                let rec = self.reader.key(id).map_err(storage)?.ok_or_else(unauthenticated)?;
+                let (rec, roles) = self.key(id)?.ok_or_else(unauthenticated)?;
                 if !rec.usable_at(now_ms) {
                     return Err(unauthenticated());
                 }
-                self.reader.roles(&rec.roles).map_err(storage)
+                Ok(roles)
             }
             Some(Principal::Token { roles, expires_at_ms, .. }) => {
                 if *expires_at_ms <= now_ms {
                     return Err(unauthenticated());
                 }
-                self.reader.roles(roles).map_err(storage)
+                self.named_roles(roles)
             }
         }
     }

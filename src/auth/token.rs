@@ -201,10 +201,9 @@ mod tests {
             prop_assume!(chars[pos] != c);
             chars[pos] = c;
             let mutated: String = chars.into_iter().collect();
-            match ApiKey::parse(&mutated) {
-                // A valid-looking key is a different key: it cannot match the original's hash.
-                Ok(other) => prop_assert!(!other.matches(&k.hash())),
-                Err(_) => {}
+            // A valid-looking key is a different key: it cannot match the original's hash.
+            if let Ok(other) = ApiKey::parse(&mutated) {
+                prop_assert!(!other.matches(&k.hash()));
             }
         }
     }

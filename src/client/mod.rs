@@ -29,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+mod admin;
 mod auth;
 mod connect;
 mod error;
@@ -38,6 +39,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use admin::Admin;
 pub use auth::Auth;
 use connect::Credential;
 pub use connect::Svc;
@@ -46,7 +48,6 @@ pub use error::{ClientError, WriteOutcome};
 
 use crate::api::status::LEADER_ADDR_HEADER;
 use crate::proto as pb;
-use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::memory_service_client::MemoryServiceClient;
 pub use crate::proto::{Consistency, Memory, Metric};
 
@@ -484,135 +485,4 @@ pub(crate) fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
     r
-}
-
-/// Operator calls.
-pub struct Admin<'a> {
-    client: &'a Client,
-}
-
-impl Admin<'_> {
-    fn admin(ch: Svc) -> AdminServiceClient<Svc> {
-        AdminServiceClient::new(ch)
-    }
-
-    /// Bootstraps an `--insecure` cluster on the first endpoint (empty `members`: one node).
-    pub async fn init_cluster(&self, members: Vec<pb::NodeInfo>) -> Result<(), ClientError> {
-        self.init(pb::InitClusterRequest { members, ..Default::default() }).await.map(drop)
-    }
-
-    /// Bootstraps a secured cluster whose root key is `root` (only its id and hash leave this
-    /// process: keep the key safe, see `engramctl cluster init`). Sent to the first endpoint;
-    /// a retry with the same key installs it if an earlier attempt did not get that far.
-    pub async fn init_secure_cluster(
-        &self,
-        members: Vec<pb::NodeInfo>,
-        root: &crate::auth::token::ApiKey,
-    ) -> Result<(), ClientError> {
-        let req =
-            pb::InitClusterRequest { members, root_key_id: root.id.to_string(), root_key_hash: root.hash().to_vec() };
-        self.init(req).await.map(drop)
-    }
-
-    async fn init(&self, req: pb::InitClusterRequest) -> Result<pb::InitClusterResponse, ClientError> {
-        let addr = self.client.inner.endpoints[0].clone();
-        let mut c = Self::admin(self.client.channel(&addr)?);
-        Ok(c.init_cluster(timed(req, Duration::from_secs(30)))
-            .await
-            .map_err(|s| ClientError::from_status(&s))?
-            .into_inner())
-    }
-
-    pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {
-        self.client.call(|ch, t| async move { Self::admin(ch).status(timed(pb::StatusRequest {}, t)).await }).await
-    }
-
-    pub async fn add_learner(&self, node: pb::NodeInfo, blocking: bool) -> Result<pb::MembershipResponse, ClientError> {
-        let req = pb::AddLearnerRequest { node: Some(node), blocking };
-        self.client
-            .call(|ch, t| {
-                let r = req.clone();
-                async move { Self::admin(ch).add_learner(timed(r, t)).await }
-            })
-            .await
-    }
-
-    pub async fn promote_voters(&self, node_ids: Vec<u64>) -> Result<pb::MembershipResponse, ClientError> {
-        let req = pb::PromoteVotersRequest { node_ids };
-        self.client
-            .call(|ch, t| {
-                let r = req.clone();
-                async move { Self::admin(ch).promote_voters(timed(r, t)).await }
-            })
-            .await
-    }
-
-    pub async fn remove_nodes(&self, node_ids: Vec<u64>) -> Result<pb::MembershipResponse, ClientError> {
-        let req = pb::RemoveNodesRequest { node_ids };
-        self.client
-            .call(|ch, t| {
-                let r = req.clone();
-                async move { Self::admin(ch).remove_nodes(timed(r, t)).await }
-            })
-            .await
-    }
-
-    pub async fn transfer_leader(&self, to_node_id: u64) -> Result<pb::TransferLeaderResponse, ClientError> {
-        let req = pb::TransferLeaderRequest { to_node_id };
-        self.client.call(|ch, t| async move { Self::admin(ch).transfer_leader(timed(req, t)).await }).await
-    }
-
-    /// Builds a Raft snapshot on the preferred node; returns the index it covers.
-    pub async fn trigger_snapshot(&self) -> Result<u64, ClientError> {
-        let addr = self.client.inner.preferred.lock().unwrap().clone();
-        let mut c = Self::admin(self.client.channel(&addr)?);
-        let r = c.trigger_snapshot(pb::TriggerSnapshotRequest {}).await.map_err(|s| ClientError::from_status(&s))?;
-        Ok(r.into_inner().snapshot_index)
-    }
-
-    /// Streams a backup from the preferred node into `target`: a file path, or an existing
-    /// directory (the file is then named after the backup's time and index). The bytes land
-    /// in a `.partial` file that is fsynced and renamed only when the stream completed; a
-    /// failed stream leaves nothing. Returns the path and the archive's header.
-    pub async fn create_backup(
-        &self,
-        target: &std::path::Path,
-    ) -> Result<(std::path::PathBuf, crate::backup::archive::Header), ClientError> {
-        use tokio::io::AsyncWriteExt;
-        let io = |e: std::io::Error| ClientError::config(format!("writing the backup: {e}"));
-        let addr = self.client.inner.preferred.lock().unwrap().clone();
-        let mut c = Self::admin(self.client.channel(&addr)?).max_decoding_message_size(64 << 20);
-        let mut stream =
-            c.create_backup(pb::CreateBackupRequest {}).await.map_err(|s| ClientError::from_status(&s))?.into_inner();
-        let dir = if target.is_dir() {
-            target.to_path_buf()
-        } else {
-            target.parent().map(|p| p.to_path_buf()).unwrap_or_default()
-        };
-        let partial = dir.join(format!(".{}.partial", uuid::Uuid::now_v7()));
-        let result = async {
-            let mut file = tokio::fs::File::create(&partial).await.map_err(io)?;
-            let mut head = Vec::new();
-            while let Some(chunk) = stream.message().await.map_err(|s| ClientError::from_status(&s))? {
-                let need = crate::backup::archive::HEADER_BYTES.saturating_sub(head.len());
-                head.extend_from_slice(&chunk.data[..chunk.data.len().min(need)]);
-                file.write_all(&chunk.data).await.map_err(io)?;
-            }
-            file.sync_all().await.map_err(io)?;
-            let (header, _) = crate::backup::archive::read_header(&mut head.as_slice())
-                .map_err(|e| ClientError::config(format!("the node sent a bad backup: {e}")))?;
-            let path = if target.is_dir() {
-                dir.join(crate::backup::schedule::file_name(&header))
-            } else {
-                target.to_path_buf()
-            };
-            tokio::fs::rename(&partial, &path).await.map_err(io)?;
-            Ok((path, header))
-        }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&partial).await;
-        }
-        result
-    }
 }

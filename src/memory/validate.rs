@@ -148,7 +148,7 @@ mod tests {
     fn namespaces() {
         assert!(validate_namespace("acme/user-42").is_ok());
         assert!(validate_namespace("a/b-c/d_e/0").is_ok());
-        let deep = vec!["a"; 9].join("/");
+        let deep = ["a"; 9].join("/");
         let long_segment = "x".repeat(65);
         for bad in [
             "",

@@ -304,3 +304,38 @@ fn chunks(data: Arc<SnapshotData>, len: u64, meta: Vec<u8>) -> impl futures::Str
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::EntryPayload;
+
+    use super::*;
+    use crate::memory::{MemoryInput, Precondition};
+    use crate::raft::types::{Command, Entry, LogId, Op};
+
+    fn big_entry(index: u64, bytes: usize) -> Entry {
+        let m = MemoryInput {
+            id: format!("m{index}"),
+            text: "x".repeat(bytes),
+            embedding: vec![0.5; 4],
+            tags: Default::default(),
+            importance: 0.5,
+            expires_at_ms: None,
+        };
+        let op = Op::Put { namespace: "a".into(), items: vec![(m, Precondition::None)], ivf_min_vectors: 64 };
+        let leader_id = openraft::vote::leader_id_adv::LeaderId { term: 1, node_id: 1 };
+        Entry { log_id: LogId { leader_id, index }, payload: EntryPayload::Normal(Command::system(op)) }
+    }
+
+    #[test]
+    fn appends_are_cut_to_the_byte_budget_but_always_carry_one_entry() {
+        let three_mib: Vec<Entry> = (0..4).map(|i| big_entry(i, 3 << 20)).collect();
+        assert_eq!(fitting(&three_mib), 2, "two 3 MiB entries fit in 8 MiB, a third does not");
+        let huge = vec![big_entry(0, 9 << 20), big_entry(1, 10)];
+        assert_eq!(fitting(&huge), 1, "an entry bigger than the budget still goes, alone");
+        let small: Vec<Entry> = (0..32).map(|i| big_entry(i, 100)).collect();
+        assert_eq!(fitting(&small), 32);
+        let one = bincode::serialized_size(&three_mib[0]).unwrap() as usize;
+        assert!(2 * one + one < MAX_PEER_MESSAGE_BYTES);
+    }
+}

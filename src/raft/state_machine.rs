@@ -45,6 +45,9 @@ pub struct StateMachineStore {
     /// Vector shards are written to index files at most this often (`None`: only on demand).
     checkpoint_every: Option<std::time::Duration>,
     last_checkpoint: Arc<std::sync::Mutex<std::time::Instant>>,
+    /// Bumped after every commit that changed keys, roles or quotas (and every snapshot
+    /// install), so caches of the auth state know when to reload.
+    auth_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StateMachineStore {
@@ -84,11 +87,17 @@ impl StateMachineStore {
             vectors,
             checkpoint_every,
             last_checkpoint: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
+            auth_generation: Arc::default(),
         })
     }
 
     pub fn database(&self) -> Arc<Database> {
         self.db.clone()
+    }
+
+    /// The auth state's generation (see the field).
+    pub fn auth_generation(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.auth_generation.clone()
     }
 
     /// Where this node's snapshots live.
@@ -260,9 +269,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let db = self.db.clone();
         let vectors = self.vectors.clone();
         let last_index = batch.last().map(|e| e.index()).unwrap_or_default();
+        let auth_changed =
+            batch.iter().any(|e| matches!(&e.payload, EntryPayload::Normal(c) if c.op.namespace().is_none()));
+        let generation = self.auth_generation.clone();
         let results = blocking(move || {
             let mut ops = Vec::new();
             let results = Self::apply_batch(&db, &batch, durable, &mut ops)?;
+            // Committed: readers that see the new generation see the new auth state.
+            if auth_changed {
+                generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             // A vector-index failure leaves search unable to see a committed write: fatal.
             vectors
                 .apply(&ops, last_index)
@@ -315,6 +331,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // state whole. The snapshot file is published after it, so the current snapshot
             // never runs ahead of a state that failed to install.
             let summary = super::snapshot::install(&this.db, &meta, &snapshot)?;
+            this.auth_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let _guard = this.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
             this.snapshots.publish(&meta, &mut snapshot)?;
             Ok(summary)
