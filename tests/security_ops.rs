@@ -9,28 +9,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::secure::served_cert;
 use common::{vector, TestCluster};
 use engram::client::NewMemory;
-use tokio_rustls::rustls;
 use tonic::Code;
 
 /// The certificate the API port serves now, as a fresh client sees it.
-async fn served_cert(addr: std::net::SocketAddr, ca_pem: &str, name: &str) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn certificates_reload_without_a_restart_and_a_bad_reload_keeps_the_old_ones() {
@@ -40,7 +24,7 @@ async fn certificates_reload_without_a_restart_and_a_bad_reload_keeps_the_old_on
     let name = engram::auth::identity::cluster_dns_name(&s.ca.cluster);
     let file = |p: &std::path::Path| engram::auth::certs::first_der(&std::fs::read_to_string(p).unwrap()).unwrap();
     let paths = s.node_paths(1);
-    let old = served_cert(addr, &s.ca.cert_pem, &name).await;
+    let old = served_cert(&addr.to_string(), &s.ca.cert_pem, &name).await;
     assert_eq!(old, file(&paths.cert));
     let client = cluster.client();
     client.put("acme/a", NewMemory::new("before", vector(1, 4)).with_id("m1")).await.unwrap();
@@ -49,7 +33,7 @@ async fn certificates_reload_without_a_restart_and_a_bad_reload_keeps_the_old_on
     // carries on.
     s.write_node(1, &["127.0.0.1".into(), "db-1.internal".into()]);
     cluster.handle(1).reload_tls().unwrap();
-    let new = served_cert(addr, &s.ca.cert_pem, &name).await;
+    let new = served_cert(&addr.to_string(), &s.ca.cert_pem, &name).await;
     assert_ne!(new, old);
     assert_eq!(new, file(&paths.cert));
     assert_eq!(client.get("acme/a", "m1").await.unwrap().text, "before");
@@ -61,7 +45,7 @@ async fn certificates_reload_without_a_restart_and_a_bad_reload_keeps_the_old_on
     engram::secrets::write_private(&paths.key, other.key_pem.as_bytes(), true).unwrap();
     let e = cluster.handle(1).reload_tls().unwrap_err().to_string();
     assert!(e.contains("node 2"), "{e}");
-    assert_eq!(served_cert(addr, &s.ca.cert_pem, &name).await, new);
+    assert_eq!(served_cert(&addr.to_string(), &s.ca.cert_pem, &name).await, new);
     // An open key file is refused too.
     std::fs::set_permissions(&paths.key, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert!(cluster.handle(1).reload_tls().unwrap_err().to_string().contains("chmod 600"));

@@ -6,14 +6,12 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::process::EngramProcess;
-use common::secure::Secure;
+use common::secure::{served_cert, Secure};
 use engram::client::{Client, ClientOptions, NewMemory};
 use engram::proto as pb;
-use tokio_rustls::rustls;
 
 fn free_addr() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -22,23 +20,6 @@ fn free_addr() -> String {
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_engram"))
-}
-
-async fn served_cert(addr: &str, ca_pem: &str) -> Vec<u8> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("test.engram").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
 #[test]
@@ -100,20 +81,20 @@ async fn a_secured_process_keeps_its_files_private_and_reloads_certificates_on_s
     }
 
     // SIGHUP: the node serves the new certificate to new connections.
-    let old = served_cert(&node.api, &s.ca.cert_pem).await;
+    let old = served_cert(&node.api, &s.ca.cert_pem, "test.engram").await;
     s.write_node(1, &["127.0.0.1".into(), "renewed.internal".into()]);
     nix_hup(node.pid().unwrap());
     let mut renewed = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if served_cert(&node.api, &s.ca.cert_pem).await != old {
+        if served_cert(&node.api, &s.ca.cert_pem, "test.engram").await != old {
             renewed = true;
             break;
         }
     }
     assert!(renewed, "the node did not reload its certificate");
     let want = engram::auth::certs::first_der(&std::fs::read_to_string(&paths.cert).unwrap()).unwrap();
-    assert_eq!(served_cert(&node.api, &s.ca.cert_pem).await, want);
+    assert_eq!(served_cert(&node.api, &s.ca.cert_pem, "test.engram").await, want);
     assert_eq!(root.get("acme/a", "m1").await.unwrap().text, "x");
     let status: pb::StatusResponse = root.admin().status().await.unwrap();
     assert_eq!(status.node_id, 1);

@@ -118,7 +118,8 @@ impl AdminApi {
     async fn install_root_key(&self, record: KeyRecord) -> Result<(), ApiError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !self.node.is_leader() {
-            if self.node.leader().is_some() || tokio::time::Instant::now() > deadline {
+            let other = matches!(self.node.leader(), Some((id, _)) if id != self.node.id);
+            if other || tokio::time::Instant::now() > deadline {
                 // Another node leads (a retry): send the init there.
                 return self.node.require_leader();
             }

@@ -162,6 +162,12 @@ fn remote<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
     req.extensions().get::<ConnInfo>().and_then(|c| c.remote)
 }
 
+/// The service that was polled ready, for this call; a fresh clone stays for the next one.
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
 /// The gRPC code of a response (trailers-only errors carry it in the headers).
 fn response_code<B>(resp: &http::Response<B>) -> &'static str {
     let code = resp
@@ -190,9 +196,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        // The clone that was polled ready serves this call; a fresh clone waits for the next.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let auth = self.auth.clone();
         Box::pin(async move {
             let path = req.uri().path().to_string();
@@ -275,8 +279,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let cluster = self.cluster.clone();
         Box::pin(async move {
             if let Some(cluster) = cluster {

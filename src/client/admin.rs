@@ -36,13 +36,32 @@ impl Admin<'_> {
         self.init(req).await.map(drop)
     }
 
+    /// Sends the init to the first endpoint. If leadership moved before the root key was
+    /// installed, the node answers "not the leader" with a hint: the same request then goes
+    /// to the leader, which installs the key (the cluster has none yet, so it may).
     async fn init(&self, req: pb::InitClusterRequest) -> Result<pb::InitClusterResponse, ClientError> {
-        let addr = self.client.inner.endpoints[0].clone();
-        let mut c = Self::admin(self.client.channel(&addr)?);
-        Ok(c.init_cluster(timed(req, Duration::from_secs(30)))
-            .await
-            .map_err(|s| ClientError::from_status(&s))?
-            .into_inner())
+        let mut addr = self.client.inner.endpoints[0].clone();
+        let mut last = None;
+        for _ in 0..5 {
+            let mut c = Self::admin(self.client.channel(&addr)?);
+            match c.init_cluster(timed(req.clone(), Duration::from_secs(30))).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => {
+                    let hint = s.metadata().get(crate::api::status::LEADER_ADDR_HEADER).and_then(|v| v.to_str().ok());
+                    let not_leader = s.metadata().get(crate::api::status::NOT_LEADER_HEADER).is_some();
+                    let err = ClientError::from_status(&s);
+                    if !not_leader {
+                        return Err(err);
+                    }
+                    if let Some(h) = hint {
+                        addr = h.to_string();
+                    }
+                    last = Some(err);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::config("no attempts made")))
     }
 
     pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {

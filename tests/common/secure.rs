@@ -2,6 +2,7 @@
 //! makes them (`engram::auth::certs`) and written to a temp dir.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use engram::auth::certs::CertAuthority;
 use engram::auth::token::ApiKey;
@@ -53,4 +54,23 @@ impl Secure {
             identity: None,
         }
     }
+}
+
+/// The certificate a TLS port serves to a new connection that verifies it as `name`.
+pub async fn served_cert(addr: &str, ca_pem: &str, name: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
