@@ -27,6 +27,15 @@ async fn key_for(
     root.auth().create_key(name, &[role], 0).await.unwrap().key
 }
 
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 fn denied<T: std::fmt::Debug>(what: &str, r: Result<T, ClientError>) -> ClientError {
     let e = r.expect_err(&format!("{what} was allowed"));
     assert_eq!(e.code, Code::PermissionDenied, "{what}: {e:?}");
@@ -84,6 +93,12 @@ async fn no_admin_rpc_works_without_an_admin_key() {
     // Whoami works for any valid key and says what it is.
     let me = cluster.client_as(Some(tenant)).auth().whoami().await.unwrap();
     assert_eq!((me.principal.as_str(), me.kind.as_str(), me.cluster_admin), ("acme-app", "key", false));
+
+    // Every refusal and every admin change is an audit event.
+    let metrics = http_get(cluster.slot(1).http, "/metrics").await;
+    assert!(metrics.contains(r#"engram_audit_events_total{kind="denied",outcome="unauthenticated"}"#), "{metrics}");
+    assert!(metrics.contains(r#"engram_audit_events_total{kind="denied",outcome="permission_denied"}"#));
+    assert!(metrics.contains(r#"engram_audit_events_total{kind="admin",outcome="ok"}"#));
 
     cluster.settle().await;
     assert_eq!(cluster.digests(), before, "a refused admin call changed state");

@@ -119,7 +119,7 @@ fn peer_channel(addr: &str, tls: Option<ClientTlsConfig>) -> RaftServiceClient<C
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strangers_and_forgers_get_nothing_from_the_peer_port_and_change_nothing() {
-    let mut cluster = TestCluster::start_secure(3).await;
+    let mut cluster = TestCluster::start_secure_with(3, |c| c.max_snapshot_bytes = 2 << 20).await;
     let client = cluster.client();
     client.put("acme/a", NewMemory::new("real", vector(1, 4)).with_id("m1")).await.unwrap();
     cluster.settle().await;
@@ -175,6 +175,18 @@ async fn strangers_and_forgers_get_nothing_from_the_peer_port_and_change_nothing
     );
     let hostile_term = attack(&mut c, target, forger, u64::MAX, last).await;
     assert!(hostile_term.iter().all(|e| e.contains("InvalidArgument") && e.contains("term")), "{hostile_term:#?}");
+    // A snapshot that is well-formed for its sender but larger than max_snapshot_bytes is cut
+    // off while it streams, before anything is installed.
+    let term = before.0[0].1.term;
+    let meta = SnapshotMeta {
+        last_log_id: Some(LogId { leader_id: LeaderId { term, node_id: forger }, index: 1_000 }),
+        last_membership: Default::default(),
+    };
+    let head = bincode::serialize(&(vote(term, forger, true), meta)).unwrap();
+    let mut chunks = vec![SnapshotChunk { meta: head, data: vec![1u8; 1 << 20], checksum: vec![] }];
+    chunks.extend((0..2).map(|_| SnapshotChunk { meta: vec![], data: vec![2u8; 1 << 20], checksum: vec![] }));
+    let e = c.install_snapshot(to(futures::stream::iter(chunks), target)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
 
     // Phase 3: nothing moved, anywhere.
     tokio::time::sleep(Duration::from_millis(300)).await;
