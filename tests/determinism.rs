@@ -146,6 +146,13 @@ proptest! {
             apply_in_chunks(&mut a.sm, &entries, entries.len()).await;
             apply_in_chunks(&mut b.sm, &entries, chunk).await;
             prop_assert_eq!(digest(&a.sm), digest(&b.sm));
+            // What byte and memory quotas count is what the namespace holds.
+            let reader = StateReader::new(a.sm.database());
+            for ns in reader.namespaces().unwrap() {
+                let (_, page) = reader.list(&ns.name, None, 100_000, 0).unwrap();
+                prop_assert_eq!(ns.memory_count, page.memories.len() as u64, "{}", ns.name);
+                prop_assert_eq!(ns.bytes, page.memories.iter().map(|m| m.stored_bytes()).sum::<u64>(), "{}", ns.name);
+            }
 
             // A snapshot of `a` installed on a fresh node reproduces the state exactly.
             let snap = a.sm.build_snapshot().await.unwrap();

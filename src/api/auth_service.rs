@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use crate::proto as pb;
 use crate::proto::auth_service_server::AuthService;
 use crate::raft::node::ReadConsistency;
-use crate::raft::{Command, CommandResult, Op, Outcome, RaftNode};
+use crate::raft::{CommandResult, Op, Outcome, RaftNode};
 use crate::storage::StateReader;
 
 #[derive(Clone)]
@@ -97,12 +97,9 @@ impl AuthApi {
         };
         let info = key_to_pb(&record);
         // The fingerprint covers what the client asked for, not the fresh secret.
-        self.node.require_leader()?;
         let fp = (&record.name, &record.roles, ttl_secs);
         let idempotency = convert::idempotency(options, "create-key", &fp)?;
-        let cmd =
-            Command { principal: caller.principal.clone(), idempotency, now_ms: now, op: Op::CreateKey { record } };
-        let res = self.node.write(cmd).await?;
+        let res = super::propose(&self.node, caller, idempotency, Op::CreateKey { record }).await?;
         match res.outcome {
             Outcome::KeyCreated { id } if id == key.id => {
                 Ok(pb::CreateKeyResponse { key: key.expose().to_string(), info: Some(info), applied_index: res.index })
@@ -113,7 +110,6 @@ impl AuthApi {
                 reason: format!("this request already created key {id}; its secret was returned then"),
                 current_revision: 0,
             }),
-            Outcome::Rejected(r) => Err(r.into()),
             other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
         }
     }

@@ -60,7 +60,7 @@ impl MemoryApi {
 
     /// Grants, then the namespace's request rate: a caller learns nothing about a namespace
     /// it may not touch, not even how busy it is.
-    fn admit(&self, caller: &Caller, perm: Permission, namespace: &str) -> Result<Access, ApiError> {
+    pub(super) fn admit(&self, caller: &Caller, perm: Permission, namespace: &str) -> Result<Access, ApiError> {
         validate_namespace(namespace)?;
         let access = self.guards.authorizer.authorize(caller, perm, "namespace", namespace)?;
         self.guards.rates.check_namespace(namespace)?;
@@ -153,8 +153,7 @@ impl MemoryApi {
         validate_namespace(&namespace)?;
         validate_id("id", &id)?;
         let consistency = convert::consistency(consistency)?;
-        self.guards.authorizer.authorize(caller, Permission::Read, "namespace", &namespace)?;
-        self.guards.rates.check_namespace(&namespace)?;
+        self.admit(caller, Permission::Read, &namespace)?;
         self.node.linearize(consistency).await?;
         let access = self.guards.authorizer.authorize(caller, Permission::Read, "namespace", &namespace)?;
         let (ns, m, applied) = self.reader.get(&namespace, &id).map_err(Self::storage)?;
@@ -182,8 +181,7 @@ impl MemoryApi {
         };
         let after = convert::decode_page_token(&page_token)?;
         let consistency = convert::consistency(consistency)?;
-        self.guards.authorizer.authorize(caller, Permission::Read, "namespace", &namespace)?;
-        self.guards.rates.check_namespace(&namespace)?;
+        self.admit(caller, Permission::Read, &namespace)?;
         self.node.linearize(consistency).await?;
         let access = self.guards.authorizer.authorize(caller, Permission::Read, "namespace", &namespace)?;
         // A page ends early once its memories hold half the response budget (the encoding of

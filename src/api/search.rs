@@ -82,7 +82,7 @@ impl MemoryApi {
     ) -> Result<pb::SearchResponse, ApiError> {
         let started = Instant::now();
         let (plan, consistency) = SearchPlan::new(req)?;
-        self.guards.rates.check_namespace(&plan.namespace)?;
+        self.admit(caller, Permission::Read, &plan.namespace)?;
         self.node.linearize(convert::consistency(consistency)?).await?;
         let applied = self.reader.applied_index().map_err(Self::storage)?;
         let plan = self.bind(caller, plan)?;
@@ -118,8 +118,8 @@ impl MemoryApi {
                 format!("the batch asks for {asked} hits in all; at most {MAX_BATCH_HITS}"),
             ));
         }
-        for p in &plans {
-            self.guards.rates.check_namespace(&p.namespace)?;
+        for (i, p) in plans.iter().enumerate() {
+            self.admit(caller, Permission::Read, &p.namespace).map_err(|e| within(i, e))?;
         }
         self.node.linearize(convert::consistency(consistency)?).await?;
         let applied = self.reader.applied_index().map_err(Self::storage)?;

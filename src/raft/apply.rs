@@ -10,6 +10,8 @@
 //! result under the key. Authentication and authorization refusals are not remembered: they
 //! say nothing about the write, only about who asked.
 
+use std::collections::HashMap;
+
 use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
@@ -321,6 +323,8 @@ fn put(
     };
     let mut table = txn.open_table(MEMORIES)?;
     let mut results = Vec::with_capacity(items.len());
+    // Bytes of what this batch wrote, by id: a batch naming one id twice replaces its own.
+    let mut written: HashMap<&str, u64> = HashMap::new();
     for ((m, _), prev) in items.iter().zip(previous) {
         let created_at_ms = prev.as_ref().map(|p| p.created_at_ms).unwrap_or(now_ms);
         let record = Memory {
@@ -338,19 +342,18 @@ fn put(
             revision: index,
         };
         let key = memory_key(namespace, &m.id);
-        // What the insert replaced (not `prev`): a batch naming one id twice counts it once.
-        let replaced = table
-            .insert(key.as_slice(), codec::encode_memory(&record).as_slice())?
-            .map(|old| codec::decode_memory(old.value()))
-            .transpose()?;
-        match &replaced {
-            Some(old) => info.bytes = info.bytes.saturating_sub(old.stored_bytes()) + record.stored_bytes(),
-            None => {
-                info.memory_count += 1;
-                info.bytes += record.stored_bytes();
-            }
+        // Whether the insert replaced something (not `prev`): a batch naming one id twice
+        // counts it once. What it replaced weighs what this batch wrote there, else `prev`.
+        let replaced = table.insert(key.as_slice(), codec::encode_memory(&record).as_slice())?.is_some();
+        if replaced {
+            let old = written.get(m.id.as_str()).copied().or(prev.as_ref().map(Memory::stored_bytes)).unwrap_or(0);
+            info.bytes = info.bytes.saturating_sub(old) + record.stored_bytes();
+        } else {
+            info.memory_count += 1;
+            info.bytes += record.stored_bytes();
         }
-        results.push(PutResult { id: m.id.clone(), revision: index, updated: replaced.is_some() });
+        written.insert(&m.id, record.stored_bytes());
+        results.push(PutResult { id: m.id.clone(), revision: index, updated: replaced });
         ops.push(VectorOp::Upsert { metric: info.metric, memory: Box::new(record) });
     }
     drop(table);

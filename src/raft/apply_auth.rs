@@ -96,9 +96,7 @@ pub(crate) fn apply_admin(txn: &WriteTransaction, now_ms: u64, op: &Op) -> Resul
             Ok(Outcome::KeyCreated { id: record.id })
         }
         Op::BootstrapRootKey { record } => {
-            let keys: Vec<(String, crate::auth::records::KeyRecord)> =
-                rows::all(&txn.open_table(AUTH_KEYS)?, "auth_keys")?;
-            if keys.iter().any(|(_, k)| k.roles.iter().any(|r| r == ROOT_ROLE)) {
+            if rows::has_root_key(&txn.open_table(AUTH_KEYS)?)? {
                 return rejected(Rejection::AuthExists { what: "a root key".into() });
             }
             rows::put_key(txn, record)?;

@@ -38,6 +38,12 @@ pub fn roles<T: ReadableTable<&'static str, &'static [u8]>>(
     }
 }
 
+/// Whether any key speaks for the root role (the cluster has been claimed).
+pub fn has_root_key<T: ReadableTable<&'static str, &'static [u8]>>(t: &T) -> Result<bool, StorageError> {
+    let keys: Vec<(String, KeyRecord)> = all(t, "auth_keys")?;
+    Ok(keys.iter().any(|(_, k)| k.roles.iter().any(|r| r == crate::auth::records::ROOT_ROLE)))
+}
+
 /// The quota that applies to `tenant`: its own row, else the `*` row, else none.
 pub fn quota<T: ReadableTable<&'static str, &'static [u8]>>(t: &T, tenant: &str) -> Result<Quota, StorageError> {
     for name in [tenant, DEFAULT_QUOTA_TENANT] {

@@ -144,7 +144,7 @@ impl StateReader {
 
     /// Whether any root key exists (the cluster has been claimed).
     pub fn has_root_key(&self) -> Result<bool, StorageError> {
-        Ok(self.keys()?.iter().any(|k| k.roles.iter().any(|r| r == crate::auth::records::ROOT_ROLE)))
+        super::auth::has_root_key(&self.db.begin_read()?.open_table(super::AUTH_KEYS)?)
     }
 
     /// The cluster's id, once the first leader has named it.
