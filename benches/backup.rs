@@ -137,6 +137,7 @@ fn populate(path: &Path, a: &Args) -> Database {
                 expires_at_ms: None,
                 content_hash: *blake3::hash(&i.to_le_bytes()).as_bytes(),
                 revision: i as u64 + 2,
+                ..Default::default()
             };
             t.insert(memory_key("bench", &m.id).as_slice(), codec::encode_memory(&m).as_slice()).unwrap();
         }

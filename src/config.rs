@@ -118,6 +118,15 @@ pub struct NodeArgs {
     /// ENGRAM_BACKUP_KEY. The key itself never goes in this config.
     #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
     pub backup_key_file: Option<PathBuf>,
+    /// The leader purges expired memories (and applies retention) this often [default: 1000].
+    #[arg(long, env = "ENGRAM_PURGE_INTERVAL_MS")]
+    pub purge_interval_ms: Option<u64>,
+    /// Reinforcement hits are flushed into the log this often [default: 1000].
+    #[arg(long, env = "ENGRAM_REINFORCE_FLUSH_MS")]
+    pub reinforce_flush_ms: Option<u64>,
+    /// Where retention archives go [default: <data_dir>/archives].
+    #[arg(long, env = "ENGRAM_ARCHIVE_DIR")]
+    pub archive_dir: Option<PathBuf>,
     /// Fsync state-machine applies at most this often; 0 = every apply. The log is always
     /// fsynced before a write is acknowledged, so this trades restart replay for latency
     /// [default: 100].
@@ -248,6 +257,9 @@ pub struct Config {
     pub backup_interval_secs: u64,
     pub backup_retention: usize,
     pub backup_key_file: Option<PathBuf>,
+    pub purge_interval_ms: u64,
+    pub reinforce_flush_ms: u64,
+    pub archive_dir: PathBuf,
     pub state_sync_interval_ms: u64,
     pub ivf_min_vectors: usize,
     pub vector_part_max: usize,
@@ -336,6 +348,8 @@ impl NodeArgs {
             .or(file.data_dir.clone())
             .ok_or_else(|| ServerError::Config("data_dir is required (--data-dir or ENGRAM_DATA_DIR)".into()))?;
         let backup_dir = cli.backup_dir.clone().or(file.backup_dir.clone()).unwrap_or_else(|| data_dir.join("backups"));
+        let archive_dir =
+            cli.archive_dir.clone().or(file.archive_dir.clone()).unwrap_or_else(|| data_dir.join("archives"));
         let config = Config {
             node_id,
             data_dir,
@@ -354,6 +368,9 @@ impl NodeArgs {
             backup_interval_secs: pick!(cli, file, backup_interval_secs, 0),
             backup_retention: pick!(cli, file, backup_retention, 24),
             backup_key_file: cli.backup_key_file.clone().or(file.backup_key_file.clone()),
+            purge_interval_ms: pick!(cli, file, purge_interval_ms, 1000).max(10),
+            reinforce_flush_ms: pick!(cli, file, reinforce_flush_ms, 1000).max(10),
+            archive_dir,
             state_sync_interval_ms: pick!(cli, file, state_sync_interval_ms, 100),
             ivf_min_vectors: pick!(cli, file, ivf_min_vectors, 50_000),
             vector_part_max: pick!(cli, file, vector_part_max, 250_000),
@@ -395,6 +412,7 @@ impl Config {
     pub fn for_test(node_id: u64, data_dir: PathBuf) -> Config {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let backup_dir = data_dir.join("backups");
+        let archive_dir = data_dir.join("archives");
         Config {
             node_id,
             data_dir,
@@ -413,6 +431,9 @@ impl Config {
             backup_interval_secs: 0,
             backup_retention: 24,
             backup_key_file: None,
+            purge_interval_ms: 200,
+            reinforce_flush_ms: 200,
+            archive_dir,
             state_sync_interval_ms: 100,
             ivf_min_vectors: 50_000,
             vector_part_max: 250_000,

@@ -33,6 +33,7 @@ pub mod secrets;
 pub mod server;
 pub mod storage;
 pub mod transport;
+pub mod upkeep;
 pub mod vector;
 
 /// Generated protobuf types and gRPC stubs (`proto/engram/v1`).

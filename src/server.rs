@@ -240,10 +240,12 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let jwt = config.jwt.as_ref().map(JwtVerifier::load).transpose().map_err(ServerError::Config)?;
     let authorizer = crate::auth::Authorizer::new(reader.clone(), state.auth_generation());
     let auth = Arc::new(ApiAuth::new(!config.insecure, authorizer.clone(), node.clone(), jwt, rates.clone()));
+    let reinforcer = Arc::new(crate::upkeep::Reinforcer::default());
     let memory = MemoryServiceServer::new(MemoryApi::new(
         node.clone(),
         reader.clone(),
         vectors.clone(),
+        reinforcer.clone(),
         limits,
         crate::api::memory_service::Guards {
             authorizer: authorizer.clone(),
@@ -333,6 +335,14 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         stopped(),
     )));
     tasks.push(tokio::spawn(leader_duties(node.clone(), reader.clone(), stopped())));
+    tasks.push(tokio::spawn(crate::upkeep::run(
+        node.clone(),
+        reader.clone(),
+        reinforcer,
+        (Duration::from_millis(config.purge_interval_ms), Duration::from_millis(config.reinforce_flush_ms)),
+        crate::upkeep::ArchiveTarget { dir: config.archive_dir.clone(), key_file: config.backup_key_file.clone() },
+        stopped(),
+    )));
     tasks.push(tokio::spawn(sweep_rate_limits(rates, stopped())));
     if let Some(t) = tls.clone() {
         tasks.push(tokio::spawn(reload_on_sighup(t, stopped())));

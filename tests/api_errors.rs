@@ -105,8 +105,12 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     );
 
     // Reads and other writes.
-    let get =
-        |ns: &str, id: &str, consistency: i32| pb::GetRequest { namespace: ns.into(), id: id.into(), consistency };
+    let get = |ns: &str, id: &str, consistency: i32| pb::GetRequest {
+        namespace: ns.into(),
+        id: id.into(),
+        consistency,
+        reinforce: false,
+    };
     expect_invalid(c.get(get(NS, "", 0)).await, "id");
     expect_invalid(c.get(get("", "m1", 0)).await, "namespace");
     expect_invalid(c.get(get(NS, "m1", 42)).await, "consistency");
@@ -130,6 +134,7 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
             dimension: 0,
             metric: 0,
             options: None,
+            policy: None,
         })
         .await,
         "dimension",
@@ -140,6 +145,7 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
             dimension: 4,
             metric: 9,
             options: None,
+            policy: None,
         })
         .await,
         "metric",
@@ -157,7 +163,8 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     );
     let del_ns = pb::DeleteNamespaceRequest { namespace: "nobody".into(), options: None };
     assert_eq!(c.delete_namespace(del_ns).await.unwrap_err().code(), Code::NotFound);
-    let conflicting = pb::CreateNamespaceRequest { namespace: NS.into(), dimension: 8, metric: 0, options: None };
+    let conflicting =
+        pb::CreateNamespaceRequest { namespace: NS.into(), dimension: 8, metric: 0, options: None, policy: None };
     assert_eq!(c.create_namespace(conflicting).await.unwrap_err().code(), Code::AlreadyExists);
 
     cluster.shutdown().await;
@@ -192,8 +199,11 @@ async fn retried_writes_with_one_idempotency_key_apply_once() {
     let first = c.put(req.clone()).await.unwrap().into_inner();
     let again = c.put(req).await.unwrap().into_inner();
     assert_eq!(first, again);
-    let got =
-        c.get(pb::GetRequest { namespace: NS.into(), id: "m".into(), consistency: 0 }).await.unwrap().into_inner();
+    let got = c
+        .get(pb::GetRequest { namespace: NS.into(), id: "m".into(), consistency: 0, reinforce: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.memory.unwrap().revision, first.revision);
 
     // Phase 2: a server-generated id is assigned once: the retry returns the same id and no
@@ -215,8 +225,11 @@ async fn retried_writes_with_one_idempotency_key_apply_once() {
     c.put(put(NS, input("m", "v2", vector(1, 4)))).await.unwrap();
     let retry = c.delete(del).await.unwrap().into_inner();
     assert!(retry.deleted, "the retry must return the first answer");
-    let got =
-        c.get(pb::GetRequest { namespace: NS.into(), id: "m".into(), consistency: 0 }).await.unwrap().into_inner();
+    let got = c
+        .get(pb::GetRequest { namespace: NS.into(), id: "m".into(), consistency: 0, reinforce: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.memory.unwrap().text, "v2");
 
     // Phase 4: the dedup table is replicated state: after the leader changes, a retry at the

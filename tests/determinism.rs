@@ -2,15 +2,20 @@
 //! byte-identical state (equal digests), however the entries are batched into `apply` calls,
 //! and a snapshot installed elsewhere reproduces the same state. The log mixes memory writes
 //! with auth changes (keys, grants, revocations, quotas) and commands made by those keys, so
-//! every authorization and quota decision in `apply` is covered too.
+//! every authorization and quota decision in `apply` is covered too. Memory policies (exact
+//! dedup, near-duplicates with every action, default TTLs, retention, the gate), purges,
+//! consolidation and reinforcement are in the mix, with few texts and few directions so
+//! duplicates are common: their decisions must not depend on how entries are batched (the
+//! vector shard a near-duplicate check consults sees only earlier batches).
 
 use std::collections::BTreeMap;
 
 use engram::auth::records::{Grant, KeyRecord, Permission, Permissions, Quota};
 use engram::auth::token::KeyId;
 use engram::auth::Principal;
-use engram::memory::{MemoryInput, Metric, Precondition};
-use engram::raft::{Command, Entry, Idempotency, LogId, Op, StateMachineStore};
+use engram::memory::policy::{DedupMode, Gate, KeepText, NearAction, NearDuplicate, Retention};
+use engram::memory::{MemoryInput, MemoryPolicy, Metric, Precondition};
+use engram::raft::{Command, ConsolidationCluster, Entry, Idempotency, LogId, Op, StateMachineStore};
 use engram::storage::StateReader;
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::EntryPayload;
@@ -24,8 +29,14 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Precondition::Absent),
         1 => (1u64..40).prop_map(Precondition::Revision),
     ];
-    let item = (id.clone(), "[a-z ]{1,12}", prop::collection::vec(-1.0f32..1.0, 3), pre.clone(), 0.0f32..=1.0)
-        .prop_map(|(id, text, embedding, pre, importance)| {
+    // Few texts and a few directions (with small jitter): exact and near duplicates abound.
+    let embedding = (0usize..4, prop::collection::vec(-0.05f32..0.05, 3)).prop_map(|(d, jitter)| {
+        let base = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]][d];
+        base.iter().zip(jitter).map(|(b, j)| b + j).collect::<Vec<f32>>()
+    });
+    let expiry = prop_oneof![4 => Just(None), 1 => (0u64..200_000_000).prop_map(Some)];
+    let item = (id.clone(), "[ab]{1,2}", embedding, pre.clone(), 0.0f32..=1.0, expiry).prop_map(
+        |(id, text, embedding, pre, importance, expires_at_ms)| {
             (
                 MemoryInput {
                     id,
@@ -33,11 +44,12 @@ fn op() -> impl Strategy<Value = Op> {
                     embedding,
                     tags: BTreeMap::from([("k".to_string(), "v".to_string())]),
                     importance,
-                    expires_at_ms: None,
+                    expires_at_ms,
                 },
                 pre,
             )
-        });
+        },
+    );
     prop_oneof![
         6 => (ns.clone(), prop::collection::vec(item, 1..4)).prop_map(|(namespace, mut items)| {
             items.dedup_by(|a, b| a.0.id == b.0.id);
@@ -52,6 +64,62 @@ fn op() -> impl Strategy<Value = Op> {
             ivf_min_vectors: 64,
         }),
         2 => auth_op(),
+        3 => memory_op(),
+    ]
+}
+
+fn policy() -> impl Strategy<Value = MemoryPolicy> {
+    let dedup = prop_oneof![Just(DedupMode::Off), Just(DedupMode::Text), Just(DedupMode::TextAndEmbedding)];
+    let action = prop_oneof![Just(NearAction::Reject), Just(NearAction::Merge), Just(NearAction::Link)];
+    let keep = prop_oneof![Just(KeepText::Longer), Just(KeepText::Newer)];
+    let near = proptest::option::weighted(
+        0.8,
+        (0.9f32..0.999, action, keep).prop_map(|(threshold, action, keep)| NearDuplicate { threshold, action, keep }),
+    );
+    let gate = prop_oneof![
+        3 => Just(Gate::default()),
+        1 => Just(Gate { max_per_id_prefix: Some(2), id_prefix_separator: Some("b".into()), ..Gate::default() }),
+        1 => Just(Gate { deny_patterns: vec!["^bb$".into()], ..Gate::default() }),
+    ];
+    let retention =
+        prop::option::of((1u64..100_000_000).prop_map(|max_age_ms| Retention { max_age_ms, archive: false }));
+    (dedup, any::<bool>(), near, prop::option::of(1u64..100_000_000), retention, gate).prop_map(
+        |(dedup, dedup_merge, near_duplicate, default_ttl_ms, retention, gate)| MemoryPolicy {
+            dedup,
+            dedup_merge,
+            near_duplicate,
+            default_ttl_ms,
+            retention,
+            gate,
+            ..MemoryPolicy::default()
+        },
+    )
+}
+
+/// Policies, purges, consolidation, retirement and reinforcement over the same ids.
+fn memory_op() -> impl Strategy<Value = Op> {
+    let ns = prop_oneof![Just("a"), Just("b/c")].prop_map(String::from);
+    let id = "[a-d]".prop_map(String::from);
+    let keep = prop_oneof![Just(KeepText::Longer), Just(KeepText::Newer)];
+    prop_oneof![
+        4 => (ns.clone(), policy()).prop_map(|(namespace, policy)| Op::SetPolicy { namespace, policy }),
+        1 => (ns.clone(), policy()).prop_map(|(namespace, policy)| Op::DefineNamespace {
+            namespace,
+            dimension: 3,
+            metric: Metric::Cosine,
+            ivf_min_vectors: 64,
+            policy,
+        }),
+        1 => prop::collection::vec((ns.clone(), id.clone()), 0..6).prop_map(|items| Op::Purge { items }),
+        1 => (ns.clone(), prop::collection::vec(((id.clone(), 1u64..40), prop::collection::vec((id.clone(), 1u64..40), 1..3)), 1..3), keep)
+            .prop_map(|(namespace, clusters, keep)| Op::Consolidate {
+                namespace,
+                clusters: clusters.into_iter().map(|(keep, absorb)| ConsolidationCluster { keep, absorb }).collect(),
+                keep,
+            }),
+        1 => (ns.clone(), prop::collection::vec((id.clone(), 1u64..40), 1..3), any::<bool>())
+            .prop_map(|(namespace, items, archived)| Op::Retire { namespace, items, archived }),
+        1 => (ns, prop::collection::vec((id, 1u32..5), 1..4)).prop_map(|(namespace, hits)| Op::Reinforce { namespace, hits }),
     ]
 }
 
@@ -135,7 +203,7 @@ fn digest(sm: &StateMachineStore) -> [u8; 32] {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn same_log_same_state(cmds in prop::collection::vec(command(), 1..40), chunk in 1usize..8) {

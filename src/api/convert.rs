@@ -2,7 +2,9 @@
 //! proto field fails to compile until it is handled here.
 
 use crate::error::ApiError;
-use crate::memory::{Memory, MemoryInput, Metric, NamespaceInfo, Precondition, DEFAULT_IMPORTANCE};
+use crate::memory::{
+    policy, Memory, MemoryInput, MemoryPolicy, Metric, NamespaceInfo, NamespaceStats, Precondition, DEFAULT_IMPORTANCE,
+};
 use crate::proto as pb;
 use crate::raft::node::ReadConsistency;
 use crate::raft::{EngramNode, NodeId};
@@ -108,6 +110,10 @@ pub fn memory_to_pb(m: Memory) -> pb::Memory {
         expires_at_ms,
         content_hash,
         revision,
+        access_count,
+        merge_count,
+        merged_from,
+        linked_to,
     } = m;
     pb::Memory {
         namespace,
@@ -122,6 +128,202 @@ pub fn memory_to_pb(m: Memory) -> pb::Memory {
         expires_at_ms: expires_at_ms.unwrap_or(0),
         content_hash: content_hash.to_vec(),
         revision,
+        access_count,
+        merge_count,
+        merged_from,
+        linked_to: linked_to.unwrap_or_default(),
+    }
+}
+
+pub fn decay_to_pb(d: policy::Decay) -> pb::DecayPolicy {
+    let policy::Decay { half_life_ms, similarity, importance, recency, access } = d;
+    pb::DecayPolicy { half_life_ms, similarity, importance, recency, access }
+}
+
+pub fn decay_from_pb(d: pb::DecayPolicy) -> policy::Decay {
+    let pb::DecayPolicy { half_life_ms, similarity, importance, recency, access } = d;
+    policy::Decay { half_life_ms, similarity, importance, recency, access }
+}
+
+pub fn policy_to_pb(p: MemoryPolicy) -> pb::MemoryPolicy {
+    let MemoryPolicy { dedup, dedup_merge, near_duplicate, decay, default_ttl_ms, retention, gate } = p;
+    let policy::Gate {
+        required_tags,
+        allowed_tag_keys,
+        allowed_tag_values,
+        min_text_bytes,
+        max_text_bytes,
+        min_norm,
+        max_norm,
+        deny_patterns,
+        max_per_id_prefix,
+        id_prefix_separator,
+    } = gate;
+    pb::MemoryPolicy {
+        dedup: match dedup {
+            policy::DedupMode::Off => pb::DedupMode::Off,
+            policy::DedupMode::Text => pb::DedupMode::Text,
+            policy::DedupMode::TextAndEmbedding => pb::DedupMode::TextAndEmbedding,
+        } as i32,
+        dedup_merge,
+        near_duplicate: near_duplicate.map(|n| pb::NearDuplicatePolicy {
+            threshold: n.threshold,
+            action: match n.action {
+                policy::NearAction::Reject => pb::NearAction::Reject,
+                policy::NearAction::Merge => pb::NearAction::Merge,
+                policy::NearAction::Link => pb::NearAction::Link,
+            } as i32,
+            keep: keep_to_pb(n.keep) as i32,
+        }),
+        decay: Some(decay_to_pb(decay)),
+        default_ttl_ms: default_ttl_ms.unwrap_or(0),
+        retention: retention.map(|r| pb::RetentionPolicy { max_age_ms: r.max_age_ms, archive: r.archive }),
+        gate: Some(pb::VerificationGate {
+            required_tags,
+            allowed_tag_keys: allowed_tag_keys.unwrap_or_default(),
+            allowed_tag_values: allowed_tag_values
+                .into_iter()
+                .map(|(k, values)| (k, pb::TagValues { values }))
+                .collect(),
+            min_text_bytes: min_text_bytes.unwrap_or(0),
+            max_text_bytes: max_text_bytes.unwrap_or(0),
+            min_norm,
+            max_norm,
+            deny_patterns,
+            max_per_id_prefix: max_per_id_prefix.unwrap_or(0),
+            id_prefix_separator: id_prefix_separator.unwrap_or_default(),
+        }),
+    }
+}
+
+fn keep_to_pb(k: policy::KeepText) -> pb::KeepText {
+    match k {
+        policy::KeepText::Longer => pb::KeepText::Longer,
+        policy::KeepText::Newer => pb::KeepText::Newer,
+    }
+}
+
+/// A policy from the wire; unknown enum values are refused, the rest is checked by
+/// [`MemoryPolicy::validate`].
+pub fn policy_from_pb(field: &str, p: Option<pb::MemoryPolicy>) -> Result<MemoryPolicy, ApiError> {
+    let Some(p) = p else { return Ok(MemoryPolicy::default()) };
+    let pb::MemoryPolicy { dedup, dedup_merge, near_duplicate, decay, default_ttl_ms, retention, gate } = p;
+    let dedup = match pb::DedupMode::try_from(dedup) {
+        Ok(pb::DedupMode::Off) => policy::DedupMode::Off,
+        Ok(pb::DedupMode::Text) => policy::DedupMode::Text,
+        Ok(pb::DedupMode::TextAndEmbedding) => policy::DedupMode::TextAndEmbedding,
+        Err(_) => return Err(ApiError::invalid(format!("{field}.dedup"), format!("unknown mode {dedup}"))),
+    };
+    let near_duplicate = match near_duplicate {
+        None => None,
+        Some(pb::NearDuplicatePolicy { threshold, action, keep }) => Some(policy::NearDuplicate {
+            threshold,
+            action: match pb::NearAction::try_from(action) {
+                Ok(pb::NearAction::Reject) => policy::NearAction::Reject,
+                Ok(pb::NearAction::Merge) => policy::NearAction::Merge,
+                Ok(pb::NearAction::Link) => policy::NearAction::Link,
+                Err(_) => {
+                    return Err(ApiError::invalid(
+                        format!("{field}.near_duplicate.action"),
+                        format!("unknown action {action}"),
+                    ))
+                }
+            },
+            keep: keep_from_pb(&format!("{field}.near_duplicate.keep"), keep)?,
+        }),
+    };
+    let gate = match gate {
+        None => policy::Gate::default(),
+        Some(pb::VerificationGate {
+            required_tags,
+            allowed_tag_keys,
+            allowed_tag_values,
+            min_text_bytes,
+            max_text_bytes,
+            min_norm,
+            max_norm,
+            deny_patterns,
+            max_per_id_prefix,
+            id_prefix_separator,
+        }) => policy::Gate {
+            required_tags,
+            allowed_tag_keys: (!allowed_tag_keys.is_empty()).then_some(allowed_tag_keys),
+            allowed_tag_values: allowed_tag_values.into_iter().map(|(k, v)| (k, v.values)).collect(),
+            min_text_bytes: (min_text_bytes != 0).then_some(min_text_bytes),
+            max_text_bytes: (max_text_bytes != 0).then_some(max_text_bytes),
+            min_norm,
+            max_norm,
+            deny_patterns,
+            max_per_id_prefix: (max_per_id_prefix != 0).then_some(max_per_id_prefix),
+            id_prefix_separator: (!id_prefix_separator.is_empty()).then_some(id_prefix_separator),
+        },
+    };
+    Ok(MemoryPolicy {
+        dedup,
+        dedup_merge,
+        near_duplicate,
+        decay: decay.map(decay_from_pb).unwrap_or_default(),
+        default_ttl_ms: (default_ttl_ms != 0).then_some(default_ttl_ms),
+        retention: retention.map(|r| policy::Retention { max_age_ms: r.max_age_ms, archive: r.archive }),
+        gate,
+    })
+}
+
+pub fn keep_from_pb(field: &str, keep: i32) -> Result<policy::KeepText, ApiError> {
+    match pb::KeepText::try_from(keep) {
+        Ok(pb::KeepText::Longer) => Ok(policy::KeepText::Longer),
+        Ok(pb::KeepText::Newer) => Ok(policy::KeepText::Newer),
+        Err(_) => Err(ApiError::invalid(field, format!("unknown value {keep}"))),
+    }
+}
+
+pub fn stats_to_pb(s: NamespaceStats, bytes: u64) -> pb::NamespaceStats {
+    let dedup_hit_rate = s.dedup_hit_rate();
+    let NamespaceStats {
+        created,
+        updated,
+        dedup_hits,
+        near_merges,
+        near_links,
+        consolidated,
+        purged,
+        retired,
+        archived,
+        reinforced,
+    } = s;
+    pb::NamespaceStats {
+        created,
+        updated,
+        dedup_hits,
+        near_merges,
+        near_links,
+        consolidated,
+        purged,
+        retired,
+        archived,
+        reinforced,
+        dedup_hit_rate,
+        bytes,
+    }
+}
+
+pub fn store_result_to_pb(index: u64, r: crate::raft::StoreResult) -> pb::PutResponse {
+    use crate::raft::PutAction as A;
+    let (action, linked_to) = match r.action {
+        A::Created => (pb::PutAction::Created, String::new()),
+        A::Updated => (pb::PutAction::Updated, String::new()),
+        A::Deduplicated => (pb::PutAction::Deduplicated, String::new()),
+        A::Merged => (pb::PutAction::Merged, String::new()),
+        A::Linked { twin } => (pb::PutAction::Linked, twin),
+    };
+    pb::PutResponse {
+        applied_index: index,
+        id: r.id,
+        revision: r.revision,
+        updated: action == pb::PutAction::Updated,
+        deduplicated: action == pb::PutAction::Deduplicated,
+        action: action as i32,
+        linked_to,
     }
 }
 

@@ -25,6 +25,7 @@ use crate::proto as pb;
 use crate::proto::memory_service_server::MemoryService;
 use crate::raft::{CommandResult, Idempotency, Op, Outcome, RaftNode};
 use crate::storage::StateReader;
+use crate::upkeep::Reinforcer;
 use crate::vector::VectorStore;
 
 const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -44,13 +45,22 @@ pub struct MemoryApi {
     pub(super) node: RaftNode,
     pub(super) reader: StateReader,
     pub(super) vectors: Arc<VectorStore>,
+    /// Hits of reads that asked to reinforce, flushed into the log by `upkeep`.
+    pub(super) reinforcer: Arc<Reinforcer>,
     pub(super) limits: Limits,
     pub(super) guards: Guards,
 }
 
 impl MemoryApi {
-    pub fn new(node: RaftNode, reader: StateReader, vectors: Arc<VectorStore>, limits: Limits, guards: Guards) -> Self {
-        MemoryApi { node, reader, vectors, limits, guards }
+    pub fn new(
+        node: RaftNode,
+        reader: StateReader,
+        vectors: Arc<VectorStore>,
+        reinforcer: Arc<Reinforcer>,
+        limits: Limits,
+        guards: Guards,
+    ) -> Self {
+        MemoryApi { node, reader, vectors, reinforcer, limits, guards }
     }
 
     pub(super) fn storage(e: crate::error::StorageError) -> ApiError {
@@ -136,20 +146,187 @@ impl MemoryApi {
                 m.id = memory::new_id();
             }
         }
+        self.precheck(&namespace, &items)?;
         let op = Op::Put { namespace, items, ivf_min_vectors: self.limits.ivf_min_vectors };
         let res = self.propose(caller, idempotency, op).await?;
-        let Outcome::Put(results) = res.outcome else {
-            return Err(ApiError::Internal(format!("unexpected outcome {:?}", res.outcome)));
+        let results = match res.outcome {
+            Outcome::Stored(results) => {
+                results.into_iter().map(|r| convert::store_result_to_pb(res.index, r)).collect()
+            }
+            // Remembered under an idempotency key before policies existed.
+            Outcome::Put(results) => results
+                .into_iter()
+                .map(|r| pb::PutResponse {
+                    applied_index: res.index,
+                    id: r.id,
+                    revision: r.revision,
+                    updated: r.updated,
+                    action: if r.updated { pb::PutAction::Updated } else { pb::PutAction::Created } as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            other => return Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
         };
-        let results = results
-            .into_iter()
-            .map(|r| pb::PutResponse { applied_index: res.index, id: r.id, revision: r.revision, updated: r.updated })
-            .collect();
         Ok(pb::PutBatchResponse { applied_index: res.index, results })
     }
 
+    /// The namespace policy's per-memory checks, before anything is proposed (this node's view
+    /// of the policy; `apply` checks again against the replicated one).
+    fn precheck(&self, namespace: &str, items: &[(MemoryInput, Precondition)]) -> Result<(), ApiError> {
+        let Some(info) = self.reader.namespace(namespace).map_err(Self::storage)? else { return Ok(()) };
+        let policy = self.reader.policy(namespace).map_err(Self::storage)?;
+        let now = memory::now_ms();
+        for (i, (m, _)) in items.iter().enumerate() {
+            let prefix = format!("items[{i}].memory");
+            if m.expires_at_ms.is_some_and(|at| at <= now) {
+                return Err(ApiError::invalid(format!("{prefix}.expires_at_ms"), "is already past"));
+            }
+            if info.metric == memory::Metric::Cosine && m.embedding.iter().all(|x| *x == 0.0) {
+                return Err(ApiError::invalid(
+                    format!("{prefix}.embedding"),
+                    "a zero vector has no direction (cosine namespace)",
+                ));
+            }
+            if let Err(r) = memory::policy::check_gate(&policy.gate, &prefix, m) {
+                metrics::counter!("engram_memory_refusals_total", "namespace" => crate::http::namespace_label(namespace), "rule" => r.rule.clone())
+                    .increment(1);
+                return Err(ApiError::invalid(r.field, format!("verification gate rule {}: {}", r.rule, r.reason)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Admission for policy changes: admin on the whole namespace.
+    fn admit_admin(&self, caller: &Caller, namespace: &str) -> Result<(), ApiError> {
+        match self.admit(caller, Permission::Admin, namespace)? {
+            Access::Full => Ok(()),
+            Access::Tagged(_) => Err(ApiError::PermissionDenied {
+                field: "namespace".into(),
+                reason: "a memory policy needs admin on all of the namespace, not a tag scope".into(),
+            }),
+        }
+    }
+
+    async fn describe_namespace_inner(
+        &self,
+        caller: &Caller,
+        req: pb::DescribeNamespaceRequest,
+    ) -> Result<pb::DescribeNamespaceResponse, ApiError> {
+        let pb::DescribeNamespaceRequest { namespace, consistency } = req;
+        let consistency = convert::consistency(consistency)?;
+        self.admit(caller, Permission::Read, &namespace)?;
+        self.node.linearize(consistency).await?;
+        self.guards.authorizer.authorize(caller, Permission::Read, "namespace", &namespace)?;
+        let applied = self.reader.applied_index().map_err(Self::storage)?;
+        let info = self
+            .reader
+            .namespace(&namespace)
+            .map_err(Self::storage)?
+            .ok_or_else(|| ApiError::not_found(format!("namespace {namespace:?}")))?;
+        let policy = self.reader.policy(&namespace).map_err(Self::storage)?;
+        let stats = self.reader.stats(&namespace).map_err(Self::storage)?;
+        let bytes = info.bytes;
+        Ok(pb::DescribeNamespaceResponse {
+            namespace: Some(namespace_to_pb(info)),
+            policy: Some(convert::policy_to_pb(policy)),
+            stats: Some(convert::stats_to_pb(stats, bytes)),
+            read_index: applied,
+        })
+    }
+
+    async fn set_namespace_policy_inner(
+        &self,
+        caller: &Caller,
+        req: pb::SetNamespacePolicyRequest,
+    ) -> Result<pb::SetNamespacePolicyResponse, ApiError> {
+        let pb::SetNamespacePolicyRequest { namespace, policy, options } = req;
+        self.admit_admin(caller, &namespace)?;
+        let policy = convert::policy_from_pb("policy", policy)?;
+        if let Some(info) = self.reader.namespace(&namespace).map_err(Self::storage)? {
+            policy.validate(info.metric).map_err(|e| ApiError::invalid(e.field, e.reason))?;
+        }
+        let idempotency = convert::idempotency(options, "set-policy", &(&namespace, &policy))?;
+        let res = self.propose(caller, idempotency, Op::SetPolicy { namespace, policy }).await?;
+        match res.outcome {
+            Outcome::PolicySet(p) => {
+                Ok(pb::SetNamespacePolicyResponse { applied_index: res.index, policy: Some(convert::policy_to_pb(p)) })
+            }
+            other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    async fn consolidate_inner(
+        &self,
+        caller: &Caller,
+        req: pb::ConsolidateRequest,
+    ) -> Result<pb::ConsolidateResponse, ApiError> {
+        let pb::ConsolidateRequest { namespace, threshold, dry_run, max_clusters, options } = req;
+        for perm in [Permission::Write, Permission::Delete] {
+            if let Access::Tagged(_) = self.admit(caller, perm, &namespace)? {
+                return Err(ApiError::PermissionDenied {
+                    field: "namespace".into(),
+                    reason: "consolidation needs write and delete on all of the namespace, not a tag scope".into(),
+                });
+            }
+        }
+        let max_clusters = match max_clusters {
+            0 => 100,
+            n if n > 1000 => return Err(ApiError::invalid("max_clusters", "must be at most 1000")),
+            n => n as usize,
+        };
+        if threshold.is_some_and(|t| !t.is_finite()) {
+            return Err(ApiError::invalid("threshold", "must be finite"));
+        }
+        if !dry_run {
+            self.node.require_leader()?;
+        }
+        self.node.linearize(crate::raft::node::ReadConsistency::Linearizable).await?;
+        let info = self
+            .reader
+            .namespace(&namespace)
+            .map_err(Self::storage)?
+            .ok_or_else(|| ApiError::not_found(format!("namespace {namespace:?}")))?;
+        let policy = self.reader.policy(&namespace).map_err(Self::storage)?;
+        let threshold = threshold
+            .or(policy.near_duplicate.as_ref().map(|n| n.threshold))
+            .ok_or_else(|| ApiError::invalid("threshold", "the namespace has no near-duplicate threshold: give one"))?;
+        let keep = policy.near_duplicate.as_ref().map(|n| n.keep).unwrap_or_default();
+        let (reader, vectors) = (self.reader.clone(), self.vectors.clone());
+        let clusters = tokio::task::spawn_blocking(move || {
+            super::consolidate::plan(&reader, &vectors, &info, threshold, max_clusters)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("consolidation plan: {e}")))??;
+        let listed = |merged: &dyn Fn(usize) -> bool| {
+            clusters
+                .iter()
+                .enumerate()
+                .map(|(i, c)| pb::ConsolidationCluster {
+                    keep: c.keep.0.clone(),
+                    absorb: c.absorb.iter().map(|(id, _)| id.clone()).collect(),
+                    merged: merged(i),
+                })
+                .collect::<Vec<_>>()
+        };
+        if dry_run || clusters.is_empty() {
+            return Ok(pb::ConsolidateResponse { clusters: listed(&|_| false), applied_index: 0, absorbed: 0 });
+        }
+        let idempotency =
+            convert::idempotency(options, "consolidate", &(&namespace, threshold.to_bits(), max_clusters))?;
+        let op = Op::Consolidate { namespace, clusters: clusters.clone(), keep };
+        let res = self.propose(caller, idempotency, op).await?;
+        match res.outcome {
+            Outcome::Consolidated { merged, absorbed } => Ok(pb::ConsolidateResponse {
+                clusters: listed(&|i| merged.get(i).copied().unwrap_or(false)),
+                applied_index: res.index,
+                absorbed,
+            }),
+            other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
     async fn get_inner(&self, caller: &Caller, req: pb::GetRequest) -> Result<pb::GetResponse, ApiError> {
-        let pb::GetRequest { namespace, id, consistency } = req;
+        let pb::GetRequest { namespace, id, consistency, reinforce } = req;
         validate_namespace(&namespace)?;
         validate_id("id", &id)?;
         let consistency = convert::consistency(consistency)?;
@@ -162,7 +339,10 @@ impl MemoryApi {
         }
         // Outside a tag scope, a memory is as absent as one that does not exist.
         match m {
-            Some(m) if m.expires_at_ms.is_none_or(|e| e > crate::memory::now_ms()) && access.covers(&m.tags) => {
+            Some(m) if !m.expired(crate::memory::now_ms()) && access.covers(&m.tags) => {
+                if reinforce {
+                    self.reinforcer.record(&namespace, [id.as_str()]);
+                }
                 Ok(pb::GetResponse { memory: Some(memory_to_pb(m)), read_index: applied })
             }
             _ => Err(ApiError::not_found(format!("memory {id:?} in namespace {namespace:?}"))),
@@ -206,14 +386,34 @@ impl MemoryApi {
         caller: &Caller,
         req: pb::CreateNamespaceRequest,
     ) -> Result<pb::CreateNamespaceResponse, ApiError> {
-        let pb::CreateNamespaceRequest { namespace, dimension, metric, options } = req;
+        let pb::CreateNamespaceRequest { namespace, dimension, metric, options, policy } = req;
         self.admit(caller, Permission::Write, &namespace)?;
+        let policy = convert::policy_from_pb("policy", policy)?;
+        if policy != memory::MemoryPolicy::default() {
+            self.admit_admin(caller, &namespace)?;
+        }
         if dimension == 0 || dimension as usize > self.limits.max_dimension {
             return Err(ApiError::invalid("dimension", format!("must be 1..={}", self.limits.max_dimension)));
         }
         let metric = convert::metric_from_pb(metric)?;
-        let idempotency = convert::idempotency(options, "create-namespace", &(&namespace, dimension, metric))?;
-        let op = Op::CreateNamespace { namespace, dimension, metric, ivf_min_vectors: self.limits.ivf_min_vectors };
+        let ivf_min_vectors = self.limits.ivf_min_vectors;
+        let op = if policy == memory::MemoryPolicy::default() {
+            Op::CreateNamespace { namespace: namespace.clone(), dimension, metric, ivf_min_vectors }
+        } else {
+            policy.validate(metric).map_err(|e| ApiError::invalid(e.field, e.reason))?;
+            Op::DefineNamespace {
+                namespace: namespace.clone(),
+                dimension,
+                metric,
+                ivf_min_vectors,
+                policy: policy.clone(),
+            }
+        };
+        let idempotency = if policy == memory::MemoryPolicy::default() {
+            convert::idempotency(options, "create-namespace", &(&namespace, dimension, metric))?
+        } else {
+            convert::idempotency(options, "define-namespace", &(&namespace, dimension, metric, &policy))?
+        };
         let res = self.propose(caller, idempotency, op).await?;
         match res.outcome {
             Outcome::NamespaceCreated(info) => {
@@ -336,5 +536,29 @@ impl MemoryService for MemoryApi {
         req: Request<pb::DeleteNamespaceRequest>,
     ) -> Result<Response<pb::DeleteNamespaceResponse>, Status> {
         handle!(self, req, "delete_namespace", delete_namespace_inner)
+    }
+
+    #[instrument(skip_all, fields(namespace = %req.get_ref().namespace))]
+    async fn describe_namespace(
+        &self,
+        req: Request<pb::DescribeNamespaceRequest>,
+    ) -> Result<Response<pb::DescribeNamespaceResponse>, Status> {
+        handle!(self, req, "describe_namespace", describe_namespace_inner)
+    }
+
+    #[instrument(skip_all, fields(namespace = %req.get_ref().namespace))]
+    async fn set_namespace_policy(
+        &self,
+        req: Request<pb::SetNamespacePolicyRequest>,
+    ) -> Result<Response<pb::SetNamespacePolicyResponse>, Status> {
+        handle!(self, req, "set_namespace_policy", set_namespace_policy_inner)
+    }
+
+    #[instrument(skip_all, fields(namespace = %req.get_ref().namespace))]
+    async fn consolidate(
+        &self,
+        req: Request<pb::ConsolidateRequest>,
+    ) -> Result<Response<pb::ConsolidateResponse>, Status> {
+        handle!(self, req, "consolidate", consolidate_inner)
     }
 }

@@ -25,6 +25,7 @@ macro_rules! handle {
 
 pub mod admin_service;
 pub mod auth_service;
+mod consolidate;
 pub mod convert;
 pub mod memory_service;
 mod search;

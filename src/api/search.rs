@@ -10,6 +10,7 @@ use crate::auth::policy::Access;
 use crate::auth::records::Permission;
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::memory::policy::{rank_score, Decay, RankInput};
 use crate::memory::validate_namespace;
 use crate::proto as pb;
 use crate::vector::{better, SearchParams};
@@ -29,13 +30,35 @@ pub(super) struct SearchPlan {
     include_memory: bool,
     params: SearchParams,
     metric: crate::memory::Metric,
+    /// The request's ranking weights; `None`: the namespace policy's.
+    ranking: Option<Decay>,
+    /// The weights in force once bound: `None` ranks by similarity alone.
+    rank_by: Option<Decay>,
+    ranking_now_ms: u64,
+    reinforce: bool,
+}
+
+/// Candidates a ranked search takes by similarity before ranking them: 4k, at least 64.
+fn candidates(k: usize) -> usize {
+    (k * 4).max(64).min(MAX_K as usize * 4)
 }
 
 impl SearchPlan {
     /// The plan and the request's own consistency value.
     fn new(req: pb::SearchRequest) -> Result<(SearchPlan, i32), ApiError> {
-        let pb::SearchRequest { namespace, vector, k, filter, score_threshold, include_memory, consistency, nprobe } =
-            req;
+        let pb::SearchRequest {
+            namespace,
+            vector,
+            k,
+            filter,
+            score_threshold,
+            include_memory,
+            consistency,
+            nprobe,
+            ranking,
+            reinforce,
+            ranking_now_ms,
+        } = req;
         validate_namespace(&namespace)?;
         if k == 0 || k > MAX_K {
             return Err(ApiError::invalid("k", format!("must be 1..={MAX_K}")));
@@ -45,6 +68,12 @@ impl SearchPlan {
         }
         let filter = convert::search_filter(filter)?;
         convert::consistency(consistency)?;
+        let ranking = ranking.map(convert::decay_from_pb);
+        if let Some(r) = &ranking {
+            let p = crate::memory::MemoryPolicy { decay: *r, ..Default::default() };
+            p.validate(crate::memory::Metric::InnerProduct)
+                .map_err(|e| ApiError::invalid(e.field.replacen("policy.decay", "ranking", 1), e.reason))?;
+        }
         let params =
             SearchParams { nprobe: if nprobe == 0 { SearchParams::default().nprobe } else { nprobe as usize } };
         let plan = SearchPlan {
@@ -56,6 +85,10 @@ impl SearchPlan {
             include_memory,
             params,
             metric: crate::memory::Metric::Cosine,
+            ranking,
+            rank_by: None,
+            ranking_now_ms,
+            reinforce,
         };
         Ok((plan, consistency))
     }
@@ -152,6 +185,11 @@ impl MemoryApi {
             .ok_or_else(|| ApiError::not_found(format!("namespace {:?}", plan.namespace)))?;
         crate::memory::validate_embedding("vector", &plan.vector, Some(info.dimension), &self.limits)?;
         plan.metric = info.metric;
+        let decay = match plan.ranking {
+            Some(r) => r,
+            None => self.reader.policy(&plan.namespace).map_err(Self::storage)?.decay,
+        };
+        plan.rank_by = (!decay.is_pure_similarity()).then_some(decay);
         Ok(plan)
     }
 
@@ -168,7 +206,8 @@ impl MemoryApi {
             plans
                 .into_iter()
                 .map(|p| {
-                    let hits = vectors.search(&p.namespace, &p.vector, p.k, &p.filter, p.params, now);
+                    let k = if p.rank_by.is_some() { candidates(p.k) } else { p.k };
+                    let hits = vectors.search(&p.namespace, &p.vector, k, &p.filter, p.params, now);
                     (p, hits)
                 })
                 .collect::<Vec<_>>()
@@ -198,17 +237,43 @@ impl MemoryApi {
                 other => ApiError::Internal(format!("vector search: {other}")),
             })?
             .unwrap_or_default();
-        let mut out = Vec::with_capacity(hits.len());
-        for (id, score) in hits {
-            if plan.score_threshold.is_some_and(|t| better(plan.metric, t, score)) {
-                continue;
+        let hits: Vec<(String, f32)> = hits
+            .into_iter()
+            .filter(|(_, score)| !plan.score_threshold.is_some_and(|t| better(plan.metric, t, *score)))
+            .collect();
+        // Ranked: every candidate's score under the formula, best first (ties by id), top k.
+        let ranked: Vec<(String, f32, f64, Option<crate::memory::Memory>)> = match &plan.rank_by {
+            None => hits.into_iter().map(|(id, score)| (id, score, 0.0, None)).collect(),
+            Some(w) => {
+                let now = if plan.ranking_now_ms == 0 { crate::memory::now_ms() } else { plan.ranking_now_ms };
+                let mut scored = Vec::with_capacity(hits.len());
+                for (id, score) in hits {
+                    let Some(m) = self.reader.get(&plan.namespace, &id).map_err(Self::storage)?.1 else { continue };
+                    let input = RankInput {
+                        score,
+                        importance: m.importance,
+                        touched_at_ms: m.updated_at_ms.max(m.last_accessed_at_ms),
+                        access_count: m.access_count,
+                    };
+                    let r = rank_score(plan.metric, w, &input, now);
+                    scored.push((id, score, r, Some(m)));
+                }
+                scored.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+                scored.truncate(plan.k);
+                scored
             }
-            let memory = if plan.include_memory {
-                self.reader.get(&plan.namespace, &id).map_err(Self::storage)?.1.map(memory_to_pb)
-            } else {
-                None
+        };
+        if plan.reinforce {
+            self.reinforcer.record(&plan.namespace, ranked.iter().map(|(id, ..)| id.as_str()));
+        }
+        let mut out = Vec::with_capacity(ranked.len());
+        for (id, score, rank, memory) in ranked {
+            let memory = match (plan.include_memory, memory) {
+                (false, _) => None,
+                (true, Some(m)) => Some(memory_to_pb(m)),
+                (true, None) => self.reader.get(&plan.namespace, &id).map_err(Self::storage)?.1.map(memory_to_pb),
             };
-            let hit = pb::SearchHit { id, score, memory };
+            let hit = pb::SearchHit { id, score, memory, rank_score: rank };
             let size = prost::Message::encoded_len(&hit) + 8;
             if size > *budget {
                 return Err(ApiError::invalid(

@@ -136,6 +136,17 @@ impl From<Rejection> for ApiError {
             Rejection::AuthExists { what } => {
                 ApiError::AlreadyExists { what, reason: "pick another name or id".into() }
             }
+            Rejection::NearDuplicate { field, twin, score_bits } => ApiError::AlreadyExists {
+                what: format!("near-duplicate memory {twin:?}"),
+                reason: format!(
+                    "{field} scores {:.6} against it, past the namespace's threshold",
+                    f64::from_bits(score_bits)
+                ),
+            },
+            Rejection::GateRefused { field, rule, reason } => {
+                ApiError::invalid(field, format!("verification gate rule {rule}: {reason}"))
+            }
+            Rejection::Invalid { field, reason } => ApiError::invalid(field, reason),
         }
     }
 }

@@ -27,7 +27,9 @@ fn fixture(dir: &std::path::Path, n: u64) -> Database {
         let mut m = txn.open_table(MEMORIES).unwrap();
         let mut x = 0x9e3779b97f4a7c15u64;
         for i in 0..n {
-            let value: Vec<u8> = (0..300)
+            // Real records (a restore rebuilds the derived indexes from them): half with
+            // incompressible text, half with repetitive text.
+            let bytes: Vec<u8> = (0..150)
                 .map(|j| {
                     x ^= x << 13;
                     x ^= x >> 7;
@@ -39,11 +41,19 @@ fn fixture(dir: &std::path::Path, n: u64) -> Database {
                     }
                 })
                 .collect();
-            m.insert(
-                crate::storage::memory_key(if i % 3 == 0 { "a" } else { "b" }, &format!("m{i:05}")).as_slice(),
-                value.as_slice(),
-            )
-            .unwrap();
+            let ns = if i % 3 == 0 { "a" } else { "b" };
+            let text = hex::encode(&bytes);
+            let memory = crate::memory::Memory {
+                namespace: ns.into(),
+                id: format!("m{i:05}"),
+                content_hash: crate::memory::content_hash(&text),
+                text,
+                embedding: vec![i as f32, 1.0],
+                expires_at_ms: (i % 5 == 0).then_some(1000 + i),
+                ..Default::default()
+            };
+            m.insert(crate::storage::memory_key(ns, &memory.id).as_slice(), codec::encode_memory(&memory).as_slice())
+                .unwrap();
         }
         txn.open_table(IDEMPOTENCY).unwrap().insert("k1", b"result".as_slice()).unwrap();
         txn.open_table(crate::storage::IDEM_EXPIRY).unwrap().insert((7u64, "k1"), ()).unwrap();

@@ -293,11 +293,23 @@ impl Client {
         dimension: u32,
         metric: Metric,
     ) -> Result<pb::CreateNamespaceResponse, ClientError> {
+        self.create_namespace_with_policy(namespace, dimension, metric, None).await
+    }
+
+    /// Creates a namespace with a memory policy (needs admin on the namespace).
+    pub async fn create_namespace_with_policy(
+        &self,
+        namespace: &str,
+        dimension: u32,
+        metric: Metric,
+        policy: Option<pb::MemoryPolicy>,
+    ) -> Result<pb::CreateNamespaceResponse, ClientError> {
         let req = pb::CreateNamespaceRequest {
             namespace: namespace.into(),
             dimension,
             metric: metric as i32,
             options: Self::options(),
+            policy,
         };
         self.call(|ch, t| {
             let r = req.clone();
@@ -361,7 +373,17 @@ impl Client {
         id: &str,
         consistency: Consistency,
     ) -> Result<pb::GetResponse, ClientError> {
-        let req = pb::GetRequest { namespace: namespace.into(), id: id.into(), consistency: consistency as i32 };
+        self.get_request(pb::GetRequest {
+            namespace: namespace.into(),
+            id: id.into(),
+            consistency: consistency as i32,
+            reinforce: false,
+        })
+        .await
+    }
+
+    /// A get with every option (`reinforce` counts it as an access).
+    pub async fn get_request(&self, req: pb::GetRequest) -> Result<pb::GetResponse, ClientError> {
         self.call(|ch, t| {
             let r = req.clone();
             async move { Self::memory(ch).get(timed(r, t)).await }
@@ -461,6 +483,55 @@ impl Client {
         self.call(|ch, t| {
             let r = req.clone();
             async move { Self::memory(ch).delete_namespace(timed(r, t)).await }
+        })
+        .await
+    }
+
+    /// The namespace's settings, policy and memory-model counters.
+    pub async fn describe_namespace(&self, namespace: &str) -> Result<pb::DescribeNamespaceResponse, ClientError> {
+        let req = pb::DescribeNamespaceRequest { namespace: namespace.into(), consistency: 0 };
+        self.call(|ch, t| {
+            let r = req.clone();
+            async move { Self::memory(ch).describe_namespace(timed(r, t)).await }
+        })
+        .await
+    }
+
+    /// Replaces the namespace's memory policy.
+    pub async fn set_namespace_policy(
+        &self,
+        namespace: &str,
+        policy: pb::MemoryPolicy,
+    ) -> Result<pb::SetNamespacePolicyResponse, ClientError> {
+        let req = pb::SetNamespacePolicyRequest {
+            namespace: namespace.into(),
+            policy: Some(policy),
+            options: Self::options(),
+        };
+        self.call(|ch, t| {
+            let r = req.clone();
+            async move { Self::memory(ch).set_namespace_policy(timed(r, t)).await }
+        })
+        .await
+    }
+
+    /// Merges clusters of near-duplicates (or, with `dry_run`, lists them).
+    pub async fn consolidate(
+        &self,
+        namespace: &str,
+        threshold: Option<f32>,
+        dry_run: bool,
+    ) -> Result<pb::ConsolidateResponse, ClientError> {
+        let req = pb::ConsolidateRequest {
+            namespace: namespace.into(),
+            threshold,
+            dry_run,
+            max_clusters: 0,
+            options: Self::options(),
+        };
+        self.call(|ch, t| {
+            let r = req.clone();
+            async move { Self::memory(ch).consolidate(timed(r, t)).await }
         })
         .await
     }

@@ -4,12 +4,14 @@
 //! Key types: [`Memory`] (a stored record), [`MemoryInput`] (what a client writes),
 //! [`Precondition`] (compare-and-set guard), [`NamespaceInfo`].
 
+pub mod policy;
 mod validate;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use policy::MemoryPolicy;
 pub use validate::{
     validate_embedding, validate_id, validate_input, validate_namespace, Limits, MAX_NAMESPACE_BYTES,
     MAX_NAMESPACE_DEPTH,
@@ -77,8 +79,48 @@ pub struct NamespaceInfo {
     pub bytes: u64,
 }
 
-/// A stored memory. `revision` is the log index of its last write.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What the memory model did in a namespace, counted in `apply` (replicated: equal on every
+/// node). Refusals are not counted here (a refused write changes nothing); see the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct NamespaceStats {
+    /// Memories created by puts.
+    pub created: u64,
+    /// Existing memories replaced by puts naming their id.
+    pub updated: u64,
+    /// Puts answered with an existing memory (exact duplicates).
+    pub dedup_hits: u64,
+    /// Near-duplicate puts merged into their twin.
+    pub near_merges: u64,
+    /// Near-duplicate puts kept beside their twin, linked.
+    pub near_links: u64,
+    /// Memories absorbed by consolidation.
+    pub consolidated: u64,
+    /// Expired memories purged.
+    pub purged: u64,
+    /// Memories dropped by retention (archived ones included).
+    pub retired: u64,
+    /// Memories written to retention archives before they were dropped.
+    pub archived: u64,
+    /// Access counts added by reinforcement.
+    pub reinforced: u64,
+}
+
+impl NamespaceStats {
+    /// Share of deduplicating puts that found an exact duplicate.
+    pub fn dedup_hit_rate(&self) -> f64 {
+        let puts = self.created + self.dedup_hits;
+        if puts == 0 {
+            0.0
+        } else {
+            self.dedup_hits as f64 / puts as f64
+        }
+    }
+}
+
+/// A stored memory. `revision` is the log index of its last write (reinforcement, which only
+/// moves `last_accessed_at_ms` and `access_count`, keeps it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Memory {
     pub namespace: String,
     pub id: String,
@@ -92,6 +134,21 @@ pub struct Memory {
     pub expires_at_ms: Option<u64>,
     pub content_hash: [u8; 32],
     pub revision: u64,
+    /// Reads and search hits that asked to reinforce it, plus exact duplicates merged into it.
+    pub access_count: u64,
+    /// Memories merged into this one (near-duplicate merges and consolidation).
+    pub merge_count: u32,
+    /// The ids it absorbed, newest last (at most [`policy::MAX_PROVENANCE`]).
+    pub merged_from: Vec<String>,
+    /// The near-duplicate this memory was kept beside (`NearAction::Link`).
+    pub linked_to: Option<String>,
+}
+
+impl Memory {
+    /// Whether it has expired at `now_ms`: from then on it is absent to reads and writes.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|e| e <= now_ms)
+    }
 }
 
 /// What a memory weighs against a byte quota: text, vector and tags as the client sent them.

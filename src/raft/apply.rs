@@ -10,19 +10,20 @@
 //! result under the key. Authentication and authorization refusals are not remembered: they
 //! say nothing about the write, only about who asked.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::apply_auth;
-use super::types::{Command, CommandResult, Op, Outcome, PutResult, Rejection};
+use super::apply_memory::{self, Ctx};
+use super::types::{Command, CommandResult, Op, Outcome, Rejection};
 use crate::auth::policy::Access;
 use crate::auth::records::tenant_of;
 use crate::error::StorageError;
-use crate::memory::{content_hash, IndexKind, Memory, MemoryInput, Metric, NamespaceInfo, Precondition};
-use crate::storage::{codec, memory_key, namespace_range, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, NAMESPACES, QUOTAS};
-use crate::vector::VectorOp;
+use crate::memory::{IndexKind, MemoryInput, MemoryPolicy, Metric, NamespaceInfo, Precondition};
+use crate::storage::{codec, IDEMPOTENCY, IDEM_EXPIRY, NAMESPACES, QUOTAS};
+use crate::vector::{VectorOp, VectorStore};
 
 /// How long an idempotency key is remembered, measured on the leaders' clocks as written in
 /// the log (never the applying node's clock).
@@ -46,6 +47,7 @@ pub(crate) fn apply_command(
     index: u64,
     cmd: &Command,
     ops: &mut Vec<VectorOp>,
+    vectors: &VectorStore,
 ) -> Result<CommandResult, StorageError> {
     let rejected = |r: Rejection| CommandResult { index, outcome: Outcome::Rejected(r) };
     let who = match apply_auth::authenticate(txn, cmd)? {
@@ -70,7 +72,8 @@ pub(crate) fn apply_command(
         Ok(access) => access,
         Err(r) => return Ok(rejected(r)),
     };
-    let outcome = run(txn, index, cmd, &access, ops)?;
+    let ctx = Ctx { index, now_ms: cmd.now_ms, vectors };
+    let outcome = run(txn, &ctx, cmd, &access, ops)?;
     let result = CommandResult { index, outcome };
     if let (Some(idem), Some(key)) = (&cmd.idempotency, &key) {
         let rec =
@@ -83,21 +86,83 @@ pub(crate) fn apply_command(
 
 fn run(
     txn: &WriteTransaction,
-    index: u64,
+    ctx: &Ctx,
     cmd: &Command,
     access: &Access,
     ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
+    let missing = |namespace: &str| Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() });
     Ok(match &cmd.op {
         Op::CreateNamespace { namespace, dimension, metric, ivf_min_vectors } => {
-            create_namespace(txn, cmd.now_ms, namespace, (*dimension, *metric, *ivf_min_vectors), ops)?
+            create_namespace(txn, cmd.now_ms, namespace, (*dimension, *metric, *ivf_min_vectors), None, ops)?
+        }
+        Op::DefineNamespace { namespace, dimension, metric, ivf_min_vectors, policy } => {
+            if let Err(e) = policy.validate(*metric) {
+                return Ok(Outcome::Rejected(Rejection::Invalid { field: e.field, reason: e.reason }));
+            }
+            create_namespace(txn, cmd.now_ms, namespace, (*dimension, *metric, *ivf_min_vectors), Some(policy), ops)?
         }
         Op::Put { namespace, items, ivf_min_vectors } => {
-            put(txn, (index, cmd.now_ms, *ivf_min_vectors), namespace, items, access, ops)?
+            put(txn, ctx, *ivf_min_vectors, namespace, items, access, ops)?
         }
-        Op::Delete { namespace, id, precondition } => delete(txn, namespace, id, *precondition, access, ops)?,
+        Op::Delete { namespace, id, precondition } => match load_namespace(txn, namespace)? {
+            None => missing(namespace),
+            Some(mut info) => {
+                let out = apply_memory::delete(txn, ctx, &mut info, id, *precondition, access, ops)?;
+                if matches!(out, Outcome::Deleted { deleted: true }) {
+                    reconsider_index(&mut info, ops);
+                    store_namespace(txn, &info)?;
+                }
+                out
+            }
+        },
         Op::DeleteNamespace { namespace } => delete_namespace(txn, namespace, ops)?,
         Op::SetClusterId { cluster_id } => set_cluster_id(txn, cluster_id)?,
+        Op::SetPolicy { namespace, policy } => match load_namespace(txn, namespace)? {
+            None => missing(namespace),
+            Some(info) => apply_memory::set_policy(txn, &info, policy)?,
+        },
+        Op::Purge { items } => {
+            let mut infos = BTreeMap::new();
+            for (ns, _) in items {
+                if !infos.contains_key(ns) {
+                    if let Some(info) = load_namespace(txn, ns)? {
+                        infos.insert(ns.clone(), info);
+                    }
+                }
+            }
+            let before = infos.clone();
+            let out = apply_memory::purge(txn, ctx, items, &mut infos, ops)?;
+            for (name, mut info) in infos {
+                if before.get(&name) != Some(&info) {
+                    reconsider_index(&mut info, ops);
+                    store_namespace(txn, &info)?;
+                }
+            }
+            out
+        }
+        Op::Retire { namespace, items, archived } => match load_namespace(txn, namespace)? {
+            None => missing(namespace),
+            Some(mut info) => {
+                let out = apply_memory::retire(txn, &mut info, items, *archived, ops)?;
+                reconsider_index(&mut info, ops);
+                store_namespace(txn, &info)?;
+                out
+            }
+        },
+        Op::Consolidate { namespace, clusters, keep } => match load_namespace(txn, namespace)? {
+            None => missing(namespace),
+            Some(mut info) => {
+                let out = apply_memory::consolidate(txn, ctx, &mut info, clusters, *keep, ops)?;
+                reconsider_index(&mut info, ops);
+                store_namespace(txn, &info)?;
+                out
+            }
+        },
+        Op::Reinforce { namespace, hits } => match load_namespace(txn, namespace)? {
+            None => missing(namespace),
+            Some(_) => apply_memory::reinforce(txn, ctx, namespace, hits)?,
+        },
         other => apply_auth::apply_admin(txn, cmd.now_ms, other)?,
     })
 }
@@ -116,7 +181,21 @@ pub(crate) fn touched(cmd: &Command, changes: &mut crate::vector::Changes) {
         Op::DeleteNamespace { namespace } => {
             changes.namespaces.insert(namespace.clone());
         }
+        Op::Purge { items } => changes.memories.extend(items.iter().cloned()),
+        Op::Retire { namespace, items, .. } => {
+            changes.memories.extend(items.iter().map(|(id, _)| (namespace.clone(), id.clone())));
+        }
+        Op::Consolidate { namespace, clusters, .. } => {
+            for c in clusters {
+                for (id, _) in std::iter::once(&c.keep).chain(&c.absorb) {
+                    changes.memories.insert((namespace.clone(), id.clone()));
+                }
+            }
+        }
         Op::CreateNamespace { .. }
+        | Op::DefineNamespace { .. }
+        | Op::SetPolicy { .. }
+        | Op::Reinforce { .. }
         | Op::SetClusterId { .. }
         | Op::CreateKey { .. }
         | Op::BootstrapRootKey { .. }
@@ -185,6 +264,7 @@ fn create_namespace(
     now_ms: u64,
     namespace: &str,
     (dimension, metric, ivf_min_vectors): (u32, Metric, u64),
+    policy: Option<&MemoryPolicy>,
     ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
     if let Some(info) = load_namespace(txn, namespace)? {
@@ -211,89 +291,17 @@ fn create_namespace(
         bytes: 0,
     };
     store_namespace(txn, &info)?;
+    if let Some(p) = policy {
+        crate::storage::index::put_policy(txn, namespace, p)?;
+    }
     ops.push(VectorOp::Namespace { namespace: namespace.into(), dimension, metric });
     Ok(Outcome::NamespaceCreated(info))
 }
 
-/// Every check of a put against the state before it: dimensions, scope, guards, quotas.
-/// Returns the memories the items replace, or the refusal.
-fn check_put(
-    txn: &WriteTransaction,
-    namespace: &str,
-    items: &[(MemoryInput, Precondition)],
-    access: &Access,
-    info: &NamespaceInfo,
-) -> Result<Result<Vec<Option<Memory>>, Rejection>, StorageError> {
-    for (i, (m, _)) in items.iter().enumerate() {
-        if m.embedding.len() as u32 != info.dimension {
-            return Ok(Err(Rejection::DimensionMismatch {
-                field: format!("items[{i}].memory.embedding"),
-                expected: info.dimension,
-                got: m.embedding.len() as u32,
-            }));
-        }
-        if !access.covers(&m.tags) {
-            return Ok(Err(Rejection::PermissionDenied {
-                field: format!("items[{i}].memory.tags"),
-                reason: "the key may only write memories carrying its scope's tag".into(),
-            }));
-        }
-    }
-    let table = txn.open_table(MEMORIES)?;
-    let mut previous = Vec::with_capacity(items.len());
-    let (mut count, mut bytes) = (info.memory_count, info.bytes);
-    for (i, (m, pre)) in items.iter().enumerate() {
-        let cur = table.get(memory_key(namespace, &m.id).as_slice())?;
-        let cur = cur.map(|v| codec::decode_memory(v.value())).transpose()?;
-        if cur.as_ref().is_some_and(|c| !access.covers(&c.tags)) {
-            return Ok(Err(Rejection::PermissionDenied {
-                field: format!("items[{i}].memory.id"),
-                reason: "the id belongs to a memory outside the key's scope".into(),
-            }));
-        }
-        let current_revision = cur.as_ref().map(|c| c.revision);
-        if !pre.holds(current_revision) {
-            return Ok(Err(Rejection::PreconditionFailed {
-                field: format!("items[{i}].precondition"),
-                id: m.id.clone(),
-                current_revision,
-            }));
-        }
-        match &cur {
-            Some(c) => bytes = bytes.saturating_sub(c.stored_bytes()) + m.stored_bytes(),
-            None => {
-                count += 1;
-                bytes += m.stored_bytes();
-            }
-        }
-        previous.push(cur);
-    }
-    let quota = crate::storage::auth::quota(&txn.open_table(QUOTAS)?, tenant_of(namespace))?;
-    let over = |max: Option<u64>, now: u64, before: u64| max.is_some_and(|m| now > m && now > before);
-    if over(quota.max_memories_per_namespace, count, info.memory_count) {
-        return Ok(Err(Rejection::QuotaExceeded {
-            field: "items".into(),
-            reason: format!(
-                "namespace would hold {count} memories; its tenant's limit is {}",
-                quota.max_memories_per_namespace.unwrap_or(0)
-            ),
-        }));
-    }
-    if over(quota.max_bytes_per_namespace, bytes, info.bytes) {
-        return Ok(Err(Rejection::QuotaExceeded {
-            field: "items".into(),
-            reason: format!(
-                "namespace would hold {bytes} bytes; its tenant's limit is {}",
-                quota.max_bytes_per_namespace.unwrap_or(0)
-            ),
-        }));
-    }
-    Ok(Ok(previous))
-}
-
 fn put(
     txn: &WriteTransaction,
-    (index, now_ms, ivf_min_vectors): (u64, u64, u64),
+    ctx: &Ctx,
+    ivf_min_vectors: u64,
     namespace: &str,
     items: &[(MemoryInput, Precondition)],
     access: &Access,
@@ -311,95 +319,18 @@ fn put(
         dimension: first_dim,
         metric: Metric::Cosine,
         memory_count: 0,
-        created_at_ms: now_ms,
+        created_at_ms: ctx.now_ms,
         index: IndexKind::Flat,
         ivf_min_vectors,
         bytes: 0,
     });
-    // Every guard is checked against the state before the batch, then everything applies.
-    let previous = match check_put(txn, namespace, items, access, &info)? {
-        Ok(previous) => previous,
+    let results = match apply_memory::put(txn, ctx, &mut info, items, access, ops)? {
+        Ok(results) => results,
         Err(r) => return Ok(Outcome::Rejected(r)),
     };
-    let mut table = txn.open_table(MEMORIES)?;
-    let mut results = Vec::with_capacity(items.len());
-    // Bytes of what this batch wrote, by id: a batch naming one id twice replaces its own.
-    let mut written: HashMap<&str, u64> = HashMap::new();
-    for ((m, _), prev) in items.iter().zip(previous) {
-        let created_at_ms = prev.as_ref().map(|p| p.created_at_ms).unwrap_or(now_ms);
-        let record = Memory {
-            namespace: namespace.into(),
-            id: m.id.clone(),
-            text: m.text.clone(),
-            embedding: m.embedding.clone(),
-            tags: m.tags.clone(),
-            importance: m.importance,
-            created_at_ms,
-            updated_at_ms: now_ms,
-            last_accessed_at_ms: now_ms,
-            expires_at_ms: m.expires_at_ms,
-            content_hash: content_hash(&m.text),
-            revision: index,
-        };
-        let key = memory_key(namespace, &m.id);
-        // Whether the insert replaced something (not `prev`): a batch naming one id twice
-        // counts it once. What it replaced weighs what this batch wrote there, else `prev`.
-        let replaced = table.insert(key.as_slice(), codec::encode_memory(&record).as_slice())?.is_some();
-        if replaced {
-            let old = written.get(m.id.as_str()).copied().or(prev.as_ref().map(Memory::stored_bytes)).unwrap_or(0);
-            info.bytes = info.bytes.saturating_sub(old) + record.stored_bytes();
-        } else {
-            info.memory_count += 1;
-            info.bytes += record.stored_bytes();
-        }
-        written.insert(&m.id, record.stored_bytes());
-        results.push(PutResult { id: m.id.clone(), revision: index, updated: replaced });
-        ops.push(VectorOp::Upsert { metric: info.metric, memory: Box::new(record) });
-    }
-    drop(table);
     reconsider_index(&mut info, ops);
     store_namespace(txn, &info)?;
-    Ok(Outcome::Put(results))
-}
-
-fn delete(
-    txn: &WriteTransaction,
-    namespace: &str,
-    id: &str,
-    pre: Precondition,
-    access: &Access,
-    ops: &mut Vec<VectorOp>,
-) -> Result<Outcome, StorageError> {
-    let Some(mut info) = load_namespace(txn, namespace)? else {
-        return Ok(Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() }));
-    };
-    let mut table = txn.open_table(MEMORIES)?;
-    let key = memory_key(namespace, id);
-    let current = match table.get(key.as_slice())? {
-        Some(v) => Some(codec::decode_memory(v.value())?),
-        None => None,
-    };
-    // A memory outside the caller's scope is, to the caller, not there.
-    let current = current.filter(|m| access.covers(&m.tags));
-    let current_revision = current.as_ref().map(|m| m.revision);
-    if !pre.holds(current_revision) {
-        return Ok(Outcome::Rejected(Rejection::PreconditionFailed {
-            field: "precondition".into(),
-            id: id.into(),
-            current_revision,
-        }));
-    }
-    let Some(removed) = current else {
-        return Ok(Outcome::Deleted { deleted: false });
-    };
-    table.remove(key.as_slice())?;
-    drop(table);
-    info.memory_count -= 1;
-    info.bytes = info.bytes.saturating_sub(removed.stored_bytes());
-    ops.push(VectorOp::Remove { namespace: namespace.into(), id: id.into() });
-    reconsider_index(&mut info, ops);
-    store_namespace(txn, &info)?;
-    Ok(Outcome::Deleted { deleted: true })
+    Ok(Outcome::Stored(results))
 }
 
 /// Moves the namespace to the index kind its new size calls for, and tells the vector view.
@@ -415,14 +346,7 @@ fn delete_namespace(txn: &WriteTransaction, namespace: &str, ops: &mut Vec<Vecto
     if load_namespace(txn, namespace)?.is_none() {
         return Ok(Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() }));
     }
-    let (lo, hi) = namespace_range(namespace);
-    let mut table = txn.open_table(MEMORIES)?;
-    let mut memories = 0u64;
-    table.retain_in::<&[u8], _>(lo.as_slice()..hi.as_slice(), |_, _| {
-        memories += 1;
-        false
-    })?;
-    drop(table);
+    let memories = apply_memory::drop_namespace(txn, namespace)?;
     txn.open_table(NAMESPACES)?.remove(namespace)?;
     ops.push(VectorOp::DropNamespace { namespace: namespace.into() });
     Ok(Outcome::NamespaceDeleted { memories })

@@ -58,8 +58,21 @@ pub(crate) fn authorize(who: &Who, op: &Op) -> Result<Access, Rejection> {
     let on = |perm: Permission, namespace: &str| {
         policy::authorize(roles, &who.name, perm, namespace).ok_or_else(|| denied("namespace", perm))
     };
+    let full = |a: Access, perm: Permission| match a {
+        Access::Full => Ok(Access::Full),
+        Access::Tagged(_) => Err(denied("namespace", perm)),
+    };
     match op {
         Op::CreateNamespace { namespace, .. } | Op::Put { namespace, .. } => on(Permission::Write, namespace),
+        // A policy governs everyone's memories in the namespace: admin on all of it.
+        Op::DefineNamespace { namespace, .. } | Op::SetPolicy { namespace, .. } => {
+            full(on(Permission::Admin, namespace)?, Permission::Admin)
+        }
+        // Consolidation rewrites and removes memories: write and delete on all of it.
+        Op::Consolidate { namespace, .. } => {
+            full(on(Permission::Write, namespace)?, Permission::Write)?;
+            full(on(Permission::Delete, namespace)?, Permission::Delete)
+        }
         Op::Delete { namespace, .. } => on(Permission::Delete, namespace),
         // Erasing a namespace erases everyone's memories in it: a tag scope is not enough.
         Op::DeleteNamespace { namespace } => match on(Permission::Delete, namespace)? {
@@ -153,6 +166,12 @@ pub(crate) fn apply_admin(txn: &WriteTransaction, now_ms: u64, op: &Op) -> Resul
         | Op::Put { .. }
         | Op::Delete { .. }
         | Op::DeleteNamespace { .. }
-        | Op::SetClusterId { .. } => unreachable!("memory ops are applied by apply::run"),
+        | Op::SetClusterId { .. }
+        | Op::DefineNamespace { .. }
+        | Op::SetPolicy { .. }
+        | Op::Purge { .. }
+        | Op::Retire { .. }
+        | Op::Consolidate { .. }
+        | Op::Reinforce { .. } => unreachable!("memory ops are applied by apply::run"),
     }
 }

@@ -8,6 +8,7 @@
 
 mod apply;
 mod apply_auth;
+mod apply_memory;
 pub mod compaction;
 pub mod guard;
 pub mod log_store;

@@ -72,8 +72,13 @@ impl StateMachineStore {
         txn.open_table(IDEMPOTENCY)?;
         txn.open_table(IDEM_EXPIRY)?;
         txn.open_table(SM_META)?;
-        for (_, table) in crate::storage::AUTH_TABLES {
-            txn.open_table(table)?;
+        for (_, table) in crate::storage::AUTH_TABLES.iter().chain(crate::storage::MODEL_TABLES.iter()) {
+            txn.open_table(*table)?;
+        }
+        // A state machine from before the derived indexes gets them now.
+        if crate::storage::index::needs_rebuild(&txn)? {
+            let n = crate::storage::index::rebuild(&txn)?;
+            tracing::info!(memories = n, "built the content, expiry and age indexes");
         }
         txn.commit()?;
         let db = Arc::new(db);
@@ -157,6 +162,7 @@ impl StateMachineStore {
         entries: &[super::types::Entry],
         durable: bool,
         ops: &mut Vec<VectorOp>,
+        vectors: &VectorStore,
     ) -> Result<Vec<CommandResult>, StorageError> {
         let mut txn = db.begin_write()?;
         if durable {
@@ -171,7 +177,7 @@ impl StateMachineStore {
             let index = entry.index();
             let result = match &entry.payload {
                 EntryPayload::Blank => CommandResult { index, outcome: Outcome::None },
-                EntryPayload::Normal(cmd) => apply_command(&txn, index, cmd, ops)?,
+                EntryPayload::Normal(cmd) => apply_command(&txn, index, cmd, ops, vectors)?,
                 EntryPayload::Membership(m) => {
                     last_membership = Some(StoredMembership::new(Some(entry.log_id()), m.clone()));
                     CommandResult { index, outcome: Outcome::None }
@@ -269,12 +275,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let db = self.db.clone();
         let vectors = self.vectors.clone();
         let last_index = batch.last().map(|e| e.index()).unwrap_or_default();
-        let auth_changed =
-            batch.iter().any(|e| matches!(&e.payload, EntryPayload::Normal(c) if c.op.namespace().is_none()));
+        let auth_changed = batch.iter().any(|e| matches!(&e.payload, EntryPayload::Normal(c) if c.op.changes_auth()));
         let generation = self.auth_generation.clone();
         let results = blocking(move || {
             let mut ops = Vec::new();
-            let results = Self::apply_batch(&db, &batch, durable, &mut ops)?;
+            let results = Self::apply_batch(&db, &batch, durable, &mut ops, &vectors)?;
             // Committed: readers that see the new generation see the new auth state.
             if auth_changed {
                 generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::auth::records::{Grant, KeyRecord, Quota, Role};
 use crate::auth::token::KeyId;
 use crate::auth::Principal;
-use crate::memory::{MemoryInput, Metric, NamespaceInfo, Precondition};
+use crate::memory::policy::KeepText;
+use crate::memory::{MemoryInput, MemoryPolicy, Metric, NamespaceInfo, Precondition};
 
 /// A cluster member's addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -133,6 +134,54 @@ pub enum Op {
         tenant: String,
         quota: Quota,
     },
+    /// `CreateNamespace` with a memory policy (validated again in `apply`). An existing
+    /// namespace of the same dimension and metric is returned as it is, policy unchanged.
+    DefineNamespace {
+        namespace: String,
+        dimension: u32,
+        metric: Metric,
+        ivf_min_vectors: u64,
+        policy: MemoryPolicy,
+    },
+    /// Replaces a namespace's memory policy.
+    SetPolicy {
+        namespace: String,
+        policy: MemoryPolicy,
+    },
+    /// Deletes the listed memories that are due at the entry's `now_ms`: expired, or older
+    /// than their namespace's drop-only retention rule. Listed by the leader from its expiry
+    /// and age indexes; an entry that is not due (rewritten since, say) is left alone.
+    Purge {
+        items: Vec<(String, String)>,
+    },
+    /// Deletes memories of a namespace at exactly these revisions (retention: the leader
+    /// archived these versions first when `archived`).
+    Retire {
+        namespace: String,
+        items: Vec<(String, u64)>,
+        archived: bool,
+    },
+    /// Merges each cluster into its keeper, in one entry. A cluster any member of which changed
+    /// since the plan (another revision, gone, expired) is skipped whole.
+    Consolidate {
+        namespace: String,
+        clusters: Vec<ConsolidationCluster>,
+        keep: KeepText,
+    },
+    /// Coalesced reinforcement: adds each count to the memory's `access_count` and moves its
+    /// `last_accessed_at_ms` to the entry's time. Revisions stay as they are.
+    Reinforce {
+        namespace: String,
+        hits: Vec<(String, u32)>,
+    },
+}
+
+/// One consolidation group: the keeper and the memories it absorbs, each at the revision the
+/// plan saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsolidationCluster {
+    pub keep: (String, u64),
+    pub absorb: Vec<(String, u64)>,
 }
 
 impl Op {
@@ -142,7 +191,13 @@ impl Op {
             Op::CreateNamespace { namespace, .. }
             | Op::Put { namespace, .. }
             | Op::Delete { namespace, .. }
-            | Op::DeleteNamespace { namespace } => Some(namespace),
+            | Op::DeleteNamespace { namespace }
+            | Op::DefineNamespace { namespace, .. }
+            | Op::SetPolicy { namespace, .. }
+            | Op::Retire { namespace, .. }
+            | Op::Consolidate { namespace, .. }
+            | Op::Reinforce { namespace, .. } => Some(namespace),
+            Op::Purge { .. } => None,
             Op::SetClusterId { .. }
             | Op::CreateKey { .. }
             | Op::BootstrapRootKey { .. }
@@ -153,6 +208,22 @@ impl Op {
             | Op::RevokeGrant { .. }
             | Op::SetQuota { .. } => None,
         }
+    }
+
+    /// Whether applying it may change keys, roles or quotas (auth caches reload after).
+    pub fn changes_auth(&self) -> bool {
+        matches!(
+            self,
+            Op::SetClusterId { .. }
+                | Op::CreateKey { .. }
+                | Op::BootstrapRootKey { .. }
+                | Op::RevokeKey { .. }
+                | Op::CreateRole { .. }
+                | Op::DeleteRole { .. }
+                | Op::GrantRole { .. }
+                | Op::RevokeGrant { .. }
+                | Op::SetQuota { .. }
+        )
     }
 }
 
@@ -192,6 +263,48 @@ pub enum Outcome {
         existed: bool,
     },
     QuotaSet,
+    /// Puts under a memory policy (every put since policies exist).
+    Stored(Vec<StoreResult>),
+    PolicySet(MemoryPolicy),
+    Purged {
+        expired: u64,
+        retired: u64,
+    },
+    Retired {
+        deleted: u64,
+    },
+    Consolidated {
+        /// Per cluster of the plan: whether it merged (false: a member changed since).
+        merged: Vec<bool>,
+        absorbed: u64,
+    },
+    Reinforced {
+        memories: u64,
+    },
+}
+
+/// What one put item did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PutAction {
+    Created,
+    /// Replaced the memory with the item's id.
+    Updated,
+    /// An exact duplicate of `id`: nothing created (`id` merged the put when `dedup_merge`).
+    Deduplicated,
+    /// A near-duplicate merged into `id`.
+    Merged,
+    /// Created, linked to its near-duplicate `twin`.
+    Linked {
+        twin: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreResult {
+    /// The memory that holds the item now (the twin's id when deduplicated or merged).
+    pub id: String,
+    pub revision: u64,
+    pub action: PutAction,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +357,25 @@ pub enum Rejection {
     AuthExists {
         what: String,
     },
+    /// A near-duplicate under a `reject` policy.
+    NearDuplicate {
+        field: String,
+        twin: String,
+        /// The exact score against the twin, as f64 bits (so the rejection stays `Eq`).
+        score_bits: u64,
+    },
+    /// A verification-gate rule refused the item.
+    GateRefused {
+        field: String,
+        rule: String,
+        reason: String,
+    },
+    /// Input that cannot apply at the entry's time or under the namespace's policy (an expiry
+    /// already past, an invalid policy, a zero vector in a cosine namespace).
+    Invalid {
+        field: String,
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -263,6 +395,12 @@ impl std::fmt::Display for Command {
             Op::GrantRole { role, grant } => write!(f, "grant {role} {}", grant.namespace),
             Op::RevokeGrant { role, namespace } => write!(f, "revoke {role} {namespace}"),
             Op::SetQuota { tenant, .. } => write!(f, "set-quota {tenant}"),
+            Op::DefineNamespace { namespace, .. } => write!(f, "define-namespace {namespace}"),
+            Op::SetPolicy { namespace, .. } => write!(f, "set-policy {namespace}"),
+            Op::Purge { items } => write!(f, "purge x{}", items.len()),
+            Op::Retire { namespace, items, .. } => write!(f, "retire {namespace} x{}", items.len()),
+            Op::Consolidate { namespace, clusters, .. } => write!(f, "consolidate {namespace} x{}", clusters.len()),
+            Op::Reinforce { namespace, hits } => write!(f, "reinforce {namespace} x{}", hits.len()),
         }
     }
 }

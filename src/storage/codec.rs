@@ -7,13 +7,52 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::error::StorageError;
 use crate::memory::Memory;
 
+/// Before reinforcement and merges: no access count, merge count, provenance or link.
 const MEMORY_FORMAT_V1: u8 = 1;
+const MEMORY_FORMAT_V2: u8 = 2;
 const ZSTD_LEVEL: i32 = 1;
+
+/// A format-1 record, read into today's [`Memory`] with empty new fields.
+#[derive(serde::Deserialize)]
+struct MemoryV1 {
+    namespace: String,
+    id: String,
+    text: String,
+    embedding: Vec<f32>,
+    tags: std::collections::BTreeMap<String, String>,
+    importance: f32,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    last_accessed_at_ms: u64,
+    expires_at_ms: Option<u64>,
+    content_hash: [u8; 32],
+    revision: u64,
+}
+
+impl From<MemoryV1> for Memory {
+    fn from(m: MemoryV1) -> Memory {
+        Memory {
+            namespace: m.namespace,
+            id: m.id,
+            text: m.text,
+            embedding: m.embedding,
+            tags: m.tags,
+            importance: m.importance,
+            created_at_ms: m.created_at_ms,
+            updated_at_ms: m.updated_at_ms,
+            last_accessed_at_ms: m.last_accessed_at_ms,
+            expires_at_ms: m.expires_at_ms,
+            content_hash: m.content_hash,
+            revision: m.revision,
+            ..Memory::default()
+        }
+    }
+}
 
 pub fn encode_memory(m: &Memory) -> Vec<u8> {
     let raw = bincode::serialize(m).expect("bincode of an in-memory Memory cannot fail");
     let mut out = Vec::with_capacity(raw.len() / 2 + 8);
-    out.push(MEMORY_FORMAT_V1);
+    out.push(MEMORY_FORMAT_V2);
     zstd::stream::copy_encode(&raw[..], &mut out, ZSTD_LEVEL).expect("zstd into a Vec cannot fail");
     out
 }
@@ -22,6 +61,10 @@ pub fn decode_memory(bytes: &[u8]) -> Result<Memory, StorageError> {
     let corrupt = |reason: String| StorageError::Corrupt { table: "memories", reason };
     match bytes.split_first() {
         Some((&MEMORY_FORMAT_V1, body)) => {
+            let raw = zstd::stream::decode_all(body).map_err(|e| corrupt(format!("zstd: {e}")))?;
+            bincode::deserialize::<MemoryV1>(&raw).map(Memory::from).map_err(|e| corrupt(format!("bincode: {e}")))
+        }
+        Some((&MEMORY_FORMAT_V2, body)) => {
             let raw = zstd::stream::decode_all(body).map_err(|e| corrupt(format!("zstd: {e}")))?;
             bincode::deserialize(&raw).map_err(|e| corrupt(format!("bincode: {e}")))
         }
@@ -68,6 +111,10 @@ mod tests {
                 last_accessed_at_ms: u,
                 expires_at_ms: exp,
                 revision: rev,
+                access_count: c % 7,
+                merge_count: (u % 5) as u32,
+                merged_from: if c % 2 == 0 { vec!["x".into()] } else { vec![] },
+                linked_to: (u % 3 == 0).then(|| "twin".into()),
             })
     }
 
@@ -75,6 +122,28 @@ mod tests {
         #[test]
         fn memory_round_trips(m in memory()) {
             prop_assert_eq!(decode_memory(&encode_memory(&m)).unwrap(), m);
+        }
+
+        #[test]
+        fn format_1_records_still_read(m in memory()) {
+            #[derive(serde::Serialize)]
+            struct V1<'a> {
+                namespace: &'a str, id: &'a str, text: &'a str, embedding: &'a [f32],
+                tags: &'a BTreeMap<String, String>, importance: f32, created_at_ms: u64,
+                updated_at_ms: u64, last_accessed_at_ms: u64, expires_at_ms: Option<u64>,
+                content_hash: [u8; 32], revision: u64,
+            }
+            let v1 = V1 {
+                namespace: &m.namespace, id: &m.id, text: &m.text, embedding: &m.embedding, tags: &m.tags,
+                importance: m.importance, created_at_ms: m.created_at_ms, updated_at_ms: m.updated_at_ms,
+                last_accessed_at_ms: m.last_accessed_at_ms, expires_at_ms: m.expires_at_ms,
+                content_hash: m.content_hash, revision: m.revision,
+            };
+            let mut bytes = vec![MEMORY_FORMAT_V1];
+            zstd::stream::copy_encode(&bincode::serialize(&v1).unwrap()[..], &mut bytes, 1).unwrap();
+            let read = decode_memory(&bytes).unwrap();
+            let want = Memory { access_count: 0, merge_count: 0, merged_from: vec![], linked_to: None, ..m };
+            prop_assert_eq!(read, want);
         }
 
         #[test]

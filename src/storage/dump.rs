@@ -6,12 +6,14 @@
 //! dump    := record*            record := len: u32 LE | bincode(Record)   (len <= 64 MiB)
 //! records := Begin, (Meta | Namespace | Memory | Idempotency | IdemExpiry | Auth)*, End
 //! Auth    := { table: 0 keys | 1 roles | 2 quotas, key, value }     (format 2)
+//! Model   := { table: 0 ns_policy | 1 ns_stats, key, value }       (format 3)
 //! End     := { rows, digest = BLAKE3 over every byte before End's length prefix }
 //! ```
 //!
 //! A reader refuses anything but exactly this shape: a missing `End`, a wrong row count or
 //! digest, or bytes after `End`. [`load`] writes into a caller's write transaction, so a
-//! refused dump is dropped with the transaction and changes nothing.
+//! refused dump is dropped with the transaction and changes nothing. Format 2 dumps (no
+//! memory-model rows) still load. The derived indexes are rebuilt from the loaded memories.
 
 use std::io::{Read, Write};
 
@@ -22,7 +24,9 @@ use super::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBER
 use crate::error::StorageError;
 use crate::raft::{LogId, StoredMembership};
 
-pub const DUMP_FORMAT: u16 = 2;
+pub const DUMP_FORMAT: u16 = 3;
+/// Oldest format [`load`] reads.
+const OLDEST_FORMAT: u16 = 2;
 const MAX_RECORD_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -35,6 +39,7 @@ enum Record {
     IdemExpiry { at_ms: u64, key: String },
     Auth { table: u8, key: String, value: Vec<u8> },
     End { rows: u64, digest: [u8; 32] },
+    Model { table: u8, key: String, value: Vec<u8> },
 }
 
 /// What a dump holds, as written or as read back.
@@ -131,6 +136,14 @@ pub fn write(txn: &ReadTransaction, out: &mut impl Write) -> Result<DumpSummary,
             rows += 1;
         }
     }
+    for (table, def) in super::MODEL_TABLES {
+        let Some(t) = super::optional_table(txn, def)? else { continue };
+        for item in t.iter()? {
+            let (k, v) = item?;
+            w.put(&Record::Model { table, key: k.value().to_string(), value: v.value().to_vec() })?;
+            rows += 1;
+        }
+    }
     let digest = *w.hasher.finalize().as_bytes();
     w.put(&Record::End { rows, digest })?;
     Ok(DumpSummary { applied, membership, rows, memories, namespaces, bytes: w.bytes, digest })
@@ -188,7 +201,7 @@ impl Sink for Discard {
 fn read_all(r: impl Read, sink: &mut dyn Sink) -> Result<DumpSummary, StorageError> {
     let mut rd = Reader { r, hasher: blake3::Hasher::new(), buf: Vec::new(), bytes: 0 };
     let (applied, membership) = match rd.next()? {
-        Record::Begin { format: DUMP_FORMAT, applied, membership } => (applied, membership),
+        Record::Begin { format: OLDEST_FORMAT..=DUMP_FORMAT, applied, membership } => (applied, membership),
         Record::Begin { format, .. } => return Err(corrupt(format!("unsupported dump format {format}"))),
         other => return Err(corrupt(format!("dump does not start with Begin: {other:?}"))),
     };
@@ -230,6 +243,7 @@ struct Tables<'t> {
     idempotency: redb::Table<'t, &'static str, &'static [u8]>,
     idem_expiry: redb::Table<'t, (u64, &'static str), ()>,
     auth: Vec<redb::Table<'t, &'static str, &'static [u8]>>,
+    model: Vec<redb::Table<'t, &'static str, &'static [u8]>>,
 }
 
 impl Sink for Tables<'_> {
@@ -243,6 +257,10 @@ impl Sink for Tables<'_> {
             Record::Auth { table, key, value } => match self.auth.get_mut(table as usize) {
                 Some(t) => t.insert(key.as_str(), value.as_slice()).map(drop),
                 None => return Err(corrupt(format!("unknown auth table {table}"))),
+            },
+            Record::Model { table, key, value } => match self.model.get_mut(table as usize) {
+                Some(t) => t.insert(key.as_str(), value.as_slice()).map(drop),
+                None => return Err(corrupt(format!("unknown memory-model table {table}"))),
             },
             Record::Begin { .. } | Record::End { .. } => unreachable!("read_all passes rows only"),
         }
@@ -260,14 +278,18 @@ pub fn load(r: impl Read, txn: &WriteTransaction) -> Result<DumpSummary, Storage
         idempotency: txn.open_table(IDEMPOTENCY)?,
         idem_expiry: txn.open_table(IDEM_EXPIRY)?,
         auth: super::AUTH_TABLES.iter().map(|(_, def)| txn.open_table(*def)).collect::<Result<_, _>>()?,
+        model: super::MODEL_TABLES.iter().map(|(_, def)| txn.open_table(*def)).collect::<Result<_, _>>()?,
     };
     t.meta.retain(|_, _| false)?;
     t.namespaces.retain(|_, _| false)?;
     t.memories.retain(|_, _| false)?;
     t.idempotency.retain(|_, _| false)?;
     t.idem_expiry.retain(|_, _| false)?;
-    for table in &mut t.auth {
+    for table in t.auth.iter_mut().chain(t.model.iter_mut()) {
         table.retain(|_, _| false)?;
     }
-    read_all(r, &mut t)
+    let summary = read_all(r, &mut t)?;
+    drop(t);
+    super::index::rebuild(txn)?;
+    Ok(summary)
 }

@@ -10,7 +10,16 @@
 //! auth_keys     key id (16 hex)          -> bincode(KeyRecord)   hash of the secret, never the secret
 //! auth_roles    role name                -> bincode(Role)
 //! quotas        tenant | "*"             -> bincode(Quota)
+//! ns_policy     namespace                -> JSON(MemoryPolicy)   absent: the default policy
+//! ns_stats      namespace                -> JSON(NamespaceStats)
+//! content_index (namespace, blake3(text), id)  -> ()   derived from memories (exact dedup)
+//! expiry_index  (expires_at_ms, namespace, id) -> ()   derived (TTL purge, oldest first)
+//! age_index     (namespace, created_at_ms, id) -> ()   derived (retention)
 //! ```
+//!
+//! The derived indexes are not in dumps: loading a dump (snapshot install, restore) and
+//! opening a state machine that predates them rebuild them from `memories`. They are in the
+//! digest, so a node whose indexes drifted would show it.
 //!
 //! The idempotency key is `principal 0x00 namespace 0x00 client key`: the first two never hold
 //! 0x00, so keys of different principals or namespaces never meet.
@@ -21,6 +30,7 @@
 pub mod auth;
 pub mod codec;
 pub mod dump;
+pub mod index;
 mod reader;
 
 pub use reader::{Page, StateReader};
@@ -39,6 +49,14 @@ pub const AUTH_ROLES: TableDefinition<&str, &[u8]> = TableDefinition::new("auth_
 pub const QUOTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("quotas");
 /// The auth tables, as snapshots, backups and digests walk them.
 pub const AUTH_TABLES: [(u8, TableDefinition<&str, &[u8]>); 3] = [(0, AUTH_KEYS), (1, AUTH_ROLES), (2, QUOTAS)];
+
+pub const NS_POLICY: TableDefinition<&str, &[u8]> = TableDefinition::new("ns_policy");
+pub const NS_STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("ns_stats");
+/// The memory-model tables, as snapshots, backups and digests walk them.
+pub const MODEL_TABLES: [(u8, TableDefinition<&str, &[u8]>); 2] = [(0, NS_POLICY), (1, NS_STATS)];
+pub const CONTENT_INDEX: TableDefinition<(&str, &[u8], &str), ()> = TableDefinition::new("content_index");
+pub const EXPIRY_INDEX: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("expiry_index");
+pub const AGE_INDEX: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("age_index");
 
 pub const META_APPLIED: &str = "applied";
 pub const META_MEMBERSHIP: &str = "membership";
@@ -61,6 +79,18 @@ pub fn namespace_range(namespace: &str) -> (Vec<u8>, Vec<u8>) {
     let mut hi = namespace.as_bytes().to_vec();
     hi.push(1);
     (lo, hi)
+}
+
+/// A table that a state machine from before it was added may lack: `None` then.
+pub fn optional_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, StorageError> {
+    match txn.open_table(def) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Makes `txn` fsync at commit (`Durability::Immediate`), as everything that must survive a

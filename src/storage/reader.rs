@@ -160,6 +160,91 @@ impl StateReader {
         .transpose()
     }
 
+    /// The namespace's memory policy (the default when none was set).
+    pub fn policy(&self, ns: &str) -> Result<crate::memory::MemoryPolicy, StorageError> {
+        super::index::policy(&self.db.begin_read()?.open_table(super::NS_POLICY)?, ns)
+    }
+
+    /// The namespace's memory-model counters.
+    pub fn stats(&self, ns: &str) -> Result<crate::memory::NamespaceStats, StorageError> {
+        super::index::stats(&self.db.begin_read()?.open_table(super::NS_STATS)?, ns)
+    }
+
+    /// Up to `limit` (namespace, id) expired at `now_ms`, oldest expiry first.
+    pub fn expired(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, String)>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(super::EXPIRY_INDEX)?;
+        let mut out = Vec::new();
+        for item in t.range(..(now_ms.saturating_add(1), "", ""))?.take(limit) {
+            let (k, _) = item?;
+            let (_, ns, id) = k.value();
+            out.push((ns.to_string(), id.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// The last applied log id.
+    pub fn applied_log_id(&self) -> Result<Option<crate::raft::LogId>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(SM_META)?;
+        let v = meta.get(META_APPLIED)?;
+        v.map(|v| codec::decode("sm_meta", v.value())).transpose()
+    }
+
+    /// The earliest expiry in the expiry index, if any.
+    pub fn next_expiry(&self) -> Result<Option<u64>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(super::EXPIRY_INDEX)?;
+        let first = t.first()?;
+        Ok(first.map(|(k, _)| k.value().0))
+    }
+
+    /// Namespaces with a retention rule, with it.
+    pub fn retention_rules(&self) -> Result<Vec<(String, crate::memory::policy::Retention)>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(super::NS_POLICY)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, _) = item?;
+            if let Some(r) = super::index::policy(&t, k.value())?.retention {
+                out.push((k.value().to_string(), r));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` memories of `ns` created before `cutoff_ms`, oldest first.
+    pub fn created_before(&self, ns: &str, cutoff_ms: u64, limit: usize) -> Result<Vec<Memory>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let age = txn.open_table(super::AGE_INDEX)?;
+        let memories = txn.open_table(MEMORIES)?;
+        let mut out = Vec::new();
+        for item in age.range((ns, 0u64, "")..(ns, cutoff_ms, ""))?.take(limit) {
+            let (k, _) = item?;
+            let (_, _, id) = k.value();
+            if let Some(v) = memories.get(memory_key(ns, id).as_slice())? {
+                out.push(codec::decode_memory(v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every memory of `ns` in id order, expired ones left out (consolidation plans).
+    pub fn all_live(&self, ns: &str, now_ms: u64) -> Result<Vec<Memory>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MEMORIES)?;
+        let (lo, hi) = namespace_range(ns);
+        let mut out = Vec::new();
+        for item in table.range(lo.as_slice()..hi.as_slice())? {
+            let (_, v) = item?;
+            let m = codec::decode_memory(v.value())?;
+            if !m.expired(now_ms) {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn applied_index(&self) -> Result<u64, StorageError> {
         Self::applied(&self.db.begin_read()?)
     }
@@ -206,6 +291,33 @@ impl StateReader {
             for item in txn.open_table(table)?.iter()? {
                 let (k, v) = item?;
                 feed(&[b'a', tag], k.value().as_bytes(), v.value());
+            }
+        }
+        for (tag, table) in super::MODEL_TABLES {
+            for item in super::optional_table(&txn, table)?.iter().flat_map(|t| t.iter()).flatten() {
+                let (k, v) = item?;
+                feed(&[b'p', tag], k.value().as_bytes(), v.value());
+            }
+        }
+        if let Some(t) = super::optional_table(&txn, super::CONTENT_INDEX)? {
+            for item in t.iter()? {
+                let (k, _) = item?;
+                let (ns, hash, id) = k.value();
+                feed(b"c", ns.as_bytes(), &[hash, id.as_bytes()].concat());
+            }
+        }
+        if let Some(t) = super::optional_table(&txn, super::EXPIRY_INDEX)? {
+            for item in t.iter()? {
+                let (k, _) = item?;
+                let (at, ns, id) = k.value();
+                feed(b"x", &at.to_be_bytes(), format!("{ns}\0{id}").as_bytes());
+            }
+        }
+        if let Some(t) = super::optional_table(&txn, super::AGE_INDEX)? {
+            for item in t.iter()? {
+                let (k, _) = item?;
+                let (ns, at, id) = k.value();
+                feed(b"g", &at.to_be_bytes(), format!("{ns}\0{id}").as_bytes());
             }
         }
         if with_meta {

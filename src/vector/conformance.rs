@@ -140,6 +140,7 @@ fn memories(n: usize, seed: u64) -> Vec<crate::memory::Memory> {
             expires_at_ms: None,
             content_hash: [0; 32],
             revision: i as u64 + 1,
+            ..Default::default()
         })
         .collect()
 }

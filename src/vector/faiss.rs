@@ -214,7 +214,14 @@ impl VectorIndex for FaissIndex {
         let k = k.min(self.present.len() as usize);
         let selector = filter.map(Self::selector).transpose()?;
         let sel_ptr = selector.as_ref().map(|(s, _)| s.inner_ptr()).unwrap_or(ptr::null_mut());
-        let mut hits = match self.search_gpu(filter.is_none(), query, k, params.nprobe)? {
+        // Exhaustive (near-duplicate checks in `apply`): every list, on the CPU.
+        let exhaustive = params.nprobe == SearchParams::EXHAUSTIVE.nprobe;
+        let params = match self.kind {
+            FaissKind::Ivf { nlist } if exhaustive => SearchParams { nprobe: nlist as usize },
+            _ => params,
+        };
+        let gpu = if exhaustive { None } else { self.search_gpu(filter.is_none(), query, k, params.nprobe)? };
+        let mut hits = match gpu {
             Some(hits) => hits,
             None => self.search_once(query, k, sel_ptr, params.nprobe)?,
         };

@@ -210,6 +210,7 @@ pub fn selftest(n: usize, dim: usize, nq: usize) -> bool {
             expires_at_ms: None,
             content_hash: [0; 32],
             revision: 1,
+            ..Default::default()
         })
         .collect();
     drop(base);

@@ -45,6 +45,12 @@ pub struct SearchParams {
     pub nprobe: usize,
 }
 
+impl SearchParams {
+    /// Probe every list, on the CPU: what `apply` asks for, so every node finds the same
+    /// candidates whatever its IVF centroids or GPU.
+    pub const EXHAUSTIVE: SearchParams = SearchParams { nprobe: usize::MAX };
+}
+
 impl Default for SearchParams {
     fn default() -> Self {
         SearchParams { nprobe: 16 }

@@ -82,7 +82,10 @@ pub struct Shard {
     slots: HashMap<String, u64>,
     docs: HashMap<u64, Doc>,
     tag_index: HashMap<(String, String), RoaringTreemap>,
-    expiring: RoaringTreemap,
+    /// Slots with an expiry, by expiry: the expired ones are a range, never a scan.
+    expiring: std::collections::BTreeSet<(u64, u64)>,
+    /// Every slot in use.
+    live: RoaringTreemap,
     /// Changed since it was last written to (or read from) an index file.
     dirty: AtomicBool,
 }
@@ -153,7 +156,8 @@ impl Shard {
             slots: HashMap::new(),
             docs: HashMap::new(),
             tag_index: HashMap::new(),
-            expiring: RoaringTreemap::new(),
+            expiring: Default::default(),
+            live: RoaringTreemap::new(),
             dirty: AtomicBool::new(true),
         }
     }
@@ -253,7 +257,10 @@ impl Shard {
                     }
                 }
             }
-            self.expiring.remove(slot);
+            if let Some(at) = doc.expires_at_ms {
+                self.expiring.remove(&(at, slot));
+            }
+            self.live.remove(slot);
         }
     }
 
@@ -261,9 +268,10 @@ impl Shard {
         for (k, val) in &doc.tags {
             self.tag_index.entry((k.clone(), val.clone())).or_default().insert(slot);
         }
-        if doc.expires_at_ms.is_some() {
-            self.expiring.insert(slot);
+        if let Some(at) = doc.expires_at_ms {
+            self.expiring.insert((at, slot));
         }
+        self.live.insert(slot);
         self.slots.insert(doc.id.clone(), slot);
         self.docs.insert(slot, doc);
     }
@@ -340,14 +348,12 @@ impl Shard {
             narrow(pass);
         }
         // Expired memories are invisible to reads, so to search too.
-        let expired: RoaringTreemap = self
-            .expiring
-            .iter()
-            .filter(|s| self.docs.get(s).and_then(|d| d.expires_at_ms).is_some_and(|e| e <= now_ms))
-            .collect();
+        // Only the expired ones are visited (a range of the expiry order), and the purge
+        // removes them soon after.
+        let expired: RoaringTreemap =
+            self.expiring.range(..(now_ms.saturating_add(1), 0)).map(|(_, slot)| *slot).collect();
         if !expired.is_empty() {
-            let all: RoaringTreemap = self.docs.keys().copied().collect();
-            let base = allowed.take().unwrap_or(all);
+            let base = allowed.take().unwrap_or_else(|| self.live.clone());
             allowed = Some(base - expired);
         }
         allowed

@@ -178,9 +178,18 @@ enum NamespaceCmd {
         dimension: u32,
         #[arg(long, default_value = "cosine")]
         metric: String,
+        /// A memory policy as JSON (see docs/memory-model.md); needs admin on the namespace.
+        #[arg(long)]
+        policy: Option<std::path::PathBuf>,
     },
     /// Delete a namespace and every memory in it.
     Delete { namespace: String },
+    /// Settings, size and memory policy (as JSON).
+    Show { namespace: String },
+    /// Memory-model counters: dedup hit rate, merges, purges, archives, size.
+    Stats { namespace: String },
+    /// Replace the memory policy with the JSON in FILE (fields left out take their defaults).
+    Policy { namespace: String, file: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -237,6 +246,16 @@ enum MemoryCmd {
     },
     /// Many searches behind one read barrier: one query vector per line of FILE
     /// (comma-separated floats; blank lines and lines starting with # are skipped).
+    /// Merge clusters of near-duplicates into one memory each (one log entry); --dry-run lists
+    /// them only.
+    Consolidate {
+        namespace: String,
+        /// Similarity a twin must reach (default: the namespace policy's threshold).
+        #[arg(long)]
+        threshold: Option<f32>,
+        #[arg(long)]
+        dry_run: bool,
+    },
     SearchBatch {
         namespace: String,
         #[arg(long)]
@@ -366,15 +385,69 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let r = client.admin().transfer_leader(to).await?;
             println!("leader is now {}", r.leader_id);
         }
-        Cmd::Namespace(NamespaceCmd::Create { namespace, dimension, metric }) => {
+        Cmd::Namespace(NamespaceCmd::Create { namespace, dimension, metric, policy }) => {
             let metric = match metric.as_str() {
                 "cosine" => Metric::Cosine,
                 "l2" => Metric::L2,
                 "ip" | "inner_product" => Metric::InnerProduct,
                 other => return Err(format!("unknown metric {other:?} (cosine | l2 | ip)").into()),
             };
-            let r = client.create_namespace(&namespace, dimension, metric).await?;
+            let policy = policy.as_deref().map(read_policy).transpose()?;
+            let r = client.create_namespace_with_policy(&namespace, dimension, metric, policy).await?;
             println!("namespace {namespace} ready (applied at {})", r.applied_index);
+        }
+        Cmd::Namespace(NamespaceCmd::Show { namespace }) => {
+            let d = client.describe_namespace(&namespace).await?;
+            let info = d.namespace.unwrap_or_default();
+            let metric = Metric::try_from(info.metric).map(|m| m.as_str_name()).unwrap_or("?");
+            println!(
+                "namespace {}  dimension={} metric={metric} memories={}",
+                info.namespace, info.dimension, info.memory_count
+            );
+            let policy = engram::api::convert::policy_from_pb("policy", d.policy)?;
+            println!("{}", serde_json::to_string_pretty(&policy)?);
+        }
+        Cmd::Namespace(NamespaceCmd::Stats { namespace }) => {
+            let d = client.describe_namespace(&namespace).await?;
+            let (info, s) = (d.namespace.unwrap_or_default(), d.stats.unwrap_or_default());
+            println!("memories       {}", info.memory_count);
+            println!("bytes          {}", s.bytes);
+            println!("created        {}", s.created);
+            println!("updated        {}", s.updated);
+            println!("dedup hits     {} ({:.1}% of creating puts)", s.dedup_hits, s.dedup_hit_rate * 100.0);
+            println!("near merges    {}", s.near_merges);
+            println!("near links     {}", s.near_links);
+            println!("consolidated   {}", s.consolidated);
+            println!("purged         {}", s.purged);
+            println!("retired        {} ({} archived)", s.retired, s.archived);
+            println!("reinforced     {}", s.reinforced);
+        }
+        Cmd::Namespace(NamespaceCmd::Policy { namespace, file }) => {
+            let r = client.set_namespace_policy(&namespace, read_policy(&file)?).await?;
+            println!("policy of {namespace} set (applied at {})", r.applied_index);
+        }
+        Cmd::Memory(MemoryCmd::Consolidate { namespace, threshold, dry_run }) => {
+            let r = client.consolidate(&namespace, threshold, dry_run).await?;
+            for c in &r.clusters {
+                let verb = if dry_run {
+                    "would merge"
+                } else if c.merged {
+                    "merged"
+                } else {
+                    "skipped (changed)"
+                };
+                println!("{} {verb} {}", c.keep, c.absorb.join(" "));
+            }
+            if dry_run {
+                println!("{} clusters (dry run: nothing changed)", r.clusters.len());
+            } else {
+                println!(
+                    "{} clusters, {} memories absorbed (applied at {})",
+                    r.clusters.len(),
+                    r.absorbed,
+                    r.applied_index
+                );
+            }
         }
         Cmd::Namespace(NamespaceCmd::Delete { namespace }) => {
             let r = client.delete_namespace(&namespace).await?;
@@ -389,7 +462,9 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 _ => Precondition::None,
             };
             let r = client.put_if(&namespace, memory, pre).await?;
-            println!("{} revision={} {}", r.id, r.revision, if r.updated { "updated" } else { "created" });
+            let action = engram::proto::PutAction::try_from(r.action).map(|a| a.as_str_name()).unwrap_or("?");
+            let action = action.trim_start_matches("PUT_ACTION_").to_lowercase();
+            println!("{} revision={} {action}", r.id, r.revision);
         }
         Cmd::Memory(MemoryCmd::Get { namespace, id, consistency: c }) => {
             let r = client.get_with(&namespace, &id, consistency(&c)?).await?;
@@ -523,4 +598,12 @@ async fn main() {
         }
         std::process::exit(1);
     }
+}
+
+/// A policy from a JSON file, checked as the server will.
+fn read_policy(path: &std::path::Path) -> Result<engram::proto::MemoryPolicy, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let policy: engram::memory::MemoryPolicy =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not a memory policy: {e}", path.display()))?;
+    Ok(engram::api::convert::policy_to_pb(policy))
 }
