@@ -86,8 +86,32 @@ ctl memory search-batch acme/user-42 --file "$DATA/queries.txt" --k 2
 echo "==> bad input is refused and names the field"
 ctl memory put acme/user-42 --text "wrong dimension" --embedding 0.1,0.2 || true
 
-echo "==> an online, encrypted backup streamed from a follower (an admin call: the root key), then verified offline"
+echo "==> the memory model: a namespace with dedup, near-duplicate merging, a default TTL and a gate (a policy needs admin: the root key)"
 export ENGRAM_API_KEY_FILE="$DATA/root.key"
+cat > "$DATA/policy.json" <<'JSON'
+{"dedup": "text",
+ "near_duplicate": {"threshold": 0.97, "action": "merge", "keep": "longer"},
+ "default_ttl_ms": 2592000000,
+ "gate": {"required_tags": ["kind"], "deny_patterns": ["(?i)password"]}}
+JSON
+ctl namespace create acme/agent-notes --dimension 4 --policy "$DATA/policy.json"
+ctl namespace show acme/agent-notes
+export ENGRAM_API_KEY_FILE="$DATA/acme.key"
+echo "==> the same fact twice: one memory (the second put answers with the first's id)"
+ctl memory put acme/agent-notes --text "Deploys happen on Tuesdays" --embedding 0.9,0.1,0.0,0.2 --tag kind=fact
+ctl memory put acme/agent-notes --text "Deploys happen on Tuesdays" --embedding 0.9,0.1,0.0,0.2 --tag kind=fact
+echo "==> a near-duplicate (cosine 0.99+) is merged into it, keeping the longer text"
+ctl memory put acme/agent-notes --text "Deploys happen on Tuesdays after the standup" --embedding 0.88,0.12,0.01,0.2 --tag kind=fact
+ctl memory put acme/agent-notes --text "Lunch is at noon" --embedding 0.0,0.9,0.1,0.1 --tag kind=fact
+echo "==> the verification gate: a missing tag and a denied pattern are refused, naming the rule"
+ctl memory put acme/agent-notes --text "no tag here" --embedding 0.1,0.1,0.9,0.1 || true
+ctl memory put acme/agent-notes --text "the admin password is hunter2" --embedding 0.1,0.1,0.9,0.1 --tag kind=fact || true
+ctl memory list acme/agent-notes
+export ENGRAM_API_KEY_FILE="$DATA/root.key"
+ctl memory consolidate acme/agent-notes --threshold 0.1 --dry-run
+ctl namespace stats acme/agent-notes
+
+echo "==> an online, encrypted backup streamed from a follower (an admin call: the root key), then verified offline"
 mkdir -p "$DATA/backups"
 ctl --endpoints 127.0.0.1:7002 backup create "$DATA/backups"
 ctl backup verify "$DATA"/backups/backup-*.engram --key-file "$DATA/backup-keys.toml"

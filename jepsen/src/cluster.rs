@@ -380,6 +380,8 @@ impl Cluster {
                     Err(e) => bail!("create role: {e}"),
                 }
                 auth.grant("workload", "*", &["read", "write", "delete"], None).await?;
+                // The dedup workload creates its namespaces with a memory policy.
+                auth.grant("workload", "dedup/*", &["admin"], None).await?;
                 Ok(auth.create_key("jepsen-worker", &["workload"], 0).await?.key)
             };
             match attempt.await {

@@ -72,6 +72,15 @@ pub enum Op {
     },
     /// Search: nearest neighbour of `id`'s vector.
     Search { id: u64, hits: Option<Vec<u64>> },
+    /// Dedup: add the memory with text `fact <key>` (no id) to the key's dedup namespace;
+    /// `id` is the memory the answer named, filled in on `ok`.
+    DedupAdd {
+        key: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    /// Dedup: the ids of every memory in the key's namespace.
+    DedupRead { key: u64, ids: Option<Vec<String>> },
     /// A fault starting or healing.
     Nemesis { fault: String, detail: String },
 }
@@ -88,13 +97,15 @@ impl Op {
             Op::Put { .. } => "put",
             Op::Unput { .. } => "unput",
             Op::Search { .. } => "search",
+            Op::DedupAdd { .. } => "dedup-add",
+            Op::DedupRead { .. } => "dedup-read",
             Op::Nemesis { .. } => "nemesis",
         }
     }
 
     /// Reads change nothing, so an indeterminate read constrains nothing either.
     pub fn is_read(&self) -> bool {
-        matches!(self, Op::Read { .. } | Op::ReadSet { .. } | Op::Search { .. })
+        matches!(self, Op::Read { .. } | Op::ReadSet { .. } | Op::Search { .. } | Op::DedupRead { .. })
     }
 }
 

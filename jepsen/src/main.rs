@@ -69,8 +69,8 @@ struct RunArgs {
     /// Mean quiet and mean fault time of each nemesis stream, ms.
     #[arg(long, default_value_t = 6000)]
     interval_ms: u64,
-    /// Workloads, comma-separated: register, set, search.
-    #[arg(long, value_delimiter = ',', default_value = "register,set,search")]
+    /// Workloads, comma-separated: register, set, search, dedup.
+    #[arg(long, value_delimiter = ',', default_value = "register,set,search,dedup")]
     workload: Vec<String>,
     /// Start the nodes with --unsafe-stale-reads. The run must come out invalid.
     #[arg(long)]
@@ -86,6 +86,9 @@ struct RunArgs {
     set_workers: usize,
     #[arg(long, default_value_t = 2)]
     search_workers: usize,
+    /// Workers adding the same memories concurrently (one key at a time, all of them).
+    #[arg(long, default_value_t = 4)]
+    dedup_workers: usize,
     #[arg(long, default_value_t = 60)]
     ops_per_key: u64,
     /// Mean pause between one worker's operations, ms.
@@ -123,8 +126,8 @@ impl RunArgs {
         };
         let has = |w: &str| self.workload.iter().any(|x| x == w);
         for w in &self.workload {
-            if !["register", "set", "search"].contains(&w.as_str()) {
-                anyhow::bail!("unknown workload {w:?} (register, set, search)");
+            if !["register", "set", "search", "dedup"].contains(&w.as_str()) {
+                anyhow::bail!("unknown workload {w:?} (register, set, search, dedup)");
             }
         }
         if self.nodes < 3 || self.nodes > 9 {
@@ -141,6 +144,8 @@ impl RunArgs {
                 register: has("register"),
                 set: has("set"),
                 search: has("search"),
+                dedup: has("dedup"),
+                dedup_workers: self.dedup_workers,
                 register_group: 3,
                 register_groups: self.register_groups,
                 set_workers: self.set_workers,

@@ -256,6 +256,9 @@ pub fn check(events: &[Event], w: &WorkloadOptions, final_from: u64, nodes: usiz
     if w.search {
         checks.push(checker::search::check(&ops, final_from, nodes));
     }
+    if w.dedup {
+        checks.push(checker::dedup::check(&ops, final_from, nodes));
+    }
     checks
 }
 

@@ -31,6 +31,10 @@ pub struct WorkloadOptions {
     pub register: bool,
     pub set: bool,
     pub search: bool,
+    #[serde(default)]
+    pub dedup: bool,
+    #[serde(default)]
+    pub dedup_workers: usize,
     /// Workers per register key group; there are `register_groups` groups.
     pub register_group: usize,
     pub register_groups: usize,
@@ -48,6 +52,7 @@ pub struct Touched {
     pub register_keys: std::sync::Mutex<BTreeSet<u64>>,
     pub set_keys: std::sync::Mutex<BTreeSet<u64>>,
     pub search_ids: std::sync::Mutex<BTreeSet<u64>>,
+    pub dedup_keys: std::sync::Mutex<BTreeSet<u64>>,
 }
 
 pub struct Ctx {
@@ -304,6 +309,71 @@ async fn set_worker(mut w: Worker, group: Arc<Mutex<SetGroup>>, opts: WorkloadOp
     }
 }
 
+pub fn dedup_ns(key: u64) -> String {
+    format!("dedup/k{key}")
+}
+
+/// Operations the dedup workers spend on one key before moving on together.
+const DEDUP_OPS_PER_KEY: u64 = 40;
+
+struct DedupGroup {
+    key: Option<u64>,
+    left: u64,
+}
+
+/// All dedup workers add the same memory (no id, so the leader makes a new id each time) to
+/// the same key at once, and read the key's namespace back: exact dedup in `apply` must
+/// leave one memory, named in every acknowledged answer, never two and never none.
+async fn dedup_worker(mut w: Worker, group: Arc<Mutex<DedupGroup>>, _opts: WorkloadOptions) {
+    while !w.ctx.stop.load(Ordering::Relaxed) {
+        let key = {
+            let mut g = group.lock().await;
+            if g.key.is_none() || g.left == 0 {
+                let key = w.ctx.keys.fetch_add(1, Ordering::Relaxed);
+                let policy = pb::MemoryPolicy { dedup: pb::DedupMode::Text as i32, ..Default::default() };
+                loop {
+                    if w.ctx.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match w
+                        .writer
+                        .create_namespace_with_policy(&dedup_ns(key), 4, Metric::Cosine, Some(policy.clone()))
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) if e.code == Code::AlreadyExists => break,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+                w.ctx.touched.dedup_keys.lock().unwrap().insert(key);
+                *g = DedupGroup { key: Some(key), left: DEDUP_OPS_PER_KEY };
+            }
+            g.left -= 1;
+            g.key.unwrap()
+        };
+        let read = w.rng.random::<f64>() < 0.3;
+        let op = if read { Op::DedupRead { key, ids: None } } else { Op::DedupAdd { key, id: None } };
+        w.invoke(&op);
+        let (kind, done, err) = if read {
+            match read_dedup(&w.reader, key).await {
+                Ok(ids) => (Kind::Ok, Op::DedupRead { key, ids: Some(ids) }, None),
+                Err(e) => (Kind::Fail, op, Some(e.to_string())),
+            }
+        } else {
+            match w.writer.put(&dedup_ns(key), NewMemory::new(format!("fact {key}"), REGISTER_VEC.to_vec())).await {
+                Ok(r) => (Kind::Ok, Op::DedupAdd { key, id: Some(r.id) }, None),
+                Err(e) => (outcome(&e, false), op, Some(e.to_string())),
+            }
+        };
+        w.complete(kind, done, err);
+        w.think(40).await;
+    }
+}
+
+pub async fn read_dedup(c: &Client, key: u64) -> Result<Vec<String>, ClientError> {
+    Ok(c.list_all(&dedup_ns(key)).await?.into_iter().map(|m| m.id).collect())
+}
+
 pub async fn read_set(c: &Client, key: u64) -> Result<Vec<u64>, ClientError> {
     let mut out = Vec::new();
     for m in c.list_all(&set_ns(key)).await? {
@@ -401,6 +471,9 @@ pub fn total_workers(o: &WorkloadOptions) -> u64 {
     if o.search {
         n += o.search_workers;
     }
+    if o.dedup {
+        n += o.dedup_workers;
+    }
     n as u64
 }
 
@@ -446,6 +519,13 @@ pub fn spawn(ctx: &Arc<Ctx>, opts: &WorkloadOptions, seed: u64) -> Vec<tokio::ta
         for _ in 0..opts.search_workers {
             let w = Worker::new(ctx.clone(), next(), seed);
             tasks.push(tokio::spawn(search_worker(w, p.clone(), opts.clone())));
+        }
+    }
+    if opts.dedup {
+        let g = Arc::new(Mutex::new(DedupGroup { key: None, left: 0 }));
+        for _ in 0..opts.dedup_workers {
+            let w = Worker::new(ctx.clone(), next(), seed);
+            tasks.push(tokio::spawn(dedup_worker(w, g.clone(), opts.clone())));
         }
     }
     tasks
@@ -510,6 +590,16 @@ pub async fn final_reads(ctx: &Arc<Ctx>, opts: &WorkloadOptions) {
                         Ok(Op::ReadSet { key, elements: Some(elements) })
                     };
                     final_read(rec, process, node, Op::ReadSet { key, elements: None }, read).await;
+                }
+            }
+            if opts.dedup {
+                let keys: Vec<u64> = ctx.touched.dedup_keys.lock().unwrap().iter().copied().collect();
+                for key in keys {
+                    let read = || async move {
+                        let ids = read_dedup(c, key).await?;
+                        Ok(Op::DedupRead { key, ids: Some(ids) })
+                    };
+                    final_read(rec, process, node, Op::DedupRead { key, ids: None }, read).await;
                 }
             }
             if opts.search {

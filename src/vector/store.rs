@@ -137,7 +137,28 @@ impl VectorStore {
             return Ok(());
         }
         let shards = &mut guard.map;
-        for op in ops {
+        let mut i = 0;
+        while i < ops.len() {
+            let op = &ops[i];
+            i += 1;
+            // A run of removals from one namespace (a purge, a retirement) is one call.
+            if let VectorOp::Remove { namespace, id } = op {
+                let run = ops[i..]
+                    .iter()
+                    .take_while(|o| matches!(o, VectorOp::Remove { namespace: n, .. } if n == namespace))
+                    .count();
+                if run > 0 {
+                    if let Some(s) = shards.get_mut(namespace) {
+                        let rest = ops[i..i + run].iter().filter_map(|o| match o {
+                            VectorOp::Remove { id, .. } => Some(id.as_str()),
+                            _ => None,
+                        });
+                        s.remove_many(std::iter::once(id.as_str()).chain(rest))?;
+                    }
+                    i += run;
+                    continue;
+                }
+            }
             match op {
                 VectorOp::Namespace { namespace, dimension, metric } => {
                     if !shards.contains_key(namespace) {

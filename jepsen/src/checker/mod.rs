@@ -1,5 +1,6 @@
 //! Checkers: each reads the paired history and returns a [`Check`].
 
+pub mod dedup;
 mod lifecycle;
 pub mod linear;
 pub mod register;
