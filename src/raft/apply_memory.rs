@@ -94,9 +94,7 @@ pub(crate) fn put(
             record.merge_count = cur.merge_count;
             record.merged_from = cur.merged_from.clone();
             record.linked_to = cur.linked_to.clone();
-            results.push(StoreResult { id: m.id.clone(), revision: ctx.index, action: PutAction::Updated });
-            writes.push(record.clone());
-            overlay.insert(m.id.clone(), record);
+            plan(&mut results, &mut writes, &mut overlay, ctx, record, PutAction::Updated);
             continue;
         }
         // A new memory: the id-prefix rule, then exact and near duplicates.
@@ -129,15 +127,7 @@ pub(crate) fn put(
                     merged.importance = merged.importance.max(record.importance);
                     merged.access_count = merged.access_count.saturating_add(1);
                     merged.last_accessed_at_ms = merged.last_accessed_at_ms.max(ctx.now_ms);
-                    merged.updated_at_ms = ctx.now_ms;
-                    merged.revision = ctx.index;
-                    results.push(StoreResult {
-                        id: twin.id.clone(),
-                        revision: ctx.index,
-                        action: PutAction::Deduplicated,
-                    });
-                    writes.push(merged.clone());
-                    overlay.insert(twin.id.clone(), merged);
+                    plan(&mut results, &mut writes, &mut overlay, ctx, merged, PutAction::Deduplicated);
                 } else {
                     results.push(StoreResult {
                         id: twin.id.clone(),
@@ -165,34 +155,18 @@ pub(crate) fn put(
                         metrics::counter!("engram_memory_merges_total", "namespace" => label(&ns)).increment(1);
                         let mut merged = twin.clone();
                         policy::merge(&mut merged, &record, near.keep, true);
-                        merged.updated_at_ms = ctx.now_ms;
-                        merged.revision = ctx.index;
-                        results.push(StoreResult {
-                            id: twin.id.clone(),
-                            revision: ctx.index,
-                            action: PutAction::Merged,
-                        });
-                        writes.push(merged.clone());
-                        overlay.insert(twin.id.clone(), merged);
+                        plan(&mut results, &mut writes, &mut overlay, ctx, merged, PutAction::Merged);
                         continue;
                     }
                     NearAction::Link => {
                         record.linked_to = Some(twin.id.clone());
-                        results.push(StoreResult {
-                            id: m.id.clone(),
-                            revision: ctx.index,
-                            action: PutAction::Linked { twin: twin.id },
-                        });
-                        writes.push(record.clone());
-                        overlay.insert(m.id.clone(), record);
+                        plan(&mut results, &mut writes, &mut overlay, ctx, record, PutAction::Linked { twin: twin.id });
                         continue;
                     }
                 }
             }
         }
-        results.push(StoreResult { id: m.id.clone(), revision: ctx.index, action: PutAction::Created });
-        writes.push(record.clone());
-        overlay.insert(m.id.clone(), record);
+        plan(&mut results, &mut writes, &mut overlay, ctx, record, PutAction::Created);
     }
     if let Some(r) = check_quota(txn, &tables, info, &overlay)? {
         return Ok(Err(r));
@@ -218,6 +192,23 @@ pub(crate) fn put(
     drop(tables);
     index::bump_stats(txn, &ns, stats)?;
     Ok(Ok(results))
+}
+
+/// Plans writing `m` at this entry as an item's answer: the put's results, its writes in
+/// order, and the newest planned version of each id.
+fn plan(
+    results: &mut Vec<StoreResult>,
+    writes: &mut Vec<Memory>,
+    overlay: &mut BTreeMap<String, Memory>,
+    ctx: &Ctx,
+    mut m: Memory,
+    action: PutAction,
+) {
+    m.updated_at_ms = ctx.now_ms;
+    m.revision = ctx.index;
+    results.push(StoreResult { id: m.id.clone(), revision: ctx.index, action });
+    writes.push(m.clone());
+    overlay.insert(m.id.clone(), m);
 }
 
 /// The record an item writes: timestamps from the entry, the expiry the policy gives it.
