@@ -132,9 +132,15 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let members =
         procs.iter().map(|p| pb::NodeInfo { id: p.id, raft_addr: p.raft.clone(), api_addr: p.api.clone() }).collect();
-    Client::new([procs[0].api.clone()]).unwrap().admin().init_cluster(members).await.expect("init");
+    Client::new([procs[0].api.clone()])
+        .unwrap()
+        .creating_namespaces()
+        .admin()
+        .init_cluster(members)
+        .await
+        .expect("init");
     let endpoints: Vec<String> = procs.iter().map(|p| p.api.clone()).collect();
-    let client = Client::new(endpoints.clone()).unwrap();
+    let client = Client::new(endpoints.clone()).unwrap().creating_namespaces();
     let (leader_id, leader_addr) = leader(&client).await;
     client.create_namespace("bench/a", args.dim as u32, engram::client::Metric::Cosine).await.unwrap();
     let dur = Duration::from_secs(args.duration_secs);
@@ -147,7 +153,7 @@ async fn main() {
     println!("| workload | clients | ops/s | memories/s | p50 ms | p99 ms |");
     println!("|---|---|---|---|---|---|");
     for clients in [1usize, 16, 64] {
-        let c = Client::new([leader_addr.clone()]).unwrap();
+        let c = Client::new([leader_addr.clone()]).unwrap().creating_namespaces();
         let dim = args.dim;
         let (n, lat) = run_load(clients, dur, move |i| {
             let c = c.clone();
@@ -164,7 +170,7 @@ async fn main() {
         );
     }
     for clients in [1usize, 4] {
-        let c = Client::new([leader_addr.clone()]).unwrap();
+        let c = Client::new([leader_addr.clone()]).unwrap().creating_namespaces();
         let dim = args.dim;
         let (n, lat) = run_load(clients, dur, move |i| {
             let c = c.clone();
@@ -224,7 +230,7 @@ async fn main() {
             timeout: Duration::from_millis(300),
             ..RetryPolicy::default()
         };
-        let writer = Client::with_retry(survivors, fast).unwrap();
+        let writer = Client::with_retry(survivors, fast).unwrap().creating_namespaces();
         let victim = procs.iter_mut().find(|p| p.id == lid).unwrap();
         let t0 = Instant::now();
         victim.kill9();
@@ -235,8 +241,9 @@ async fn main() {
         times.push(took);
         // Bring the victim back from its data dir and let it catch up before the next trial.
         victim.start(&bin, args.state_sync_interval_ms);
-        let pinned =
-            Client::with_retry([victim.api.clone()], RetryPolicy { max_attempts: 200, ..Default::default() }).unwrap();
+        let pinned = Client::with_retry([victim.api.clone()], RetryPolicy { max_attempts: 200, ..Default::default() })
+            .unwrap()
+            .creating_namespaces();
         pinned.get("bench/a", &format!("failover-{trial}")).await.unwrap();
     }
     times.sort();

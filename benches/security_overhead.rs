@@ -106,6 +106,7 @@ async fn boot(bin: &std::path::Path, dir: &std::path::Path, base: u16, secure: b
         retry: RetryPolicy { max_attempts: 50, ..Default::default() },
         tls: tls.clone(),
         credential,
+        create_namespaces: true,
     };
     let root = ApiKey::generate();
     let first = Client::with_options([eps[0].clone()], opts(None)).unwrap();

@@ -246,7 +246,7 @@ async fn through_grpc(args: &Args, data: &Data) {
     config.ivf_min_vectors = args.ivf_min;
     config.vector_part_max = args.part_max;
     let node = engram::server::start(config).await.unwrap();
-    let client = Client::new([node.api_addr.to_string()]).unwrap();
+    let client = Client::new([node.api_addr.to_string()]).unwrap().creating_namespaces();
     client.admin().init_cluster(vec![]).await.unwrap();
     while !node.node.is_leader() {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -7,7 +7,9 @@ use thiserror::Error;
 
 /// Errors returned to API callers. Each variant documents whether a write that failed with it
 /// may have been applied; see `docs/errors.md`.
-#[derive(Debug, Error, Clone, PartialEq)]
+/// Serializable so a leader can answer a write a follower forwarded (see
+/// `RaftNode::forward`) with the same error it would have given the client.
+#[derive(Debug, Error, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ApiError {
     /// Bad input: nothing was applied.
     #[error("invalid argument `{field}`: {reason}")]
@@ -22,7 +24,7 @@ pub enum ApiError {
     #[error("{what} already exists: {reason}")]
     AlreadyExists { what: String, reason: String },
     /// This node is not the leader; nothing was applied. Retry at the hinted leader.
-    #[error("not the leader (leader: {leader_id:?} at {leader_addr:?})")]
+    #[error("not the leader{}", leader_hint(*leader_id, leader_addr.as_deref()))]
     NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
     /// The cluster could not be reached or lost leadership while the request was in flight:
     /// a write MAY have been applied. Retry with the same idempotency key.
@@ -50,6 +52,15 @@ pub enum ApiError {
     /// Unexpected failure inside the node: a write MAY have been applied.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// `; the leader is node 2 at 10.0.0.2:7001`, or nothing when no leader is known.
+fn leader_hint(id: Option<u64>, addr: Option<&str>) -> String {
+    match (id, addr) {
+        (Some(id), Some(addr)) => format!("; the leader is node {id} at {addr}"),
+        (Some(id), None) => format!("; the leader is node {id}"),
+        (None, _) => "; no leader is known yet".into(),
+    }
 }
 
 impl ApiError {

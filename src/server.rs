@@ -225,16 +225,20 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     health_reporter.set_serving::<MemoryServiceServer<MemoryApi>>().await;
     health_reporter.set_serving::<AdminServiceServer<AdminApi>>().await;
     health_reporter.set_serving::<AuthServiceServer<AuthApi>>().await;
-    // Reflection lists what this port serves, never the peer-only RaftService.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("engram.v1.MemoryService")
-        .with_service_name("engram.v1.AdminService")
-        .with_service_name("engram.v1.AuthService")
-        .with_service_name("grpc.health.v1.Health")
-        .build_v1()
-        .map_err(|e| ServerError::Config(format!("reflection: {e}")))?;
+    // Reflection lists what this port serves, never the peer-only RaftService; v1 and the
+    // v1alpha that grpcio-reflection clients and older tools still speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("engram.v1.MemoryService")
+            .with_service_name("engram.v1.AdminService")
+            .with_service_name("engram.v1.AuthService")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_err = |e: tonic_reflection::server::Error| ServerError::Config(format!("reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
 
     let rates = Arc::new(RateLimits::new(config.rates));
     let jwt = config.jwt.as_ref().map(JwtVerifier::load).transpose().map_err(ServerError::Config)?;
@@ -269,7 +273,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let api_server = Server::builder()
         .layer(ApiAuthLayer::new(auth))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(memory)
         .add_service(admin)
         .add_service(auth_api)

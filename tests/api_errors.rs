@@ -24,7 +24,7 @@ fn input(id: &str, text: &str, embedding: Vec<f32>) -> pb::MemoryInput {
 }
 
 fn put(ns: &str, m: pb::MemoryInput) -> pb::PutRequest {
-    pb::PutRequest { namespace: ns.into(), memory: Some(m), precondition: None, options: None }
+    pb::PutRequest { namespace: ns.into(), memory: Some(m), precondition: None, options: None, create_namespace: true }
 }
 
 fn expect_invalid(res: Result<impl std::fmt::Debug, tonic::Status>, field: &str) {
@@ -56,7 +56,7 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         (put("acme/./x", input("a", "t", vector(1, 4))), "namespace"),
         (put("Acme/x", input("a", "t", vector(1, 4))), "namespace"),
         (put(&["a"; 9].join("/"), input("a", "t", vector(1, 4))), "namespace"),
-        (pb::PutRequest { namespace: NS.into(), memory: None, precondition: None, options: None }, "memory"),
+        (pb::PutRequest { memory: None, ..put(NS, input("a", "t", vector(1, 4))) }, "memory"),
         (put(NS, input("a", "", vector(1, 4))), "memory.text"),
         (put(NS, input("a", &big, vector(1, 4))), "memory.text"),
         (put(NS, input("a", "t", vec![])), "memory.embedding"),
@@ -89,6 +89,7 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         namespace: NS.into(),
         items: items.into_iter().map(|m| pb::PutBatchItem { memory: Some(m), precondition: None }).collect(),
         options: None,
+        create_namespace: true,
     };
     expect_invalid(c.put_batch(batch(vec![])).await, "items");
     expect_invalid(
@@ -164,7 +165,7 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     let del_ns = pb::DeleteNamespaceRequest { namespace: "nobody".into(), options: None };
     assert_eq!(c.delete_namespace(del_ns).await.unwrap_err().code(), Code::NotFound);
     let conflicting =
-        pb::CreateNamespaceRequest { namespace: NS.into(), dimension: 8, metric: 0, options: None, policy: None };
+        pb::CreateNamespaceRequest { namespace: NS.into(), dimension: 8, metric: 1, options: None, policy: None };
     assert_eq!(c.create_namespace(conflicting).await.unwrap_err().code(), Code::AlreadyExists);
 
     cluster.shutdown().await;

@@ -47,19 +47,18 @@ async fn three_nodes_replicate_every_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn followers_serve_linearizable_reads_and_redirect_writes() {
+async fn followers_serve_linearizable_reads_and_forward_writes() {
     let cluster = TestCluster::start(3).await;
     let leader = cluster.wait_for_leader().await;
     let follower = cluster.running().into_iter().find(|id| *id != leader).unwrap();
 
-    // Phase 1: a write sent to a follower is refused with a leader hint and is definitely
-    // not applied.
-    let err = cluster.pinned(follower).put(NS, NewMemory::new("x", vector(1, 4)).with_id("a")).await.unwrap_err();
-    assert_eq!(err.code, Code::Unavailable);
-    assert_eq!(err.outcome, WriteOutcome::NotApplied);
+    // Phase 1: a write sent to a follower is forwarded to the leader and applied there
+    // (tests/api_conventions.rs covers the hint for clients that ask not to be forwarded).
+    let fwd = cluster.pinned(follower).put(NS, NewMemory::new("x", vector(1, 4)).with_id("b")).await.unwrap();
+    assert_eq!(fwd.id, "b");
 
-    // Phase 2: the SDK given only the follower follows the hint transparently.
-    let sdk = engram::client::Client::new([cluster.slot(follower).api.to_string()]).unwrap();
+    // Phase 2: the SDK given only the follower writes through it.
+    let sdk = engram::client::Client::new([cluster.slot(follower).api.to_string()]).unwrap().creating_namespaces();
     let put = sdk.put(NS, NewMemory::new("hello", vector(1, 4)).with_id("a")).await.unwrap();
 
     // Phase 3: every follower's linearizable read sees the acknowledged write at once

@@ -35,7 +35,7 @@ async fn a_node_whose_fsync_fails_stops_and_keeps_what_it_acknowledged() {
     let env = [("LD_PRELOAD", FIU_PRELOAD.to_string()), ("FIU_CTRL_FIFO", fifo.to_string_lossy().into_owned())];
     node.start_with_env(bin, 0, &env);
 
-    let c = Client::new([node.api.clone()]).unwrap();
+    let c = Client::new([node.api.clone()]).unwrap().creating_namespaces();
     let mut inited = false;
     for _ in 0..100 {
         if c.admin().init_cluster(vec![]).await.is_ok() {
@@ -77,7 +77,7 @@ async fn a_node_whose_fsync_fails_stops_and_keeps_what_it_acknowledged() {
 
     // Restarted on a healthy disk, it has every acknowledged write.
     node.start(bin, 0);
-    let c = Client::new([node.api.clone()]).unwrap();
+    let c = Client::new([node.api.clone()]).unwrap().creating_namespaces();
     for id in &acked {
         let m = c.get(NS, id).await.unwrap_or_else(|e| panic!("acknowledged memory {id} lost: {e}"));
         assert!(m.text.starts_with("memory "));

@@ -36,7 +36,7 @@ fn client(nodes: &[EngramProcess]) -> Client {
         timeout: Duration::from_secs(2),
         ..RetryPolicy::default()
     };
-    Client::with_retry(eps, retry).unwrap()
+    Client::with_retry(eps, retry).unwrap().creating_namespaces()
 }
 
 async fn leader_of(c: &Client) -> u64 {
@@ -65,7 +65,14 @@ async fn acknowledged_writes_survive_kill_9() {
         nodes.iter().map(|n| pb::NodeInfo { id: n.id, raft_addr: n.raft.clone(), api_addr: n.api.clone() }).collect();
     let mut ok = false;
     for _ in 0..100 {
-        if Client::new([nodes[0].api.clone()]).unwrap().admin().init_cluster(members.clone()).await.is_ok() {
+        if Client::new([nodes[0].api.clone()])
+            .unwrap()
+            .creating_namespaces()
+            .admin()
+            .init_cluster(members.clone())
+            .await
+            .is_ok()
+        {
             ok = true;
             break;
         }

@@ -303,7 +303,7 @@ async fn plaintext_and_unverified_clients_are_refused_when_tls_is_on() {
     // Plaintext with the root key: nothing answers.
     let plain = Client::with_options(
         [addr.clone()],
-        engram::client::ClientOptions { retry: quick, tls: None, credential: root.clone() },
+        engram::client::ClientOptions { retry: quick, tls: None, credential: root.clone(), create_namespaces: true },
     )
     .unwrap();
     assert!(plain.get("acme/a", "x").await.is_err());
@@ -320,7 +320,12 @@ async fn plaintext_and_unverified_clients_are_refused_when_tls_is_on() {
     };
     let c = Client::with_options(
         [addr.clone()],
-        engram::client::ClientOptions { retry: quick, tls: Some(wrong), credential: root.clone() },
+        engram::client::ClientOptions {
+            retry: quick,
+            tls: Some(wrong),
+            credential: root.clone(),
+            create_namespaces: true,
+        },
     )
     .unwrap();
     assert!(c.get("acme/a", "x").await.is_err());

@@ -224,6 +224,7 @@ async fn idempotency_keys_belong_to_one_principal_and_one_request() {
         memory: Some(pb::MemoryInput { text: text.into(), embedding: vector(1, 4), ..Default::default() }),
         precondition: None,
         options: Some(pb::WriteOptions { idempotency_key: "same-key".into() }),
+        create_namespace: true,
     };
     let mut ca = MemoryServiceClient::new(a.raw_channel(&addr).unwrap());
     let mut cb = MemoryServiceClient::new(b.raw_channel(&addr).unwrap());

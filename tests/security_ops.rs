@@ -143,7 +143,12 @@ async fn backups_carry_keys_and_grants_and_a_restored_cluster_takes_new_certific
     assert_eq!(tenant.get("other/a", "m1").await.unwrap_err().code, Code::PermissionDenied);
     // The old cluster's CA does not vouch for the new nodes.
     let quick = engram::client::RetryPolicy { max_attempts: 1, timeout: Duration::from_secs(2), ..Default::default() };
-    let opts = engram::client::ClientOptions { retry: quick, tls: Some(old_tls), credential: Some(tenant_key) };
+    let opts = engram::client::ClientOptions {
+        retry: quick,
+        tls: Some(old_tls),
+        credential: Some(tenant_key),
+        create_namespaces: true,
+    };
     let stale = engram::client::Client::with_options([restored.slot(1).api.to_string()], opts).unwrap();
     assert!(stale.get("acme/a", "m1").await.is_err());
     restored.shutdown().await;

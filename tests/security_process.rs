@@ -67,7 +67,9 @@ async fn a_secured_process_keeps_its_files_private_and_reloads_certificates_on_s
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ok, "cluster init failed");
-    let root = Client::with_options([node.api.clone()], opts(Some(s.root.expose().to_string()))).unwrap();
+    let root = Client::with_options([node.api.clone()], opts(Some(s.root.expose().to_string())))
+        .unwrap()
+        .creating_namespaces();
     root.put("acme/a", NewMemory::new("x", vec![0.1, 0.2, 0.3, 0.4]).with_id("m1")).await.unwrap();
     root.admin().trigger_snapshot().await.unwrap();
 

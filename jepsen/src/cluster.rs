@@ -69,7 +69,12 @@ static WORKLOAD_KEY: OnceLock<String> = OnceLock::new();
 
 /// Options for a client of the workload (TLS, the workload key) with `retry`.
 pub fn workload_options(retry: RetryPolicy) -> ClientOptions {
-    ClientOptions { retry, tls: CLIENT_TLS.get().cloned(), credential: WORKLOAD_KEY.get().cloned() }
+    ClientOptions {
+        retry,
+        tls: CLIENT_TLS.get().cloned(),
+        credential: WORKLOAD_KEY.get().cloned(),
+        create_namespaces: true,
+    }
 }
 
 pub struct Cluster {
@@ -303,6 +308,7 @@ impl Cluster {
             retry,
             tls: CLIENT_TLS.get().cloned(),
             credential: Some(self.security.root.expose().to_string()),
+            create_namespaces: true,
         };
         Client::with_options([api_addr(slot)], opts).expect("valid endpoint")
     }

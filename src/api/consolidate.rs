@@ -7,6 +7,11 @@
 //! 32 nearest in the shard. The keeper is the member with the highest importance, then the
 //! most accesses, then the oldest, then the smallest id; the others are absorbed in id order.
 //! Clusters are listed by keeper id, at most `max_clusters`. A dry run lists the same plan.
+//!
+//! Two memories whose tags disagree on a key (`user=alice`, `user=bob`) never share a cluster,
+//! so consolidation never moves one scope's memory into another's. A cluster holds at most
+//! [`MAX_CLUSTER_MEMBERS`] and a plan at most [`MAX_PLAN_MEMBERS`], so its log entry stays far
+//! below the peer message limit whatever the threshold.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +23,14 @@ use crate::storage::StateReader;
 use crate::vector::{Filter, SearchParams, VectorStore};
 
 const NEIGHBOURS: usize = 32;
+pub const MAX_CLUSTER_MEMBERS: usize = 256;
+pub const MAX_PLAN_MEMBERS: usize = 10_000;
+
+/// Whether two tag sets agree on every key they share.
+fn compatible(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> bool {
+    let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    small.iter().all(|(k, v)| large.get(k).is_none_or(|w| w == v))
+}
 
 fn find(parent: &mut [usize], mut i: usize) -> usize {
     while parent[i] != i {
@@ -39,6 +52,9 @@ pub(super) fn plan(
     let all: Vec<Memory> = reader.all_live(&info.name, now).map_err(storage)?;
     let pos: BTreeMap<&str, usize> = all.iter().enumerate().map(|(i, m)| (m.id.as_str(), i)).collect();
     let mut parent: Vec<usize> = (0..all.len()).collect();
+    // Per cluster root: its members' tags together, and its size.
+    let mut tags: Vec<BTreeMap<String, String>> = all.iter().map(|m| m.tags.clone()).collect();
+    let mut size: Vec<usize> = vec![1; all.len()];
     for (i, m) in all.iter().enumerate() {
         let hits = vectors
             .search(&info.name, &m.embedding, NEIGHBOURS, &Filter::default(), SearchParams::default(), now)
@@ -50,9 +66,14 @@ pub(super) fn plan(
                 continue;
             }
             let (a, b) = (find(&mut parent, i), find(&mut parent, j));
-            if a != b {
-                parent[a.max(b)] = a.min(b);
+            if a == b || size[a] + size[b] > MAX_CLUSTER_MEMBERS || !compatible(&tags[a], &tags[b]) {
+                continue;
             }
+            let (root, child) = (a.min(b), a.max(b));
+            parent[child] = root;
+            size[root] += size[child];
+            let moved = std::mem::take(&mut tags[child]);
+            tags[root].extend(moved);
         }
     }
     let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
@@ -83,5 +104,10 @@ pub(super) fn plan(
         .collect();
     clusters.sort_by(|a, b| a.keep.0.cmp(&b.keep.0));
     clusters.truncate(max_clusters);
+    let mut members = 0;
+    clusters.retain(|c| {
+        members += 1 + c.absorb.len();
+        members <= MAX_PLAN_MEMBERS
+    });
     Ok(clusters)
 }

@@ -75,7 +75,10 @@ pub fn consistency(c: i32) -> Result<ReadConsistency, ApiError> {
 
 pub fn metric_from_pb(m: i32) -> Result<Metric, ApiError> {
     match pb::Metric::try_from(m) {
-        Ok(pb::Metric::Unspecified) | Ok(pb::Metric::Cosine) => Ok(Metric::Cosine),
+        Ok(pb::Metric::Unspecified) => {
+            Err(ApiError::invalid("metric", "must be set: METRIC_COSINE, METRIC_L2 or METRIC_INNER_PRODUCT"))
+        }
+        Ok(pb::Metric::Cosine) => Ok(Metric::Cosine),
         Ok(pb::Metric::L2) => Ok(Metric::L2),
         Ok(pb::Metric::InnerProduct) => Ok(Metric::InnerProduct),
         Err(_) => Err(ApiError::invalid("metric", format!("unknown value {m}"))),
@@ -355,6 +358,19 @@ pub fn encode_page_token(after: &str) -> String {
 }
 
 pub fn decode_page_token(token: &str) -> Result<Option<String>, ApiError> {
+    decode_token(token, "v1:", |id| crate::memory::validate_id("page_token", id).is_ok())
+}
+
+/// A `ListNamespaces` page token: the last namespace of the page.
+pub fn encode_namespace_token(after: &str) -> String {
+    format!("ns1:{after}").bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn decode_namespace_token(token: &str) -> Result<Option<String>, ApiError> {
+    decode_token(token, "ns1:", |ns| crate::memory::validate_namespace(ns).is_ok())
+}
+
+fn decode_token(token: &str, tag: &str, valid: impl Fn(&str) -> bool) -> Result<Option<String>, ApiError> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -367,9 +383,11 @@ pub fn decode_page_token(token: &str) -> Result<Option<String>, ApiError> {
         .map(|i| u8::from_str_radix(&token[i..i + 2], 16).map_err(|_| bad()))
         .collect::<Result<_, _>>()?;
     let s = String::from_utf8(bytes).map_err(|_| bad())?;
-    let id = s.strip_prefix("v1:").ok_or_else(bad)?;
-    crate::memory::validate_id("page_token", id).map_err(|_| bad())?;
-    Ok(Some(id.to_string()))
+    let after = s.strip_prefix(tag).ok_or_else(bad)?;
+    if !valid(after) {
+        return Err(bad());
+    }
+    Ok(Some(after.to_string()))
 }
 
 /// Validates a search filter; every error names its field under `filter.`.

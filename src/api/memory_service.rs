@@ -125,7 +125,7 @@ impl MemoryApi {
         req: pb::PutBatchRequest,
     ) -> Result<pb::PutBatchResponse, ApiError> {
         let bytes = prost::Message::encoded_len(&req);
-        let pb::PutBatchRequest { namespace, items, options } = req;
+        let pb::PutBatchRequest { namespace, items, options, create_namespace } = req;
         let access = self.admit(caller, Permission::Write, &namespace)?;
         if items.is_empty() {
             return Err(ApiError::invalid("items", "must not be empty"));
@@ -147,7 +147,8 @@ impl MemoryApi {
             }
         }
         self.precheck(&namespace, &items)?;
-        let op = Op::Put { namespace, items, ivf_min_vectors: self.limits.ivf_min_vectors };
+        let op =
+            Op::PutChecked { namespace, items, create: create_namespace, ivf_min_vectors: self.limits.ivf_min_vectors };
         let res = self.propose(caller, idempotency, op).await?;
         let results = match res.outcome {
             Outcome::Stored(results) => {
@@ -205,6 +206,53 @@ impl MemoryApi {
                 reason: "a memory policy needs admin on all of the namespace, not a tag scope".into(),
             }),
         }
+    }
+
+    async fn get_namespace_inner(
+        &self,
+        caller: &Caller,
+        req: pb::GetNamespaceRequest,
+    ) -> Result<pb::GetNamespaceResponse, ApiError> {
+        let pb::GetNamespaceRequest { namespace, consistency } = req;
+        let d = self.describe_namespace_inner(caller, pb::DescribeNamespaceRequest { namespace, consistency }).await?;
+        Ok(pb::GetNamespaceResponse { namespace: d.namespace, policy: d.policy, read_index: d.read_index })
+    }
+
+    async fn list_namespaces_inner(
+        &self,
+        caller: &Caller,
+        req: pb::ListNamespacesRequest,
+    ) -> Result<pb::ListNamespacesResponse, ApiError> {
+        let pb::ListNamespacesRequest { page_size, page_token, prefix, consistency } = req;
+        let page_size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(ApiError::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")))
+            }
+            n => n,
+        };
+        if prefix.len() > 256 {
+            return Err(ApiError::invalid("prefix", "must be at most 256 bytes"));
+        }
+        let after = convert::decode_namespace_token(&page_token)?;
+        let consistency = convert::consistency(consistency)?;
+        // Whom the caller is, before it may wait on the cluster.
+        self.guards.authorizer.permits(caller, Permission::Read).map(drop)?;
+        self.node.linearize(consistency).await?;
+        let readable = self.guards.authorizer.permits(caller, Permission::Read)?;
+        let (page, more, applied) = self
+            .reader
+            .namespaces_page(after.as_deref(), &prefix, page_size as usize, readable)
+            .map_err(Self::storage)?;
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => convert::encode_namespace_token(&last.name),
+            _ => String::new(),
+        };
+        Ok(pb::ListNamespacesResponse {
+            namespaces: page.into_iter().map(namespace_to_pb).collect(),
+            next_page_token,
+            read_index: applied,
+        })
     }
 
     async fn describe_namespace_inner(
@@ -277,9 +325,6 @@ impl MemoryApi {
         if threshold.is_some_and(|t| !t.is_finite()) {
             return Err(ApiError::invalid("threshold", "must be finite"));
         }
-        if !dry_run {
-            self.node.require_leader()?;
-        }
         self.node.linearize(crate::raft::node::ReadConsistency::Linearizable).await?;
         let info = self
             .reader
@@ -290,6 +335,16 @@ impl MemoryApi {
         let threshold = threshold
             .or(policy.near_duplicate.as_ref().map(|n| n.threshold))
             .ok_or_else(|| ApiError::invalid("threshold", "the namespace has no near-duplicate threshold: give one"))?;
+        // The same bounds a policy's threshold has (cosine in [-1, 1], L2 not negative).
+        let probe = memory::MemoryPolicy {
+            near_duplicate: Some(memory::policy::NearDuplicate {
+                threshold,
+                action: Default::default(),
+                keep: Default::default(),
+            }),
+            ..Default::default()
+        };
+        probe.validate(info.metric).map_err(|e| ApiError::invalid("threshold", e.reason))?;
         let keep = policy.near_duplicate.as_ref().map(|n| n.keep).unwrap_or_default();
         let (reader, vectors) = (self.reader.clone(), self.vectors.clone());
         let clusters = tokio::task::spawn_blocking(move || {
@@ -474,25 +529,35 @@ impl MemoryService for MemoryApi {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let started = Instant::now();
         let caller = Caller::of(&req);
-        let pb::PutRequest { namespace, memory, precondition, options } = req.into_inner();
-        let batch = pb::PutBatchRequest { namespace, items: vec![pb::PutBatchItem { memory, precondition }], options };
+        let call = super::CallContext::of(req.metadata());
+        let pb::PutRequest { namespace, memory, precondition, options, create_namespace } = req.into_inner();
+        let items = vec![pb::PutBatchItem { memory, precondition }];
+        let batch = pb::PutBatchRequest { namespace, items, options, create_namespace };
         // A single put is a batch of one; field names are reported without the batch prefix.
         let strip = |field: String| field.replacen("items[0].", "", 1);
-        let res = match caller {
-            Ok(caller) => self.put_batch_inner(&caller, batch).await,
-            Err(e) => Err(e),
-        }
-        .map_err(|e| match e {
-            ApiError::InvalidArgument { field, reason } => ApiError::InvalidArgument { field: strip(field), reason },
-            ApiError::FailedPrecondition { field, reason, current_revision } => {
-                ApiError::FailedPrecondition { field: strip(field), reason, current_revision }
-            }
-            ApiError::PermissionDenied { field, reason } => ApiError::PermissionDenied { field: strip(field), reason },
-            other => other,
-        })
-        .and_then(|mut r| r.results.pop().ok_or_else(|| ApiError::Internal("empty put result".into())))
-        .map(Response::new)
-        .map_err(Status::from);
+        let res = super::CALL
+            .scope(call, async {
+                match caller {
+                    Ok(caller) => self.put_batch_inner(&caller, batch).await,
+                    Err(e) => Err(e),
+                }
+            })
+            .await
+            .map_err(|e| match e {
+                ApiError::InvalidArgument { field, reason } => {
+                    ApiError::InvalidArgument { field: strip(field), reason }
+                }
+                ApiError::FailedPrecondition { field, reason, current_revision } => {
+                    ApiError::FailedPrecondition { field: strip(field), reason, current_revision }
+                }
+                ApiError::PermissionDenied { field, reason } => {
+                    ApiError::PermissionDenied { field: strip(field), reason }
+                }
+                other => other,
+            })
+            .and_then(|mut r| r.results.pop().ok_or_else(|| ApiError::Internal("empty put result".into())))
+            .map(Response::new)
+            .map_err(Status::from);
         observe("put", started, &res);
         res
     }
@@ -536,6 +601,22 @@ impl MemoryService for MemoryApi {
         req: Request<pb::DeleteNamespaceRequest>,
     ) -> Result<Response<pb::DeleteNamespaceResponse>, Status> {
         handle!(self, req, "delete_namespace", delete_namespace_inner)
+    }
+
+    #[instrument(skip_all, fields(namespace = %req.get_ref().namespace))]
+    async fn get_namespace(
+        &self,
+        req: Request<pb::GetNamespaceRequest>,
+    ) -> Result<Response<pb::GetNamespaceResponse>, Status> {
+        handle!(self, req, "get_namespace", get_namespace_inner)
+    }
+
+    #[instrument(skip_all)]
+    async fn list_namespaces(
+        &self,
+        req: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        handle!(self, req, "list_namespaces", list_namespaces_inner)
     }
 
     #[instrument(skip_all, fields(namespace = %req.get_ref().namespace))]

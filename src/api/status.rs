@@ -14,9 +14,19 @@
 //! | `PermissionDenied` | PERMISSION_DENIED (+ `engram-field`) | not applied |
 //! | `ResourceExhausted` | RESOURCE_EXHAUSTED + `retry-after` (s), `engram-retry-after-ms` | not applied |
 //! | `Internal` | INTERNAL | maybe applied |
+//!
+//! Beside the `engram-*` metadata every status carries the standard `google.rpc` details a
+//! generated client decodes: `ErrorInfo` (domain `engram`, reason = the error's kind, metadata
+//! `outcome` = `not-applied` | `maybe-applied`, plus `field`, `leader_id`, `leader_addr`,
+//! `current_revision` where they apply), `BadRequest` field violations for bad input,
+//! `PreconditionFailure` for a guard, and `RetryInfo` where waiting and resending is the remedy.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::ApiError;
 use crate::raft::Rejection;
@@ -30,6 +40,79 @@ pub const RETRY_AFTER_HEADER: &str = "retry-after";
 pub const RETRY_AFTER_MS_HEADER: &str = "engram-retry-after-ms";
 /// How long a quota refusal tells a client to wait: quotas do not refill by themselves.
 pub const QUOTA_RETRY_AFTER_MS: u64 = 60_000;
+/// `ErrorInfo.domain` of every Engram error.
+pub const ERROR_DOMAIN: &str = "engram";
+/// How long a client should wait before resending after a transient failure.
+const TRANSIENT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+impl ApiError {
+    /// Whether a write that failed with this error may still have been applied (the table in
+    /// docs/errors.md): resend it only with the same idempotency key.
+    pub fn may_have_applied(&self) -> bool {
+        matches!(self, ApiError::Unavailable { .. } | ApiError::Timeout { .. } | ApiError::Internal(_))
+    }
+
+    /// `ErrorInfo.reason`: the error's kind, stable across versions.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            ApiError::NotFound { .. } => "NOT_FOUND",
+            ApiError::FailedPrecondition { .. } => "PRECONDITION_FAILED",
+            ApiError::AlreadyExists { .. } => "ALREADY_EXISTS",
+            ApiError::NotLeader { .. } => "NOT_LEADER",
+            ApiError::Unavailable { .. } => "UNAVAILABLE",
+            ApiError::Timeout { .. } => "DEADLINE_EXCEEDED",
+            ApiError::DataLoss { .. } => "DATA_LOSS",
+            ApiError::Unauthenticated { .. } => "UNAUTHENTICATED",
+            ApiError::PermissionDenied { .. } => "PERMISSION_DENIED",
+            ApiError::ResourceExhausted { .. } => "RESOURCE_EXHAUSTED",
+            ApiError::Internal(_) => "INTERNAL",
+        }
+    }
+}
+
+/// The `google.rpc` details of `e`.
+fn details(e: &ApiError) -> ErrorDetails {
+    let mut d = ErrorDetails::new();
+    let mut info: HashMap<String, String> = HashMap::new();
+    let outcome = if e.may_have_applied() { "maybe-applied" } else { "not-applied" };
+    info.insert("outcome".into(), outcome.into());
+    match e {
+        ApiError::InvalidArgument { field, reason } => {
+            d.add_bad_request_violation(field, reason);
+            info.insert("field".into(), field.clone());
+        }
+        ApiError::FailedPrecondition { field, reason, current_revision } => {
+            d.add_precondition_failure_violation("PRECONDITION", field, reason);
+            info.insert("field".into(), field.clone());
+            info.insert("current_revision".into(), current_revision.to_string());
+        }
+        ApiError::NotLeader { leader_id, leader_addr } => {
+            if let Some(id) = leader_id {
+                info.insert("leader_id".into(), id.to_string());
+            }
+            if let Some(addr) = leader_addr {
+                info.insert("leader_addr".into(), addr.clone());
+            }
+            d.set_retry_info(Some(Duration::ZERO));
+        }
+        ApiError::Unavailable { .. } | ApiError::Timeout { .. } => {
+            d.set_retry_info(Some(TRANSIENT_RETRY_DELAY));
+        }
+        ApiError::PermissionDenied { field, .. } if !field.is_empty() => {
+            info.insert("field".into(), field.clone());
+        }
+        ApiError::ResourceExhausted { field, retry_after_ms, .. } => {
+            if !field.is_empty() {
+                info.insert("field".into(), field.clone());
+            }
+            d.set_retry_info(Some(Duration::from_millis(*retry_after_ms)));
+        }
+        _ => {}
+    }
+    d.set_error_info(e.reason_code(), ERROR_DOMAIN, info);
+    d
+}
 
 fn insert(md: &mut MetadataMap, key: &'static str, value: &str) {
     if let Ok(v) = value.parse() {
@@ -40,6 +123,7 @@ fn insert(md: &mut MetadataMap, key: &'static str, value: &str) {
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let message = e.to_string();
+        let details = details(&e);
         let mut md = MetadataMap::new();
         let code = match e {
             ApiError::InvalidArgument { field, .. } => {
@@ -83,7 +167,7 @@ impl From<ApiError> for Status {
             }
             ApiError::Internal(_) => Code::Internal,
         };
-        Status::with_metadata(code, message, md)
+        Status::with_error_details_and_metadata(code, message, details, md)
     }
 }
 
@@ -147,6 +231,10 @@ impl From<Rejection> for ApiError {
                 ApiError::invalid(field, format!("verification gate rule {rule}: {reason}"))
             }
             Rejection::Invalid { field, reason } => ApiError::invalid(field, reason),
+            Rejection::PolicyDiffers { namespace } => ApiError::AlreadyExists {
+                what: format!("namespace {namespace:?}"),
+                reason: "it has another memory policy; change it with SetNamespacePolicy".into(),
+            },
         }
     }
 }
@@ -166,5 +254,49 @@ pub fn code_name(code: Code) -> &'static str {
         Code::PermissionDenied => "permission_denied",
         Code::ResourceExhausted => "resource_exhausted",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::StatusExt;
+
+    #[test]
+    fn statuses_carry_standard_details() {
+        let s = Status::from(ApiError::invalid("memory.embedding", "has NaN at 3"));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        let d = s.get_error_details();
+        let v = &d.bad_request().expect("BadRequest").field_violations[0];
+        assert_eq!((v.field.as_str(), v.description.as_str()), ("memory.embedding", "has NaN at 3"));
+        let info = d.error_info().expect("ErrorInfo");
+        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("INVALID_ARGUMENT", ERROR_DOMAIN));
+        assert_eq!(info.metadata["outcome"], "not-applied");
+        assert_eq!(s.metadata().get(FIELD_HEADER).unwrap(), "memory.embedding");
+
+        let s = Status::from(ApiError::Timeout { reason: "slow".into() });
+        let d = s.get_error_details();
+        assert_eq!(d.error_info().unwrap().metadata["outcome"], "maybe-applied");
+        assert!(d.retry_info().unwrap().retry_delay.is_some());
+
+        let s = Status::from(ApiError::ResourceExhausted {
+            field: String::new(),
+            reason: "slow down".into(),
+            retry_after_ms: 2500,
+        });
+        assert_eq!(s.get_error_details().retry_info().unwrap().retry_delay, Some(Duration::from_millis(2500)));
+        assert_eq!(s.metadata().get(RETRY_AFTER_HEADER).unwrap(), "3");
+    }
+
+    #[test]
+    fn not_leader_reads_as_prose() {
+        let s = Status::from(ApiError::NotLeader { leader_id: Some(2), leader_addr: Some("10.0.0.2:7001".into()) });
+        assert_eq!(s.message(), "not the leader; the leader is node 2 at 10.0.0.2:7001");
+        let info = s.get_error_details().error_info().cloned().unwrap();
+        assert_eq!(info.metadata["leader_id"], "2");
+        assert_eq!(info.metadata["leader_addr"], "10.0.0.2:7001");
+        let s = Status::from(ApiError::NotLeader { leader_id: None, leader_addr: None });
+        assert_eq!(s.message(), "not the leader; no leader is known yet");
+        assert!(!s.message().contains("Some("));
     }
 }

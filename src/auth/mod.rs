@@ -191,6 +191,17 @@ impl Authorizer {
         })
     }
 
+    /// A test of `perm` on any namespace for this caller, resolving its roles once (for
+    /// listings that must leave out what the caller may not see).
+    pub fn permits(&self, caller: &Caller, perm: Permission) -> Result<impl Fn(&str) -> bool, ApiError> {
+        let roles = (caller.principal.is_some()).then(|| self.roles(caller, crate::memory::now_ms())).transpose()?;
+        let name = caller.name.clone();
+        Ok(move |namespace: &str| match &roles {
+            None => true,
+            Some(roles) => policy::authorize(roles, &name, perm, namespace).is_some(),
+        })
+    }
+
     /// Cluster administration needs `admin` on `*`.
     pub fn require_admin(&self, caller: &Caller) -> Result<(), ApiError> {
         if caller.principal.is_none() {

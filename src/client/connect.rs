@@ -51,6 +51,9 @@ pub struct ClientOptions {
     pub tls: Option<ClientTls>,
     /// An API key (`egk_…`) or a JWT, sent as `authorization: Bearer …`.
     pub credential: Option<String>,
+    /// Puts create an unknown namespace (cosine, default policy) on first write. Off: a put to
+    /// a namespace nobody created fails with NOT_FOUND, so a typo never makes a new one.
+    pub create_namespaces: bool,
 }
 
 /// Adds the credential to every request.

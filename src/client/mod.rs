@@ -191,6 +191,13 @@ impl Client {
         })
     }
 
+    /// The same client, but its puts create an unknown namespace on first write (see
+    /// [`ClientOptions::create_namespaces`]).
+    pub fn creating_namespaces(self) -> Client {
+        let options = ClientOptions { create_namespaces: true, ..self.inner.options.clone() };
+        Self::with_options(self.inner.endpoints.clone(), options).expect("the options were valid already")
+    }
+
     /// A client like this one (TLS, credential) pinned to `addr`, never redirected or retried.
     pub fn pinned_like(&self, addr: &str) -> Result<Client, ClientError> {
         let retry = RetryPolicy { max_attempts: 1, ..self.inner.options.retry };
@@ -333,6 +340,7 @@ impl Client {
             memory: Some(memory.into_pb()),
             precondition: precondition.into_pb(),
             options: Self::options(),
+            create_namespace: self.inner.options.create_namespaces,
         };
         self.call(|ch, t| {
             let r = req.clone();
@@ -354,6 +362,7 @@ impl Client {
                 .map(|(m, p)| pb::PutBatchItem { memory: Some(m.into_pb()), precondition: p.into_pb() })
                 .collect(),
             options: Self::options(),
+            create_namespace: self.inner.options.create_namespaces,
         };
         self.call(|ch, t| {
             let r = req.clone();

@@ -139,6 +139,10 @@ pub struct MemoryPolicy {
 pub const MAX_PATTERNS: usize = 32;
 pub const MAX_PATTERN_BYTES: usize = 512;
 pub const MAX_RULE_ENTRIES: usize = 256;
+/// Longest tag key or value a gate rule names.
+pub const MAX_RULE_BYTES: usize = 256;
+/// Largest `max_per_id_prefix`: `apply` counts a prefix's memories up to it.
+pub const MAX_PER_PREFIX_LIMIT: u64 = 100_000;
 /// Ids a merged memory remembers it absorbed (the newest).
 pub const MAX_PROVENANCE: usize = 32;
 
@@ -156,6 +160,12 @@ impl PolicyError {
 }
 
 impl MemoryPolicy {
+    /// Whether a put may rewrite a memory other than the ones it names (a merge into a twin).
+    pub fn may_merge(&self) -> bool {
+        (self.dedup != DedupMode::Off && self.dedup_merge)
+            || self.near_duplicate.as_ref().is_some_and(|n| n.action == NearAction::Merge)
+    }
+
     /// Checks the policy itself (before it is proposed, and again in `apply`).
     pub fn validate(&self, metric: Metric) -> Result<(), PolicyError> {
         if let Some(n) = &self.near_duplicate {
@@ -190,9 +200,29 @@ impl MemoryPolicy {
         let g = &self.gate;
         let entries = g.required_tags.len()
             + g.allowed_tag_keys.as_ref().map_or(0, Vec::len)
+            + g.allowed_tag_values.len()
             + g.allowed_tag_values.values().map(Vec::len).sum::<usize>();
         if entries > MAX_RULE_ENTRIES {
             return Err(PolicyError::new("policy.gate", format!("more than {MAX_RULE_ENTRIES} tag rules")));
+        }
+        let strings = g
+            .required_tags
+            .iter()
+            .chain(g.allowed_tag_keys.iter().flatten())
+            .chain(g.allowed_tag_values.iter().flat_map(|(k, vs)| std::iter::once(k).chain(vs)));
+        if strings.into_iter().any(|t| t.len() > MAX_RULE_BYTES) {
+            return Err(PolicyError::new("policy.gate", format!("a tag rule is longer than {MAX_RULE_BYTES} bytes")));
+        }
+        if let (Some(lo), Some(hi)) = (g.min_norm, g.max_norm) {
+            if lo > hi {
+                return Err(PolicyError::new("policy.gate.min_norm", "exceeds max_norm"));
+            }
+        }
+        if g.max_per_id_prefix.is_some_and(|m| m > MAX_PER_PREFIX_LIMIT) {
+            return Err(PolicyError::new(
+                "policy.gate.max_per_id_prefix",
+                format!("must be at most {MAX_PER_PREFIX_LIMIT} (apply counts up to it)"),
+            ));
         }
         if let (Some(lo), Some(hi)) = (g.min_text_bytes, g.max_text_bytes) {
             if lo > hi {
@@ -322,7 +352,14 @@ pub fn norm(v: &[f32]) -> f64 {
 /// the same bits: cosine similarity, inner product, or squared L2 distance.
 pub fn exact_score(metric: Metric, a: &[f32], b: &[f32]) -> f64 {
     match metric {
-        Metric::L2 => a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum(),
+        Metric::L2 => a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let d = *x as f64 - *y as f64;
+                d * d
+            })
+            .sum(),
         Metric::InnerProduct => a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum(),
         Metric::Cosine => {
             let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();

@@ -121,7 +121,12 @@ pub fn validate_input(prefix: &str, m: &MemoryInput, dimension: Option<u32>, lim
     Ok(())
 }
 
-/// Vectors are non-empty, finite, at most `max_dimension` long, and match the namespace.
+/// Largest magnitude of a vector element: squares of 4,096 of them still sum within f32, so
+/// the shards' f32 arithmetic never overflows to infinity or normalizes a vector to zeros.
+pub const MAX_ELEMENT: f32 = 1e12;
+
+/// Vectors are non-empty, finite, bounded by [`MAX_ELEMENT`], at most `max_dimension` long,
+/// and match the namespace.
 pub fn validate_embedding(field: &str, v: &[f32], dimension: Option<u32>, limits: &Limits) -> Result<(), ApiError> {
     if v.is_empty() {
         return Err(ApiError::invalid(field, "must not be empty"));
@@ -131,6 +136,9 @@ pub fn validate_embedding(field: &str, v: &[f32], dimension: Option<u32>, limits
     }
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         return Err(ApiError::invalid(field, format!("element {i} is not finite (NaN or Inf)")));
+    }
+    if let Some(i) = v.iter().position(|x| x.abs() > MAX_ELEMENT) {
+        return Err(ApiError::invalid(field, format!("element {i} exceeds {MAX_ELEMENT:e} in magnitude")));
     }
     if let Some(d) = dimension {
         if v.len() != d as usize {
@@ -143,6 +151,14 @@ pub fn validate_embedding(field: &str, v: &[f32], dimension: Option<u32>, limits
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_elements_are_refused() {
+        let l = Limits::default();
+        assert!(validate_embedding("e", &[1e12, -1e12], None, &l).is_ok());
+        let e = validate_embedding("e", &[0.0, 2e19], None, &l).unwrap_err();
+        assert!(e.to_string().contains("element 1"), "{e}");
+    }
 
     #[test]
     fn namespaces() {

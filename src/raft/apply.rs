@@ -103,7 +103,10 @@ fn run(
             create_namespace(txn, cmd.now_ms, namespace, (*dimension, *metric, *ivf_min_vectors), Some(policy), ops)?
         }
         Op::Put { namespace, items, ivf_min_vectors } => {
-            put(txn, ctx, *ivf_min_vectors, namespace, items, access, ops)?
+            put(txn, ctx, Some(*ivf_min_vectors), namespace, items, access, ops)?
+        }
+        Op::PutChecked { namespace, items, create, ivf_min_vectors } => {
+            put(txn, ctx, create.then_some(*ivf_min_vectors), namespace, items, access, ops)?
         }
         Op::Delete { namespace, id, precondition } => match load_namespace(txn, namespace)? {
             None => missing(namespace),
@@ -144,7 +147,7 @@ fn run(
         Op::Retire { namespace, items, archived } => match load_namespace(txn, namespace)? {
             None => missing(namespace),
             Some(mut info) => {
-                let out = apply_memory::retire(txn, &mut info, items, *archived, ops)?;
+                let out = apply_memory::retire(txn, ctx, &mut info, items, *archived, ops)?;
                 reconsider_index(&mut info, ops);
                 store_namespace(txn, &info)?;
                 out
@@ -172,8 +175,12 @@ fn run(
 /// no entry: one missing from the index files is rebuilt anyway.)
 pub(crate) fn touched(cmd: &Command, changes: &mut crate::vector::Changes) {
     match &cmd.op {
-        Op::Put { namespace, items, .. } => {
+        Op::Put { namespace, items, .. } | Op::PutChecked { namespace, items, .. } => {
             changes.memories.extend(items.iter().map(|(m, _)| (namespace.clone(), m.id.clone())));
+            changes.puts.insert(namespace.clone());
+        }
+        Op::SetPolicy { namespace, .. } | Op::DefineNamespace { namespace, .. } => {
+            changes.policies.insert(namespace.clone());
         }
         Op::Delete { namespace, id, .. } => {
             changes.memories.insert((namespace.clone(), id.clone()));
@@ -193,8 +200,6 @@ pub(crate) fn touched(cmd: &Command, changes: &mut crate::vector::Changes) {
             }
         }
         Op::CreateNamespace { .. }
-        | Op::DefineNamespace { .. }
-        | Op::SetPolicy { .. }
         | Op::Reinforce { .. }
         | Op::SetClusterId { .. }
         | Op::CreateKey { .. }
@@ -269,6 +274,11 @@ fn create_namespace(
 ) -> Result<Outcome, StorageError> {
     if let Some(info) = load_namespace(txn, namespace)? {
         if info.dimension == dimension && info.metric == metric {
+            if let Some(p) = policy {
+                if &crate::storage::index::policy(&txn.open_table(crate::storage::NS_POLICY)?, namespace)? != p {
+                    return Ok(Outcome::Rejected(Rejection::PolicyDiffers { namespace: namespace.into() }));
+                }
+            }
             return Ok(Outcome::NamespaceCreated(info));
         }
         return Ok(Outcome::Rejected(Rejection::NamespaceExists {
@@ -301,13 +311,18 @@ fn create_namespace(
 fn put(
     txn: &WriteTransaction,
     ctx: &Ctx,
-    ivf_min_vectors: u64,
+    create: Option<u64>,
     namespace: &str,
     items: &[(MemoryInput, Precondition)],
     access: &Access,
     ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
     let existing_ns = load_namespace(txn, namespace)?;
+    let ivf_min_vectors = match (&existing_ns, create) {
+        (Some(info), _) => info.ivf_min_vectors,
+        (None, Some(ivf)) => ivf,
+        (None, None) => return Ok(Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() })),
+    };
     if existing_ns.is_none() {
         if let Some(r) = namespace_quota(txn, namespace)? {
             return Ok(Outcome::Rejected(r));

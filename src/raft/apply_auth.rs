@@ -63,7 +63,9 @@ pub(crate) fn authorize(who: &Who, op: &Op) -> Result<Access, Rejection> {
         Access::Tagged(_) => Err(denied("namespace", perm)),
     };
     match op {
-        Op::CreateNamespace { namespace, .. } | Op::Put { namespace, .. } => on(Permission::Write, namespace),
+        Op::CreateNamespace { namespace, .. } | Op::Put { namespace, .. } | Op::PutChecked { namespace, .. } => {
+            on(Permission::Write, namespace)
+        }
         // A policy governs everyone's memories in the namespace: admin on all of it.
         Op::DefineNamespace { namespace, .. } | Op::SetPolicy { namespace, .. } => {
             full(on(Permission::Admin, namespace)?, Permission::Admin)
@@ -164,6 +166,7 @@ pub(crate) fn apply_admin(txn: &WriteTransaction, now_ms: u64, op: &Op) -> Resul
         }
         Op::CreateNamespace { .. }
         | Op::Put { .. }
+        | Op::PutChecked { .. }
         | Op::Delete { .. }
         | Op::DeleteNamespace { .. }
         | Op::SetClusterId { .. }

@@ -31,8 +31,22 @@ pub(crate) struct Ctx<'a> {
     pub vectors: &'a VectorStore,
 }
 
-/// Near-duplicate candidates taken from the shard before exact re-scoring.
+/// Near-duplicate candidates first asked of the shard; doubled while the last one could still
+/// be a twin, up to [`NEAR_CANDIDATES_MAX`], past which the namespace is scanned from the state.
 const NEAR_CANDIDATES: usize = 16;
+const NEAR_CANDIDATES_MAX: usize = 4096;
+/// How far an f32 shard score may stray from the exact f64 score (cosine and inner product on
+/// the scale of the threshold; L2 relative). Candidates are taken this much past the threshold.
+const NEAR_SCORE_SLACK: f64 = 1e-3;
+
+/// Whether a shard score may belong to a twin, allowing for the shard's f32 arithmetic.
+fn may_be_twin(metric: Metric, shard_score: f32, threshold: f32) -> bool {
+    let (s, t) = (shard_score as f64, threshold as f64);
+    match metric {
+        Metric::L2 => s <= t + NEAR_SCORE_SLACK * t.abs().max(1.0),
+        Metric::Cosine | Metric::InnerProduct => s >= t - NEAR_SCORE_SLACK * t.abs().max(1.0),
+    }
+}
 
 fn label(ns: &str) -> String {
     crate::http::namespace_label(ns)
@@ -97,25 +111,8 @@ pub(crate) fn put(
             plan(&mut results, &mut writes, &mut overlay, ctx, record, PutAction::Updated);
             continue;
         }
-        // A new memory: the id-prefix rule, then exact and near duplicates.
-        if let (Some(max), Some(prefix)) =
-            (policy.gate.max_per_id_prefix, policy::id_prefix(&policy.gate, &m.id).map(str::to_string))
-        {
-            let n = match prefix_counts.get(&prefix) {
-                Some(n) => *n,
-                None => tables.count_prefix(&ns, &prefix, max.saturating_add(1))?,
-            };
-            if n >= max {
-                metrics::counter!("engram_memory_refusals_total", "namespace" => label(&ns), "rule" => "max_per_id_prefix")
-                    .increment(1);
-                return Ok(Err(Rejection::GateRefused {
-                    field: format!("items[{i}].memory.id"),
-                    rule: "max_per_id_prefix".into(),
-                    reason: format!("{n} memories already have the prefix {prefix:?} (limit {max})"),
-                }));
-            }
-            prefix_counts.insert(prefix, n + 1);
-        }
+        // A new memory: exact and near duplicates, then (for one that will exist) the id-prefix
+        // rule.
         if policy.dedup != DedupMode::Off {
             if let Some(twin) = exact_twin(&tables, &overlay, &record, policy.dedup, access, ctx.now_ms)? {
                 metrics::counter!("engram_memory_dedup_hits_total", "namespace" => label(&ns)).increment(1);
@@ -159,12 +156,18 @@ pub(crate) fn put(
                         continue;
                     }
                     NearAction::Link => {
+                        if let Some(r) = prefix_room(&tables, &ns, &policy.gate, &m.id, i, &mut prefix_counts)? {
+                            return Ok(Err(r));
+                        }
                         record.linked_to = Some(twin.id.clone());
                         plan(&mut results, &mut writes, &mut overlay, ctx, record, PutAction::Linked { twin: twin.id });
                         continue;
                     }
                 }
             }
+        }
+        if let Some(r) = prefix_room(&tables, &ns, &policy.gate, &m.id, i, &mut prefix_counts)? {
+            return Ok(Err(r));
         }
         plan(&mut results, &mut writes, &mut overlay, ctx, record, PutAction::Created);
     }
@@ -379,11 +382,28 @@ fn near_twin(
             Access::Full => Filter::default(),
             Access::Tagged(scope) => Filter { scope: Some(scope.iter().cloned().collect()), ..Filter::default() },
         };
-        let hits = ctx
-            .vectors
-            .search(ns, &record.embedding, NEAR_CANDIDATES, &filter, SearchParams::EXHAUSTIVE, ctx.now_ms)
-            .map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?;
-        ids.extend(hits.unwrap_or_default().into_iter().map(|(id, _)| id));
+        // Every memory that could be a twin, whatever order this node's shard keeps vectors
+        // in: keep asking for more while the last hit could still pass the threshold, so ties
+        // and near-ties are never cut off at an arbitrary k.
+        let mut k = NEAR_CANDIDATES;
+        loop {
+            let hits = ctx
+                .vectors
+                .search(ns, &record.embedding, k, &filter, SearchParams::EXHAUSTIVE, ctx.now_ms)
+                .map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?
+                .unwrap_or_default();
+            let complete = hits.len() < k || hits.last().is_none_or(|(_, s)| !may_be_twin(info.metric, *s, threshold));
+            if complete {
+                ids.extend(hits.into_iter().map(|(id, _)| id));
+                break;
+            }
+            if k >= NEAR_CANDIDATES_MAX {
+                // Thousands of near-identical memories: score them all, from the state.
+                ids.extend(tables.ids(ns)?);
+                break;
+            }
+            k *= 2;
+        }
     }
     for op in ops {
         if let VectorOp::Upsert { memory, .. } = op {
@@ -419,6 +439,36 @@ fn near_twin(
         }
     }
     Ok(best)
+}
+
+/// The gate's `max_per_id_prefix` for a memory about to be created as item `i`: refused when
+/// its prefix is full, else counted in `counts` (the put's own earlier creations).
+fn prefix_room(
+    tables: &MemoryTables,
+    ns: &str,
+    gate: &policy::Gate,
+    id: &str,
+    i: usize,
+    counts: &mut HashMap<String, u64>,
+) -> Result<Option<Rejection>, StorageError> {
+    let (Some(max), Some(prefix)) = (gate.max_per_id_prefix, policy::id_prefix(gate, id).map(str::to_string)) else {
+        return Ok(None);
+    };
+    let n = match counts.get(&prefix) {
+        Some(n) => *n,
+        None => tables.count_prefix(ns, &prefix, max.saturating_add(1))?,
+    };
+    if n >= max {
+        metrics::counter!("engram_memory_refusals_total", "namespace" => label(ns), "rule" => "max_per_id_prefix")
+            .increment(1);
+        return Ok(Some(Rejection::GateRefused {
+            field: format!("items[{i}].memory.id"),
+            rule: "max_per_id_prefix".into(),
+            reason: format!("the prefix {prefix:?} is at its limit of {max} memories"),
+        }));
+    }
+    counts.insert(prefix, n + 1);
+    Ok(None)
 }
 
 /// Tenant quotas against the namespace as the plan would leave it.
@@ -555,15 +605,23 @@ pub(crate) fn purge(
 /// Deletes the listed versions (retention archive): a memory written since stays.
 pub(crate) fn retire(
     txn: &WriteTransaction,
+    ctx: &Ctx,
     info: &mut NamespaceInfo,
     items: &[(String, u64)],
     archived: bool,
     ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
+    // The rule as it stands at this entry, not as the leader saw it when it planned: a rule
+    // removed, lengthened or switched from archiving since retires nothing it no longer covers.
+    let policy = index::policy(&txn.open_table(NS_POLICY)?, &info.name)?;
+    let Some(rule) = policy.retention.filter(|r| r.archive == archived) else {
+        return Ok(Outcome::Retired { deleted: 0 });
+    };
+    let cutoff = ctx.now_ms.saturating_sub(rule.max_age_ms);
     let mut tables = MemoryTables::open(txn)?;
     let mut deleted = 0u64;
     for (id, rev) in items {
-        if tables.get(&info.name, id)?.is_some_and(|m| m.revision == *rev) {
+        if tables.get(&info.name, id)?.is_some_and(|m| m.revision == *rev && m.created_at_ms < cutoff) {
             remove(&mut tables, info, id, ops)?;
             deleted += 1;
         }

@@ -16,7 +16,7 @@
 
 use thiserror::Error;
 
-use super::types::{Entry, LogId, NodeId, SnapshotMeta, TypeConfig, Vote};
+use super::types::{Command, Entry, LogId, NodeId, SnapshotMeta, TypeConfig, Vote};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, VoteRequest, VoteResponse,
 };
@@ -78,6 +78,19 @@ fn log_id(l: &LogId, ceiling: Option<&Leader>) -> Result<(), GuardError> {
 
 fn opt_log_id(l: Option<&LogId>, ceiling: Option<&Leader>) -> Result<(), GuardError> {
     l.map_or(Ok(()), |l| log_id(l, ceiling))
+}
+
+/// A client write forwarded by a follower: it must name the client it came from (on a node
+/// with certificates every client has a principal, and `apply` authorizes it again), and be
+/// an op a client may ask for.
+pub fn forwarded(cmd: &Command, authenticated: bool) -> Result<(), GuardError> {
+    if authenticated && cmd.principal.is_none() {
+        return Err(GuardError::Shape("a forwarded write names no principal".into()));
+    }
+    if cmd.op.node_only() {
+        return Err(GuardError::Shape("a node-only op cannot be forwarded".into()));
+    }
+    Ok(())
 }
 
 pub fn vote_request(req: &VoteRequest<TypeConfig>, sender: Option<NodeId>) -> Result<(), GuardError> {

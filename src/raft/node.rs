@@ -22,6 +22,35 @@ use crate::proto::raft_service_client::RaftServiceClient;
 use crate::proto::ReadIndexRequest;
 use crate::transport::NodeTls;
 
+/// How long a follower waits for the leader's answer to a forwarded write when the client
+/// set no deadline.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Proposes `cmd` on this node's Raft and waits until it is applied here.
+pub(crate) async fn write(raft: &Raft, cmd: Command) -> Result<CommandResult, ApiError> {
+    match raft.client_write(cmd).await {
+        Ok(resp) => Ok(resp.data),
+        Err(e) => Err(write_error(e)),
+    }
+}
+
+fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ApiError {
+    match e {
+        // Rejected before the entry was appended: definitely not applied.
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ApiError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.api_addr) }
+        }
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => ApiError::Unavailable {
+            reason: match f.leader_id {
+                Some(id) => format!("leadership moved to node {id} while the write was in flight"),
+                None => "leadership changed while the write was in flight".into(),
+            },
+        },
+        RaftError::APIError(other) => ApiError::Unavailable { reason: other.to_string() },
+        RaftError::Fatal(f) => ApiError::Internal(format!("raft stopped: {f}")),
+    }
+}
+
 /// How a read is made consistent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadConsistency {
@@ -82,24 +111,62 @@ impl RaftNode {
 
     /// Proposes a command and waits until it is committed and applied here.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, ApiError> {
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data),
-            Err(e) => Err(self.map_write_error(e)),
-        }
+        write(&self.raft, cmd).await
     }
 
-    fn map_write_error(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> ApiError {
-        match e {
-            // Rejected before the entry was appended: definitely not applied.
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                ApiError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.api_addr) }
-            }
-            RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => ApiError::Unavailable {
-                reason: format!("leadership changed while the write was in flight (new leader: {:?})", f.leader_id),
-            },
-            RaftError::APIError(other) => ApiError::Unavailable { reason: other.to_string() },
-            RaftError::Fatal(f) => ApiError::Internal(format!("raft stopped: {f}")),
+    /// Proposes a client's command: here on the leader; on a follower, sent to the leader
+    /// (one hop: the leader proposes it or refuses, never forwards again) and answered with the
+    /// leader's result. `deadline` is the client's; without one the forward gives up after
+    /// [`FORWARD_TIMEOUT`]. The leader stamps its own clock into the command.
+    pub async fn propose(
+        &self,
+        cmd: Command,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<CommandResult, ApiError> {
+        let leader = match self.leader() {
+            Some((id, _)) if id == self.id => return self.write(cmd).await,
+            Some((id, Some(node))) => (id, node),
+            _ => return Err(self.not_leader()),
+        };
+        let res = self.forward(leader, cmd, deadline).await;
+        let result = match &res {
+            Ok(_) => "ok",
+            Err(ApiError::NotLeader { .. }) => "not_leader",
+            Err(_) => "failed",
+        };
+        metrics::counter!("engram_forwarded_writes_total", "result" => result).increment(1);
+        res
+    }
+
+    async fn forward(
+        &self,
+        (leader_id, leader): (NodeId, EngramNode),
+        cmd: Command,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<CommandResult, ApiError> {
+        let timeout = match deadline {
+            Some(d) => d.saturating_duration_since(tokio::time::Instant::now()),
+            None => FORWARD_TIMEOUT,
+        };
+        if timeout.is_zero() {
+            return Err(ApiError::Timeout { reason: "the deadline passed before the write reached the leader".into() });
         }
+        let mut client = self
+            .peer(leader_id, &leader.raft_addr)
+            .map_err(|e| ApiError::Unavailable { reason: format!("cannot reach the leader, node {leader_id}: {e}") })?;
+        let mut req = super::network::addressed(super::network::encode(&cmd), leader_id);
+        req.set_timeout(timeout);
+        let resp = client.forward_write(req).await.map_err(|s| match s.code() {
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => ApiError::Timeout {
+                reason: format!("the leader, node {leader_id}, did not answer the forwarded write in time"),
+            },
+            _ => ApiError::Unavailable {
+                reason: format!("forwarding the write to the leader, node {leader_id}, failed: {}", s.message()),
+            },
+        })?;
+        decode::<Result<CommandResult, ApiError>>(resp.get_ref()).map_err(|e| {
+            ApiError::Internal(format!("the leader, node {leader_id}, answered the forwarded write with garbage: {e}"))
+        })?
     }
 
     /// Waits until a read at `consistency` may be served from the local state machine.
@@ -175,12 +242,12 @@ impl RaftNode {
     }
 
     pub async fn add_learner(&self, id: NodeId, node: EngramNode, blocking: bool) -> Result<u64, ApiError> {
-        self.raft.add_learner(id, node, blocking).await.map(|r| r.log_id.index).map_err(|e| self.map_write_error(e))
+        self.raft.add_learner(id, node, blocking).await.map(|r| r.log_id.index).map_err(write_error)
     }
 
     /// Replaces the voter set; `retain` keeps removed voters as learners.
     pub async fn change_voters(&self, voters: BTreeSet<NodeId>, retain: bool) -> Result<u64, ApiError> {
-        self.raft.change_membership(voters, retain).await.map(|r| r.log_id.index).map_err(|e| self.map_write_error(e))
+        self.raft.change_membership(voters, retain).await.map(|r| r.log_id.index).map_err(write_error)
     }
 
     /// Removes nodes entirely (voters and learners).
@@ -196,7 +263,7 @@ impl RaftNode {
                 .change_membership(ChangeMembers::RemoveVoters(voters), false)
                 .await
                 .map(|r| r.log_id.index)
-                .map_err(|e| self.map_write_error(e))?;
+                .map_err(write_error)?;
         }
         if !learners.is_empty() {
             last = self
@@ -204,7 +271,7 @@ impl RaftNode {
                 .change_membership(ChangeMembers::RemoveNodes(learners), false)
                 .await
                 .map(|r| r.log_id.index)
-                .map_err(|e| self.map_write_error(e))?;
+                .map_err(write_error)?;
         }
         Ok(last)
     }

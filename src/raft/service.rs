@@ -13,7 +13,7 @@ use super::guard;
 use super::network::{decode, encode, TARGET_NODE_HEADER};
 use super::snapshot::{SnapshotData, SnapshotFiles};
 use super::state_machine::Snapshot;
-use super::types::{NodeId, Raft, SnapshotMeta, TypeConfig, Vote};
+use super::types::{Command, NodeId, Raft, SnapshotMeta, TypeConfig, Vote};
 use crate::proto::raft_service_server::RaftService;
 use crate::proto::{RaftPayload, ReadIndexRequest, SnapshotChunk};
 use openraft::raft::TransferLeaderRequest;
@@ -188,6 +188,19 @@ impl RaftService for PeerService {
             let _ = tokio::fs::remove_file(&path).await;
         }
         Ok(Response::new(encode(&resp.map_err(fatal)?)))
+    }
+
+    /// A follower's client write. Proposed here only while this node leads: a node that is no
+    /// longer leader answers `NotLeader` with its hint rather than forwarding again. The
+    /// command gets this node's clock, as if its client had called here.
+    async fn forward_write(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.sender(&req)?;
+        let mut cmd: Command =
+            decode(req.get_ref()).map_err(|e| Status::invalid_argument(format!("undecodable forwarded write: {e}")))?;
+        guard::forwarded(&cmd, self.authenticated).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        cmd.now_ms = crate::memory::now_ms();
+        let res = super::node::write(&self.raft, cmd).await;
+        Ok(Response::new(encode(&res)))
     }
 
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<RaftPayload>, Status> {

@@ -174,6 +174,15 @@ pub enum Op {
         namespace: String,
         hits: Vec<(String, u32)>,
     },
+    /// `Put` that refuses an unknown namespace (`NamespaceNotFound`) unless `create` is set:
+    /// then it creates it as `Put` does (cosine, default policy, the leader's
+    /// `ivf_min_vectors`). What the API proposes; `Put` stays for entries already in logs.
+    PutChecked {
+        namespace: String,
+        items: Vec<(MemoryInput, Precondition)>,
+        create: bool,
+        ivf_min_vectors: u64,
+    },
 }
 
 /// One consolidation group: the keeper and the memories it absorbs, each at the revision the
@@ -190,6 +199,7 @@ impl Op {
         match self {
             Op::CreateNamespace { namespace, .. }
             | Op::Put { namespace, .. }
+            | Op::PutChecked { namespace, .. }
             | Op::Delete { namespace, .. }
             | Op::DeleteNamespace { namespace }
             | Op::DefineNamespace { namespace, .. }
@@ -208,6 +218,19 @@ impl Op {
             | Op::RevokeGrant { .. }
             | Op::SetQuota { .. } => None,
         }
+    }
+
+    /// Ops only a node proposes on its own behalf, never on a client's: a forwarded write
+    /// carrying one is refused (see `guard::forwarded`).
+    pub fn node_only(&self) -> bool {
+        matches!(
+            self,
+            Op::SetClusterId { .. }
+                | Op::BootstrapRootKey { .. }
+                | Op::Purge { .. }
+                | Op::Retire { .. }
+                | Op::Reinforce { .. }
+        )
     }
 
     /// Whether applying it may change keys, roles or quotas (auth caches reload after).
@@ -376,13 +399,19 @@ pub enum Rejection {
         field: String,
         reason: String,
     },
+    /// A namespace created with a policy exists already with another one.
+    PolicyDiffers {
+        namespace: String,
+    },
 }
 
 impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.op {
             Op::CreateNamespace { namespace, .. } => write!(f, "create-namespace {namespace}"),
-            Op::Put { namespace, items, .. } => write!(f, "put {namespace} x{}", items.len()),
+            Op::Put { namespace, items, .. } | Op::PutChecked { namespace, items, .. } => {
+                write!(f, "put {namespace} x{}", items.len())
+            }
             Op::Delete { namespace, id, .. } => write!(f, "delete {namespace}/{id}"),
             Op::DeleteNamespace { namespace } => write!(f, "delete-namespace {namespace}"),
             Op::SetClusterId { cluster_id } => write!(f, "set-cluster-id {}", uuid::Uuid::from_bytes(*cluster_id)),

@@ -108,6 +108,18 @@ impl<'t> MemoryTables<'t> {
     }
 
     /// How many memories of `ns` have ids starting with `prefix`, counting at most `cap`.
+    /// Every memory id of a namespace, in id order.
+    pub fn ids(&self, ns: &str) -> Result<Vec<String>, StorageError> {
+        let (lo, hi) = super::namespace_range(ns);
+        let mut out = Vec::new();
+        for item in self.memories.range(lo.as_slice()..hi.as_slice())? {
+            let (k, _) = item?;
+            let id = &k.value()[ns.len() + 1..];
+            out.push(String::from_utf8_lossy(id).into_owned());
+        }
+        Ok(out)
+    }
+
     pub fn count_prefix(&self, ns: &str, prefix: &str, cap: u64) -> Result<u64, StorageError> {
         let lo = memory_key(ns, prefix);
         let mut hi = memory_key(ns, prefix);

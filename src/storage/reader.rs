@@ -51,6 +51,40 @@ impl StateReader {
         Ok(out)
     }
 
+    /// Up to `limit` namespaces after `after` whose names start with `prefix` and pass `keep`,
+    /// in name order; whether more may follow; the applied index — in one cut.
+    pub fn namespaces_page(
+        &self,
+        after: Option<&str>,
+        prefix: &str,
+        limit: usize,
+        mut keep: impl FnMut(&str) -> bool,
+    ) -> Result<(Vec<NamespaceInfo>, bool, u64), StorageError> {
+        use std::ops::Bound;
+        let txn = self.db.begin_read()?;
+        let applied = Self::applied(&txn)?;
+        let table = txn.open_table(NAMESPACES)?;
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        let mut out = Vec::new();
+        for item in table.range::<&str>((start, Bound::Unbounded))? {
+            let (k, v) = item?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            if !keep(k.value()) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true, applied));
+            }
+            out.push(codec::decode("namespaces", v.value())?);
+        }
+        Ok((out, false, applied))
+    }
+
     /// The namespace (if any), the memory (if any) and the applied index, in one cut.
     pub fn get(&self, ns: &str, id: &str) -> Result<(Option<NamespaceInfo>, Option<Memory>, u64), StorageError> {
         let txn = self.db.begin_read()?;

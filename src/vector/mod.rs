@@ -116,9 +116,11 @@ pub fn rank(metric: Metric, hits: &mut Vec<Hit>, k: usize) {
 
 /// Scales `v` to unit length in place (cosine = inner product of unit vectors).
 pub fn normalize(v: &mut [f32]) {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    // In f64: the norm of any finite f32 vector is finite there, so nothing overflows to a
+    // zero vector.
+    let norm = v.iter().map(|x| *x as f64 * *x as f64).sum::<f64>().sqrt();
     if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
+        v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
     }
 }
 

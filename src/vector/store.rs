@@ -69,6 +69,10 @@ impl Default for VectorOptions {
 pub struct Changes {
     pub memories: BTreeSet<(String, String)>,
     pub namespaces: BTreeSet<String>,
+    /// Namespaces with puts: under a merging policy a put rewrites a twin it does not name.
+    pub puts: BTreeSet<String>,
+    /// Namespaces whose policy changed.
+    pub policies: BTreeSet<String>,
 }
 
 /// How [`VectorStore::open`] got each namespace.
@@ -319,9 +323,14 @@ impl VectorStore {
         let mut map = HashMap::new();
         for info in &namespaces {
             let ns = info.name.as_str();
+            // A merge rewrote memories the log entries do not name: catching up by id would
+            // leave them stale.
+            let merged =
+                changed.puts.contains(ns) && (changed.policies.contains(ns) || self.reader.policy(ns)?.may_merge());
             let loaded = match &manifest {
                 Err(e) => Err(e.clone()),
                 Ok(_) if changed.namespaces.contains(ns) => Err("namespace re-created or dropped since".into()),
+                Ok(_) if merged => Err("puts since may have merged into memories they do not name".into()),
                 Ok(m) => match m.shards.get(ns) {
                     None => Err("no index file".into()),
                     Some(files) => {

@@ -91,6 +91,8 @@ impl TestCluster {
             retry: RetryPolicy { max_attempts: 60, timeout: Duration::from_secs(5), ..Default::default() },
             tls: self.secure.as_ref().map(|s| s.client_tls()),
             credential,
+            // Most tests write to namespaces they never created.
+            create_namespaces: true,
         }
     }
 

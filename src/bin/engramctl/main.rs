@@ -214,6 +214,9 @@ enum MemoryCmd {
         /// Only if at this revision.
         #[arg(long)]
         if_revision: Option<u64>,
+        /// Create the namespace (cosine) if it does not exist, instead of failing NOT_FOUND.
+        #[arg(long)]
+        create_namespace: bool,
     },
     Get {
         namespace: String,
@@ -453,7 +456,18 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let r = client.delete_namespace(&namespace).await?;
             println!("deleted namespace {namespace} and {} memories", r.deleted_memories);
         }
-        Cmd::Memory(MemoryCmd::Put { namespace, id, text, embedding, tags, importance, if_absent, if_revision }) => {
+        Cmd::Memory(MemoryCmd::Put {
+            namespace,
+            id,
+            text,
+            embedding,
+            tags,
+            importance,
+            if_absent,
+            if_revision,
+            create_namespace,
+        }) => {
+            let client = if create_namespace { client.creating_namespaces() } else { client };
             let tags = parse_tags(&tags)?;
             let memory = NewMemory { id, text, embedding, tags, importance, expires_at_ms: None };
             let pre = match (if_absent, if_revision) {
