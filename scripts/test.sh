@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 cargo test --workspace --locked "$@"
+# The Python SDK against clusters of the built binaries (sdk/python/tests).
+bash scripts/test-python.sh
 # The `gpu` feature needs CUDA FAISS to link, which CI machines lack; make sure it compiles.
 # (scripts/gpu/selftest.sh runs it on a GPU machine.)
 cargo check --locked --lib --no-default-features --features gpu
