@@ -9,6 +9,9 @@ source scripts/setup.sh
 cargo test --workspace --locked "$@"
 # The Python SDK against clusters of the built binaries (sdk/python/tests).
 bash scripts/test-python.sh
+# Operator tooling against a live node: promtool on the rules and /metrics, /status, the
+# systemd unit, example configs, completions and man pages.
+bash scripts/test-ops.sh
 # The `gpu` feature needs CUDA FAISS to link, which CI machines lack; make sure it compiles.
 # (scripts/gpu/selftest.sh runs it on a GPU machine.)
 cargo check --locked --lib --no-default-features --features gpu

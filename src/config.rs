@@ -52,12 +52,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ServerError;
 
 /// Flags and file fields. Everything is optional here; [`NodeArgs::resolve`] fills defaults.
-#[derive(Debug, Clone, Default, Parser, Deserialize)]
+#[derive(Debug, Clone, Default, Parser, Deserialize, Serialize)]
 #[command(name = "engram", version, about = "Engram node: a Raft-replicated memory store for AI agents")]
 #[serde(deny_unknown_fields)]
 pub struct NodeArgs {
@@ -229,7 +229,7 @@ pub struct NodeArgs {
     pub unsafe_stale_reads: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -238,7 +238,7 @@ pub enum LogFormat {
 }
 
 /// A complete, validated node configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub node_id: u64,
     pub data_dir: PathBuf,
@@ -279,6 +279,7 @@ pub struct Config {
     pub max_snapshot_bytes: u64,
     pub metrics_namespaces: Vec<String>,
     /// Test-only canary: reads skip the read index (only with the `canary` feature).
+    #[serde(skip)]
     pub unsafe_stale_reads: bool,
 }
 
@@ -325,18 +326,89 @@ macro_rules! pick {
     };
 }
 
+/// One setting of [`explain`]: its effective value and where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Setting {
+    pub name: String,
+    /// `null`: unset (the feature is off).
+    pub value: serde_json::Value,
+    /// `flag`, `env`, `file` or `default`.
+    pub source: &'static str,
+}
+
+/// The effective configuration of a node started with `args` (flags, `ENGRAM_*` env, the
+/// TOML file they name), validated, with each setting's source — what `engramctl config show`
+/// prints. Nothing here is secret: key material lives in files, named by path; the
+/// `ENGRAM_BACKUP_KEY` variable is reported only as set.
+pub fn explain<I, T>(args: I) -> Result<(Config, Vec<Setting>), ServerError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::parser::ValueSource;
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = NodeArgs::command()
+        .no_binary_name(true)
+        .try_get_matches_from(args)
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    let cli = NodeArgs::from_arg_matches(&matches).map_err(|e| ServerError::Config(e.to_string()))?;
+    let file = cli.file()?;
+    let config = cli.clone().resolve()?;
+    let (cli_v, file_v, config_v) = (to_json(&cli), to_json(&file), to_json(&config));
+    let mut out = Vec::new();
+    if let Some(path) = &cli.config {
+        let source = if matches.value_source("config") == Some(ValueSource::EnvVariable) { "env" } else { "flag" };
+        out.push(Setting { name: "config".into(), value: path.display().to_string().into(), source });
+    }
+    for (name, v) in cli_v.as_object().into_iter().flatten() {
+        let set = |v: &serde_json::Value| !v.is_null() && v != &serde_json::Value::Bool(false);
+        let (value, source) = match matches.value_source(name) {
+            Some(ValueSource::CommandLine) => (v.clone(), "flag"),
+            Some(ValueSource::EnvVariable) => (v.clone(), "env"),
+            _ if set(&file_v[name]) => (file_v[name].clone(), "file"),
+            _ => (default_of(name, &config_v), "default"),
+        };
+        out.push(Setting { name: name.clone(), value, source });
+    }
+    if std::env::var_os("ENGRAM_BACKUP_KEY").is_some() {
+        out.push(Setting { name: "backup_key".into(), value: "(set, redacted)".into(), source: "env" });
+    }
+    Ok((config, out))
+}
+
+/// A setting's value when nothing set it: the resolved config's, by the same name (or inside
+/// `rates`), else unset.
+fn default_of(name: &str, config: &serde_json::Value) -> serde_json::Value {
+    if let Some(v) = config.get(name) {
+        return v.clone();
+    }
+    if let Some(rate) = name.strip_prefix("rate_limit_") {
+        return config["rates"][rate].clone();
+    }
+    serde_json::Value::Null
+}
+
+fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
 impl NodeArgs {
-    /// Merges flags over the TOML file (if any) over defaults, then validates.
-    pub fn resolve(self) -> Result<Config, ServerError> {
-        let file = match &self.config {
+    /// The TOML file `--config` names, parsed (empty without one).
+    fn file(&self) -> Result<NodeArgs, ServerError> {
+        match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ServerError::Config(format!("reading {}: {e}", path.display())))?;
                 toml::from_str::<NodeArgs>(&text)
-                    .map_err(|e| ServerError::Config(format!("parsing {}: {e}", path.display())))?
+                    .map_err(|e| ServerError::Config(format!("parsing {}: {e}", path.display())))
             }
-            None => NodeArgs::default(),
-        };
+            None => Ok(NodeArgs::default()),
+        }
+    }
+
+    /// Merges flags over the TOML file (if any) over defaults, then validates.
+    pub fn resolve(self) -> Result<Config, ServerError> {
+        let file = self.file()?;
         let cli = self;
         let node_id = cli
             .node_id

@@ -1,5 +1,6 @@
 //! The HTTP side door: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`
-//! (ready = this node knows a leader and has applied at least one entry of its term).
+//! (ready = this node knows a leader and has applied at least one entry of its term), and
+//! `/status`: per-subsystem health as JSON (see [`status`]).
 
 use std::sync::OnceLock;
 
@@ -44,20 +45,235 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder may already be installed (embedding); then ours only renders.
         let _ = metrics::set_global_recorder(recorder);
+        describe();
         handle
     })
 }
 
-pub fn router(node: RaftNode) -> Router {
-    Router::new()
-        .route("/metrics", get(|| async { prometheus().render() }))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(node)
+/// Help text for every metric (Prometheus `# HELP`).
+fn describe() {
+    metrics::describe_histogram!("engram_api_request_duration_seconds", "Client RPC latency, by method.");
+    metrics::describe_counter!("engram_api_requests_total", "Client RPCs, by method and outcome code.");
+    metrics::describe_counter!("engram_audit_events_total", "Audit-trail events written, by kind.");
+    metrics::describe_gauge!("engram_backup_last_bytes", "Size of this node's last scheduled backup.");
+    metrics::describe_gauge!(
+        "engram_backup_last_failure_timestamp_seconds",
+        "Unix time of this node's last failed scheduled backup."
+    );
+    metrics::describe_gauge!(
+        "engram_backup_last_success_timestamp_seconds",
+        "Unix time of this node's last successful scheduled backup."
+    );
+    metrics::describe_histogram!("engram_backup_seconds", "Time to take a scheduled backup.");
+    metrics::describe_histogram!("engram_backup_stream_seconds", "Time to stream a backup to a client.");
+    metrics::describe_counter!("engram_backups_total", "Backups taken, by outcome.");
+    metrics::describe_counter!("engram_connections_accepted_total", "Connections accepted, by listener.");
+    metrics::describe_counter!("engram_connections_idle_closed_total", "Connections closed for idling, by listener.");
+    metrics::describe_counter!(
+        "engram_connections_refused_total",
+        "Connections refused (limit, handshake), by listener and reason."
+    );
+    metrics::describe_gauge!("engram_data_dir_free_bytes", "Free bytes on the data directory's filesystem.");
+    metrics::describe_counter!(
+        "engram_forwarded_writes_total",
+        "Client writes a follower forwarded to the leader, by result."
+    );
+    metrics::describe_counter!(
+        "engram_idempotent_replays_total",
+        "Writes answered from the idempotency table instead of applied again."
+    );
+    metrics::describe_counter!("engram_memory_archive_failures_total", "Retention archives that failed to write.");
+    metrics::describe_counter!("engram_memory_archived_total", "Memories archived by retention, by namespace.");
+    metrics::describe_counter!("engram_memory_consolidated_total", "Memories absorbed by consolidation, by namespace.");
+    metrics::describe_counter!(
+        "engram_memory_dedup_hits_total",
+        "Puts answered with an exact duplicate, by namespace."
+    );
+    metrics::describe_counter!("engram_memory_merges_total", "Near-duplicate merges, by namespace.");
+    metrics::describe_counter!("engram_memory_purged_total", "Expired memories purged, by namespace.");
+    metrics::describe_counter!(
+        "engram_memory_refusals_total",
+        "Writes refused by a namespace rule, by namespace and rule."
+    );
+    metrics::describe_counter!(
+        "engram_peer_unauthenticated_total",
+        "Peer requests refused for lacking a cluster certificate."
+    );
+    metrics::describe_gauge!("engram_raft_applied_index", "Log index this node's state machine has applied.");
+    metrics::describe_gauge!("engram_raft_is_leader", "1 while this node is the leader.");
+    metrics::describe_gauge!("engram_raft_last_log_index", "Last log index in this node's log.");
+    metrics::describe_counter!("engram_raft_log_appended_entries_total", "Entries appended to this node's log.");
+    metrics::describe_counter!(
+        "engram_raft_misaddressed_requests_total",
+        "Peer requests refused because they named another node."
+    );
+    metrics::describe_counter!("engram_raft_refused_messages_total", "Peer messages refused by the guard, by kind.");
+    metrics::describe_gauge!("engram_raft_snapshot_index", "Log index of this node's latest snapshot.");
+    metrics::describe_gauge!("engram_raft_term", "This node's current Raft term.");
+    metrics::describe_counter!("engram_rate_limited_total", "Requests refused by a rate limit, by limit.");
+    metrics::describe_counter!(
+        "engram_reinforcement_dropped_total",
+        "Reinforcement hits dropped (follower, full buffer)."
+    );
+    metrics::describe_counter!("engram_reinforcement_entries_total", "Coalesced reinforcement entries proposed.");
+    metrics::describe_histogram!("engram_search_batch_duration_seconds", "SearchBatch latency.");
+    metrics::describe_histogram!("engram_search_duration_seconds", "Search latency.");
+    metrics::describe_counter!("engram_sm_applied_entries_total", "Log entries applied to the state machine.");
+    metrics::describe_histogram!("engram_snapshot_build_seconds", "Time to build a snapshot.");
+    metrics::describe_gauge!("engram_snapshot_bytes", "Size of the latest snapshot.");
+    metrics::describe_histogram!("engram_snapshot_install_seconds", "Time to install a snapshot from the leader.");
+    metrics::describe_counter!("engram_tls_handshake_failures_total", "TLS handshakes that failed, by listener.");
+    metrics::describe_counter!("engram_tls_reload_failures_total", "Certificate reloads that failed.");
+    metrics::describe_counter!("engram_tls_reloads_total", "Certificate reloads.");
+    metrics::describe_counter!("engram_vector_checkpoint_failures_total", "Vector index checkpoints that failed.");
+    metrics::describe_counter!("engram_vector_checkpoints_total", "Vector index checkpoints written.");
+    metrics::describe_counter!("engram_vector_gpu_searches_total", "Searches served from a GPU copy of a shard.");
+    metrics::describe_histogram!("engram_vector_gpu_upload_seconds", "Time to upload a shard part to the GPU.");
+    metrics::describe_counter!("engram_vector_gpu_uploads_total", "Shard parts uploaded to the GPU.");
+    metrics::describe_gauge!("engram_vector_indexed_memories", "Memories in this node's vector shards.");
+    metrics::describe_counter!(
+        "engram_vector_rebuilds_total",
+        "Vector shards rebuilt from the state machine, by reason."
+    );
+    metrics::describe_gauge!(
+        "engram_vector_shard_memories",
+        "Memories in a namespace's shard (allow-listed namespaces)."
+    );
+    metrics::describe_counter!("engram_vector_shard_opens_total", "Vector shards opened, by source (file, rebuild).");
+    metrics::describe_gauge!("engram_vector_shards", "Vector shards on this node.");
 }
 
-async fn readyz(State(node): State<RaftNode>) -> (StatusCode, String) {
-    let m = node.raft.metrics().borrow_watched().clone();
+/// What the HTTP handlers look at.
+#[derive(Clone)]
+pub struct HttpState {
+    pub node: RaftNode,
+    pub reader: crate::storage::StateReader,
+    pub vectors: std::sync::Arc<crate::vector::VectorStore>,
+    pub last_backup: crate::backup::schedule::BackupStatus,
+    /// 0: no scheduled backups.
+    pub backup_interval_secs: u64,
+    pub data_dir: std::path::PathBuf,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status_handler))
+        .with_state(state)
+}
+
+/// Free space on the data directory's filesystem below which storage reads as degraded.
+pub const LOW_DISK_BYTES: u64 = 1 << 30;
+
+/// Per-subsystem health, each `"ok"`, `"degraded"` (works, needs attention) or `"down"`, and
+/// the worst of them at the top:
+///
+/// * `raft`: down without a known leader; degraded while applying lags the log by more than
+///   1,000 entries;
+/// * `storage`: down when the state machine cannot be read; degraded under
+///   [`LOW_DISK_BYTES`] free;
+/// * `vectors`: degraded while the shards lag the state machine by more than 1,000 entries;
+/// * `backups`: `disabled` without a schedule; degraded when the last one failed after the
+///   last success, or none succeeded within two intervals.
+pub fn status(s: &HttpState) -> serde_json::Value {
+    use serde_json::json;
+    let m = s.node.raft.metrics().borrow_watched().clone();
+    let last_log = m.last_log_index.unwrap_or(0);
+    let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+    let raft_health = match m.current_leader {
+        None => "down",
+        Some(_) if last_log.saturating_sub(applied) > 1000 => "degraded",
+        Some(_) => "ok",
+    };
+    let raft = json!({
+        "status": raft_health,
+        "state": format!("{:?}", m.state).to_lowercase(),
+        "term": m.current_term,
+        "leader_id": m.current_leader,
+        "last_log_index": last_log,
+        "applied_index": applied,
+        "snapshot_index": m.snapshot.map(|l| l.index).unwrap_or(0),
+    });
+    let free = free_bytes(&s.data_dir);
+    let storage = match s.reader.applied_index() {
+        Err(e) => json!({"status": "down", "error": e.to_string()}),
+        Ok(idx) => json!({
+            "status": if free.is_some_and(|f| f < LOW_DISK_BYTES) { "degraded" } else { "ok" },
+            "applied_index": idx,
+            "free_bytes": free,
+        }),
+    };
+    let shards = s.vectors.shard_kinds();
+    let vectors_applied = s.vectors.applied();
+    let vectors = json!({
+        "status": if applied.saturating_sub(vectors_applied) > 1000 { "degraded" } else { "ok" },
+        "applied_index": vectors_applied,
+        "namespaces": shards.len(),
+        "vectors": shards.iter().map(|(_, _, n, _)| *n as u64).sum::<u64>(),
+    });
+    let last = s.last_backup.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let now = crate::memory::now_ms();
+    let stale = last.succeeded_at_ms > 0
+        && now.saturating_sub(last.succeeded_at_ms) > s.backup_interval_secs.saturating_mul(2000);
+    let backups_health = if s.backup_interval_secs == 0 {
+        "disabled"
+    } else if last.failed_at_ms > last.succeeded_at_ms || stale {
+        "degraded"
+    } else {
+        "ok"
+    };
+    let backups = json!({
+        "status": backups_health,
+        "interval_secs": s.backup_interval_secs,
+        "last_success_at_ms": last.succeeded_at_ms,
+        "last_index": last.index,
+        "last_failure_at_ms": last.failed_at_ms,
+        "last_error": last.error,
+    });
+    let healths = [
+        raft_health,
+        storage["status"].as_str().unwrap_or("down"),
+        vectors["status"].as_str().unwrap_or("down"),
+        backups_health,
+    ];
+    let overall = if healths.contains(&"down") {
+        "down"
+    } else if healths.contains(&"degraded") {
+        "degraded"
+    } else {
+        "ok"
+    };
+    json!({"node_id": m.id, "status": overall, "raft": raft, "storage": storage, "vectors": vectors, "backups": backups})
+}
+
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+async fn metrics_handler(State(s): State<HttpState>) -> String {
+    if let Some(free) = free_bytes(&s.data_dir) {
+        metrics::gauge!("engram_data_dir_free_bytes").set(free as f64);
+    }
+    prometheus().render()
+}
+
+async fn status_handler(State(s): State<HttpState>) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let v = status(&s);
+    let code = if v["status"] == "down" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (code, axum::Json(v))
+}
+
+async fn readyz(State(s): State<HttpState>) -> (StatusCode, String) {
+    let m = s.node.raft.metrics().borrow_watched().clone();
     match m.current_leader {
         Some(leader) if m.last_applied.is_some() => (StatusCode::OK, format!("ready: leader {leader}\n")),
         Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready: nothing applied yet\n".into()),

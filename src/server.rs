@@ -300,7 +300,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
             stopped(),
         );
 
-    let http_server = axum::serve(http_listener, crate::http::router(node.clone())).with_graceful_shutdown(stopped());
+    let http_state = crate::http::HttpState {
+        node: node.clone(),
+        reader: reader.clone(),
+        vectors: vectors.clone(),
+        last_backup: last_backup.clone(),
+        backup_interval_secs: config.backup_interval_secs,
+        data_dir: config.data_dir.clone(),
+    };
+    let http_server = axum::serve(http_listener, crate::http::router(http_state)).with_graceful_shutdown(stopped());
 
     let id = config.node_id;
     let tasks = vec![

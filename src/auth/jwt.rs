@@ -16,7 +16,7 @@ use super::Principal;
 use crate::error::ApiError;
 
 /// Which signature the issuer uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum JwtAlgorithm {
     Hs256,
@@ -25,7 +25,7 @@ pub enum JwtAlgorithm {
 }
 
 /// JWT settings from the node's config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct JwtSettings {
     pub algorithm: JwtAlgorithm,
     /// HS256: the shared secret (mode 0600). RS256 / EdDSA: the issuer's public key (PEM).

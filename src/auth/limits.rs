@@ -17,7 +17,7 @@ use crate::error::ApiError;
 type Keyed = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
 
 /// Configured rates; 0 turns a limit off. Bursts are two seconds' worth.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RateSettings {
     pub requests_per_sec_per_principal: u32,
     pub requests_per_sec_per_namespace: u32,

@@ -24,7 +24,7 @@ use crate::auth::identity::{cluster_dns_name, node_dns_name, node_identity, Node
 use crate::raft::NodeId;
 
 /// Where a node's certificates live. The key files must be mode 0600.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TlsPaths {
     /// The cluster CA: signs every node certificate.
     pub ca: PathBuf,

@@ -76,6 +76,37 @@ enum Cmd {
     /// Tenant quotas (a tenant is a namespace's first segment; `*` is the default).
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// A node's configuration, without starting it: `engramctl config show -- <engram flags>`.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Status of every endpoint (as `cluster status`).
+    Status {
+        /// One JSON object per endpoint, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shell completions for engramctl, printed.
+    Completions { shell: clap_complete::Shell },
+    /// Man pages for engram and engramctl, written into DIR.
+    Man { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// The effective configuration, each setting with its source (flag, env, file, default).
+    Show {
+        #[arg(long)]
+        json: bool,
+        /// The flags `engram` would get (after `--`); `ENGRAM_*` variables apply as for it.
+        #[arg(last = true)]
+        node_args: Vec<String>,
+    },
+    /// Checks the configuration and the files it names (certificates, JWT key), then exits:
+    /// 0 valid, 2 invalid.
+    Validate {
+        #[arg(last = true)]
+        node_args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,7 +172,11 @@ enum ClusterCmd {
         root_key_file: PathBuf,
     },
     /// Status of every endpoint.
-    Status,
+    Status {
+        /// One JSON object per endpoint, one per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -317,6 +352,80 @@ fn print_memory(m: &pb::Memory) {
     );
 }
 
+fn status_json(addr: &str, s: &pb::StatusResponse) -> serde_json::Value {
+    let ids = |v: &[pb::NodeInfo]| v.iter().map(|n| n.id).collect::<Vec<_>>();
+    serde_json::json!({
+        "endpoint": addr,
+        "reachable": true,
+        "node_id": s.node_id,
+        "state": s.state,
+        "term": s.term,
+        "leader_id": s.leader_id,
+        "leader_api_addr": s.leader_api_addr,
+        "last_log_index": s.last_log_index,
+        "applied_index": s.applied_index,
+        "snapshot_index": s.snapshot_index,
+        "purged_index": s.purged_index,
+        "voters": ids(&s.voters),
+        "learners": ids(&s.learners),
+        "cluster_id": s.cluster_id,
+        "last_backup": {
+            "at_ms": s.last_backup_at_ms,
+            "index": s.last_backup_index,
+            "path": s.last_backup_path,
+            "failed_at_ms": s.last_backup_failed_at_ms,
+            "error": s.last_backup_error,
+        },
+    })
+}
+
+fn config_cmd(cmd: ConfigCmd) -> Result<(), Box<dyn std::error::Error>> {
+    match cmd {
+        ConfigCmd::Show { json, node_args } => {
+            let (_, settings) = engram::config::explain(node_args)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&settings)?);
+            } else {
+                let width = settings.iter().map(|s| s.name.len()).max().unwrap_or(0);
+                for s in settings {
+                    let value = if s.value.is_null() { "(unset)".to_string() } else { s.value.to_string() };
+                    println!("{:width$} = {value}  # {}", s.name, s.source);
+                }
+            }
+        }
+        ConfigCmd::Validate { node_args } => {
+            let config = match engram::config::explain(node_args) {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    eprintln!("invalid: {e}");
+                    std::process::exit(2);
+                }
+            };
+            let mut problems = Vec::new();
+            if let Some(tls) = &config.tls {
+                if let Err(e) = engram::transport::NodeTls::load(tls.clone(), config.node_id) {
+                    problems.push(format!("certificates: {e}"));
+                }
+            }
+            if let Some(jwt) = &config.jwt {
+                if let Err(e) = engram::auth::jwt::JwtVerifier::load(jwt) {
+                    problems.push(format!("jwt: {e}"));
+                }
+            }
+            if problems.is_empty() {
+                let mode = if config.insecure { "insecure" } else { "secured" };
+                println!("valid: node {} ({mode}), data in {}", config.node_id, config.data_dir.display());
+            } else {
+                for p in problems {
+                    eprintln!("invalid: {p}");
+                }
+                std::process::exit(2);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn print_status(addr: &str, s: &pb::StatusResponse) {
     let voters: Vec<String> = s.voters.iter().map(|n| n.id.to_string()).collect();
     let learners: Vec<String> = s.learners.iter().map(|n| n.id.to_string()).collect();
@@ -349,6 +458,23 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.cmd {
         Cmd::Certs(cmd) => return certs_cmd(cmd),
         Cmd::Keys(cmd) => return keys_cmd(cmd),
+        Cmd::Config(cmd) => return config_cmd(cmd),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "engramctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Cmd::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir)?;
+            for (name, cmd) in [("engramctl", Cli::command()), ("engram", engram::config::NodeArgs::command())] {
+                let mut out = Vec::new();
+                clap_mangen::Man::new(cmd).render(&mut out)?;
+                std::fs::write(dir.join(format!("{name}.1")), out)?;
+            }
+            println!("wrote {0}/engramctl.1 and {0}/engram.1", dir.display());
+            return Ok(());
+        }
         _ => {}
     }
     let client = connect(&cli)?;
@@ -364,11 +490,19 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 println!("cluster initialized; root key {} in {} (mode 0600)", key.id, root_key_file.display());
             }
         }
-        Cmd::Cluster(ClusterCmd::Status) => {
+        Cmd::Cluster(ClusterCmd::Status { json }) | Cmd::Status { json } => {
             for addr in &cli.endpoints {
-                match client.pinned_like(addr)?.admin().status().await {
-                    Ok(s) => print_status(addr, &s),
-                    Err(e) => println!("{addr}  unreachable: {e}"),
+                let res = client.pinned_like(addr)?.admin().status().await;
+                match (res, json) {
+                    (Ok(s), false) => print_status(addr, &s),
+                    (Err(e), false) => println!("{addr}  unreachable: {e}"),
+                    (Ok(s), true) => println!("{}", status_json(addr, &s)),
+                    (Err(e), true) => {
+                        println!(
+                            "{}",
+                            serde_json::json!({"endpoint": addr, "reachable": false, "error": e.to_string()})
+                        )
+                    }
                 }
             }
         }
@@ -529,7 +663,9 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Cmd::Backup(cmd) => backup_cmd(&client, cmd).await?,
         Cmd::Auth(cmd) => auth_cmd(&client, cmd).await?,
         Cmd::Quota(cmd) => quota_cmd(&client, cmd).await?,
-        Cmd::Certs(_) | Cmd::Keys(_) => unreachable!("handled before connecting"),
+        Cmd::Certs(_) | Cmd::Keys(_) | Cmd::Config(_) | Cmd::Completions { .. } | Cmd::Man { .. } => {
+            unreachable!("handled before connecting")
+        }
         Cmd::Snapshot => {
             let index = client.admin().trigger_snapshot().await?;
             println!("snapshot at log index {index}");
