@@ -175,8 +175,9 @@ pub const LOW_DISK_BYTES: u64 = 1 << 30;
 /// * `storage`: down when the state machine cannot be read; degraded under
 ///   [`LOW_DISK_BYTES`] free;
 /// * `vectors`: degraded while the shards lag the state machine by more than 1,000 entries;
-/// * `backups`: `disabled` without a schedule; degraded when the last one failed after the
-///   last success, or none succeeded within two intervals.
+/// * `backups`: `disabled` without a schedule, `standby` on a follower (the leader takes
+///   them); on the leader degraded when the last one failed after the last success, or none
+///   succeeded within two intervals.
 pub fn status(s: &HttpState) -> serde_json::Value {
     use serde_json::json;
     let m = s.node.raft.metrics().borrow_watched().clone();
@@ -217,8 +218,12 @@ pub fn status(s: &HttpState) -> serde_json::Value {
     let now = crate::memory::now_ms();
     let stale = last.succeeded_at_ms > 0
         && now.saturating_sub(last.succeeded_at_ms) > s.backup_interval_secs.saturating_mul(2000);
+    // Only the leader takes scheduled backups: a follower's record is whatever it did when it
+    // last led.
     let backups_health = if s.backup_interval_secs == 0 {
         "disabled"
+    } else if m.current_leader != Some(m.id) {
+        "standby"
     } else if last.failed_at_ms > last.succeeded_at_ms || stale {
         "degraded"
     } else {

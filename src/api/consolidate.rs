@@ -8,8 +8,8 @@
 //! most accesses, then the oldest, then the smallest id; the others are absorbed in id order.
 //! Clusters are listed by keeper id, at most `max_clusters`. A dry run lists the same plan.
 //!
-//! Two memories whose tags disagree on a key (`user=alice`, `user=bob`) never share a cluster,
-//! so consolidation never moves one scope's memory into another's. A cluster holds at most
+//! Only memories with exactly the same tags share a cluster, so consolidation never moves
+//! one tag scope's memory into another's, nor an untagged one into a scope. A cluster holds at most
 //! [`MAX_CLUSTER_MEMBERS`] and a plan at most [`MAX_PLAN_MEMBERS`], so its log entry stays far
 //! below the peer message limit whatever the threshold.
 
@@ -26,10 +26,10 @@ const NEIGHBOURS: usize = 32;
 pub const MAX_CLUSTER_MEMBERS: usize = 256;
 pub const MAX_PLAN_MEMBERS: usize = 10_000;
 
-/// Whether two tag sets agree on every key they share.
+/// Whether two clusters may merge: exactly the same tags, so a merge never gives a memory a
+/// tag (and with it a tag scope's readers) it did not have.
 fn compatible(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> bool {
-    let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
-    small.iter().all(|(k, v)| large.get(k).is_none_or(|w| w == v))
+    a == b
 }
 
 fn find(parent: &mut [usize], mut i: usize) -> usize {

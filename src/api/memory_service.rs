@@ -139,7 +139,13 @@ impl MemoryApi {
             .map(|(i, pb::PutBatchItem { memory, precondition })| (format!("items[{i}].memory"), memory, precondition))
             .collect();
         let mut items = self.prepare_items(&namespace, &access, raw)?;
-        let idempotency = convert::idempotency(options, "put", &(&namespace, &items))?;
+        // Asking for creation is part of the request (a key reused with the flag flipped is
+        // another request); without it the fingerprint is what it always was.
+        let idempotency = if create_namespace {
+            convert::idempotency(options, "put", &(&namespace, &items, "create_namespace"))?
+        } else {
+            convert::idempotency(options, "put", &(&namespace, &items))?
+        };
         self.guards.rates.check_write_bytes(&caller.name, bytes)?;
         for (m, _) in &mut items {
             if m.id.is_empty() {
@@ -335,16 +341,14 @@ impl MemoryApi {
         let threshold = threshold
             .or(policy.near_duplicate.as_ref().map(|n| n.threshold))
             .ok_or_else(|| ApiError::invalid("threshold", "the namespace has no near-duplicate threshold: give one"))?;
-        // The same bounds a policy's threshold has (cosine in [-1, 1], L2 not negative).
-        let probe = memory::MemoryPolicy {
-            near_duplicate: Some(memory::policy::NearDuplicate {
-                threshold,
-                action: Default::default(),
-                keep: Default::default(),
-            }),
-            ..Default::default()
+        let in_range = match info.metric {
+            memory::Metric::Cosine => (-1.0..=1.0).contains(&threshold),
+            memory::Metric::L2 => threshold >= 0.0,
+            memory::Metric::InnerProduct => true,
         };
-        probe.validate(info.metric).map_err(|e| ApiError::invalid("threshold", e.reason))?;
+        if !in_range {
+            return Err(ApiError::invalid("threshold", format!("{threshold} is out of range for the metric")));
+        }
         let keep = policy.near_duplicate.as_ref().map(|n| n.keep).unwrap_or_default();
         let (reader, vectors) = (self.reader.clone(), self.vectors.clone());
         let clusters = tokio::task::spawn_blocking(move || {

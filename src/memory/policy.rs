@@ -139,6 +139,8 @@ pub struct MemoryPolicy {
 pub const MAX_PATTERNS: usize = 32;
 pub const MAX_PATTERN_BYTES: usize = 512;
 pub const MAX_RULE_ENTRIES: usize = 256;
+/// Lowest cosine near-duplicate threshold a policy may set.
+pub const MIN_COSINE_THRESHOLD: f32 = 0.5;
 /// Longest tag key or value a gate rule names.
 pub const MAX_RULE_BYTES: usize = 256;
 /// Largest `max_per_id_prefix`: `apply` counts a prefix's memories up to it.
@@ -172,12 +174,17 @@ impl MemoryPolicy {
             let t = n.threshold;
             let ok = t.is_finite()
                 && match metric {
-                    Metric::Cosine => (-1.0..=1.0).contains(&t),
+                    // Below 0.5 nearly everything is a "twin", and apply would score whole
+                    // namespaces on every put.
+                    Metric::Cosine => (MIN_COSINE_THRESHOLD..=1.0).contains(&t),
                     Metric::InnerProduct => true,
                     Metric::L2 => t >= 0.0,
                 };
             if !ok {
-                return Err(PolicyError::new("policy.near_duplicate.threshold", format!("{t} is out of range")));
+                return Err(PolicyError::new(
+                    "policy.near_duplicate.threshold",
+                    format!("{t} is out of range (cosine: {MIN_COSINE_THRESHOLD}..=1; L2: >= 0)"),
+                ));
             }
         }
         let d = &self.decay;

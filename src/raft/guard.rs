@@ -90,6 +90,10 @@ pub fn forwarded(cmd: &Command, authenticated: bool) -> Result<(), GuardError> {
     if cmd.op.node_only() {
         return Err(GuardError::Shape("a node-only op cannot be forwarded".into()));
     }
+    // The API proposes `PutChecked`; the legacy `Put` would create a namespace unasked.
+    if matches!(cmd.op, super::types::Op::Put { .. }) {
+        return Err(GuardError::Shape("a legacy put cannot be forwarded".into()));
+    }
     Ok(())
 }
 
@@ -169,6 +173,27 @@ pub fn read_index(l: &LogId) -> Result<(), GuardError> {
 mod tests {
     use super::*;
     use openraft::EntryPayload;
+
+    #[test]
+    fn forwarded_writes_name_a_principal_and_are_client_ops() {
+        use super::super::types::{Command, Op};
+        use crate::auth::Principal;
+        let key = Some(Principal::Key { id: crate::auth::token::KeyId([7; 8]) });
+        let cmd = |principal: Option<Principal>, op: Op| Command { principal, idempotency: None, now_ms: 1, op };
+        let put = |checked: bool| {
+            if checked {
+                Op::PutChecked { namespace: "a".into(), items: vec![], create: false, ivf_min_vectors: 1 }
+            } else {
+                Op::Put { namespace: "a".into(), items: vec![], ivf_min_vectors: 1 }
+            }
+        };
+        assert!(forwarded(&cmd(key.clone(), put(true)), true).is_ok());
+        assert!(forwarded(&cmd(None, put(true)), false).is_ok(), "an insecure cluster has no principals");
+        assert!(forwarded(&cmd(None, put(true)), true).is_err(), "no principal on a secured cluster");
+        assert!(forwarded(&cmd(key.clone(), put(false)), true).is_err(), "the legacy put creates namespaces");
+        assert!(forwarded(&cmd(key.clone(), Op::Purge { items: vec![] }), true).is_err(), "node-only");
+        assert!(forwarded(&cmd(key, Op::SetClusterId { cluster_id: [0; 16] }), true).is_err(), "node-only");
+    }
 
     fn leader(term: u64, node_id: NodeId) -> Leader {
         Leader { term, node_id }

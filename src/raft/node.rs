@@ -157,6 +157,17 @@ impl RaftNode {
         let mut req = super::network::addressed(super::network::encode(&cmd), leader_id);
         req.set_timeout(timeout);
         let resp = client.forward_write(req).await.map_err(|s| match s.code() {
+            // The leader refused the forward itself (an older version without ForwardWrite,
+            // a membership or certificate dispute): nothing was applied; the client may go to
+            // the leader directly.
+            tonic::Code::Unimplemented
+            | tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::FailedPrecondition => {
+                tracing::warn!(leader = leader_id, code = ?s.code(), msg = s.message(), "the leader refused a forwarded write");
+                ApiError::NotLeader { leader_id: Some(leader_id), leader_addr: Some(leader.api_addr.clone()) }
+            }
             tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => ApiError::Timeout {
                 reason: format!("the leader, node {leader_id}, did not answer the forwarded write in time"),
             },

@@ -6,6 +6,7 @@
 //! written, and bounded in size.
 
 use futures::StreamExt;
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ReadPolicy;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -194,7 +195,14 @@ impl RaftService for PeerService {
     /// longer leader answers `NotLeader` with its hint rather than forwarding again. The
     /// command gets this node's clock, as if its client had called here.
     async fn forward_write(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        self.sender(&req)?;
+        // Only a current member forwards: a departed node's certificate stays valid, its say
+        // over client writes does not.
+        if let Some(sender) = self.sender(&req)? {
+            let m = self.raft.metrics().borrow_watched().membership_config.clone();
+            if m.membership().get_node(&sender).is_none() {
+                return Err(Status::permission_denied(format!("node {sender} is not a member")));
+            }
+        }
         let mut cmd: Command =
             decode(req.get_ref()).map_err(|e| Status::invalid_argument(format!("undecodable forwarded write: {e}")))?;
         guard::forwarded(&cmd, self.authenticated).map_err(|e| Status::invalid_argument(e.to_string()))?;

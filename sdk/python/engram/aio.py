@@ -97,7 +97,7 @@ class AsyncClient:
             decision = _core.decide(err, write=write, policy=self._retry)
             if decision == _core.FAIL:
                 raise err
-            if decision == _core.REDIRECT and err.leader_addr:
+            if decision == _core.REDIRECT and err.leader_addr and err.leader_addr != addr:
                 addr = err.leader_addr
                 continue
             wait = err.retry_after if isinstance(err, errors.ResourceExhausted) else self._retry.backoff(attempt)

@@ -50,7 +50,12 @@ def _enc(s: str, plain: re.Pattern[str]) -> str:
 
 
 def _dec(s: str) -> str:
-    return bytes.fromhex(s[1:]).decode() if s.startswith("_") else s
+    if s.startswith("_"):
+        try:
+            return bytes.fromhex(s[1:]).decode()
+        except ValueError:  # not one of ours: an id written by another client
+            return s
+    return s
 
 
 def _time(ms: int) -> _dt.datetime:

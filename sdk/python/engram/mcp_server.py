@@ -104,7 +104,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allow-remote", action="store_true",
+                   help="serve HTTP beyond loopback (it has no auth of its own: put it behind one)")
     a = p.parse_args(argv)
+    if a.transport == "streamable-http" and a.host not in ("127.0.0.1", "::1", "localhost") and not a.allow_remote:
+        p.error("the HTTP transport acts with this server's Engram key and has no auth of its own; "
+                "bind it to loopback, or pass --allow-remote behind an authenticating proxy")
     server = build()
     if a.transport == "stdio":
         server.run("stdio")

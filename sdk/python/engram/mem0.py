@@ -138,7 +138,7 @@ class Memory:
     def update(self, memory_id: str, data: str, **scope_ids: Optional[str]) -> dict[str, str]:
         m = self._owned(memory_id, self._scope(**scope_ids))
         self.client.put(self.namespace, data, id=memory_id, tags=m.tags, importance=m.importance,
-                        if_revision=m.revision)
+                        expires_at_ms=m.expires_at_ms or None, if_revision=m.revision)
         self._event(memory_id, "UPDATE", m.text, data)
         return {"message": "Memory updated successfully!"}
 
