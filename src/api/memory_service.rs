@@ -51,6 +51,15 @@ pub struct MemoryApi {
     pub(super) guards: Guards,
 }
 
+/// A request's page size: 0 is the default, more than the maximum is refused.
+fn page_size_of(n: u32) -> Result<u32, ApiError> {
+    match n {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n > MAX_PAGE_SIZE => Err(ApiError::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}"))),
+        n => Ok(n),
+    }
+}
+
 impl MemoryApi {
     pub fn new(
         node: RaftNode,
@@ -230,13 +239,7 @@ impl MemoryApi {
         req: pb::ListNamespacesRequest,
     ) -> Result<pb::ListNamespacesResponse, ApiError> {
         let pb::ListNamespacesRequest { page_size, page_token, prefix, consistency } = req;
-        let page_size = match page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n > MAX_PAGE_SIZE => {
-                return Err(ApiError::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")))
-            }
-            n => n,
-        };
+        let page_size = page_size_of(page_size)?;
         if prefix.len() > 256 {
             return Err(ApiError::invalid("prefix", "must be at most 256 bytes"));
         }
@@ -411,13 +414,7 @@ impl MemoryApi {
     async fn list_inner(&self, caller: &Caller, req: pb::ListRequest) -> Result<pb::ListResponse, ApiError> {
         let pb::ListRequest { namespace, page_size, page_token, consistency } = req;
         validate_namespace(&namespace)?;
-        let page_size = match page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n > MAX_PAGE_SIZE => {
-                return Err(ApiError::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")))
-            }
-            n => n,
-        };
+        let page_size = page_size_of(page_size)?;
         let after = convert::decode_page_token(&page_token)?;
         let consistency = convert::consistency(consistency)?;
         self.admit(caller, Permission::Read, &namespace)?;
