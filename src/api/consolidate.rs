@@ -26,12 +26,6 @@ const NEIGHBOURS: usize = 32;
 pub const MAX_CLUSTER_MEMBERS: usize = 256;
 pub const MAX_PLAN_MEMBERS: usize = 10_000;
 
-/// Whether two clusters may merge: exactly the same tags, so a merge never gives a memory a
-/// tag (and with it a tag scope's readers) it did not have.
-fn compatible(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> bool {
-    a == b
-}
-
 fn find(parent: &mut [usize], mut i: usize) -> usize {
     while parent[i] != i {
         parent[i] = parent[parent[i]];
@@ -52,8 +46,7 @@ pub(super) fn plan(
     let all: Vec<Memory> = reader.all_live(&info.name, now).map_err(storage)?;
     let pos: BTreeMap<&str, usize> = all.iter().enumerate().map(|(i, m)| (m.id.as_str(), i)).collect();
     let mut parent: Vec<usize> = (0..all.len()).collect();
-    // Per cluster root: its members' tags together, and its size.
-    let mut tags: Vec<BTreeMap<String, String>> = all.iter().map(|m| m.tags.clone()).collect();
+    // Per cluster root, its size. Every member of a cluster has its root's tags.
     let mut size: Vec<usize> = vec![1; all.len()];
     for (i, m) in all.iter().enumerate() {
         let hits = vectors
@@ -62,18 +55,21 @@ pub(super) fn plan(
             .unwrap_or_default();
         for (id, _) in hits {
             let Some(&j) = pos.get(id.as_str()) else { continue };
-            if j == i || !is_twin(info.metric, exact_score(info.metric, &m.embedding, &all[j].embedding), threshold) {
+            // Exactly the same tags, so a merge never gives a memory a tag (and with it a tag
+            // scope's readers) it did not have.
+            if j == i
+                || m.tags != all[j].tags
+                || !is_twin(info.metric, exact_score(info.metric, &m.embedding, &all[j].embedding), threshold)
+            {
                 continue;
             }
             let (a, b) = (find(&mut parent, i), find(&mut parent, j));
-            if a == b || size[a] + size[b] > MAX_CLUSTER_MEMBERS || !compatible(&tags[a], &tags[b]) {
+            if a == b || size[a] + size[b] > MAX_CLUSTER_MEMBERS {
                 continue;
             }
             let (root, child) = (a.min(b), a.max(b));
             parent[child] = root;
             size[root] += size[child];
-            let moved = std::mem::take(&mut tags[child]);
-            tags[root].extend(moved);
         }
     }
     let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
