@@ -190,7 +190,7 @@ pub fn status(s: &HttpState) -> serde_json::Value {
     };
     let raft = json!({
         "status": raft_health,
-        "state": format!("{:?}", m.state).to_lowercase(),
+        "state": crate::api::admin_service::state_name(m.state),
         "term": m.current_term,
         "leader_id": m.current_leader,
         "last_log_index": last_log,

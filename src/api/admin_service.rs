@@ -174,7 +174,8 @@ impl AdminApi {
     }
 }
 
-fn state_name(s: ServerState) -> &'static str {
+/// The state's name as `Status` and `/status` report it.
+pub(crate) fn state_name(s: ServerState) -> &'static str {
     match s {
         ServerState::Leader => "leader",
         ServerState::Follower => "follower",
