@@ -22,7 +22,7 @@ BIN="$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)"
 CTL="$BIN/engramctl"
 WORK="$(mktemp -d)"
 pid=""
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$WORK"; }
+cleanup() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi; rm -rf "$WORK"; }
 trap cleanup EXIT
 fail() { echo "test-ops: FAILED: $*" >&2; exit 1; }
 
