@@ -27,6 +27,8 @@
 //! read_timeout_ms = 5000
 //! max_text_bytes = 65536
 //! log_format = "text"               # or "json"
+//! otlp_endpoint = "http://127.0.0.1:4317"   # OpenTelemetry traces (OTLP/gRPC); default off
+//! trace_sample_ratio = 0.01         # of new traces; a client's sampled traceparent is followed
 //!
 //! # Security (docs/security.md). Without these the node refuses to start, unless `insecure`.
 //! tls_ca_file = "/etc/engram/ca.pem"           # the cluster CA (engramctl certs init)
@@ -153,6 +155,14 @@ pub struct NodeArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "ENGRAM_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector, http://host:port
+    /// (e.g. http://127.0.0.1:4317) [default: off].
+    #[arg(long, env = "ENGRAM_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces kept, 0..=1; a request's own sampled `traceparent` is always
+    /// followed. Needs otlp_endpoint [default: 1].
+    #[arg(long, env = "ENGRAM_TRACE_SAMPLE_RATIO")]
+    pub trace_sample_ratio: Option<f64>,
     /// The cluster CA certificate (PEM). With tls_cert_file and tls_key_file: mutual TLS
     /// between peers, TLS for clients.
     #[arg(long, env = "ENGRAM_TLS_CA_FILE")]
@@ -267,6 +277,8 @@ pub struct Config {
     pub read_timeout_ms: u64,
     pub max_text_bytes: usize,
     pub log_format: LogFormat,
+    /// OpenTelemetry traces (`None`: off).
+    pub tracing: Option<crate::telemetry::TraceSettings>,
     /// Certificates; `None` exactly when `insecure`.
     pub tls: Option<crate::transport::TlsPaths>,
     pub insecure: bool,
@@ -281,6 +293,21 @@ pub struct Config {
     /// Test-only canary: reads skip the read index (only with the `canary` feature).
     #[serde(skip)]
     pub unsafe_stale_reads: bool,
+}
+
+/// Traces: on with an endpoint; a sample ratio alone is a mistake worth saying.
+fn trace_settings(cli: &NodeArgs, file: &NodeArgs) -> Result<Option<crate::telemetry::TraceSettings>, ServerError> {
+    let endpoint = cli.otlp_endpoint.clone().or(file.otlp_endpoint.clone());
+    let ratio = cli.trace_sample_ratio.or(file.trace_sample_ratio);
+    match endpoint {
+        None if ratio.is_some() => Err(ServerError::Config("trace_sample_ratio needs otlp_endpoint".into())),
+        None => Ok(None),
+        Some(otlp_endpoint) => {
+            let t = crate::telemetry::TraceSettings { otlp_endpoint, sample_ratio: ratio.unwrap_or(1.0) };
+            t.validate().map_err(ServerError::Config)?;
+            Ok(Some(t))
+        }
+    }
 }
 
 /// The certificate files: none (insecure) or at least the three peer files.
@@ -382,6 +409,9 @@ fn default_of(name: &str, config: &serde_json::Value) -> serde_json::Value {
     if let Some(v) = config.get(name) {
         return v.clone();
     }
+    if name == "trace_sample_ratio" {
+        return config["tracing"]["sample_ratio"].clone();
+    }
     if let Some(rate) = name.strip_prefix("rate_limit_") {
         return config["rates"][rate].clone();
     }
@@ -450,6 +480,7 @@ impl NodeArgs {
             read_timeout_ms: pick!(cli, file, read_timeout_ms, 5000),
             max_text_bytes: pick!(cli, file, max_text_bytes, 64 * 1024),
             log_format: pick!(cli, file, log_format, LogFormat::Text),
+            tracing: trace_settings(&cli, &file)?,
             tls: tls_paths(&cli, &file)?,
             insecure: cli.insecure || file.insecure,
             jwt: jwt_settings(&cli, &file)?,
@@ -513,6 +544,7 @@ impl Config {
             read_timeout_ms: 5000,
             max_text_bytes: 64 * 1024,
             log_format: LogFormat::Text,
+            tracing: None,
             tls: None,
             insecure: true,
             jwt: None,
@@ -661,6 +693,27 @@ mod tests {
         let mut args = base.to_vec();
         args.extend(["--tls-ca-file", "a", "--tls-cert-file", "b", "--tls-key-file", "c"]);
         assert!(NodeArgs::parse_from(args).resolve().unwrap().tls.is_some());
+    }
+
+    #[test]
+    fn traces_need_an_endpoint_and_a_sane_ratio() {
+        let base = ["engram", "--node-id", "1", "--data-dir", "/tmp/x", "--insecure"];
+        let resolve = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend(extra);
+            NodeArgs::parse_from(args).resolve()
+        };
+        assert_eq!(resolve(&[]).unwrap().tracing, None);
+        let t = resolve(&["--otlp-endpoint", "http://127.0.0.1:4317"]).unwrap().tracing.unwrap();
+        assert_eq!((t.otlp_endpoint.as_str(), t.sample_ratio), ("http://127.0.0.1:4317", 1.0));
+        let t = resolve(&["--otlp-endpoint", "http://c:4317", "--trace-sample-ratio", "0.25"]).unwrap().tracing;
+        assert_eq!(t.unwrap().sample_ratio, 0.25);
+        let e = resolve(&["--trace-sample-ratio", "0.5"]).unwrap_err().to_string();
+        assert!(e.contains("needs otlp_endpoint"), "{e}");
+        let e = resolve(&["--otlp-endpoint", "https://c:4317"]).unwrap_err().to_string();
+        assert!(e.contains("http://host:port"), "{e}");
+        let e = resolve(&["--otlp-endpoint", "http://c:4317", "--trace-sample-ratio", "2"]).unwrap_err().to_string();
+        assert!(e.contains("0..=1"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! * [`server`] — [`server::start`]/[`server::run`]: an embeddable node (tests start real nodes).
 //! * [`http`] — `/metrics`, `/healthz`, `/readyz`.
 //! * [`config`] — flags, env vars, TOML file, validation.
+//! * [`telemetry`] — the log and opt-in OpenTelemetry traces (OTLP).
 //! * [`client`] — the Rust SDK: leader discovery, retries with idempotency keys.
 //! * [`vector`] — the `VectorIndex` trait: FAISS and an exact pure-Rust oracle, filters.
 //! * [`backup`] — encrypted, verifiable backup archives, restore, keys, scheduled backups.
@@ -32,6 +33,7 @@ pub mod raft;
 pub mod secrets;
 pub mod server;
 pub mod storage;
+pub mod telemetry;
 pub mod transport;
 pub mod upkeep;
 pub mod vector;

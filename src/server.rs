@@ -271,6 +271,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let api_tls = tls.clone().map(|t| Arc::new(move || t.api_acceptor()) as crate::transport::listener::Acceptors);
     let peer_tls = tls.clone().map(|t| Arc::new(move || t.peer_acceptor()) as crate::transport::listener::Acceptors);
     let api_server = Server::builder()
+        .layer(crate::telemetry::RpcTraceLayer::api())
         .layer(ApiAuthLayer::new(auth))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -293,6 +294,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
     let raft_server = Server::builder()
+        .layer(crate::telemetry::RpcTraceLayer::peer())
         .layer(PeerAuthLayer::new(tls.as_ref().map(|t| t.cluster())))
         .add_service(peer)
         .serve_with_incoming_shutdown(

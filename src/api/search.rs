@@ -202,11 +202,14 @@ impl MemoryApi {
     ) -> Result<Vec<Result<Vec<pb::SearchHit>, ApiError>>, ApiError> {
         let vectors = self.vectors.clone();
         let now = crate::memory::now_ms();
+        let parent = tracing::Span::current();
         let found = tokio::task::spawn_blocking(move || {
             plans
                 .into_iter()
                 .map(|p| {
                     let k = if p.rank_by.is_some() { candidates(p.k) } else { p.k };
+                    let _shard =
+                        crate::trace_span!(parent: &parent, "shard.search", namespace = %p.namespace, k).entered();
                     let hits = vectors.search(&p.namespace, &p.vector, k, &p.filter, p.params, now);
                     (p, hits)
                 })

@@ -1,7 +1,7 @@
 //! `engram`: one Engram node. See `engram --help`; every flag also reads `ENGRAM_…` env vars.
 
 use clap::Parser;
-use engram::config::{LogFormat, NodeArgs};
+use engram::config::NodeArgs;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -19,10 +19,13 @@ async fn main() {
         }
     };
     let filter = EnvFilter::try_from_env("ENGRAM_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
-    match config.log_format {
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-    }
+    let telemetry = match engram::telemetry::init(config.log_format, filter, config.tracing.as_ref(), config.node_id) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("engram: {e}");
+            std::process::exit(2);
+        }
+    };
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -31,7 +34,9 @@ async fn main() {
             _ = term.recv() => {}
         }
     };
-    if let Err(e) = engram::server::run(config, shutdown).await {
+    let result = engram::server::run(config, shutdown).await;
+    telemetry.shutdown().await;
+    if let Err(e) = result {
         eprintln!("engram: {e}");
         std::process::exit(1);
     }

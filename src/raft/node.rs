@@ -28,7 +28,10 @@ pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Proposes `cmd` on this node's Raft and waits until it is applied here.
 pub(crate) async fn write(raft: &Raft, cmd: Command) -> Result<CommandResult, ApiError> {
-    match raft.client_write(cmd).await {
+    let span = crate::trace_span!("raft.write", op = cmd.op.name());
+    // Files the span for the state machine's `apply`, which runs in another task.
+    let _proposal = crate::telemetry::Proposal::file(&cmd, &span);
+    match tracing::Instrument::instrument(raft.client_write(cmd), span).await {
         Ok(resp) => Ok(resp.data),
         Err(e) => Err(write_error(e)),
     }
@@ -128,7 +131,8 @@ impl RaftNode {
             Some((id, Some(node))) => (id, node),
             _ => return Err(self.not_leader()),
         };
-        let res = self.forward(leader, cmd, deadline).await;
+        let span = crate::trace_span!("raft.forward", leader = leader.0);
+        let res = tracing::Instrument::instrument(self.forward(leader, cmd, deadline), span).await;
         let result = match &res {
             Ok(_) => "ok",
             Err(ApiError::NotLeader { .. }) => "not_leader",
@@ -156,6 +160,7 @@ impl RaftNode {
             .map_err(|e| ApiError::Unavailable { reason: format!("cannot reach the leader, node {leader_id}: {e}") })?;
         let mut req = super::network::addressed(super::network::encode(&cmd), leader_id);
         req.set_timeout(timeout);
+        crate::telemetry::inject(req.metadata_mut());
         let resp = client.forward_write(req).await.map_err(|s| match s.code() {
             // The leader refused the forward itself (an older version without ForwardWrite,
             // a membership or certificate dispute): nothing was applied; the client may go to
@@ -182,6 +187,11 @@ impl RaftNode {
 
     /// Waits until a read at `consistency` may be served from the local state machine.
     pub async fn linearize(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
+        let span = crate::trace_span!("read_barrier", consistency = ?consistency);
+        tracing::Instrument::instrument(self.linearize_inner(consistency), span).await
+    }
+
+    async fn linearize_inner(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
         if self.unsafe_stale_reads {
             return Ok(());
         }

@@ -277,7 +277,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let last_index = batch.last().map(|e| e.index()).unwrap_or_default();
         let auth_changed = batch.iter().any(|e| matches!(&e.payload, EntryPayload::Normal(c) if c.op.changes_auth()));
         let generation = self.auth_generation.clone();
+        // Traced writes proposed here (they have a responder) make this batch's span.
+        let span = crate::telemetry::apply_span(
+            batch.iter().zip(&responders).filter_map(|(e, r)| match &e.payload {
+                EntryPayload::Normal(c) if r.is_some() => Some(c),
+                _ => None,
+            }),
+            batch.len(),
+            last_index,
+        );
         let results = blocking(move || {
+            let _apply = span.enter();
             let mut ops = Vec::new();
             let results = Self::apply_batch(&db, &batch, durable, &mut ops, &vectors)?;
             // Committed: readers that see the new generation see the new auth state.
@@ -285,6 +295,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             // A vector-index failure leaves search unable to see a committed write: fatal.
+            let _update = crate::trace_span!(parent: &span, "vector.update", ops = ops.len()).entered();
             vectors
                 .apply(&ops, last_index)
                 .map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?;

@@ -194,6 +194,32 @@ pub struct ConsolidationCluster {
 }
 
 impl Op {
+    /// The op's kind, for traces and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::CreateNamespace { .. } => "create_namespace",
+            Op::Put { .. } => "put",
+            Op::PutChecked { .. } => "put",
+            Op::Delete { .. } => "delete",
+            Op::DeleteNamespace { .. } => "delete_namespace",
+            Op::DefineNamespace { .. } => "define_namespace",
+            Op::SetPolicy { .. } => "set_policy",
+            Op::Retire { .. } => "retire",
+            Op::Consolidate { .. } => "consolidate",
+            Op::Reinforce { .. } => "reinforce",
+            Op::Purge { .. } => "purge",
+            Op::SetClusterId { .. } => "set_cluster_id",
+            Op::CreateKey { .. } => "create_key",
+            Op::BootstrapRootKey { .. } => "bootstrap_root_key",
+            Op::RevokeKey { .. } => "revoke_key",
+            Op::CreateRole { .. } => "create_role",
+            Op::DeleteRole { .. } => "delete_role",
+            Op::GrantRole { .. } => "grant_role",
+            Op::RevokeGrant { .. } => "revoke_grant",
+            Op::SetQuota { .. } => "set_quota",
+        }
+    }
+
     /// The namespace a memory op touches; `None` for cluster-level ops.
     pub fn namespace(&self) -> Option<&str> {
         match self {
