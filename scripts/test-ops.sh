@@ -2,7 +2,8 @@
 # Operator tooling, checked for real: the alert rules (promtool check + unit tests), the
 # Grafana dashboard and the rules against a live node's /metrics (promtool check metrics, and
 # every metric they name must exist), /status and `engramctl status --json`, `config
-# show|validate` on the example configs, the systemd unit (systemd-analyze verify), shell
+# show|validate` on the example configs, the systemd unit (systemd-analyze verify), backup
+# create/verify/restore through engramctl (progress bars on a terminal, none on a pipe), shell
 # completions and man pages. Usage: scripts/test-ops.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +47,9 @@ if "$CTL" config validate -- --node-id 1 2>/dev/null; then fail "a config withou
 echo "== a live node"
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 API="127.0.0.1:$(port)"; RAFT="127.0.0.1:$(port)"; HTTP="127.0.0.1:$(port)"
+"$CTL" keys generate --key-file "$WORK/keys.toml" 2>/dev/null >/dev/null
 "$BIN/engram" --insecure --node-id 1 --data-dir "$WORK/n1" --listen-api "$API" --listen-raft "$RAFT" \
-  --listen-http "$HTTP" >"$WORK/n1.log" 2>&1 &
+  --listen-http "$HTTP" --backup-key-file "$WORK/keys.toml" >"$WORK/n1.log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do curl -sf "http://$HTTP/healthz" >/dev/null && break; sleep 0.1; done
 "$CTL" --insecure --endpoints "$API" cluster init --member "1=$RAFT,$API" >/dev/null
@@ -71,6 +73,25 @@ jq -e '.status == "ok" and .raft.status == "ok" and .storage.status == "ok" and 
   "$WORK/status.json" >/dev/null || fail "/status: $(cat "$WORK/status.json")"
 "$CTL" --insecure --endpoints "$API" status --json | jq -e '.reachable and .state == "leader" and .node_id == 1' >/dev/null \
   || fail "engramctl status --json"
+
+echo "== backups through engramctl: progress bars on a terminal only"
+CTLN=("$CTL" --insecure --endpoints "$API")
+"${CTLN[@]}" backup create "$WORK/b1.engram" >"$WORK/create.out" 2>"$WORK/create.err" \
+  || fail "backup create: $(cat "$WORK/create.out" "$WORK/create.err")"
+grep -q "^backup .* written to $WORK/b1.engram" "$WORK/create.out" || fail "backup create: $(cat "$WORK/create.out")"
+[ ! -s "$WORK/create.err" ] || fail "backup create drew on a pipe: $(cat "$WORK/create.err")"
+"$CTL" backup verify "$WORK/b1.engram" --key-file "$WORK/keys.toml" >"$WORK/verify.out" 2>"$WORK/verify.err"
+grep -q "^OK: " "$WORK/verify.out" && [ ! -s "$WORK/verify.err" ] || fail "backup verify: $(cat "$WORK/verify.out" "$WORK/verify.err")"
+"$CTL" backup restore "$WORK/b1.engram" --key-file "$WORK/keys.toml" --data-dir "$WORK/r1" --node-id 1 \
+  --member "1=$RAFT,$API" >"$WORK/restore.out" 2>&1 || fail "backup restore: $(cat "$WORK/restore.out")"
+grep -q "^restored: " "$WORK/restore.out" || fail "backup restore: $(cat "$WORK/restore.out")"
+# On a terminal (script(1) gives one) each command draws a bar with its rate and ETA.
+script -qec "${CTLN[*]} backup create $WORK/b2.engram" /dev/null >"$WORK/create.tty"
+grep -q "backing up" "$WORK/create.tty" && grep -q "B/s" "$WORK/create.tty" && grep -q "ETA" "$WORK/create.tty" \
+  || fail "no progress bar on a terminal: $(cat -v "$WORK/create.tty")"
+script -qec "$CTL backup verify $WORK/b2.engram --key-file $WORK/keys.toml" /dev/null >"$WORK/verify.tty"
+grep -q "verifying" "$WORK/verify.tty" && grep -q "ETA" "$WORK/verify.tty" && grep -q "OK: backup" "$WORK/verify.tty" \
+  || fail "no verify progress on a terminal: $(cat -v "$WORK/verify.tty")"
 
 echo "== completions and man pages"
 "$CTL" completions bash > "$WORK/engramctl.bash"

@@ -12,6 +12,7 @@
 //! * [`server`] — [`server::start`]/[`server::run`]: an embeddable node (tests start real nodes).
 //! * [`http`] — `/metrics`, `/healthz`, `/readyz`.
 //! * [`config`] — flags, env vars, TOML file, validation.
+//! * [`progress`] — progress bars for engramctl, rate/ETA log lines for a node's long jobs.
 //! * [`telemetry`] — the log and opt-in OpenTelemetry traces (OTLP).
 //! * [`client`] — the Rust SDK: leader discovery, retries with idempotency keys.
 //! * [`vector`] — the `VectorIndex` trait: FAISS and an exact pure-Rust oracle, filters.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod memory;
+pub mod progress;
 pub mod raft;
 pub mod secrets;
 pub mod server;

@@ -264,6 +264,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         reader: reader.clone(),
         key_file: config.backup_key_file.clone(),
         last: last_backup.clone(),
+        state_file: config.data_dir.join("state.redb"),
     };
     let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me, backup, !config.insecure));
     let auth_api = AuthServiceServer::new(AuthApi::new(node.clone(), reader.clone(), authorizer));

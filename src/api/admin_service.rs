@@ -51,7 +51,13 @@ pub struct BackupContext {
     /// Keyring file; `None`: `ENGRAM_BACKUP_KEY`. Read per backup, so rotation needs no restart.
     pub key_file: Option<PathBuf>,
     pub last: BackupStatus,
+    /// The state machine's file: its size is the estimate a backup stream announces.
+    pub state_file: PathBuf,
 }
+
+/// Response header of `CreateBackup`: about how many bytes the archive will have (the state
+/// file's size; compression makes the archive smaller), for progress bars.
+pub const BACKUP_ESTIMATE_HEADER: &str = "engram-backup-estimated-bytes";
 
 /// A `Write` that sends what it is given as `BackupChunk`s of about 1 MiB. Fails once the
 /// caller has gone, which stops the backup.
@@ -411,7 +417,12 @@ impl AdminService for AdminApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        let mut resp =
+            Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::CreateBackupStream);
+        if let Ok(meta) = std::fs::metadata(&self.backup.state_file) {
+            resp.metadata_mut().insert(BACKUP_ESTIMATE_HEADER, meta.len().into());
+        }
+        Ok(resp)
     }
 
     #[instrument(skip_all)]

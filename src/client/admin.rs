@@ -119,12 +119,27 @@ impl Admin<'_> {
         &self,
         target: &std::path::Path,
     ) -> Result<(std::path::PathBuf, crate::backup::archive::Header), ClientError> {
+        self.create_backup_with_progress(target, |_, _| {}).await
+    }
+
+    /// [`create_backup`](Self::create_backup), calling `progress(bytes received so far, the
+    /// node's estimate of the total)` after each chunk (engramctl draws a bar from it).
+    pub async fn create_backup_with_progress(
+        &self,
+        target: &std::path::Path,
+        mut progress: impl FnMut(u64, Option<u64>),
+    ) -> Result<(std::path::PathBuf, crate::backup::archive::Header), ClientError> {
         use tokio::io::AsyncWriteExt;
         let io = |e: std::io::Error| ClientError::config(format!("writing the backup: {e}"));
         let addr = self.client.inner.preferred.lock().unwrap().clone();
         let mut c = Self::admin(self.client.channel(&addr)?).max_decoding_message_size(64 << 20);
-        let mut stream =
-            c.create_backup(pb::CreateBackupRequest {}).await.map_err(|s| ClientError::from_status(&s))?.into_inner();
+        let resp = c.create_backup(pb::CreateBackupRequest {}).await.map_err(|s| ClientError::from_status(&s))?;
+        let estimate = resp
+            .metadata()
+            .get(crate::api::admin_service::BACKUP_ESTIMATE_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut stream = resp.into_inner();
+        let mut received = 0u64;
         let dir = if target.is_dir() {
             target.to_path_buf()
         } else {
@@ -138,6 +153,8 @@ impl Admin<'_> {
                 let need = crate::backup::archive::HEADER_BYTES.saturating_sub(head.len());
                 head.extend_from_slice(&chunk.data[..chunk.data.len().min(need)]);
                 file.write_all(&chunk.data).await.map_err(io)?;
+                received += chunk.data.len() as u64;
+                progress(received, estimate);
             }
             file.sync_all().await.map_err(io)?;
             let (header, _) = crate::backup::archive::read_header(&mut head.as_slice())

@@ -20,6 +20,7 @@ use super::shard::{Filter, Shard};
 use super::{SearchParams, VectorError};
 use crate::error::StorageError;
 use crate::memory::{Memory, Metric};
+use crate::progress::Logged;
 use crate::storage::StateReader;
 
 /// A change to the vector view, produced by `apply` for each state change it makes.
@@ -192,7 +193,8 @@ impl VectorStore {
                 // later entry of the batch may have dropped and re-created it differently.
                 VectorOp::Rebuild { namespace, kind } => match self.reader.namespace(namespace)? {
                     Some(info) => {
-                        let rebuilt = self.build_namespace(namespace, info.dimension as usize, info.metric, *kind)?;
+                        let rebuilt =
+                            self.build_namespace(namespace, info.dimension as usize, info.metric, *kind, None)?;
                         shards.insert(namespace.clone(), rebuilt);
                     }
                     None => {
@@ -223,12 +225,16 @@ impl VectorStore {
         dim: usize,
         metric: Metric,
         kind: FaissKind,
+        mut progress: Option<&mut Logged>,
     ) -> Result<Shard, VectorStoreError> {
         let started = std::time::Instant::now();
         let mut memories = Vec::new();
         let mut after: Option<String> = None;
         loop {
             let (_, page) = self.reader.list(ns, after.as_deref(), 4096, 0)?;
+            if let Some(p) = progress.as_deref_mut() {
+                p.inc(page.memories.len() as u64);
+            }
             memories.extend(page.memories);
             match page.next_after {
                 Some(a) => after = Some(a),
@@ -268,8 +274,16 @@ impl VectorStore {
         self.forget_files()?;
         let applied = self.reader.applied_index()?;
         let mut fresh = HashMap::new();
-        for info in self.reader.namespaces()? {
-            let shard = self.build_namespace(&info.name, info.dimension as usize, info.metric, info.index)?;
+        let namespaces = self.reader.namespaces()?;
+        let mut progress = rebuild_progress(&namespaces);
+        for info in namespaces {
+            let shard = self.build_namespace(
+                &info.name,
+                info.dimension as usize,
+                info.metric,
+                info.index,
+                Some(&mut progress),
+            )?;
             fresh.insert(info.name.clone(), shard);
         }
         let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
@@ -321,6 +335,7 @@ impl VectorStore {
             Err(e) => (Err(e), Changes::default()),
         };
         let mut map = HashMap::new();
+        let mut progress = rebuild_progress(&namespaces);
         for info in &namespaces {
             let ns = info.name.as_str();
             // A merge rewrote memories the log entries do not name: catching up by id would
@@ -359,18 +374,19 @@ impl VectorStore {
                         report.caught_up += 1;
                     }
                     if shard.len() as u64 == info.memory_count {
+                        progress.inc(info.memory_count);
                         report.loaded.push(ns.to_string());
                         metrics::counter!("engram_vector_shard_opens_total", "source" => "file").increment(1);
                         shard
                     } else {
                         let why = format!("{} memories in the file, {} in the state", shard.len(), info.memory_count);
                         self.rebuilt(ns, why, &mut report);
-                        self.build_namespace(ns, info.dimension as usize, info.metric, info.index)?
+                        self.build_namespace(ns, info.dimension as usize, info.metric, info.index, Some(&mut progress))?
                     }
                 }
                 Err(why) => {
                     self.rebuilt(ns, why, &mut report);
-                    self.build_namespace(ns, info.dimension as usize, info.metric, info.index)?
+                    self.build_namespace(ns, info.dimension as usize, info.metric, info.index, Some(&mut progress))?
                 }
             };
             map.insert(ns.to_string(), shard);
@@ -463,4 +479,10 @@ impl VectorStore {
             None => Ok(None),
         }
     }
+}
+
+/// Progress over every namespace's memories, logged every few seconds with the rate and ETA
+/// while shards are loaded or rebuilt (a node with millions of memories takes minutes).
+fn rebuild_progress(namespaces: &[crate::memory::NamespaceInfo]) -> Logged {
+    Logged::new("vector shards", "memories read", namespaces.iter().map(|n| n.memory_count).sum())
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use engram::backup::{self, keys, restore, Keyring};
 use engram::client::{Client, ClientError, Consistency, Metric, NewMemory, Precondition};
+use engram::progress;
 use engram::proto as pb;
 
 mod security;
@@ -455,6 +456,11 @@ fn print_status(addr: &str, s: &pb::StatusResponse) {
 }
 
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    // Verify and restore read a file; they need no node, so no connection flags.
+    if let Cmd::Backup(BackupCmd::Verify { .. } | BackupCmd::Restore { .. }) = &cli.cmd {
+        let Cmd::Backup(cmd) = cli.cmd else { unreachable!("matched above") };
+        return backup_file_cmd(cmd).await;
+    }
     match cli.cmd {
         Cmd::Certs(cmd) => return certs_cmd(cmd),
         Cmd::Keys(cmd) => return keys_cmd(cmd),
@@ -687,10 +693,37 @@ fn open(file: &std::path::Path) -> Result<std::fs::File, String> {
     std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))
 }
 
+/// The file, read through a progress bar (drawn on a terminal only) over its size.
+fn read_with_bar(
+    file: &std::path::Path,
+    message: &str,
+) -> Result<(indicatif::ProgressBarIter<std::fs::File>, indicatif::ProgressBar), String> {
+    let f = open(file)?;
+    let len = f.metadata().map_err(|e| format!("{}: {e}", file.display()))?.len();
+    let bar = progress::bytes_bar(Some(len), false, message);
+    Ok((bar.wrap_read(f), bar))
+}
+
 async fn backup_cmd(client: &Client, cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
+        BackupCmd::Verify { .. } | BackupCmd::Restore { .. } => backup_file_cmd(cmd).await?,
         BackupCmd::Create { target } => {
-            let (path, h) = client.admin().create_backup(&target).await?;
+            // The node's estimate of the total (its state file; the archive is compressed).
+            let mut bar: Option<indicatif::ProgressBar> = None;
+            let res = client
+                .admin()
+                .create_backup_with_progress(&target, |got, estimate| {
+                    let b = bar.get_or_insert_with(|| progress::bytes_bar(estimate, true, "backing up"));
+                    if b.length().is_some_and(|len| got > len) {
+                        b.set_length(got);
+                    }
+                    b.set_position(got);
+                })
+                .await;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            let (path, h) = res?;
             let bytes = std::fs::metadata(&path)?.len();
             println!(
                 "backup {} written to {} ({bytes} bytes) at log index {}, key {}",
@@ -700,11 +733,23 @@ async fn backup_cmd(client: &Client, cmd: BackupCmd) -> Result<(), Box<dyn std::
                 hex::encode(h.key_id)
             );
         }
+    }
+    Ok(())
+}
+
+/// The backup commands that work on a file alone.
+async fn backup_file_cmd(cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error>> {
+    match cmd {
+        BackupCmd::Create { .. } => return Err("backup create streams from a node".into()),
         BackupCmd::Verify { file, key_file } => {
             let keys = Keyring::resolve(key_file.as_deref())?;
-            let info =
-                tokio::task::spawn_blocking(move || backup::verify(open(&file)?, &keys).map_err(|e| e.to_string()))
-                    .await??;
+            let info = tokio::task::spawn_blocking(move || {
+                let (input, bar) = read_with_bar(&file, "verifying")?;
+                let res = backup::verify(input, &keys).map_err(|e| e.to_string());
+                bar.finish_and_clear();
+                res
+            })
+            .await??;
             println!("OK: {info}");
         }
         BackupCmd::Restore { file, data_dir, node_id, members, force, key_file } => {
@@ -716,7 +761,10 @@ async fn backup_cmd(client: &Client, cmd: BackupCmd) -> Result<(), Box<dyn std::
             }
             let target = restore::RestoreTarget { data_dir, node_id, members: map, force };
             let info = tokio::task::spawn_blocking(move || {
-                restore::restore(open(&file)?, &keys, &target).map_err(|e| e.to_string())
+                let (input, bar) = read_with_bar(&file, "restoring")?;
+                let res = restore::restore(input, &keys, &target).map_err(|e| e.to_string());
+                bar.finish_and_clear();
+                res
             })
             .await??;
             println!("restored: {info}");
