@@ -49,11 +49,59 @@ impl From<MemoryV1> for Memory {
     }
 }
 
+/// Largest decoded record the one-shot decoder allocates up front (a frame's declared size
+/// is only a claim; larger claims go through the streaming decoder, which grows as it reads).
+const MAX_DIRECT_DECODE: u64 = 16 << 20;
+
+thread_local! {
+    // A zstd context costs a ~100 µs allocation and table reset to create: made once per
+    // thread instead of once per record (it was the top of an ingest profile).
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn compress(raw: &[u8], out: &mut Vec<u8>) {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let c = match &mut *c {
+            Some(c) => c,
+            none => none.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("a zstd context")),
+        };
+        let start = out.len();
+        out.resize(start + zstd::zstd_safe::compress_bound(raw.len()), 0);
+        let n = c.compress_to_buffer(raw, &mut out[start..]).expect("the bound always fits");
+        out.truncate(start + n);
+    })
+}
+
+/// One zstd frame (or several: older records were written by the streaming encoder).
+fn decompress(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(body) {
+        if size <= MAX_DIRECT_DECODE {
+            let direct = DECOMPRESSOR.with(|d| {
+                let mut d = d.borrow_mut();
+                let d = match &mut *d {
+                    Some(d) => d,
+                    none => none.insert(zstd::bulk::Decompressor::new()?),
+                };
+                d.decompress(body, size as usize)
+            });
+            // A record of several frames (or a wrong size) takes the general path.
+            if let Ok(raw) = direct {
+                if raw.len() as u64 == size {
+                    return Ok(raw);
+                }
+            }
+        }
+    }
+    zstd::stream::decode_all(body)
+}
+
 pub fn encode_memory(m: &Memory) -> Vec<u8> {
     let raw = bincode::serialize(m).expect("bincode of an in-memory Memory cannot fail");
     let mut out = Vec::with_capacity(raw.len() / 2 + 8);
     out.push(MEMORY_FORMAT_V2);
-    zstd::stream::copy_encode(&raw[..], &mut out, ZSTD_LEVEL).expect("zstd into a Vec cannot fail");
+    compress(&raw, &mut out);
     out
 }
 
@@ -61,11 +109,11 @@ pub fn decode_memory(bytes: &[u8]) -> Result<Memory, StorageError> {
     let corrupt = |reason: String| StorageError::Corrupt { table: "memories", reason };
     match bytes.split_first() {
         Some((&MEMORY_FORMAT_V1, body)) => {
-            let raw = zstd::stream::decode_all(body).map_err(|e| corrupt(format!("zstd: {e}")))?;
+            let raw = decompress(body).map_err(|e| corrupt(format!("zstd: {e}")))?;
             bincode::deserialize::<MemoryV1>(&raw).map(Memory::from).map_err(|e| corrupt(format!("bincode: {e}")))
         }
         Some((&MEMORY_FORMAT_V2, body)) => {
-            let raw = zstd::stream::decode_all(body).map_err(|e| corrupt(format!("zstd: {e}")))?;
+            let raw = decompress(body).map_err(|e| corrupt(format!("zstd: {e}")))?;
             bincode::deserialize(&raw).map_err(|e| corrupt(format!("bincode: {e}")))
         }
         Some((v, _)) => Err(corrupt(format!("unknown record format {v}"))),
@@ -144,6 +192,21 @@ mod tests {
             let read = decode_memory(&bytes).unwrap();
             let want = Memory { access_count: 0, merge_count: 0, merged_from: vec![], linked_to: None, ..m };
             prop_assert_eq!(read, want);
+        }
+
+        #[test]
+        fn streamed_and_multi_frame_records_still_read(m in memory(), split in 0usize..4096) {
+            // Records written before the one-shot encoder: one streamed frame (no content
+            // size), and the general case of several frames.
+            let raw = bincode::serialize(&m).unwrap();
+            let mut bytes = vec![MEMORY_FORMAT_V2];
+            zstd::stream::copy_encode(&raw[..], &mut bytes, 1).unwrap();
+            prop_assert_eq!(decode_memory(&bytes).unwrap(), m.clone());
+            let cut = split % (raw.len() + 1);
+            let mut bytes = vec![MEMORY_FORMAT_V2];
+            bytes.extend(zstd::bulk::compress(&raw[..cut], 1).unwrap());
+            bytes.extend(zstd::bulk::compress(&raw[cut..], 1).unwrap());
+            prop_assert_eq!(decode_memory(&bytes).unwrap(), m);
         }
 
         #[test]

@@ -295,6 +295,50 @@ impl Shard {
         Ok(())
     }
 
+    /// [`upsert`](Self::upsert)s many memories with one FAISS call per part instead of one
+    /// per memory (a big PutBatch). A later memory with the same id replaces an earlier one,
+    /// as in order. A wrong dimension anywhere changes nothing.
+    pub fn upsert_many(&mut self, memories: &[&Memory]) -> Result<(), VectorError> {
+        if let Some(m) = memories.iter().find(|m| m.embedding.len() != self.dim) {
+            return Err(VectorError::Dimension { expected: self.dim, got: m.embedding.len() });
+        }
+        let mut last: HashMap<&str, usize> = HashMap::with_capacity(memories.len());
+        for (i, m) in memories.iter().enumerate() {
+            last.insert(m.id.as_str(), i);
+        }
+        let mut per_part: Vec<(Vec<u64>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.parts.len()];
+        let mut planned = Vec::with_capacity(last.len());
+        for (i, m) in memories.iter().enumerate() {
+            if last[m.id.as_str()] != i {
+                continue;
+            }
+            let slot = match self.slots.get(&m.id) {
+                Some(s) => *s,
+                None => {
+                    self.next_slot += 1;
+                    // Reserved now so that a second new id in this batch gets its own slot.
+                    self.slots.insert(m.id.clone(), self.next_slot - 1);
+                    self.next_slot - 1
+                }
+            };
+            let (slots, vectors) = &mut per_part[self.part_of(slot)];
+            slots.push(slot);
+            vectors.extend(prepared(self.metric, &m.embedding));
+            planned.push((slot, *m));
+        }
+        for (part, (slots, vectors)) in per_part.iter().enumerate() {
+            if !slots.is_empty() {
+                self.parts[part].upsert(slots, vectors)?;
+            }
+        }
+        for (slot, m) in planned {
+            self.unindex(slot);
+            self.index_doc(slot, Doc::of(m));
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
     pub fn remove(&mut self, id: &str) -> Result<(), VectorError> {
         if let Some(slot) = self.slots.remove(id) {
             let part = self.part_of(slot);
@@ -417,5 +461,69 @@ impl Shard {
             merged
         };
         Ok(hits.into_iter().filter_map(|h| self.docs.get(&h.id).map(|d| (d.id.clone(), h.score))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIM: usize = 8;
+
+    fn vector(seed: u64) -> Vec<f32> {
+        (0..DIM as u64).map(|i| (((seed * 7919 + i * 104_729) % 1000) as f32 / 500.0) - 1.0).collect()
+    }
+
+    fn memory(id: &str, seed: u64, tag: &str) -> Memory {
+        Memory {
+            namespace: "n".into(),
+            id: id.into(),
+            embedding: vector(seed),
+            tags: [("k".to_string(), tag.to_string())].into(),
+            importance: 0.5,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_batched_upsert_is_the_same_as_one_at_a_time() {
+        for max_part in [usize::MAX, 40] {
+            let base: Vec<Memory> =
+                (0..100).map(|i| memory(&format!("m{i}"), i, if i % 2 == 0 { "even" } else { "odd" })).collect();
+            let mut one = Shard::build(DIM, Metric::Cosine, FaissKind::Flat, &base, max_part).unwrap();
+            let mut many = Shard::build(DIM, Metric::Cosine, FaissKind::Flat, &base, max_part).unwrap();
+            // Updates of existing ids (new vectors, tags flipped), new ids, and ids given twice
+            // (the later wins), one new and one existing.
+            let mut batch: Vec<Memory> = (0..30).map(|i| memory(&format!("m{i}"), 500 + i, "odd")).collect();
+            batch.extend((100..130).map(|i| memory(&format!("m{i}"), i, "even")));
+            batch.push(memory("twice", 900, "odd"));
+            batch.push(memory("m40", 901, "odd"));
+            batch.push(memory("twice", 902, "even"));
+            batch.push(memory("m40", 903, "even"));
+            for m in &batch {
+                one.upsert(m).unwrap();
+            }
+            many.upsert_many(&batch.iter().collect::<Vec<_>>()).unwrap();
+            assert_eq!(one.len(), many.len());
+            assert_eq!(many.len(), 131);
+            let even = Filter { tags: vec![("k".into(), "even".into())], ..Default::default() };
+            for q in 0..20 {
+                for f in [Filter::default(), even.clone()] {
+                    let a = one.search(&vector(q * 31), 10, &f, SearchParams::default(), 0).unwrap();
+                    let b = many.search(&vector(q * 31), 10, &f, SearchParams::default(), 0).unwrap();
+                    assert_eq!(a.len(), b.len());
+                    for (x, y) in a.iter().zip(&b) {
+                        assert_eq!(x.0, y.0, "max_part {max_part}, query {q}, {f:?}");
+                        assert!((x.1 - y.1).abs() < 1e-5);
+                    }
+                }
+            }
+            // A wrong dimension anywhere in the batch changes nothing.
+            let mut bad = memory("m1", 1, "odd");
+            bad.embedding.pop();
+            let fresh = memory("new-one", 5, "odd");
+            assert!(many.upsert_many(&[&fresh, &bad]).is_err());
+            assert_eq!(many.len(), 131);
+        }
     }
 }

@@ -177,7 +177,25 @@ impl VectorStore {
                             .entry(memory.namespace.clone())
                             .or_insert(Shard::new(memory.embedding.len(), *metric)?),
                     };
-                    shard.upsert(memory)?;
+                    // A run of upserts into one namespace (a PutBatch) is one FAISS call per part.
+                    let run = ops[i..]
+                        .iter()
+                        .take_while(
+                            |o| matches!(o, VectorOp::Upsert { memory: m, .. } if m.namespace == memory.namespace),
+                        )
+                        .count();
+                    if run == 0 {
+                        shard.upsert(memory)?;
+                    } else {
+                        let batch: Vec<&Memory> = std::iter::once(&**memory)
+                            .chain(ops[i..i + run].iter().filter_map(|o| match o {
+                                VectorOp::Upsert { memory, .. } => Some(&**memory),
+                                _ => None,
+                            }))
+                            .collect();
+                        shard.upsert_many(&batch)?;
+                        i += run;
+                    }
                 }
                 VectorOp::Remove { namespace, id } => {
                     if let Some(s) = shards.get_mut(namespace) {
