@@ -344,12 +344,8 @@ impl MemoryApi {
         let threshold = threshold
             .or(policy.near_duplicate.as_ref().map(|n| n.threshold))
             .ok_or_else(|| ApiError::invalid("threshold", "the namespace has no near-duplicate threshold: give one"))?;
-        let in_range = match info.metric {
-            memory::Metric::Cosine => (-1.0..=1.0).contains(&threshold),
-            memory::Metric::L2 => threshold >= 0.0,
-            memory::Metric::InnerProduct => true,
-        };
-        if !in_range {
+        // A policy's bounds, but any cosine similarity: a one-off plan may be as loose as asked.
+        if !memory::policy::threshold_ok(info.metric, threshold, -1.0) {
             return Err(ApiError::invalid("threshold", format!("{threshold} is out of range for the metric")));
         }
         let keep = policy.near_duplicate.as_ref().map(|n| n.keep).unwrap_or_default();

@@ -172,15 +172,9 @@ impl MemoryPolicy {
     pub fn validate(&self, metric: Metric) -> Result<(), PolicyError> {
         if let Some(n) = &self.near_duplicate {
             let t = n.threshold;
-            let ok = t.is_finite()
-                && match metric {
-                    // Below 0.5 nearly everything is a "twin", and apply would score whole
-                    // namespaces on every put.
-                    Metric::Cosine => (MIN_COSINE_THRESHOLD..=1.0).contains(&t),
-                    Metric::InnerProduct => true,
-                    Metric::L2 => t >= 0.0,
-                };
-            if !ok {
+            // Below 0.5 nearly everything is a "twin", and apply would score whole namespaces
+            // on every put.
+            if !threshold_ok(metric, t, MIN_COSINE_THRESHOLD) {
                 return Err(PolicyError::new(
                     "policy.near_duplicate.threshold",
                     format!("{t} is out of range (cosine: {MIN_COSINE_THRESHOLD}..=1; L2: >= 0)"),
@@ -380,6 +374,17 @@ pub fn exact_score(metric: Metric, a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// Whether `t` is a usable twin threshold under `metric`: finite, within `min_cosine..=1`
+/// for cosine, not negative for L2.
+pub fn threshold_ok(metric: Metric, t: f32, min_cosine: f32) -> bool {
+    t.is_finite()
+        && match metric {
+            Metric::Cosine => (min_cosine..=1.0).contains(&t),
+            Metric::InnerProduct => true,
+            Metric::L2 => t >= 0.0,
+        }
+}
+
 /// Whether `score` makes a twin under `threshold`.
 pub fn is_twin(metric: Metric, score: f64, threshold: f32) -> bool {
     match metric {
@@ -564,5 +569,18 @@ mod tests {
         let g = Gate::default();
         assert_eq!(id_prefix(&g, "user-1:abc"), Some("user-1:"));
         assert_eq!(id_prefix(&g, "plain"), None);
+    }
+
+    #[test]
+    fn thresholds_are_finite_and_within_the_metric() {
+        for t in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for m in [Metric::Cosine, Metric::InnerProduct, Metric::L2] {
+                assert!(!threshold_ok(m, t, -1.0), "{m:?} {t}");
+            }
+        }
+        assert!(threshold_ok(Metric::Cosine, -0.5, -1.0) && !threshold_ok(Metric::Cosine, -0.5, MIN_COSINE_THRESHOLD));
+        assert!(!threshold_ok(Metric::Cosine, 1.01, -1.0));
+        assert!(threshold_ok(Metric::InnerProduct, -7.0, -1.0));
+        assert!(threshold_ok(Metric::L2, 0.0, -1.0) && !threshold_ok(Metric::L2, -0.1, -1.0));
     }
 }
