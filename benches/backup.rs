@@ -111,7 +111,7 @@ fn populate(path: &Path, a: &Args) -> Database {
             memory_count: a.memories as u64,
             created_at_ms: 1,
             index: IndexKind::Ivf { nlist: 1024 },
-            ivf_min_vectors: 50_000,
+            approx_min_vectors: 50_000,
             // Only byte quotas read this; the benchmark sets none.
             bytes: 0,
         };

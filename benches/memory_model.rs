@@ -77,7 +77,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn put_op(items: Vec<(MemoryInput, Precondition)>) -> Op {
-    Op::Put { namespace: NS.into(), items, ivf_min_vectors: 50_000 }
+    Op::Put { namespace: NS.into(), items, approx_min_vectors: 50_000 }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -91,7 +91,7 @@ async fn main() {
         namespace: NS.into(),
         dimension: args.dim as u32,
         metric: Metric::Cosine,
-        ivf_min_vectors: 50_000,
+        approx_min_vectors: 50_000,
     };
     log.apply(vec![(create, now)], 1).await;
 

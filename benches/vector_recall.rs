@@ -50,9 +50,12 @@ struct Args {
     nlist: Option<u32>,
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     nprobe: Vec<usize>,
-    /// The node's IVF threshold: namespaces this large are IVF shards.
-    #[arg(long, default_value_t = 20_000)]
-    ivf_min: usize,
+    /// HNSW efSearch values for the in-process HNSW32 rows.
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64,128")]
+    ef: Vec<usize>,
+    /// The node's approximate-index threshold: namespaces this large are HNSW shards.
+    #[arg(long, default_value_t = 10_000)]
+    approx_min: usize,
     /// The node's shard part size.
     #[arg(long, default_value_t = 250_000)]
     part_max: usize,
@@ -231,9 +234,20 @@ fn in_process(args: &Args, data: &Data) {
         Box::new(f)
     });
     for (i, nprobe) in args.nprobe.iter().enumerate() {
-        let m = measure(ivf.as_ref(), data, SearchParams { nprobe: *nprobe });
+        let m = measure(ivf.as_ref(), data, SearchParams { nprobe: *nprobe, ..SearchParams::default() });
         let (build, bytes) = if i == 0 { (Some(t), Some(b)) } else { (None, None) };
         rows.push(Row { engine: format!("faiss IVF{nlist},Flat nprobe={nprobe}"), build, bytes_per_vector: bytes, m });
+    }
+    drop(ivf);
+    let (hnsw, t, b) = build(&mut || {
+        let mut f = FaissIndex::new(dim, metric, FaissKind::Hnsw { m: 32 }).unwrap();
+        f.upsert(&ids, &data.base).unwrap();
+        Box::new(f)
+    });
+    for (i, ef) in args.ef.iter().enumerate() {
+        let m = measure(hnsw.as_ref(), data, SearchParams { ef: *ef, ..SearchParams::default() });
+        let (build, bytes) = if i == 0 { (Some(t), Some(b)) } else { (None, None) };
+        rows.push(Row { engine: format!("faiss HNSW32 ef={ef}"), build, bytes_per_vector: bytes, m });
     }
     print_rows(&rows);
 }
@@ -243,7 +257,7 @@ async fn through_grpc(args: &Args, data: &Data) {
     let (n, dim) = (data.n(), data.dim);
     let dir = tempfile::tempdir().unwrap();
     let mut config = engram::config::Config::for_test(1, dir.path().to_path_buf());
-    config.ivf_min_vectors = args.ivf_min;
+    config.approx_min_vectors = args.approx_min;
     config.vector_part_max = args.part_max;
     let node = engram::server::start(config).await.unwrap();
     let client = Client::new([node.api_addr.to_string()]).unwrap().creating_namespaces();
@@ -298,7 +312,7 @@ async fn through_grpc(args: &Args, data: &Data) {
     println!("\n| nprobe | in-process recall@10 | in-process q/s | gRPC recall@10 | gRPC q/s | gRPC p50 µs | in-process / gRPC | SearchBatch(32) q/s |");
     println!("|---|---|---|---|---|---|---|---|");
     for nprobe in probes {
-        let params = SearchParams { nprobe };
+        let params = SearchParams { nprobe, ..SearchParams::default() };
         // The node's own shard, no gRPC.
         let (mut lat, mut recall) = (Vec::new(), 0.0);
         let t0 = Instant::now();
@@ -349,7 +363,7 @@ async fn through_grpc(args: &Args, data: &Data) {
     let shutdown = t.elapsed();
     let config = {
         let mut c = engram::config::Config::for_test(1, dir.path().to_path_buf());
-        c.ivf_min_vectors = args.ivf_min;
+        c.approx_min_vectors = args.approx_min;
         c.vector_part_max = args.part_max;
         c
     };

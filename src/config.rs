@@ -21,7 +21,7 @@
 //! backup_retention = 24            # scheduled backups kept in backup_dir
 //! backup_key_file = "/etc/engram/backup-keys.toml"   # keyring (mode 0600); else ENGRAM_BACKUP_KEY
 //! state_sync_interval_ms = 100     # 0: fsync the state machine on every apply
-//! ivf_min_vectors = 50000          # namespaces this large use IVF shards instead of Flat
+//! approx_min_vectors = 10000       # namespaces this large use HNSW shards instead of Flat
 //! vector_part_max = 250000         # shard parts searched in parallel hold at most this many
 //! vector_checkpoint_secs = 300     # write changed vector shards to index files; 0 = only at shutdown
 //! read_timeout_ms = 5000
@@ -134,10 +134,11 @@ pub struct NodeArgs {
     /// [default: 100].
     #[arg(long, env = "ENGRAM_STATE_SYNC_INTERVAL_MS")]
     pub state_sync_interval_ms: Option<u64>,
-    /// Namespaces with at least this many memories use an approximate IVF shard instead of an
-    /// exact Flat one [default: 50000].
-    #[arg(long, env = "ENGRAM_IVF_MIN_VECTORS")]
-    pub ivf_min_vectors: Option<usize>,
+    /// Namespaces with at least this many memories use an approximate HNSW shard instead of
+    /// an exact Flat one [default: 10000]. Fixed into each namespace when it is created.
+    #[arg(long, env = "ENGRAM_APPROX_MIN_VECTORS", alias = "ivf-min-vectors")]
+    #[serde(alias = "ivf_min_vectors")]
+    pub approx_min_vectors: Option<usize>,
     /// A namespace's shard is split into parts of at most this many memories, searched in
     /// parallel [default: 250000].
     #[arg(long, env = "ENGRAM_VECTOR_PART_MAX")]
@@ -271,7 +272,7 @@ pub struct Config {
     pub reinforce_flush_ms: u64,
     pub archive_dir: PathBuf,
     pub state_sync_interval_ms: u64,
-    pub ivf_min_vectors: usize,
+    pub approx_min_vectors: usize,
     pub vector_part_max: usize,
     pub vector_checkpoint_secs: u64,
     pub read_timeout_ms: u64,
@@ -474,7 +475,7 @@ impl NodeArgs {
             reinforce_flush_ms: pick!(cli, file, reinforce_flush_ms, 1000).max(10),
             archive_dir,
             state_sync_interval_ms: pick!(cli, file, state_sync_interval_ms, 100),
-            ivf_min_vectors: pick!(cli, file, ivf_min_vectors, 50_000),
+            approx_min_vectors: pick!(cli, file, approx_min_vectors, 10_000),
             vector_part_max: pick!(cli, file, vector_part_max, 250_000),
             vector_checkpoint_secs: pick!(cli, file, vector_checkpoint_secs, 300),
             read_timeout_ms: pick!(cli, file, read_timeout_ms, 5000),
@@ -538,7 +539,7 @@ impl Config {
             reinforce_flush_ms: 200,
             archive_dir,
             state_sync_interval_ms: 100,
-            ivf_min_vectors: 50_000,
+            approx_min_vectors: 10_000,
             vector_part_max: 250_000,
             vector_checkpoint_secs: 300,
             read_timeout_ms: 5000,
@@ -590,8 +591,8 @@ impl Config {
         if self.backup_interval_secs > 0 && self.backup_retention == 0 {
             return err("backup_retention must be > 0 when backups are scheduled".into());
         }
-        if self.ivf_min_vectors < 64 {
-            return err("ivf_min_vectors must be at least 64".into());
+        if self.approx_min_vectors < 64 {
+            return err("approx_min_vectors must be at least 64".into());
         }
         if self.vector_part_max == 0 {
             return err("vector_part_max must be > 0".into());

@@ -213,6 +213,8 @@ pub fn status(s: &HttpState) -> serde_json::Value {
         "applied_index": vectors_applied,
         "namespaces": shards.len(),
         "vectors": shards.iter().map(|(_, _, n, _)| *n as u64).sum::<u64>(),
+        // Shards being rebuilt in the background (their old shard answers meanwhile).
+        "building": s.vectors.building().len(),
     });
     let last = s.last_backup.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let now = crate::memory::now_ms();

@@ -53,7 +53,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (ns.clone(), prop::collection::vec(item, 1..4)).prop_map(|(namespace, mut items)| {
             items.dedup_by(|a, b| a.0.id == b.0.id);
-            Op::Put { namespace, items, ivf_min_vectors: 64 }
+            Op::Put { namespace, items, approx_min_vectors: 64 }
         }),
         2 => (ns.clone(), id, pre).prop_map(|(namespace, id, precondition)| Op::Delete { namespace, id, precondition }),
         1 => ns.clone().prop_map(|namespace| Op::DeleteNamespace { namespace }),
@@ -61,7 +61,7 @@ fn op() -> impl Strategy<Value = Op> {
             namespace,
             dimension,
             metric: Metric::Cosine,
-            ivf_min_vectors: 64,
+            approx_min_vectors: 64,
         }),
         2 => auth_op(),
         3 => memory_op(),
@@ -107,7 +107,7 @@ fn memory_op() -> impl Strategy<Value = Op> {
             namespace,
             dimension: 3,
             metric: Metric::Cosine,
-            ivf_min_vectors: 64,
+            approx_min_vectors: 64,
             policy,
         }),
         1 => prop::collection::vec((ns.clone(), id.clone()), 0..6).prop_map(|items| Op::Purge { items }),

@@ -173,15 +173,25 @@ async fn write_tagged(client: &engram::client::Client, range: std::ops::Range<u3
     client.put_batch(NS2, items).await.unwrap();
 }
 
+/// Waits for every running node's background shard rebuilds.
+fn settle(cluster: &TestCluster) {
+    for id in cluster.running() {
+        assert!(
+            cluster.handle(id).vectors.wait_for_builds(std::time::Duration::from_secs(60)),
+            "node {id} still building"
+        );
+    }
+}
+
 fn vectors_dir(cluster: &TestCluster, node: u64) -> std::path::PathBuf {
     cluster.slot(node).dir.path().join("vectors")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarts_give_the_same_answers_with_and_without_index_files() {
-    // IVF from 64 memories, parts of at most 50: NS becomes IVF at 100 memories, in 2 parts.
+    // HNSW from 64 memories, parts of at most 50: NS becomes HNSW at 100 memories, in 2 parts.
     let mut cluster = TestCluster::start_with(3, |c| {
-        c.ivf_min_vectors = 64;
+        c.approx_min_vectors = 64;
         c.vector_part_max = 50;
         c.vector_checkpoint_secs = 0;
     })
@@ -199,8 +209,9 @@ async fn restarts_give_the_same_answers_with_and_without_index_files() {
     client.delete(NS, "m5").await.unwrap();
     client.delete(NS2, "t3").await.unwrap();
     let leader = cluster.wait_for_leader().await;
+    settle(&cluster);
     let kinds = cluster.handle(leader).vectors.shard_kinds();
-    assert!(matches!(kinds[0].1, engram::memory::IndexKind::Ivf { .. }) && kinds[0].3 == 2, "{kinds:?}");
+    assert!(matches!(kinds[0].1, engram::memory::IndexKind::Hnsw { .. }) && kinds[0].3 == 2, "{kinds:?}");
     let first = answers(&cluster, leader).await;
 
     // 1. Clean stop writes index files; a restart loads them and rebuilds nothing.
@@ -343,9 +354,9 @@ async fn bad_search_input_is_refused_naming_the_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn large_namespaces_switch_to_ivf_on_every_node_and_back() {
+async fn large_namespaces_switch_to_hnsw_on_every_node_and_back() {
     use engram::vector::faiss::FaissKind;
-    let mut cluster = TestCluster::start_with(3, |c| c.ivf_min_vectors = 64).await;
+    let mut cluster = TestCluster::start_with(3, |c| c.approx_min_vectors = 64).await;
     let client = cluster.client();
     let batch = |from: u32, to: u32| {
         (from..to)
@@ -360,13 +371,14 @@ async fn large_namespaces_switch_to_ivf_on_every_node_and_back() {
     for id in cluster.running() {
         assert_eq!(cluster.handle(id).vectors.shard_kinds()[0].1, FaissKind::Flat);
     }
-    // Phase 2: past the threshold every node retrains the same IVF shard.
+    // Phase 2: past the threshold every node builds an HNSW shard (in the background).
     let r = client.put_batch(NS, batch(40, 300)).await.unwrap();
     cluster.wait_applied(r.applied_index).await;
+    settle(&cluster);
     for id in cluster.running() {
-        assert_eq!(cluster.handle(id).vectors.shard_kinds()[0], (NS.to_string(), FaissKind::Ivf { nlist: 32 }, 300, 1));
+        assert_eq!(cluster.handle(id).vectors.shard_kinds()[0], (NS.to_string(), FaissKind::Hnsw { m: 32 }, 300, 1));
     }
-    // Probing every list is exact, and every node answers identically.
+    // So few candidates are scored exactly, and every node answers identically.
     let probe_all = |v: Vec<f32>| pb::SearchRequest { nprobe: 32, ..req(v, 5) };
     for q in [3u32, 77, 150] {
         let mut answers = Vec::new();
@@ -376,7 +388,7 @@ async fn large_namespaces_switch_to_ivf_on_every_node_and_back() {
         assert!(answers.windows(2).all(|w| w[0] == w[1]), "nodes disagree: {answers:?}");
         assert!(answers[0][0].score > 0.999, "{:?}", answers[0][0]);
     }
-    // Phase 3: deletes on an IVF shard never come back.
+    // Phase 3: deletes on an HNSW shard (tombstones) never come back.
     client.delete(NS, "m077").await.unwrap();
     let hits = client.search_with(probe_all(vec_for(77 * 13 + 1))).await.unwrap().hits;
     assert!(hits.iter().all(|h| h.id != "m077"));
@@ -390,7 +402,7 @@ async fn large_namespaces_switch_to_ivf_on_every_node_and_back() {
     }
     cluster.wait_for_leader().await;
     for id in cluster.running() {
-        assert_eq!(cluster.handle(id).vectors.shard_kinds()[0].1, FaissKind::Ivf { nlist: 32 });
+        assert_eq!(cluster.handle(id).vectors.shard_kinds()[0].1, FaissKind::Hnsw { m: 32 });
         assert_eq!(cluster.pinned(id).search_with(probe_all(vec_for(5))).await.unwrap().hits, before);
     }
     cluster.shutdown().await;
@@ -399,17 +411,19 @@ async fn large_namespaces_switch_to_ivf_on_every_node_and_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shrinking_namespaces_return_to_exact_shards() {
     use engram::vector::faiss::FaissKind;
-    let cluster = TestCluster::start_with(1, |c| c.ivf_min_vectors = 64).await;
+    let cluster = TestCluster::start_with(1, |c| c.approx_min_vectors = 64).await;
     let client = cluster.client();
     let items = (0..100u32)
         .map(|i| (NewMemory::new("t", vec_for(i)).with_id(format!("m{i:03}")), Precondition::None))
         .collect();
     client.put_batch(NS, items).await.unwrap();
-    assert!(matches!(cluster.handle(1).vectors.shard_kinds()[0].1, FaissKind::Ivf { .. }));
+    settle(&cluster);
+    assert!(matches!(cluster.handle(1).vectors.shard_kinds()[0].1, FaissKind::Hnsw { .. }));
     // Below half the threshold (32) the shard is exact again.
     for i in 0..69u32 {
         client.delete(NS, &format!("m{i:03}")).await.unwrap();
     }
+    settle(&cluster);
     assert_eq!(cluster.handle(1).vectors.shard_kinds()[0], (NS.to_string(), FaissKind::Flat, 31, 1));
     let r = client.search(NS, vec_for(80), 1).await.unwrap();
     assert_eq!(r.hits[0].id, "m080");
@@ -417,9 +431,9 @@ async fn shrinking_namespaces_return_to_exact_shards() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn selective_filters_on_ivf_shards_still_return_k() {
+async fn selective_filters_on_approximate_shards_still_return_k() {
     use engram::vector::faiss::FaissKind;
-    let cluster = TestCluster::start_with(1, |c| c.ivf_min_vectors = 64).await;
+    let cluster = TestCluster::start_with(1, |c| c.approx_min_vectors = 64).await;
     let client = cluster.client();
     // 400 memories, 3 of them tagged rare and scattered across the space.
     let items = (0..400u32)
@@ -430,7 +444,8 @@ async fn selective_filters_on_ivf_shards_still_return_k() {
         })
         .collect();
     client.put_batch(NS, items).await.unwrap();
-    assert!(matches!(cluster.handle(1).vectors.shard_kinds()[0].1, FaissKind::Ivf { .. }));
+    settle(&cluster);
+    assert!(matches!(cluster.handle(1).vectors.shard_kinds()[0].1, FaissKind::Hnsw { .. }));
     let r = client
         .search_with(pb::SearchRequest {
             nprobe: 1,
@@ -515,5 +530,87 @@ async fn batch_search_answers_like_single_searches_behind_one_barrier() {
     bad[3].namespace = "acme/nope".into();
     let e = client.search_batch(bad, Consistency::Linearizable).await.unwrap_err();
     assert_eq!(field_of(e).0, Code::NotFound);
+    cluster.shutdown().await;
+}
+
+/// A random unit vector in `dim` dimensions (seeded: the test is repeatable).
+fn unit(dim: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v: Vec<f32> = (0..dim)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let n = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|a| *a /= n);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_go_on_while_a_shard_is_rebuilt_and_none_is_lost() {
+    use engram::vector::faiss::FaissKind;
+    const WIDE: usize = 96;
+    const N: u64 = 12_000;
+    let cluster = TestCluster::start_with(1, |c| c.approx_min_vectors = N as usize).await;
+    let client = cluster.client();
+    let vectors = cluster.handle(1).vectors.clone();
+    client.create_namespace(NS, WIDE as u32, Metric::Cosine).await.unwrap();
+    let item = |i: u64| (NewMemory::new("t", unit(WIDE, i)).with_id(format!("m{i:05}")), Precondition::None);
+    for from in (0..N - 1).step_by(1000) {
+        client.put_batch(NS, (from..(from + 1000).min(N - 1)).map(item).collect()).await.unwrap();
+    }
+    assert_eq!(vectors.shard_kinds()[0].1, FaissKind::Flat);
+    // The put that crosses the threshold is acknowledged before the HNSW shard exists.
+    client.put_batch(NS, vec![item(N - 1)]).await.unwrap();
+    assert_eq!(vectors.building(), vec![NS.to_string()], "the rebuild should be under way");
+    // Writes, updates and deletes while it builds: each acknowledged with the build still
+    // running (apply never waits for it), and the old shard answers them meanwhile.
+    let (mut during, mut latencies, mut i) = (0u32, Vec::new(), N);
+    while !vectors.building().is_empty() && i < N + 2000 {
+        let started = std::time::Instant::now();
+        match i % 3 {
+            0 => client.put(NS, item(i).0).await.map(|_| ()),
+            1 => client
+                .put(NS, NewMemory::new("moved", unit(WIDE, i + 1_000_000)).with_id(format!("m{:05}", i - N)))
+                .await
+                .map(|_| ()),
+            _ => client.delete(NS, &format!("m{:05}", i - N + 5000)).await.map(|_| ()),
+        }
+        .unwrap();
+        if !vectors.building().is_empty() {
+            during += 1;
+            latencies.push(started.elapsed());
+        }
+        i += 1;
+    }
+    assert!(vectors.wait_for_builds(std::time::Duration::from_secs(120)));
+    latencies.sort();
+    eprintln!(
+        "{during} writes acknowledged during the rebuild; p50 {:?}, max {:?}",
+        latencies.get(latencies.len() / 2),
+        latencies.last()
+    );
+    assert!(during >= 3, "only {during} writes finished while the shard was rebuilt: apply waited for it");
+    // The new shard holds every write, from before and during the build.
+    let kinds = vectors.shard_kinds();
+    assert_eq!(kinds[0].1, FaissKind::Hnsw { m: 32 });
+    for j in N..i {
+        let (id, v, gone) = match j % 3 {
+            0 => (format!("m{j:05}"), unit(WIDE, j), false),
+            1 => (format!("m{:05}", j - N), unit(WIDE, j + 1_000_000), false),
+            _ => (format!("m{:05}", j - N + 5000), unit(WIDE, j - N + 5000), true),
+        };
+        let hits = client.search(NS, v, 1).await.unwrap().hits;
+        if gone {
+            assert!(hits.iter().all(|h| h.id != id), "{id} was deleted during the build and came back");
+        } else {
+            assert_eq!(hits[0].id, id, "write {j} during the build is missing from the new shard");
+        }
+    }
+    let count = client.describe_namespace(NS).await.unwrap().namespace.unwrap().memory_count as usize;
+    assert_eq!(kinds[0].2, count);
     cluster.shutdown().await;
 }

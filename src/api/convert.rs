@@ -94,8 +94,16 @@ pub fn metric_to_pb(m: Metric) -> pb::Metric {
 }
 
 pub fn namespace_to_pb(n: NamespaceInfo) -> pb::NamespaceInfo {
-    let NamespaceInfo { name, dimension, metric, memory_count, created_at_ms, index: _, ivf_min_vectors: _, bytes: _ } =
-        n;
+    let NamespaceInfo {
+        name,
+        dimension,
+        metric,
+        memory_count,
+        created_at_ms,
+        index: _,
+        approx_min_vectors: _,
+        bytes: _,
+    } = n;
     pb::NamespaceInfo { namespace: name, dimension, metric: metric_to_pb(metric) as i32, memory_count, created_at_ms }
 }
 

@@ -162,8 +162,12 @@ impl MemoryApi {
             }
         }
         self.precheck(&namespace, &items)?;
-        let op =
-            Op::PutChecked { namespace, items, create: create_namespace, ivf_min_vectors: self.limits.ivf_min_vectors };
+        let op = Op::PutChecked {
+            namespace,
+            items,
+            create: create_namespace,
+            approx_min_vectors: self.limits.approx_min_vectors,
+        };
         let res = self.propose(caller, idempotency, op).await?;
         let results = match res.outcome {
             Outcome::Stored(results) => {
@@ -448,16 +452,16 @@ impl MemoryApi {
             return Err(ApiError::invalid("dimension", format!("must be 1..={}", self.limits.max_dimension)));
         }
         let metric = convert::metric_from_pb(metric)?;
-        let ivf_min_vectors = self.limits.ivf_min_vectors;
+        let approx_min_vectors = self.limits.approx_min_vectors;
         let op = if policy == memory::MemoryPolicy::default() {
-            Op::CreateNamespace { namespace: namespace.clone(), dimension, metric, ivf_min_vectors }
+            Op::CreateNamespace { namespace: namespace.clone(), dimension, metric, approx_min_vectors }
         } else {
             policy.validate(metric).map_err(|e| ApiError::invalid(e.field, e.reason))?;
             Op::DefineNamespace {
                 namespace: namespace.clone(),
                 dimension,
                 metric,
-                ivf_min_vectors,
+                approx_min_vectors,
                 policy: policy.clone(),
             }
         };

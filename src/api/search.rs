@@ -58,6 +58,7 @@ impl SearchPlan {
             ranking,
             reinforce,
             ranking_now_ms,
+            ef_search,
         } = req;
         validate_namespace(&namespace)?;
         if k == 0 || k > MAX_K {
@@ -74,8 +75,14 @@ impl SearchPlan {
             p.validate(crate::memory::Metric::InnerProduct)
                 .map_err(|e| ApiError::invalid(e.field.replacen("policy.decay", "ranking", 1), e.reason))?;
         }
-        let params =
-            SearchParams { nprobe: if nprobe == 0 { SearchParams::default().nprobe } else { nprobe as usize } };
+        if ef_search as usize > crate::vector::MAX_EF {
+            return Err(ApiError::invalid("ef_search", format!("must be 0..={}", crate::vector::MAX_EF)));
+        }
+        let defaults = SearchParams::default();
+        let params = SearchParams {
+            nprobe: if nprobe == 0 { defaults.nprobe } else { nprobe as usize },
+            ef: if ef_search == 0 { defaults.ef } else { ef_search as usize },
+        };
         let plan = SearchPlan {
             namespace,
             vector,

@@ -27,30 +27,43 @@ pub enum Metric {
 
 /// The vector index structure of a namespace's shard. Part of the replicated state: `apply`
 /// changes it as the namespace grows or shrinks, so every node builds the same kind with the
-/// same `nlist`. (IVF centroids are trained on the state a node sees when it builds the
-/// shard, so they can differ between nodes until index files are persisted.)
+/// same parameters. (IVF centroids and HNSW graphs are built from the state a node sees when
+/// it builds the shard, so they can differ between nodes; approximate search may differ with
+/// them, which is why `apply` itself only ever searches exactly.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IndexKind {
     /// Exact search.
     Flat,
-    /// Approximate inverted-file search over `nlist` k-means cells.
+    /// Approximate inverted-file search over `nlist` k-means cells. Namespaces no longer move
+    /// to IVF by size (HNSW answers better at every size measured); those already IVF keep
+    /// their lists and retrain as they grow.
     Ivf { nlist: u32 },
+    /// Approximate graph search (FAISS HNSW, `m` links per node and layer). A graph cannot
+    /// drop a node: replaced and removed vectors stay as tombstones that every search filters
+    /// out, until the part is rebuilt without them.
+    Hnsw { m: u32 },
 }
+
+/// Links per HNSW node: 32 is FAISS's recommendation for ~400-d sentence embeddings (16 loses
+/// recall at the same ef, 64 doubles the graph's memory for little gain).
+pub const HNSW_M: u32 = 32;
 
 impl IndexKind {
     fn nlist_for(n: u64) -> u32 {
         ((n as f64).sqrt() as u32).next_power_of_two().clamp(16, 65_536).min(n.max(1) as u32)
     }
 
-    /// The kind a namespace of `n` memories moves to from `self`, given its IVF threshold:
-    /// IVF from `ivf_min` memories with `nlist` ≈ √n (a power of two), retrained when √n
-    /// moves 4× away from `nlist`, back to Flat below half the threshold. A pure function of
-    /// replicated values, so every node decides the same at the same log index.
-    pub fn next(self, n: u64, ivf_min: u64) -> IndexKind {
+    /// The kind a namespace of `n` memories moves to from `self`, given its approximate-index
+    /// threshold: HNSW from `approx_min` memories, back to Flat below half the threshold. An
+    /// IVF namespace retrains when √n moves 4× away from `nlist` (`nlist` ≈ √n, a power of two)
+    /// and becomes Flat below half the threshold. A pure function of replicated values, so
+    /// every node decides the same at the same log index.
+    pub fn next(self, n: u64, approx_min: u64) -> IndexKind {
         match self {
-            IndexKind::Flat if n >= ivf_min => IndexKind::Ivf { nlist: Self::nlist_for(n) },
+            IndexKind::Flat if n >= approx_min => IndexKind::Hnsw { m: HNSW_M },
             IndexKind::Flat => IndexKind::Flat,
-            IndexKind::Ivf { .. } if n < ivf_min / 2 => IndexKind::Flat,
+            IndexKind::Hnsw { .. } | IndexKind::Ivf { .. } if n < approx_min / 2 => IndexKind::Flat,
+            IndexKind::Hnsw { .. } => self,
             IndexKind::Ivf { nlist } => {
                 let want = Self::nlist_for(n);
                 if want >= nlist.saturating_mul(4) || want.saturating_mul(4) <= nlist {
@@ -74,7 +87,7 @@ pub struct NamespaceInfo {
     /// The shard structure every node builds for this namespace.
     pub index: IndexKind,
     /// Memories from which the shard becomes IVF; fixed at creation by the leader.
-    pub ivf_min_vectors: u64,
+    pub approx_min_vectors: u64,
     /// Sum of [`Memory::stored_bytes`] over the namespace (what byte quotas count).
     pub bytes: u64,
 }
@@ -222,23 +235,26 @@ pub fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::IndexKind::{self, Flat, Ivf};
+    use super::IndexKind::{self, Flat, Hnsw, Ivf};
 
     #[test]
     fn index_kind_follows_size_with_hysteresis() {
         let min = 1000;
+        let hnsw = Hnsw { m: super::HNSW_M };
         assert_eq!(Flat.next(999, min), Flat);
-        assert_eq!(Flat.next(1000, min), Ivf { nlist: 32 });
-        // Small moves keep the trained lists; a 16x growth (4x in sqrt) retrains.
+        assert_eq!(Flat.next(1000, min), hnsw);
+        assert_eq!(hnsw.next(10_000_000, min), hnsw);
+        // Shrinking: still HNSW down to half the threshold, then exact.
+        assert_eq!(hnsw.next(500, min), hnsw);
+        assert_eq!(hnsw.next(499, min), Flat);
+        // An IVF namespace keeps its lists for small moves; a 16x growth (4x in sqrt) retrains.
         assert_eq!(Ivf { nlist: 32 }.next(4000, min), Ivf { nlist: 32 });
         assert_eq!(Ivf { nlist: 32 }.next(16_384, min), Ivf { nlist: 128 });
-        // Shrinking: still IVF down to half the threshold, then exact.
         assert_eq!(Ivf { nlist: 32 }.next(500, min), Ivf { nlist: 32 });
         assert_eq!(Ivf { nlist: 32 }.next(499, min), Flat);
         // At least 16 lists, never more lists than memories.
-        assert_eq!(Flat.next(20, 10), Ivf { nlist: 16 });
-        assert_eq!(Flat.next(12, 10), Ivf { nlist: 12 });
-        let k: IndexKind = Flat.next(10_000_000, min);
+        assert_eq!(Ivf { nlist: 16 }.next(12, 10), Ivf { nlist: 16 });
+        let k: IndexKind = Ivf { nlist: 16 }.next(10_000_000, min);
         assert_eq!(k, Ivf { nlist: 4096 });
     }
 }

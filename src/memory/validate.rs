@@ -14,7 +14,7 @@ pub struct Limits {
     pub max_tag_value_bytes: usize,
     pub max_batch_items: usize,
     /// The IVF threshold stamped into namespaces this node's leader creates.
-    pub ivf_min_vectors: u64,
+    pub approx_min_vectors: u64,
 }
 
 impl Default for Limits {
@@ -26,7 +26,7 @@ impl Default for Limits {
             max_tag_key_bytes: 128,
             max_tag_value_bytes: 1024,
             max_batch_items: 1000,
-            ivf_min_vectors: 50_000,
+            approx_min_vectors: 10_000,
         }
     }
 }

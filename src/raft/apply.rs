@@ -93,20 +93,20 @@ fn run(
 ) -> Result<Outcome, StorageError> {
     let missing = |namespace: &str| Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() });
     Ok(match &cmd.op {
-        Op::CreateNamespace { namespace, dimension, metric, ivf_min_vectors } => {
-            create_namespace(txn, cmd.now_ms, namespace, (*dimension, *metric, *ivf_min_vectors), None, ops)?
+        Op::CreateNamespace { namespace, dimension, metric, approx_min_vectors } => {
+            create_namespace(txn, cmd.now_ms, namespace, (*dimension, *metric, *approx_min_vectors), None, ops)?
         }
-        Op::DefineNamespace { namespace, dimension, metric, ivf_min_vectors, policy } => {
+        Op::DefineNamespace { namespace, dimension, metric, approx_min_vectors, policy } => {
             if let Err(e) = policy.validate(*metric) {
                 return Ok(Outcome::Rejected(Rejection::Invalid { field: e.field, reason: e.reason }));
             }
-            create_namespace(txn, cmd.now_ms, namespace, (*dimension, *metric, *ivf_min_vectors), Some(policy), ops)?
+            create_namespace(txn, cmd.now_ms, namespace, (*dimension, *metric, *approx_min_vectors), Some(policy), ops)?
         }
-        Op::Put { namespace, items, ivf_min_vectors } => {
-            put(txn, ctx, Some(*ivf_min_vectors), namespace, items, access, ops)?
+        Op::Put { namespace, items, approx_min_vectors } => {
+            put(txn, ctx, Some(*approx_min_vectors), namespace, items, access, ops)?
         }
-        Op::PutChecked { namespace, items, create, ivf_min_vectors } => {
-            put(txn, ctx, create.then_some(*ivf_min_vectors), namespace, items, access, ops)?
+        Op::PutChecked { namespace, items, create, approx_min_vectors } => {
+            put(txn, ctx, create.then_some(*approx_min_vectors), namespace, items, access, ops)?
         }
         Op::Delete { namespace, id, precondition } => match load_namespace(txn, namespace)? {
             None => missing(namespace),
@@ -268,7 +268,7 @@ fn create_namespace(
     txn: &WriteTransaction,
     now_ms: u64,
     namespace: &str,
-    (dimension, metric, ivf_min_vectors): (u32, Metric, u64),
+    (dimension, metric, approx_min_vectors): (u32, Metric, u64),
     policy: Option<&MemoryPolicy>,
     ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
@@ -297,7 +297,7 @@ fn create_namespace(
         memory_count: 0,
         created_at_ms: now_ms,
         index: IndexKind::Flat,
-        ivf_min_vectors,
+        approx_min_vectors,
         bytes: 0,
     };
     store_namespace(txn, &info)?;
@@ -318,8 +318,8 @@ fn put(
     ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
     let existing_ns = load_namespace(txn, namespace)?;
-    let ivf_min_vectors = match (&existing_ns, create) {
-        (Some(info), _) => info.ivf_min_vectors,
+    let approx_min_vectors = match (&existing_ns, create) {
+        (Some(info), _) => info.approx_min_vectors,
         (None, Some(ivf)) => ivf,
         (None, None) => return Ok(Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() })),
     };
@@ -336,7 +336,7 @@ fn put(
         memory_count: 0,
         created_at_ms: ctx.now_ms,
         index: IndexKind::Flat,
-        ivf_min_vectors,
+        approx_min_vectors,
         bytes: 0,
     });
     let results = match apply_memory::put(txn, ctx, &mut info, items, access, ops)? {
@@ -350,7 +350,7 @@ fn put(
 
 /// Moves the namespace to the index kind its new size calls for, and tells the vector view.
 fn reconsider_index(info: &mut NamespaceInfo, ops: &mut Vec<VectorOp>) {
-    let next = info.index.next(info.memory_count, info.ivf_min_vectors);
+    let next = info.index.next(info.memory_count, info.approx_min_vectors);
     if next != info.index {
         info.index = next;
         ops.push(VectorOp::Rebuild { namespace: info.name.clone(), kind: next });

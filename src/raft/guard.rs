@@ -182,9 +182,9 @@ mod tests {
         let cmd = |principal: Option<Principal>, op: Op| Command { principal, idempotency: None, now_ms: 1, op };
         let put = |checked: bool| {
             if checked {
-                Op::PutChecked { namespace: "a".into(), items: vec![], create: false, ivf_min_vectors: 1 }
+                Op::PutChecked { namespace: "a".into(), items: vec![], create: false, approx_min_vectors: 1 }
             } else {
-                Op::Put { namespace: "a".into(), items: vec![], ivf_min_vectors: 1 }
+                Op::Put { namespace: "a".into(), items: vec![], approx_min_vectors: 1 }
             }
         };
         assert!(forwarded(&cmd(key.clone(), put(true)), true).is_ok());

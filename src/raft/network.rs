@@ -322,7 +322,7 @@ mod tests {
             importance: 0.5,
             expires_at_ms: None,
         };
-        let op = Op::Put { namespace: "a".into(), items: vec![(m, Precondition::None)], ivf_min_vectors: 64 };
+        let op = Op::Put { namespace: "a".into(), items: vec![(m, Precondition::None)], approx_min_vectors: 64 };
         let leader_id = openraft::vote::leader_id_adv::LeaderId { term: 1, node_id: 1 };
         Entry { log_id: LogId { leader_id, index }, payload: EntryPayload::Normal(Command::system(op)) }
     }

@@ -76,19 +76,19 @@ pub struct Idempotency {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    /// `ivf_min_vectors` is the leader's configured IVF threshold, fixed into the namespace.
+    /// `approx_min_vectors` is the leader's configured IVF threshold, fixed into the namespace.
     CreateNamespace {
         namespace: String,
         dimension: u32,
         metric: Metric,
-        ivf_min_vectors: u64,
+        approx_min_vectors: u64,
     },
     /// Atomic: every item applies or none does. Creates the namespace on first write (with the
-    /// leader's `ivf_min_vectors`).
+    /// leader's `approx_min_vectors`).
     Put {
         namespace: String,
         items: Vec<(MemoryInput, Precondition)>,
-        ivf_min_vectors: u64,
+        approx_min_vectors: u64,
     },
     Delete {
         namespace: String,
@@ -140,7 +140,7 @@ pub enum Op {
         namespace: String,
         dimension: u32,
         metric: Metric,
-        ivf_min_vectors: u64,
+        approx_min_vectors: u64,
         policy: MemoryPolicy,
     },
     /// Replaces a namespace's memory policy.
@@ -176,12 +176,12 @@ pub enum Op {
     },
     /// `Put` that refuses an unknown namespace (`NamespaceNotFound`) unless `create` is set:
     /// then it creates it as `Put` does (cosine, default policy, the leader's
-    /// `ivf_min_vectors`). What the API proposes; `Put` stays for entries already in logs.
+    /// `approx_min_vectors`). What the API proposes; `Put` stays for entries already in logs.
     PutChecked {
         namespace: String,
         items: Vec<(MemoryInput, Precondition)>,
         create: bool,
-        ivf_min_vectors: u64,
+        approx_min_vectors: u64,
     },
 }
 

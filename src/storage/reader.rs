@@ -152,6 +152,24 @@ impl StateReader {
         Ok((info, Page { memories, next_after, applied_index }))
     }
 
+    /// The applied index, the namespace (if any) and every one of its memories (expired ones
+    /// included), in one cut: what a vector shard is built from while applies go on.
+    pub fn namespace_cut(&self, ns: &str) -> Result<(u64, Option<NamespaceInfo>, Vec<Memory>), StorageError> {
+        let txn = self.db.begin_read()?;
+        let applied = Self::applied(&txn)?;
+        let nss = txn.open_table(NAMESPACES)?;
+        let info: Option<NamespaceInfo> = nss.get(ns)?.map(|v| codec::decode("namespaces", v.value())).transpose()?;
+        let mut memories = Vec::with_capacity(info.as_ref().map_or(0, |i| i.memory_count as usize));
+        if info.is_some() {
+            let (lo, hi) = namespace_range(ns);
+            let table = txn.open_table(MEMORIES)?;
+            for item in table.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
+                memories.push(codec::decode_memory(item?.1.value())?);
+            }
+        }
+        Ok((applied, info, memories))
+    }
+
     /// An API key's record.
     pub fn key(&self, id: &crate::auth::token::KeyId) -> Result<Option<crate::auth::records::KeyRecord>, StorageError> {
         super::auth::key(&self.db.begin_read()?.open_table(super::AUTH_KEYS)?, id)

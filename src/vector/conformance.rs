@@ -1,6 +1,7 @@
 //! One conformance suite, run against every [`VectorIndex`] engine: FAISS Flat must agree
-//! with the exact oracle; IVF probing every list must too; filters and deletes must hold for
-//! all of them.
+//! with the exact oracle; IVF probing every list must too, and so must HNSW on small or
+//! filtered candidate sets (it scores those exactly); filters and deletes must hold for all
+//! of them. HNSW's graph walk gets its own recall bounds against the oracle.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -31,11 +32,22 @@ fn engines(metric: Metric, ids: &[u64], vectors: &[f32]) -> Vec<(&'static str, B
     let mut ivf = FaissIndex::new(DIM, metric, FaissKind::Ivf { nlist: 8 }).unwrap();
     ivf.train(vectors).unwrap();
     ivf.upsert(ids, vectors).unwrap();
-    vec![("exact", Box::new(exact)), ("faiss-flat", Box::new(flat)), ("faiss-ivf", Box::new(ivf))]
+    let mut hnsw = FaissIndex::new(DIM, metric, FaissKind::Hnsw { m: 16 }).unwrap();
+    hnsw.upsert(ids, vectors).unwrap();
+    vec![
+        ("exact", Box::new(exact)),
+        ("faiss-flat", Box::new(flat)),
+        ("faiss-ivf", Box::new(ivf)),
+        ("faiss-hnsw", Box::new(hnsw)),
+    ]
 }
 
 /// IVF probing all of its 8 lists is exhaustive.
-const ALL_LISTS: SearchParams = SearchParams { nprobe: 8 };
+const ALL_LISTS: SearchParams = SearchParams { nprobe: 8, ef: super::DEFAULT_EF };
+
+const fn nprobe(n: usize) -> SearchParams {
+    SearchParams { nprobe: n, ef: super::DEFAULT_EF }
+}
 
 fn ids_of(hits: &[super::Hit]) -> Vec<u64> {
     hits.iter().map(|h| h.id).collect()
@@ -72,7 +84,7 @@ fn filtered_search_returns_only_matches_and_exactly_k_when_k_exist() {
             let filter: RoaringTreemap = filter_ids.iter().copied().collect();
             for q in data(5, 11, Metric::L2).chunks_exact(DIM) {
                 // Probing a single IVF list must not lose matches either.
-                for params in [ALL_LISTS, SearchParams { nprobe: 1 }] {
+                for params in [ALL_LISTS, nprobe(1)] {
                     let hits = engine.search(q, k, Some(&filter), params).unwrap();
                     assert_eq!(hits.len(), k.min(filter_ids.len()), "{name} {params:?}");
                     assert!(hits.iter().all(|h| filter.contains(h.id)), "{name}: non-matching id returned");
@@ -175,11 +187,11 @@ fn assert_same_answers(a: &[Vec<(String, f32)>], b: &[Vec<(String, f32)>], what:
 fn a_shard_split_into_parts_answers_like_one_index() {
     use super::shard::Shard;
     let all = memories(400, 21);
-    for kind in [FaissKind::Flat, FaissKind::Ivf { nlist: 16 }] {
+    for kind in [FaissKind::Flat, FaissKind::Ivf { nlist: 16 }, FaissKind::Hnsw { m: 16 }] {
         let mut one = Shard::build(DIM, Metric::L2, kind, &all[..300], usize::MAX).unwrap();
         let mut split = Shard::build(DIM, Metric::L2, kind, &all[..300], 70).unwrap();
         assert_eq!((one.parts(), split.parts()), (1, 5));
-        let exhaustive = SearchParams { nprobe: 16 };
+        let exhaustive = nprobe(16);
         assert_same_answers(&shard_answers(&one, exhaustive), &shard_answers(&split, exhaustive), &format!("{kind:?}"));
         // Writes after the build land in the right part; deletes leave every part.
         for m in &all[300..] {
@@ -195,7 +207,7 @@ fn a_shard_split_into_parts_answers_like_one_index() {
         assert_same_answers(&a, &b, &format!("{kind:?} after writes"));
         assert!(b.iter().flatten().all(|(id, _)| id[1..].parse::<usize>().unwrap() % 9 != 0));
         // A filtered query still returns k when k match, at nprobe 1 on every part.
-        let one_list = SearchParams { nprobe: 1 };
+        let one_list = nprobe(1);
         for answer in shard_answers(&split, one_list) {
             assert_eq!(answer.len(), 10, "{kind:?}");
         }
@@ -215,7 +227,7 @@ fn index_files_round_trip_and_refuse_corruption() {
     assert_eq!(persist::read_manifest(dir.path()).unwrap(), Some(manifest));
     let loaded = persist::read_shard(dir.path(), &files).unwrap();
     assert_eq!((loaded.len(), loaded.parts(), loaded.kind()), (300, 3, FaissKind::Ivf { nlist: 12 }));
-    for params in [SearchParams { nprobe: 1 }, SearchParams { nprobe: 12 }] {
+    for params in [nprobe(1), nprobe(12)] {
         assert_same_answers(&shard_answers(&shard, params), &shard_answers(&loaded, params), "reloaded");
     }
 
@@ -250,4 +262,135 @@ fn index_files_round_trip_and_refuse_corruption() {
     assert!(persist::read_shard(dir.path(), &files).is_err());
     persist::invalidate(dir.path()).unwrap();
     assert_eq!(persist::read_manifest(dir.path()).unwrap(), None);
+}
+
+/// Mean recall@k of `engine` against `oracle` over `queries`.
+fn recall(
+    engine: &dyn VectorIndex,
+    oracle: &dyn VectorIndex,
+    queries: &[f32],
+    k: usize,
+    params: SearchParams,
+    filter: Option<&RoaringTreemap>,
+) -> f64 {
+    let mut sum = 0.0;
+    let mut n = 0;
+    for q in queries.chunks_exact(DIM) {
+        let want = ids_of(&oracle.search(q, k, filter, params).unwrap());
+        let got = engine.search(q, k, filter, params).unwrap();
+        assert_eq!(got.len(), want.len());
+        if let Some(f) = filter {
+            assert!(got.iter().all(|h| f.contains(h.id)));
+        }
+        sum += got.iter().filter(|h| want.contains(&h.id)).count() as f64 / want.len() as f64;
+        n += 1;
+    }
+    sum / n as f64
+}
+
+/// Clustered unit vectors (like real embeddings): uniform noise in 16-d has no structure
+/// for a graph to follow, and would make every approximate index look bad.
+fn clustered(n: usize, seed: u64) -> Vec<f32> {
+    let centres = data(64, seed ^ 0xc0ffee, Metric::Cosine);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n * DIM);
+    for _ in 0..n {
+        let c = rng.random_range(0..64);
+        let mut v: Vec<f32> = centres[c * DIM..(c + 1) * DIM].iter().map(|x| x + rng.random_range(-0.3..0.3)).collect();
+        normalize(&mut v);
+        out.extend(v);
+    }
+    out
+}
+
+#[test]
+fn hnsw_walks_the_graph_with_high_recall_and_ef_matters() {
+    let n = 6000;
+    let ids: Vec<u64> = (0..n as u64).map(|i| i * 2 + 5).collect();
+    let vectors = clustered(n, 4);
+    let queries = clustered(100, 40);
+    let mut oracle = ExactIndex::new(DIM, Metric::Cosine);
+    oracle.upsert(&ids, &vectors).unwrap();
+    let mut hnsw = FaissIndex::new(DIM, Metric::Cosine, FaissKind::Hnsw { m: 16 }).unwrap();
+    hnsw.upsert(&ids, &vectors).unwrap();
+    let at = |ef: usize| SearchParams { nprobe: 1, ef };
+    let (low, default, high) = (
+        recall(&hnsw, &oracle, &queries, 10, at(10), None),
+        recall(&hnsw, &oracle, &queries, 10, at(64), None),
+        recall(&hnsw, &oracle, &queries, 10, at(512), None),
+    );
+    assert!(default >= 0.95, "recall@10 at ef 64: {default}");
+    assert!(high >= 0.99, "recall@10 at ef 512: {high}");
+    // The request's ef reaches FAISS (a lost ef would leave every row at the index default).
+    assert!(low < high - 0.02, "ef 10 → {low}, ef 512 → {high}");
+    // Exhaustive is exact.
+    assert_eq!(recall(&hnsw, &oracle, &queries, 10, SearchParams::EXHAUSTIVE, None), 1.0);
+    // A broad filter walks the graph under the selector; a narrow one is scored exactly.
+    let half: RoaringTreemap = ids.iter().copied().filter(|id| id % 4 == 1).collect();
+    assert!(recall(&hnsw, &oracle, &queries, 10, at(64), Some(&half)) >= 0.9);
+    let narrow: RoaringTreemap = ids.iter().copied().step_by(10).collect();
+    assert_eq!(recall(&hnsw, &oracle, &queries, 10, at(64), Some(&narrow)), 1.0);
+
+    // Replace a third and remove a sixth: tombstones never come back, replaced vectors are
+    // found at their new place, and recall holds.
+    let moved = clustered(n / 3, 99);
+    let moved_ids: Vec<u64> = ids[..n / 3].to_vec();
+    hnsw.upsert(&moved_ids, &moved).unwrap();
+    oracle.upsert(&moved_ids, &moved).unwrap();
+    let gone: Vec<u64> = ids[n / 3..n / 2].to_vec();
+    assert_eq!(hnsw.remove(&gone).unwrap(), gone.len());
+    oracle.remove(&gone).unwrap();
+    assert_eq!(hnsw.len(), n - gone.len());
+    assert_eq!(hnsw.dead(), moved_ids.len() + gone.len());
+    for q in queries.chunks_exact(DIM) {
+        let hits = hnsw.search(q, 50, None, at(64)).unwrap();
+        assert!(hits.iter().all(|h| !gone.contains(&h.id)), "a removed id came back");
+        let mut seen = std::collections::HashSet::new();
+        assert!(hits.iter().all(|h| seen.insert(h.id)), "an id twice");
+    }
+    for (i, id) in moved_ids.iter().enumerate().step_by(97) {
+        let hit = hnsw.search(&moved[i * DIM..(i + 1) * DIM], 1, None, at(64)).unwrap();
+        assert_eq!(hit[0].id, *id);
+    }
+    assert!(recall(&hnsw, &oracle, &queries, 10, at(64), None) >= 0.93);
+    assert_eq!(recall(&hnsw, &oracle, &queries, 10, SearchParams::EXHAUSTIVE, None), 1.0);
+    // Asking for more than the live vectors returns exactly the live ones.
+    let every = hnsw.search(&queries[..DIM], n, None, at(64)).unwrap();
+    assert_eq!(every.len(), n - gone.len());
+}
+
+#[test]
+fn hnsw_index_files_keep_their_tombstones() {
+    use super::persist;
+    use super::shard::Shard;
+    let dir = tempfile::tempdir().unwrap();
+    let all = memories(3000, 12);
+    let mut shard = Shard::build(DIM, Metric::L2, FaissKind::Hnsw { m: 16 }, &all, 1000).unwrap();
+    for m in all.iter().step_by(5) {
+        let mut m = m.clone();
+        m.embedding.iter_mut().for_each(|x| *x = -*x);
+        shard.upsert(&m).unwrap();
+    }
+    for i in (0..3000).step_by(7) {
+        shard.remove(&format!("m{i:04}")).unwrap();
+    }
+    assert!(shard.dead() > 0);
+    let files = persist::write_shard(dir.path(), "ns", 9, &shard).unwrap();
+    let loaded = persist::read_shard(dir.path(), &files).unwrap();
+    assert_eq!((loaded.len(), loaded.parts(), loaded.dead()), (shard.len(), 3, shard.dead()));
+    assert_same_answers(
+        &shard_answers(&shard, SearchParams::EXHAUSTIVE),
+        &shard_answers(&loaded, SearchParams::EXHAUSTIVE),
+        "hnsw reloaded",
+    );
+    // An id map that does not match the graph is refused.
+    let mut meta: super::shard::ShardMeta =
+        bincode::deserialize(&std::fs::read(dir.path().join(&files.meta)).unwrap()).unwrap();
+    if let Some(Some(labels)) = meta.part_labels.get_mut(0) {
+        labels.pop();
+    }
+    let bytes = bincode::serialize(&meta).unwrap();
+    std::fs::write(dir.path().join(&files.meta), &bytes).unwrap();
+    let forged = persist::ShardFiles { meta_hash: *blake3::hash(&bytes).as_bytes(), ..files.clone() };
+    assert!(persist::read_shard(dir.path(), &forged).is_err());
 }

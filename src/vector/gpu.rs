@@ -148,6 +148,10 @@ impl Replica {
                     faiss_sys::faiss_SearchParametersIVF_free(p);
                     rc
                 }
+                // Graph parts never get a GPU copy (see FaissIndex::search_gpu).
+                FaissKind::Hnsw { .. } => {
+                    return Err(VectorError::Faiss("no GPU search for HNSW parts".into()));
+                }
                 FaissKind::Flat => faiss_sys::faiss_Index_search(
                     gpu,
                     1,
@@ -255,7 +259,7 @@ pub fn selftest(n: usize, dim: usize, nq: usize) -> bool {
         };
         let build = t.elapsed().as_secs_f64();
         for nprobe in probes {
-            let params = SearchParams { nprobe: nprobe.max(1) };
+            let params = SearchParams { nprobe: nprobe.max(1), ..SearchParams::default() };
             FORCE_CPU.store(true, Ordering::Relaxed);
             let (cpu, cpu_qps) = run(&shard, params);
             FORCE_CPU.store(false, Ordering::Relaxed);
@@ -288,14 +292,15 @@ pub fn selftest(n: usize, dim: usize, nq: usize) -> bool {
         // matches come back, k of them.
         let odd = Filter { tags: vec![("parity".into(), "1".into())], ..Default::default() };
         for q in queries.chunks_exact(dim).take(20) {
-            let hits = shard.search(q, 10, &odd, SearchParams { nprobe: 1 }, 0).expect("search");
+            let hits =
+                shard.search(q, 10, &odd, SearchParams { nprobe: 1, ..SearchParams::default() }, 0).expect("search");
             if hits.len() != 10 || hits.iter().any(|(id, _)| id.parse::<usize>().unwrap_or(0) % 2 != 1) {
                 fail(format!("{label}: filtered search returned {hits:?}"));
             }
         }
         // A delete reaches the GPU path at once: the copy is replaced, the id never returns.
         let q = &queries[..dim];
-        let params = SearchParams { nprobe: 1024 };
+        let params = SearchParams { nprobe: 1024, ..SearchParams::default() };
         let top = shard.search(q, 1, &Filter::default(), params, 0).expect("search")[0].0.clone();
         shard.remove(&top).expect("remove");
         let after = shard.search(q, 10, &Filter::default(), params, 0).expect("search");

@@ -26,7 +26,8 @@ use super::faiss::FaissIndex;
 use super::shard::{Shard, ShardMeta};
 
 const MAGIC: &[u8; 4] = b"EVMF";
-const FORMAT: u8 = 1;
+/// 2: shard metadata holds HNSW id maps. Files of another format are rebuilt from the state.
+const FORMAT: u8 = 2;
 const MANIFEST: &str = "MANIFEST";
 
 /// What a checkpoint wrote: the shard files valid at log index `applied`.
@@ -184,6 +185,7 @@ pub fn read_shard(dir: &Path, files: &ShardFiles) -> Result<Shard, PersistError>
     let meta: ShardMeta = bincode::deserialize(&bytes).map_err(|e| corrupt(&meta_path, e.to_string()))?;
     if meta.parts as usize != files.parts.len()
         || meta.part_kinds.len() != files.parts.len()
+        || meta.part_labels.len() != files.parts.len()
         || meta.docs.len() as u64 != files.memories
     {
         return Err(corrupt(&meta_path, "does not match the manifest"));
@@ -196,7 +198,8 @@ pub fn read_shard(dir: &Path, files: &ShardFiles) -> Result<Shard, PersistError>
             return Err(corrupt(&path, "checksum mismatch"));
         }
         let kind = meta.part_kinds.get(parts.len()).copied().ok_or_else(|| corrupt(&meta_path, "part kinds"))?;
-        let part = FaissIndex::read(&path, meta.dim as usize, meta.metric, kind, present)
+        let labels = meta.part_labels.get(parts.len()).cloned().flatten();
+        let part = FaissIndex::read(&path, meta.dim as usize, meta.metric, kind, present, labels)
             .map_err(|e| corrupt(&path, e.to_string()))?;
         parts.push(part);
     }

@@ -22,6 +22,12 @@ use crate::memory::{Memory, Metric};
 /// Most parts a shard is split into.
 pub const MAX_PARTS: usize = 64;
 
+/// Memories per FAISS add while a shard is built (bounds the copy of their vectors).
+const BUILD_CHUNK: usize = 16_384;
+
+/// An HNSW shard is rebuilt without its tombstones once they are this share of its graph.
+pub const COMPACT_DEAD_SHARE: f64 = 0.2;
+
 /// Metadata conditions; all given conditions must hold.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Filter {
@@ -99,6 +105,8 @@ pub(crate) struct ShardMeta {
     pub parts: u32,
     /// Each part's own kind (IVF parts split the namespace's lists).
     pub part_kinds: Vec<FaissKind>,
+    /// Each HNSW part's local → slot map (tombstones included); `None` for other kinds.
+    pub part_labels: Vec<Option<Vec<u64>>>,
     pub next_slot: u64,
     pub docs: Vec<(u64, Doc)>,
 }
@@ -123,7 +131,7 @@ impl Shard {
         let mut parts = Vec::with_capacity(n_parts);
         for p in 0..n_parts {
             let part_kind = match kind {
-                FaissKind::Flat => FaissKind::Flat,
+                FaissKind::Flat | FaissKind::Hnsw { .. } => kind,
                 FaissKind::Ivf { nlist } => {
                     let members = memories.len().div_ceil(n_parts).max(1) as u32;
                     FaissKind::Ivf { nlist: (nlist / n_parts as u32).clamp(1, members) }
@@ -140,8 +148,9 @@ impl Shard {
             parts.push(index);
         }
         let mut shard = Self::empty(dim, metric, kind, parts);
-        for m in memories {
-            shard.upsert(m)?;
+        // Big adds: an HNSW graph inserts a batch on every core.
+        for chunk in memories.chunks(BUILD_CHUNK) {
+            shard.upsert_many(&chunk.iter().collect::<Vec<_>>())?;
         }
         Ok(shard)
     }
@@ -204,6 +213,7 @@ impl Shard {
             kind: self.kind,
             parts: self.parts.len() as u32,
             part_kinds: self.parts.iter().map(FaissIndex::kind).collect(),
+            part_labels: self.parts.iter().map(|p| p.graph_labels().map(<[u64]>::to_vec)).collect(),
             next_slot: self.next_slot,
             docs,
         };
@@ -241,6 +251,18 @@ impl Shard {
     /// How many parts the shard is split into.
     pub fn parts(&self) -> usize {
         self.parts.len()
+    }
+
+    /// Tombstones in the shard's HNSW graphs (0 for Flat and IVF).
+    pub fn dead(&self) -> usize {
+        self.parts.iter().map(FaissIndex::dead).sum()
+    }
+
+    /// Whether tombstones have grown to [`COMPACT_DEAD_SHARE`] of the graph: searches then
+    /// walk (and filter out) too many dead nodes, and a rebuild should drop them.
+    pub fn needs_compaction(&self) -> bool {
+        let dead = self.dead();
+        dead >= 64 && dead as f64 >= COMPACT_DEAD_SHARE * (dead + self.len()) as f64
     }
 
     fn part_of(&self, slot: u64) -> usize {

@@ -9,10 +9,18 @@
 //! trust (no file, a bad checksum, a different kind, a purged log gap) is rebuilt from redb.
 //! After a snapshot install every shard is rebuilt. [`checkpoint`](VectorStore::checkpoint)
 //! writes the shards that changed.
+//!
+//! A shard rebuild while running (a kind switch `apply` decided, or an HNSW compaction this
+//! node decided) never holds up `apply`: a builder thread reads the namespace in one redb cut
+//! at some applied index A, builds the new shard with no lock held, then, under the write
+//! lock, replays the vector ops that arrived after A (apply keeps them for it) and swaps the
+//! shard in. Until then the old shard keeps taking every write and answering every search.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::{Mutex, RwLock};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
 
 use super::faiss::FaissKind;
 use super::persist::{self, Manifest, PersistError};
@@ -47,6 +55,18 @@ pub enum VectorOp {
         namespace: String,
         kind: FaissKind,
     },
+}
+
+impl VectorOp {
+    fn namespace(&self) -> &str {
+        match self {
+            VectorOp::Namespace { namespace, .. }
+            | VectorOp::Remove { namespace, .. }
+            | VectorOp::DropNamespace { namespace }
+            | VectorOp::Rebuild { namespace, .. } => namespace,
+            VectorOp::Upsert { memory, .. } => &memory.namespace,
+        }
+    }
 }
 
 /// Node-local settings of the vector view.
@@ -90,7 +110,7 @@ pub struct OpenReport {
 /// The kind a shard of `n` memories is built as: never fewer IVF training points than lists.
 fn buildable(kind: FaissKind, n: usize) -> FaissKind {
     match kind {
-        FaissKind::Flat => FaissKind::Flat,
+        FaissKind::Flat | FaissKind::Hnsw { .. } => kind,
         FaissKind::Ivf { .. } if n == 0 => FaissKind::Flat,
         FaissKind::Ivf { nlist } => FaissKind::Ivf { nlist: nlist.min(n as u32) },
     }
@@ -100,11 +120,44 @@ struct Shards {
     map: HashMap<String, Shard>,
     /// The log index the shards reflect.
     applied: u64,
+    /// Namespaces being rebuilt in the background, with the ops applied to them since.
+    building: HashMap<String, Building>,
+    /// Tells builds apart: a newer rebuild of a namespace makes an older one's result stale.
+    generation: u64,
+}
+
+impl Shards {
+    fn new(map: HashMap<String, Shard>, applied: u64, generation: u64) -> Shards {
+        Shards { map, applied, building: HashMap::new(), generation }
+    }
+}
+
+struct Building {
+    generation: u64,
+    /// The vector ops applied to the namespace since the build was asked for, with the log
+    /// index of their batch: those after the build's cut are replayed onto the new shard.
+    since: Vec<(u64, VectorOp)>,
+}
+
+/// A background rebuild: namespace, kind, generation.
+struct Job {
+    namespace: String,
+    kind: FaissKind,
+    generation: u64,
+}
+
+/// What the builder thread shares with the store.
+struct Shared {
+    shards: RwLock<Shards>,
+    reader: StateReader,
+    max_part: usize,
+    /// Builds queued or running, and a signal when that falls to zero.
+    pending: (Mutex<usize>, Condvar),
 }
 
 pub struct VectorStore {
-    shards: RwLock<Shards>,
-    reader: StateReader,
+    shared: Arc<Shared>,
+    jobs: Mutex<mpsc::Sender<Job>>,
     options: VectorOptions,
     /// The manifest on disk, if this store wrote or read one.
     manifest: Mutex<Option<Manifest>>,
@@ -123,105 +176,118 @@ pub enum VectorStoreError {
 }
 
 impl VectorStore {
-    /// A store over the state machine that `reader` reads (it rebuilds shards from there).
+    /// A store over the state machine that `reader` reads (it rebuilds shards from there),
+    /// with its builder thread.
     pub fn new(reader: StateReader, options: VectorOptions) -> Self {
-        VectorStore {
-            shards: RwLock::new(Shards { map: HashMap::new(), applied: 0 }),
+        let shared = Arc::new(Shared {
+            shards: RwLock::new(Shards::new(HashMap::new(), 0, 0)),
             reader,
-            options,
-            manifest: Mutex::default(),
-            opened: Mutex::default(),
+            max_part: options.max_part,
+            pending: (Mutex::new(0), Condvar::new()),
+        });
+        let (tx, rx) = mpsc::channel::<Job>();
+        let worker = Arc::downgrade(&shared);
+        let spawned = std::thread::Builder::new().name("engram-shard-builder".into()).spawn(move || {
+            builder_thread_setup();
+            // Ends when the store (the only sender) is dropped.
+            while let Ok(job) = rx.recv() {
+                let Some(shared) = worker.upgrade() else { break };
+                shared.run(job);
+                let (n, done) = &shared.pending;
+                let mut n = n.lock().unwrap_or_else(|p| p.into_inner());
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    done.notify_all();
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            // Without the thread, queued builds never run and shards keep their old kind
+            // (still correct answers) until the next start rebuilds them.
+            tracing::error!(error = %e, "could not start the shard builder thread");
         }
+        VectorStore { shared, jobs: Mutex::new(tx), options, manifest: Mutex::default(), opened: Mutex::default() }
     }
 
-    /// Applies the vector changes of the entries up to log index `applied`.
+    fn shards(&self) -> std::sync::RwLockReadGuard<'_, Shards> {
+        self.shared.shards.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shards_mut(&self) -> std::sync::RwLockWriteGuard<'_, Shards> {
+        self.shared.shards.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Namespaces whose rebuild is under way.
+    pub fn building(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.shards().building.keys().cloned().collect();
+        out.sort();
+        out
+    }
+
+    /// Waits up to `timeout` for queued and running rebuilds to finish; whether they did.
+    pub fn wait_for_builds(&self, timeout: Duration) -> bool {
+        let (n, done) = &self.shared.pending;
+        let n = n.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, _) = done.wait_timeout_while(n, timeout, |n| *n > 0).unwrap_or_else(|p| p.into_inner());
+        *n == 0
+    }
+
+    /// Registers a background rebuild of `namespace` as `kind` (superseding any under way).
+    fn schedule(&self, shards: &mut Shards, namespace: &str, kind: FaissKind) {
+        shards.generation += 1;
+        let generation = shards.generation;
+        shards.building.insert(namespace.to_string(), Building { generation, since: Vec::new() });
+        *self.shared.pending.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let job = Job { namespace: namespace.to_string(), kind, generation };
+        if self.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job).is_err() {
+            let mut n = self.shared.pending.0.lock().unwrap_or_else(|p| p.into_inner());
+            *n = n.saturating_sub(1);
+            tracing::error!(namespace, "shard builder thread is gone; the shard keeps its old kind");
+        }
+        metrics::counter!("engram_vector_rebuilds_scheduled_total").increment(1);
+    }
+
+    /// Applies the vector changes of the entries up to log index `applied`. Rebuilds are
+    /// scheduled, not run: the shard being rebuilt keeps taking this batch's writes.
     pub fn apply(&self, ops: &[VectorOp], applied: u64) -> Result<(), VectorStoreError> {
-        let mut guard = self.shards.write().unwrap_or_else(|p| p.into_inner());
-        guard.applied = guard.applied.max(applied);
+        let mut guard = self.shards_mut();
+        let shards = &mut *guard;
+        shards.applied = shards.applied.max(applied);
         if ops.is_empty() {
             return Ok(());
         }
-        let shards = &mut guard.map;
-        let mut i = 0;
-        while i < ops.len() {
-            let op = &ops[i];
-            i += 1;
-            // A run of removals from one namespace (a purge, a retirement) is one call.
-            if let VectorOp::Remove { namespace, id } = op {
-                let run = ops[i..]
-                    .iter()
-                    .take_while(|o| matches!(o, VectorOp::Remove { namespace: n, .. } if n == namespace))
-                    .count();
-                if run > 0 {
-                    if let Some(s) = shards.get_mut(namespace) {
-                        let rest = ops[i..i + run].iter().filter_map(|o| match o {
-                            VectorOp::Remove { id, .. } => Some(id.as_str()),
-                            _ => None,
-                        });
-                        s.remove_many(std::iter::once(id.as_str()).chain(rest))?;
-                    }
-                    i += run;
-                    continue;
-                }
-            }
+        // What a build under way must replay; a drop ends the build (its result is stale).
+        for op in ops {
             match op {
-                VectorOp::Namespace { namespace, dimension, metric } => {
-                    if !shards.contains_key(namespace) {
-                        shards.insert(namespace.clone(), Shard::new(*dimension as usize, *metric)?);
-                    }
-                }
-                VectorOp::Upsert { metric, memory } => {
-                    let shard = match shards.get_mut(&memory.namespace) {
-                        Some(s) => s,
-                        None => shards
-                            .entry(memory.namespace.clone())
-                            .or_insert(Shard::new(memory.embedding.len(), *metric)?),
-                    };
-                    // A run of upserts into one namespace (a PutBatch) is one FAISS call per part.
-                    let run = ops[i..]
-                        .iter()
-                        .take_while(
-                            |o| matches!(o, VectorOp::Upsert { memory: m, .. } if m.namespace == memory.namespace),
-                        )
-                        .count();
-                    if run == 0 {
-                        shard.upsert(memory)?;
-                    } else {
-                        let batch: Vec<&Memory> = std::iter::once(&**memory)
-                            .chain(ops[i..i + run].iter().filter_map(|o| match o {
-                                VectorOp::Upsert { memory, .. } => Some(&**memory),
-                                _ => None,
-                            }))
-                            .collect();
-                        shard.upsert_many(&batch)?;
-                        i += run;
-                    }
-                }
-                VectorOp::Remove { namespace, id } => {
-                    if let Some(s) = shards.get_mut(namespace) {
-                        s.remove(id)?;
-                    }
-                }
                 VectorOp::DropNamespace { namespace } => {
-                    shards.remove(namespace);
+                    shards.building.remove(namespace);
                 }
-                // Later ops of the same batch may touch this namespace again: the rebuilt
-                // shard reflects the whole committed batch, and replaying them is idempotent.
-                // Dimension and metric come from the committed namespace, not the old shard: a
-                // later entry of the batch may have dropped and re-created it differently.
-                VectorOp::Rebuild { namespace, kind } => match self.reader.namespace(namespace)? {
-                    Some(info) => {
-                        let rebuilt =
-                            self.build_namespace(namespace, info.dimension as usize, info.metric, *kind, None)?;
-                        shards.insert(namespace.clone(), rebuilt);
+                VectorOp::Rebuild { .. } => {}
+                op => {
+                    if let Some(b) = shards.building.get_mut(op.namespace()) {
+                        b.since.push((applied, op.clone()));
                     }
-                    None => {
-                        shards.remove(namespace);
-                    }
-                },
+                }
             }
         }
-        Self::export(shards);
+        let mut rebuilds = Vec::new();
+        apply_ops(&mut shards.map, ops, |ns, kind| rebuilds.push((ns.to_string(), kind)))?;
+        for (ns, kind) in rebuilds {
+            self.schedule(shards, &ns, kind);
+        }
+        // Tombstone-heavy graphs are rebuilt in the background too (a local decision: it
+        // changes how this node finds answers, never what the state is).
+        let touched: BTreeSet<&str> = ops.iter().map(VectorOp::namespace).collect();
+        for ns in touched {
+            let compact = shards.map.get(ns).filter(|s| s.needs_compaction()).map(Shard::kind);
+            if let Some(kind) = compact {
+                if !shards.building.contains_key(ns) {
+                    metrics::counter!("engram_vector_compactions_total").increment(1);
+                    self.schedule(shards, ns, kind);
+                }
+            }
+        }
+        Self::export(&shards.map);
         Ok(())
     }
 
@@ -249,7 +315,7 @@ impl VectorStore {
         let mut memories = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let (_, page) = self.reader.list(ns, after.as_deref(), 4096, 0)?;
+            let (_, page) = self.shared.reader.list(ns, after.as_deref(), 4096, 0)?;
             if let Some(p) = progress.as_deref_mut() {
                 p.inc(page.memories.len() as u64);
             }
@@ -275,7 +341,7 @@ impl VectorStore {
 
     /// The kind, size and part count of every shard (for status and tests).
     pub fn shard_kinds(&self) -> Vec<(String, FaissKind, usize, usize)> {
-        let shards = self.shards.read().unwrap_or_else(|p| p.into_inner());
+        let shards = self.shards();
         let mut out: Vec<_> = shards.map.iter().map(|(n, s)| (n.clone(), s.kind(), s.len(), s.parts())).collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -283,16 +349,16 @@ impl VectorStore {
 
     /// The log index the shards reflect.
     pub fn applied(&self) -> u64 {
-        self.shards.read().unwrap_or_else(|p| p.into_inner()).applied
+        self.shards().applied
     }
 
     /// Replaces every shard with one built from the state machine's current contents, and
     /// forgets the index files (they describe another state).
     pub fn rebuild(&self) -> Result<(), VectorStoreError> {
         self.forget_files()?;
-        let applied = self.reader.applied_index()?;
+        let applied = self.shared.reader.applied_index()?;
         let mut fresh = HashMap::new();
-        let namespaces = self.reader.namespaces()?;
+        let namespaces = self.shared.reader.namespaces()?;
         let mut progress = rebuild_progress(&namespaces);
         for info in namespaces {
             let shard = self.build_namespace(
@@ -304,8 +370,10 @@ impl VectorStore {
             )?;
             fresh.insert(info.name.clone(), shard);
         }
-        let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
-        *shards = Shards { map: fresh, applied };
+        // Builds under way describe the old state: their results are dropped.
+        let mut shards = self.shards_mut();
+        let generation = shards.generation + 1;
+        *shards = Shards::new(fresh, applied, generation);
         Self::export(&shards.map);
         Ok(())
     }
@@ -328,8 +396,8 @@ impl VectorStore {
         changes: impl FnOnce(u64, u64) -> Result<Option<Changes>, StorageError>,
     ) -> Result<OpenReport, VectorStoreError> {
         let started = std::time::Instant::now();
-        let applied = self.reader.applied_index()?;
-        let namespaces = self.reader.namespaces()?;
+        let applied = self.shared.reader.applied_index()?;
+        let namespaces = self.shared.reader.namespaces()?;
         let mut report = OpenReport::default();
         let manifest = match &self.options.dir {
             None => Err("no index directory".to_string()),
@@ -358,8 +426,8 @@ impl VectorStore {
             let ns = info.name.as_str();
             // A merge rewrote memories the log entries do not name: catching up by id would
             // leave them stale.
-            let merged =
-                changed.puts.contains(ns) && (changed.policies.contains(ns) || self.reader.policy(ns)?.may_merge());
+            let merged = changed.puts.contains(ns)
+                && (changed.policies.contains(ns) || self.shared.reader.policy(ns)?.may_merge());
             let loaded = match &manifest {
                 Err(e) => Err(e.clone()),
                 Ok(_) if changed.namespaces.contains(ns) => Err("namespace re-created or dropped since".into()),
@@ -384,7 +452,7 @@ impl VectorStore {
                 Ok(mut shard) => {
                     let touched = changed.memories.range((ns.to_string(), String::new())..);
                     for (_, id) in touched.take_while(|(n, _)| n == ns) {
-                        let (_, memory, _) = self.reader.get(ns, id)?;
+                        let (_, memory, _) = self.shared.reader.get(ns, id)?;
                         match memory {
                             Some(m) => shard.upsert(&m)?,
                             None => shard.remove(id)?,
@@ -410,8 +478,9 @@ impl VectorStore {
             map.insert(ns.to_string(), shard);
         }
         *self.manifest.lock().unwrap_or_else(|p| p.into_inner()) = manifest.ok();
-        let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
-        *shards = Shards { map, applied };
+        let mut shards = self.shards_mut();
+        let generation = shards.generation + 1;
+        *shards = Shards::new(map, applied, generation);
         Self::export(&shards.map);
         tracing::info!(
             applied,
@@ -444,7 +513,7 @@ impl VectorStore {
     pub fn checkpoint(&self) -> Result<Option<u64>, VectorStoreError> {
         let Some(dir) = &self.options.dir else { return Ok(None) };
         let started = std::time::Instant::now();
-        let shards = self.shards.read().unwrap_or_else(|p| p.into_inner());
+        let shards = self.shards();
         let mut on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
         let previous = on_disk.clone().unwrap_or_default();
         let unchanged = on_disk.is_some()
@@ -491,10 +560,164 @@ impl VectorStore {
         params: SearchParams,
         now_ms: u64,
     ) -> Result<Option<Vec<(String, f32)>>, VectorError> {
-        let shards = self.shards.read().unwrap_or_else(|p| p.into_inner());
+        let shards = self.shards();
         match shards.map.get(namespace) {
             Some(s) => s.search(query, k, filter, params, now_ms).map(Some),
             None => Ok(None),
+        }
+    }
+}
+
+/// A rebuild may take minutes and nothing waits for it: the builder runs below apply and the
+/// Raft heartbeats (nice 10), on at most half the cores, so a node building a big graph
+/// still answers its peers in time (a starved follower would call spurious elections).
+fn builder_thread_setup() {
+    // SAFETY: gettid has no preconditions; setpriority on this thread's own id only lowers it.
+    let lowered = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10)
+    };
+    if lowered != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the shard builder's priority");
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    super::faiss::limit_threads_here((cores / 2).max(1));
+}
+
+/// Applies `ops` to `shards`; a `Rebuild` is handed to `rebuild` (the caller schedules it).
+fn apply_ops(
+    shards: &mut HashMap<String, Shard>,
+    ops: &[VectorOp],
+    mut rebuild: impl FnMut(&str, FaissKind),
+) -> Result<(), VectorStoreError> {
+    let mut i = 0;
+    while i < ops.len() {
+        let op = &ops[i];
+        i += 1;
+        // A run of removals from one namespace (a purge, a retirement) is one call.
+        if let VectorOp::Remove { namespace, id } = op {
+            let run = ops[i..]
+                .iter()
+                .take_while(|o| matches!(o, VectorOp::Remove { namespace: n, .. } if n == namespace))
+                .count();
+            if run > 0 {
+                if let Some(s) = shards.get_mut(namespace) {
+                    let rest = ops[i..i + run].iter().filter_map(|o| match o {
+                        VectorOp::Remove { id, .. } => Some(id.as_str()),
+                        _ => None,
+                    });
+                    s.remove_many(std::iter::once(id.as_str()).chain(rest))?;
+                }
+                i += run;
+                continue;
+            }
+        }
+        match op {
+            VectorOp::Namespace { namespace, dimension, metric } => {
+                if !shards.contains_key(namespace) {
+                    shards.insert(namespace.clone(), Shard::new(*dimension as usize, *metric)?);
+                }
+            }
+            VectorOp::Upsert { metric, memory } => {
+                let shard = match shards.get_mut(&memory.namespace) {
+                    Some(s) => s,
+                    None => {
+                        shards.entry(memory.namespace.clone()).or_insert(Shard::new(memory.embedding.len(), *metric)?)
+                    }
+                };
+                // A run of upserts into one namespace (a PutBatch) is one FAISS call per part.
+                let run = ops[i..]
+                    .iter()
+                    .take_while(|o| matches!(o, VectorOp::Upsert { memory: m, .. } if m.namespace == memory.namespace))
+                    .count();
+                if run == 0 {
+                    shard.upsert(memory)?;
+                } else {
+                    let batch: Vec<&Memory> = std::iter::once(&**memory)
+                        .chain(ops[i..i + run].iter().filter_map(|o| match o {
+                            VectorOp::Upsert { memory, .. } => Some(&**memory),
+                            _ => None,
+                        }))
+                        .collect();
+                    shard.upsert_many(&batch)?;
+                    i += run;
+                }
+            }
+            VectorOp::Remove { namespace, id } => {
+                if let Some(s) = shards.get_mut(namespace) {
+                    s.remove(id)?;
+                }
+            }
+            VectorOp::DropNamespace { namespace } => {
+                shards.remove(namespace);
+            }
+            VectorOp::Rebuild { namespace, kind } => rebuild(namespace, *kind),
+        }
+    }
+    Ok(())
+}
+
+impl Shared {
+    /// One background rebuild: a cut of the namespace, a shard built from it with no lock
+    /// held, then — if no newer rebuild or drop superseded it — the ops after the cut
+    /// replayed and the shard swapped in.
+    fn run(&self, job: Job) {
+        let started = std::time::Instant::now();
+        let current =
+            |shards: &Shards| shards.building.get(&job.namespace).is_some_and(|b| b.generation == job.generation);
+        if !current(&self.shards.read().unwrap_or_else(|p| p.into_inner())) {
+            return;
+        }
+        let built = (|| -> Result<Option<(u64, Shard)>, VectorStoreError> {
+            let (cut, info, memories) = self.reader.namespace_cut(&job.namespace)?;
+            let Some(info) = info else { return Ok(None) };
+            let kind = buildable(job.kind, memories.len());
+            let shard = Shard::build(info.dimension as usize, info.metric, kind, &memories, self.max_part)?;
+            Ok(Some((cut, shard)))
+        })();
+        let mut guard = self.shards.write().unwrap_or_else(|p| p.into_inner());
+        if !current(&guard) {
+            return;
+        }
+        let building = guard.building.remove(&job.namespace).expect("checked current");
+        let (cut, shard) = match built {
+            Ok(Some(b)) => b,
+            // Dropped since: the drop op will have removed the shard (or is about to).
+            Ok(None) => return,
+            Err(e) => {
+                metrics::counter!("engram_vector_rebuild_failures_total").increment(1);
+                tracing::error!(namespace = %job.namespace, error = %e, "background shard rebuild failed; keeping the old shard");
+                return;
+            }
+        };
+        let held = std::time::Instant::now();
+        let after: Vec<VectorOp> = building.since.into_iter().filter(|(at, _)| *at > cut).map(|(_, op)| op).collect();
+        let mut one = HashMap::from([(job.namespace.clone(), shard)]);
+        let replayed = apply_ops(&mut one, &after, |_, _| {});
+        match (replayed, one.remove(&job.namespace)) {
+            (Ok(()), Some(shard)) => {
+                let (kind, len, parts) = (shard.kind(), shard.len(), shard.parts());
+                guard.map.insert(job.namespace.clone(), shard);
+                VectorStore::export(&guard.map);
+                drop(guard);
+                metrics::counter!("engram_vector_rebuilds_total", "namespace" => crate::http::namespace_label(&job.namespace)).increment(1);
+                tracing::info!(
+                    namespace = %job.namespace,
+                    memories = len,
+                    ?kind,
+                    parts,
+                    cut,
+                    replayed = after.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    swap_ms = held.elapsed().as_millis() as u64,
+                    "vector shard rebuilt in the background"
+                );
+            }
+            (Err(e), _) => {
+                metrics::counter!("engram_vector_rebuild_failures_total").increment(1);
+                tracing::error!(namespace = %job.namespace, error = %e, "replaying onto a rebuilt shard failed; keeping the old shard");
+            }
+            (Ok(()), None) => {}
         }
     }
 }
