@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 mod process;
 
 use clap::Parser;
-use engram::client::{Client, Metric, NewMemory, Precondition};
-use engram::proto as pb;
-use process::EngramProcess;
+use engram::client::{Metric, NewMemory, Precondition};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -94,31 +92,7 @@ async fn main() {
         .collect();
 
     let tmp = tempfile::tempdir().unwrap();
-    let mut procs: Vec<EngramProcess> = (1..=3u64)
-        .map(|id| {
-            let p = |k: u16| format!("127.0.0.1:{}", args.base_port + k * 3 + id as u16 - 1);
-            EngramProcess::new(id, p(0), p(1), p(2), tmp.path().join(format!("n{id}")))
-        })
-        .collect();
-    for p in procs.iter_mut() {
-        p.start(&bin, 100);
-    }
-    let members: Vec<pb::NodeInfo> =
-        procs.iter().map(|p| pb::NodeInfo { id: p.id, raft_addr: p.raft.clone(), api_addr: p.api.clone() }).collect();
-    for attempt in 0.. {
-        match Client::new([procs[0].api.clone()]).unwrap().admin().init_cluster(members.clone()).await {
-            Ok(_) => break,
-            Err(e) if attempt < 100 => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("cluster init: {e}"),
-        }
-    }
-    let client = Client::new(procs.iter().map(|p| p.api.clone())).unwrap();
-    while client.admin().status().await.map(|s| s.leader_id).unwrap_or(0) == 0 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (mut procs, client) = process::cluster_of_three(&bin, args.base_port, tmp.path(), 100).await;
 
     println!("ingest: {n} memories of {dim}-d from {source}; 3 nodes, fsync on\n");
     println!("| batch | writers | memories/s | batch p50 ms | batch p99 ms |");

@@ -209,7 +209,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     }
     let limits = Limits {
         max_text_bytes: config.max_text_bytes,
-        ivf_min_vectors: config.ivf_min_vectors as u64,
+        approx_min_vectors: config.approx_min_vectors as u64,
         ..Limits::default()
     };
 
@@ -288,6 +288,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let peer = RaftServiceServer::new(PeerService::new(
         config.node_id,
         raft.clone(),
+        node.barriers(),
         state.snapshot_files(),
         tls.is_some(),
         config.max_snapshot_bytes,

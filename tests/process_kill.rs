@@ -64,7 +64,8 @@ async fn acknowledged_writes_survive_kill_9() {
     let members: Vec<pb::NodeInfo> =
         nodes.iter().map(|n| pb::NodeInfo { id: n.id, raft_addr: n.raft.clone(), api_addr: n.api.clone() }).collect();
     let mut ok = false;
-    for _ in 0..100 {
+    // Up to 20 s: three debug processes starting on a loaded 2-core CI box can take a while.
+    for _ in 0..400 {
         if Client::new([nodes[0].api.clone()])
             .unwrap()
             .creating_namespaces()

@@ -14,6 +14,7 @@ pub mod guard;
 pub mod log_store;
 pub mod network;
 pub mod node;
+mod read_batch;
 pub mod service;
 pub mod snapshot;
 pub mod state_machine;

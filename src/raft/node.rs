@@ -16,6 +16,7 @@ use openraft::{ReadPolicy, ServerState};
 use tonic::transport::Channel;
 
 use super::network::decode;
+use super::read_batch::ReadBatcher;
 use super::types::{Command, CommandResult, EngramNode, NodeId, Raft, TypeConfig};
 use crate::error::ApiError;
 use crate::proto::raft_service_client::RaftServiceClient;
@@ -65,10 +66,46 @@ pub enum ReadConsistency {
 /// Channels to leaders by (node id, address), with the TLS generation they were made with.
 type PeerChannels = HashMap<(NodeId, String), (RaftServiceClient<Channel>, u64)>;
 
+/// A leadership confirmation's outcome, shareable by every read that waited for it.
+pub(crate) type Confirmation =
+    Result<Linearizer<TypeConfig>, Arc<RaftError<TypeConfig, openraft::errors::LinearizableReadError<TypeConfig>>>>;
+
+/// This node's shared read barriers, one per policy (see [`super::read_batch`]): reads here
+/// and followers' ReadIndex calls to this leader all join them.
+pub struct ReadBarriers {
+    read_index: Arc<ReadBatcher<Confirmation>>,
+    lease: Arc<ReadBatcher<Confirmation>>,
+}
+
+impl ReadBarriers {
+    pub fn new(raft: &Raft) -> Arc<Self> {
+        let round = |policy: ReadPolicy, raft: Raft| {
+            move || {
+                let (raft, policy) = (raft.clone(), policy.clone());
+                async move { raft.get_read_linearizer(policy).await.map_err(Arc::new) }
+            }
+        };
+        Arc::new(ReadBarriers {
+            read_index: ReadBatcher::new("read_index", round(ReadPolicy::ReadIndex, raft.clone())),
+            lease: ReadBatcher::new("lease", round(ReadPolicy::LeaseRead, raft.clone())),
+        })
+    }
+
+    /// A leadership confirmation under `policy` that began after this call.
+    pub(crate) async fn confirm(&self, policy: ReadPolicy) -> Confirmation {
+        let batcher = match policy {
+            ReadPolicy::LeaseRead => &self.lease,
+            _ => &self.read_index,
+        };
+        batcher.join().await.unwrap_or_else(|| Err(Arc::new(RaftError::Fatal(openraft::errors::Fatal::Stopped))))
+    }
+}
+
 #[derive(Clone)]
 pub struct RaftNode {
     pub id: NodeId,
     pub raft: Raft,
+    barriers: Arc<ReadBarriers>,
     read_timeout: Duration,
     /// The chaos harness's canary: every read is served locally, skipping the read index.
     unsafe_stale_reads: bool,
@@ -81,7 +118,13 @@ pub struct RaftNode {
 
 impl RaftNode {
     pub fn new(id: NodeId, raft: Raft, read_timeout: Duration, tls: Option<Arc<NodeTls>>) -> Self {
-        RaftNode { id, raft, read_timeout, unsafe_stale_reads: false, peers: Arc::default(), tls }
+        let barriers = ReadBarriers::new(&raft);
+        RaftNode { id, raft, barriers, read_timeout, unsafe_stale_reads: false, peers: Arc::default(), tls }
+    }
+
+    /// The read barriers this node's reads share (the peer service's ReadIndex joins them).
+    pub fn barriers(&self) -> Arc<ReadBarriers> {
+        self.barriers.clone()
     }
 
     /// The node's TLS state, if it has certificates.
@@ -201,15 +244,17 @@ impl RaftNode {
             ReadConsistency::Linearizable => false,
         };
         let policy = if lease { ReadPolicy::LeaseRead } else { ReadPolicy::ReadIndex };
-        let linearizer = match self.raft.get_read_linearizer(policy).await {
+        let linearizer = match self.barriers.confirm(policy).await {
             Ok(l) => l,
-            Err(RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(f))) => {
-                let (Some(id), Some(leader)) = (f.leader_id, f.leader_node) else {
-                    return Err(ApiError::Unavailable { reason: "no leader known".into() });
-                };
-                self.remote_linearizer(id, &leader, lease).await?
-            }
-            Err(e) => return Err(ApiError::Unavailable { reason: format!("cannot confirm leadership: {e}") }),
+            Err(e) => match &*e {
+                RaftError::APIError(openraft::errors::LinearizableReadError::ForwardToLeader(f)) => {
+                    let (Some(id), Some(leader)) = (f.leader_id, f.leader_node.clone()) else {
+                        return Err(ApiError::Unavailable { reason: "no leader known".into() });
+                    };
+                    self.remote_linearizer(id, &leader, lease).await?
+                }
+                e => return Err(ApiError::Unavailable { reason: format!("cannot confirm leadership: {e}") }),
+            },
         };
         match linearizer.try_await_ready(&self.raft, Some(self.read_timeout)).await {
             Ok(Ok(_)) => Ok(()),

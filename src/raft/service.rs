@@ -5,6 +5,8 @@
 //! openraft sees it. A snapshot stream is checked on its first chunk, before a byte is
 //! written, and bounded in size.
 
+use std::sync::Arc;
+
 use futures::StreamExt;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ReadPolicy;
@@ -26,6 +28,8 @@ pub struct PeerIdentity(pub NodeId);
 pub struct PeerService {
     me: NodeId,
     raft: Raft,
+    /// Followers' ReadIndex calls share this leader's leadership confirmations.
+    barriers: Arc<super::node::ReadBarriers>,
     snapshots: SnapshotFiles,
     /// Peers are authenticated by certificates: a request without a [`PeerIdentity`] is refused.
     authenticated: bool,
@@ -33,8 +37,15 @@ pub struct PeerService {
 }
 
 impl PeerService {
-    pub fn new(me: NodeId, raft: Raft, snapshots: SnapshotFiles, authenticated: bool, max_snapshot_bytes: u64) -> Self {
-        PeerService { me, raft, snapshots, authenticated, max_snapshot_bytes }
+    pub fn new(
+        me: NodeId,
+        raft: Raft,
+        barriers: Arc<super::node::ReadBarriers>,
+        snapshots: SnapshotFiles,
+        authenticated: bool,
+        max_snapshot_bytes: u64,
+    ) -> Self {
+        PeerService { me, raft, barriers, snapshots, authenticated, max_snapshot_bytes }
     }
 
     /// The sender's node id when peers are authenticated (`None` on an insecure node), after
@@ -214,7 +225,7 @@ impl RaftService for PeerService {
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<RaftPayload>, Status> {
         self.sender(&req)?;
         let policy = if req.get_ref().lease { ReadPolicy::LeaseRead } else { ReadPolicy::ReadIndex };
-        match self.raft.get_read_linearizer(policy).await {
+        match self.barriers.confirm(policy).await {
             Ok(lin) => Ok(Response::new(encode(lin.read_log_id()))),
             Err(e) => Err(Status::unavailable(format!("cannot confirm leadership: {e}"))),
         }

@@ -74,3 +74,53 @@ impl Drop for EngramProcess {
         self.kill9();
     }
 }
+
+/// Three nodes on loopback ports from `base_port` (api, raft, http per node), data under
+/// `dir`, initialised as one cluster; returns them and a client of all three once a leader is
+/// known.
+#[allow(dead_code)]
+pub async fn cluster_of_three(
+    bin: &Path,
+    base_port: u16,
+    dir: &Path,
+    state_sync_interval_ms: u64,
+) -> (Vec<EngramProcess>, engram::client::Client) {
+    use engram::client::Client;
+    use std::time::Duration;
+    let mut procs: Vec<EngramProcess> = (1..=3u64)
+        .map(|id| {
+            let p = |k: u16| format!("127.0.0.1:{}", base_port + k * 3 + id as u16 - 1);
+            EngramProcess::new(id, p(0), p(1), p(2), dir.join(format!("n{id}")))
+        })
+        .collect();
+    for p in procs.iter_mut() {
+        p.start(bin, state_sync_interval_ms);
+    }
+    let members: Vec<engram::proto::NodeInfo> = procs
+        .iter()
+        .map(|p| engram::proto::NodeInfo { id: p.id, raft_addr: p.raft.clone(), api_addr: p.api.clone() })
+        .collect();
+    for attempt in 0.. {
+        match Client::new([procs[0].api.clone()]).unwrap().admin().init_cluster(members.clone()).await {
+            Ok(_) => break,
+            Err(_) if attempt < 100 => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("cluster init: {e}"),
+        }
+    }
+    let client = Client::new(procs.iter().map(|p| p.api.clone())).unwrap();
+    while client.admin().status().await.map(|s| s.leader_id).unwrap_or(0) == 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (procs, client)
+}
+
+/// GET `path` from a node's HTTP listener; the body.
+#[allow(dead_code)]
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(out)
+}
