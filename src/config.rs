@@ -10,9 +10,9 @@
 //! listen_http = "0.0.0.0:7201"       # /metrics /healthz /readyz
 //! advertise_api = "10.0.0.1:7001"    # what peers and clients are told (default: listen_*)
 //! advertise_raft = "10.0.0.1:7101"
-//! heartbeat_interval_ms = 100
-//! election_timeout_min_ms = 500
-//! election_timeout_max_ms = 1000
+//! heartbeat_interval_ms = 50
+//! election_timeout_min_ms = 100    # a follower calls an election after the leader's lease
+//! election_timeout_max_ms = 200    # (= election_timeout_max_ms) plus a random 100..200 ms
 //! snapshot_logs_since_last = 5000
 //! snapshot_keep_logs = 1000
 //! snapshot_max_lag_logs = 100000  # the leader keeps log a follower needs, up to this far back
@@ -88,13 +88,15 @@ pub struct NodeArgs {
     /// Peer address announced to the cluster [default: the bound listen_raft].
     #[arg(long, env = "ENGRAM_ADVERTISE_RAFT")]
     pub advertise_raft: Option<String>,
-    /// Leader heartbeat period [default: 100].
+    /// Leader heartbeat period [default: 50].
     #[arg(long, env = "ENGRAM_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u64>,
-    /// Lower bound of the randomized election timeout [default: 500].
+    /// Lower bound of the randomized election timeout [default: 100]. A follower that hears
+    /// nothing for the leader's lease (election_timeout_max_ms) plus this random timeout
+    /// pre-votes, then elects: 300-400 ms of silence by default.
     #[arg(long, env = "ENGRAM_ELECTION_TIMEOUT_MIN_MS")]
     pub election_timeout_min_ms: Option<u64>,
-    /// Upper bound of the randomized election timeout [default: 1000].
+    /// Upper bound of the randomized election timeout, and the leader lease [default: 200].
     #[arg(long, env = "ENGRAM_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
     /// Take a snapshot after this many log entries since the last one [default: 5000].
@@ -461,9 +463,9 @@ impl NodeArgs {
             listen_http: pick!(cli, file, listen_http, "127.0.0.1:7201".parse().unwrap()),
             advertise_api: cli.advertise_api.clone().or(file.advertise_api.clone()),
             advertise_raft: cli.advertise_raft.clone().or(file.advertise_raft.clone()),
-            heartbeat_interval_ms: pick!(cli, file, heartbeat_interval_ms, 100),
-            election_timeout_min_ms: pick!(cli, file, election_timeout_min_ms, 500),
-            election_timeout_max_ms: pick!(cli, file, election_timeout_max_ms, 1000),
+            heartbeat_interval_ms: pick!(cli, file, heartbeat_interval_ms, 50),
+            election_timeout_min_ms: pick!(cli, file, election_timeout_min_ms, 100),
+            election_timeout_max_ms: pick!(cli, file, election_timeout_max_ms, 200),
             snapshot_logs_since_last: pick!(cli, file, snapshot_logs_since_last, 5000),
             snapshot_keep_logs: pick!(cli, file, snapshot_keep_logs, 1000),
             snapshot_max_lag_logs: pick!(cli, file, snapshot_max_lag_logs, 100_000),

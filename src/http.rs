@@ -100,6 +100,22 @@ fn describe() {
         "Peer requests refused for lacking a cluster certificate."
     );
     metrics::describe_gauge!("engram_raft_applied_index", "Log index this node's state machine has applied.");
+    metrics::describe_histogram!(
+        "engram_read_barrier_batch_size",
+        "Reads that shared one leadership confirmation, by barrier (read_index, lease)."
+    );
+    metrics::describe_counter!(
+        "engram_vector_rebuilds_scheduled_total",
+        "Background shard rebuilds asked for (kind switches and compactions)."
+    );
+    metrics::describe_counter!(
+        "engram_vector_compactions_total",
+        "HNSW shards rebuilt to drop tombstones (replaced and deleted vectors)."
+    );
+    metrics::describe_counter!(
+        "engram_vector_rebuild_failures_total",
+        "Background shard rebuilds that failed (the old shard stays in use)."
+    );
     metrics::describe_gauge!("engram_raft_is_leader", "1 while this node is the leader.");
     metrics::describe_gauge!("engram_raft_last_log_index", "Last log index in this node's log.");
     metrics::describe_counter!("engram_raft_log_appended_entries_total", "Entries appended to this node's log.");

@@ -105,6 +105,10 @@ fn raft_config(c: &Config) -> Result<Arc<openraft::Config>, ServerError> {
         max_in_snapshot_log_to_keep: u64::MAX,
         install_snapshot_timeout: 30_000,
         max_payload_entries: MAX_PAYLOAD_ENTRIES,
+        // A node that cannot win (just restarted, partitioned, behind) asks first instead of
+        // bumping its term: with short election timeouts it would otherwise depose a healthy
+        // leader whenever it misses a few heartbeats.
+        enable_pre_vote: Some(true),
         ..Default::default()
     };
     Ok(Arc::new(rc.validate().map_err(|e| ServerError::Config(e.to_string()))?))

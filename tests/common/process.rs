@@ -12,12 +12,24 @@ pub struct EngramProcess {
     pub data_dir: PathBuf,
     /// Security flags: `--insecure` unless a test gives it certificates instead.
     pub security: Vec<String>,
+    /// Heartbeat and election timeouts (ms): fast test values unless set; `None` runs the
+    /// node's own defaults.
+    pub timing: Option<[u64; 3]>,
     child: Option<Child>,
 }
 
 impl EngramProcess {
     pub fn new(id: u64, api: String, raft: String, http: String, data_dir: PathBuf) -> Self {
-        EngramProcess { id, api, raft, http, data_dir, security: vec!["--insecure".into()], child: None }
+        EngramProcess {
+            id,
+            api,
+            raft,
+            http,
+            data_dir,
+            security: vec!["--insecure".into()],
+            timing: Some([50, 300, 600]),
+            child: None,
+        }
     }
 
     /// Starts the node from its data dir (fresh or existing) with fast test timeouts.
@@ -29,13 +41,22 @@ impl EngramProcess {
     pub fn start_with_env(&mut self, bin: &Path, state_sync_interval_ms: u64, env: &[(&str, String)]) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log")).unwrap();
+        let timing: Vec<String> = match self.timing {
+            Some([h, lo, hi]) => {
+                ["--heartbeat-interval-ms", &h.to_string(), "--election-timeout-min-ms", &lo.to_string()]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(["--election-timeout-max-ms".to_string(), hi.to_string()])
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let child = Command::new(bin)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .args(["--node-id", &self.id.to_string(), "--data-dir", self.data_dir.to_str().unwrap()])
             .args(&self.security)
             .args(["--listen-api", &self.api, "--listen-raft", &self.raft, "--listen-http", &self.http])
-            .args(["--heartbeat-interval-ms", "50", "--election-timeout-min-ms", "300"])
-            .args(["--election-timeout-max-ms", "600"])
+            .args(&timing)
             .args(["--state-sync-interval-ms", &state_sync_interval_ms.to_string()])
             .stdout(Stdio::null())
             .stderr(log)
@@ -85,6 +106,19 @@ pub async fn cluster_of_three(
     dir: &Path,
     state_sync_interval_ms: u64,
 ) -> (Vec<EngramProcess>, engram::client::Client) {
+    cluster_of_three_timed(bin, base_port, dir, state_sync_interval_ms, Some([50, 300, 600])).await
+}
+
+/// [`cluster_of_three`] with the nodes' heartbeat and election timeouts (`None`: their
+/// defaults).
+#[allow(dead_code)]
+pub async fn cluster_of_three_timed(
+    bin: &Path,
+    base_port: u16,
+    dir: &Path,
+    state_sync_interval_ms: u64,
+    timing: Option<[u64; 3]>,
+) -> (Vec<EngramProcess>, engram::client::Client) {
     use engram::client::Client;
     use std::time::Duration;
     let mut procs: Vec<EngramProcess> = (1..=3u64)
@@ -94,6 +128,7 @@ pub async fn cluster_of_three(
         })
         .collect();
     for p in procs.iter_mut() {
+        p.timing = timing;
         p.start(bin, state_sync_interval_ms);
     }
     let members: Vec<engram::proto::NodeInfo> = procs
