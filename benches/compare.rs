@@ -19,9 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[path = "../tests/common/process.rs"]
-#[allow(dead_code)]
-mod process;
+#[path = "common/mod.rs"]
+mod common;
+
+use common::process;
 
 use clap::Parser;
 use engram::client::{Client, Metric, NewMemory};
@@ -153,16 +154,6 @@ where
     (lat.len() as f64 / secs, pct(0.5), pct(0.99))
 }
 
-fn read_vecs<T: Copy>(path: &Path, conv: fn([u8; 4]) -> T) -> (usize, Vec<T>) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let dim = i32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
-    let mut out = Vec::new();
-    for r in bytes.chunks_exact(4 + 4 * dim) {
-        out.extend(r[4..].chunks_exact(4).map(|c| conv(c.try_into().unwrap())));
-    }
-    (dim, out)
-}
-
 fn recall(truth: &[u64], k: usize, q: usize, got: impl Iterator<Item = u64>) -> f64 {
     let want: std::collections::HashSet<u64> = truth[q * k..q * k + 10].iter().copied().collect();
     got.take(10).filter(|id| want.contains(id)).count() as f64 / 10.0
@@ -171,11 +162,7 @@ fn recall(truth: &[u64], k: usize, q: usize, got: impl Iterator<Item = u64>) -> 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let bin = args
-        .engram_bin
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/engram"));
-    assert!(bin.exists(), "{} not found: run `cargo build --release --bins` first", bin.display());
+    let bin = common::release_bin(args.engram_bin.clone());
     let tmp = tempfile::tempdir().unwrap();
     let dur = Duration::from_secs(args.secs);
     let mut table: Vec<(String, String, String, String)> = Vec::new();
@@ -250,9 +237,9 @@ async fn main() {
     ));
 
     // Search.
-    let (dim, base) = read_vecs(&args.dataset.join("base.fvecs"), f32::from_le_bytes);
-    let (_, mut queries) = read_vecs(&args.dataset.join("queries.fvecs"), f32::from_le_bytes);
-    let (tk, truth) = read_vecs(&args.dataset.join("groundtruth.ivecs"), i32::from_le_bytes);
+    let (dim, base) = common::read_vecs(&args.dataset.join("base.fvecs"), f32::from_le_bytes);
+    let (_, mut queries) = common::read_vecs(&args.dataset.join("queries.fvecs"), f32::from_le_bytes);
+    let (tk, truth) = common::read_vecs(&args.dataset.join("groundtruth.ivecs"), i32::from_le_bytes);
     let truth: Arc<Vec<u64>> = Arc::new(truth.into_iter().map(|x| x as u64).collect());
     queries.truncate(args.queries * dim);
     let (n, nq) = (base.len() / dim, queries.len() / dim);
@@ -283,24 +270,8 @@ async fn main() {
             .collect();
         client.put_batch(NS, items).await.unwrap();
     }
-    loop {
-        let mut settled = true;
-        for p in &procs {
-            let status: serde_json::Value = serde_json::from_str(&process::http_get(&p.http, "/status").await).unwrap();
-            settled &= status["vectors"]["building"] == 0;
-        }
-        if settled {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let leader_api = loop {
-        let leader = client.admin().status().await.map(|s| s.leader_id).unwrap_or(0);
-        if let Some(p) = procs.iter().find(|p| p.id == leader) {
-            break p.api.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    common::wait_built(&procs, None).await;
+    let leader_api = common::leader_api(&client, &procs).await;
     let queries = Arc::new(queries);
     let t0 = Instant::now();
     let mut tasks = Vec::new();

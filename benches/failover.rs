@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[path = "../tests/common/process.rs"]
-#[allow(dead_code)]
-mod process;
+#[path = "common/mod.rs"]
+mod common;
+
+use common::process;
 
 use clap::Parser;
 use engram::client::{Client, Metric, NewMemory, RetryPolicy};
@@ -46,16 +47,6 @@ struct Args {
 fn memory(seed: u64) -> NewMemory {
     let v: Vec<f32> = (0..384).map(|i| ((seed as usize * 131 + i * 17) % 1009) as f32 / 1009.0 - 0.5).collect();
     NewMemory::new(format!("memory {seed}: the user prefers green tea in the afternoon."), v)
-}
-
-async fn terms(procs: &[process::EngramProcess]) -> Vec<u64> {
-    let mut out = Vec::new();
-    for p in procs.iter().filter(|p| p.is_running()) {
-        let body = process::http_get(&p.http, "/status").await;
-        let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        out.push(status["raft"]["term"].as_u64().unwrap_or(0));
-    }
-    out
 }
 
 async fn leader(client: &Client) -> u64 {
@@ -92,11 +83,7 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let bin = args
-        .engram_bin
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/engram"));
-    assert!(bin.exists(), "{} not found: run `cargo build --release --bins` first", bin.display());
+    let bin = common::release_bin(args.engram_bin.clone());
     let timing = args.timing.as_ref().map(|t| {
         assert_eq!(t.len(), 3, "--timing H,MIN,MAX");
         [t[0], t[1], t[2]]
@@ -115,9 +102,9 @@ async fn main() {
     // Steady load, every node alive: any term change is a spurious election.
     let (stop, acked) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     load(&client, NS, args.writers, &stop, &acked);
-    let before = terms(&procs).await;
+    let before = common::raft_terms(&procs).await;
     tokio::time::sleep(Duration::from_secs(args.steady_secs)).await;
-    let after = terms(&procs).await;
+    let after = common::raft_terms(&procs).await;
     println!(
         "steady load {} s: {} puts acknowledged ({:.0}/s); terms {before:?} → {after:?}: {} spurious election(s)",
         args.steady_secs,

@@ -11,9 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-#[path = "../tests/common/process.rs"]
-#[allow(dead_code)]
-mod process;
+#[path = "common/mod.rs"]
+mod common;
+
+use common::process;
 
 use clap::Parser;
 use engram::client::{Metric, NewMemory, Precondition};
@@ -68,11 +69,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let bin = args
-        .engram_bin
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/engram"));
-    assert!(bin.exists(), "{} not found: run `cargo build --release --bins` first", bin.display());
+    let bin = common::release_bin(args.engram_bin.clone());
     let (dim, vectors, texts, source) = match read_fvecs(&args.dataset.join("base.fvecs")) {
         Some((dim, v)) => {
             let n = (v.len() / dim).min(args.n);

@@ -11,13 +11,14 @@
 //!
 //! Run: `cargo build --release --bins && cargo bench --bench search_cluster -- --dataset ../shared/datasets/debian-minilm`
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-#[path = "../tests/common/process.rs"]
-#[allow(dead_code)]
-mod process;
+#[path = "common/mod.rs"]
+mod common;
+
+use common::process;
 
 use clap::Parser;
 use engram::client::{Client, Consistency, Metric, NewMemory, Precondition};
@@ -50,17 +51,6 @@ struct Args {
     bench: bool,
 }
 
-fn read_vecs<T: Copy>(path: &Path, conv: fn([u8; 4]) -> T) -> (usize, Vec<T>) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let dim = i32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
-    let rec = 4 + 4 * dim;
-    let mut out = Vec::with_capacity(bytes.len() / rec * dim);
-    for r in bytes.chunks_exact(rec) {
-        out.extend(r[4..].chunks_exact(4).map(|c| conv(c.try_into().unwrap())));
-    }
-    (dim, out)
-}
-
 struct Truth {
     k: usize,
     ids: Vec<u64>,
@@ -81,14 +71,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let bin = args
-        .engram_bin
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/engram"));
-    assert!(bin.exists(), "{} not found: run `cargo build --release --bins` first", bin.display());
-    let (dim, base) = read_vecs(&args.dataset.join("base.fvecs"), f32::from_le_bytes);
-    let (_, mut queries) = read_vecs(&args.dataset.join("queries.fvecs"), f32::from_le_bytes);
-    let (k, truth) = read_vecs(&args.dataset.join("groundtruth.ivecs"), i32::from_le_bytes);
+    let bin = common::release_bin(args.engram_bin.clone());
+    let (dim, base) = common::read_vecs(&args.dataset.join("base.fvecs"), f32::from_le_bytes);
+    let (_, mut queries) = common::read_vecs(&args.dataset.join("queries.fvecs"), f32::from_le_bytes);
+    let (k, truth) = common::read_vecs(&args.dataset.join("groundtruth.ivecs"), i32::from_le_bytes);
     let truth = Arc::new(Truth { k, ids: truth.into_iter().map(|x| x as u64).collect() });
     queries.truncate(args.queries * dim);
     let (n, nq) = (base.len() / dim, queries.len() / dim);
@@ -170,18 +156,7 @@ async fn main() {
     }
     let loaded = t.elapsed();
     // Every node's shard built (in the background) before anything is timed.
-    loop {
-        let mut settled = true;
-        for p in &procs {
-            let status: serde_json::Value = serde_json::from_str(&process::http_get(&p.http, "/status").await).unwrap();
-            let v = &status["vectors"];
-            settled &= v["building"] == 0 && v["vectors"] == n as u64;
-        }
-        if settled {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_built(&procs, Some(n as u64)).await;
     eprintln!(
         "loaded {n} through PutBatch(1000) × 4 in {:.1} s; every node's shard built after {:.1} s",
         loaded.as_secs_f64(),
@@ -198,14 +173,8 @@ async fn main() {
     };
     let request = move |q: &[f32]| request_at(q, pb::Consistency::Linearizable);
     // A leader, asked until one answers (an election may be under way after the load).
-    let leader_api = loop {
-        let leader = client.admin().status().await.map(|s| s.leader_id).unwrap_or(0);
-        if let Some(p) = procs.iter().find(|p| p.id == leader) {
-            break p.api.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let terms: Vec<u64> = raft_terms(&procs).await;
+    let leader_api = common::leader_api(&client, &procs).await;
+    let terms: Vec<u64> = common::raft_terms(&procs).await;
     let mut rows = Vec::new();
     use pb::Consistency::{Lease, Linearizable, Stale};
     for (consistency, clients) in
@@ -284,19 +253,9 @@ async fn main() {
             );
         }
     }
-    let after: Vec<u64> = raft_terms(&procs).await;
+    let after: Vec<u64> = common::raft_terms(&procs).await;
     println!("raft terms (per node) after the load: {terms:?}; after the searches: {after:?}");
     for p in procs.iter_mut() {
         p.kill9();
     }
-}
-
-/// Each node's current Raft term, from its /status.
-async fn raft_terms(procs: &[process::EngramProcess]) -> Vec<u64> {
-    let mut out = Vec::new();
-    for p in procs {
-        let status: serde_json::Value = serde_json::from_str(&process::http_get(&p.http, "/status").await).unwrap();
-        out.push(status["raft"]["term"].as_u64().unwrap_or(0));
-    }
-    out
 }

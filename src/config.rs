@@ -652,12 +652,12 @@ mod tests {
     fn file_is_overridden_by_flags_and_validated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("engram.toml");
-        std::fs::write(&path, "node_id = 3\ndata_dir = \"/tmp/x\"\nheartbeat_interval_ms = 50\ninsecure = true\n")
+        std::fs::write(&path, "node_id = 3\ndata_dir = \"/tmp/x\"\nheartbeat_interval_ms = 30\ninsecure = true\n")
             .unwrap();
         let args =
-            NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap(), "--heartbeat-interval-ms", "70"]);
+            NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap(), "--heartbeat-interval-ms", "40"]);
         let c = args.resolve().unwrap();
-        assert_eq!((c.node_id, c.heartbeat_interval_ms), (3, 70));
+        assert_eq!((c.node_id, c.heartbeat_interval_ms), (3, 40));
 
         std::fs::write(&path, "node_id = 3\ndata_dir = \"/tmp/x\"\nbogus = 1\n").unwrap();
         let e = NodeArgs::parse_from(["engram", "--config", path.to_str().unwrap()]).resolve().unwrap_err();
