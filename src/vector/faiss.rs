@@ -346,6 +346,16 @@ impl VectorIndex for FaissIndex {
             let graph = self.graph.as_mut().expect("checked above");
             self.version += 1;
             self.index.add(vectors).map_err(err)?;
+            // Locals are positions: a partial add would shift every later id onto another
+            // vector. FAISS adds all or throws, but check rather than trust it.
+            if self.index.ntotal() != (graph.labels.len() + ids.len()) as u64 {
+                return Err(VectorError::Faiss(format!(
+                    "graph holds {} vectors after adding {} to {}",
+                    self.index.ntotal(),
+                    ids.len(),
+                    graph.labels.len()
+                )));
+            }
             for id in ids {
                 graph.bury(*id);
                 graph.push(*id);

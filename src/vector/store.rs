@@ -124,11 +124,13 @@ struct Shards {
     building: HashMap<String, Building>,
     /// Tells builds apart: a newer rebuild of a namespace makes an older one's result stale.
     generation: u64,
+    /// When each namespace was last sent to compaction.
+    compacted_at: HashMap<String, std::time::Instant>,
 }
 
 impl Shards {
     fn new(map: HashMap<String, Shard>, applied: u64, generation: u64) -> Shards {
-        Shards { map, applied, building: HashMap::new(), generation }
+        Shards { map, applied, building: HashMap::new(), generation, compacted_at: HashMap::new() }
     }
 }
 
@@ -139,10 +141,18 @@ struct Building {
     since: Vec<(u64, VectorOp)>,
 }
 
-/// A background rebuild: namespace, kind, generation.
+/// A rebuild's catch-up ops are replayed under the write lock only once this few remain.
+const SWAP_TAIL: usize = 256;
+
+/// A namespace is compacted at most this often (a failing or immediately refilled compaction
+/// must not rebuild the shard on every batch).
+const COMPACT_EVERY: Duration = Duration::from_secs(60);
+
+/// A background rebuild: namespace and generation (the kind is the namespace's own in the
+/// cut the build reads).
+#[derive(Clone)]
 struct Job {
     namespace: String,
-    kind: FaissKind,
     generation: u64,
 }
 
@@ -192,7 +202,12 @@ impl VectorStore {
             // Ends when the store (the only sender) is dropped.
             while let Ok(job) = rx.recv() {
                 let Some(shared) = worker.upgrade() else { break };
-                shared.run(job);
+                let kept = job.clone();
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shared.run(job))).is_err() {
+                    metrics::counter!("engram_vector_rebuild_failures_total").increment(1);
+                    tracing::error!(namespace = %kept.namespace, "background shard rebuild panicked; keeping the old shard");
+                    shared.abandon(&kept);
+                }
                 let (n, done) = &shared.pending;
                 let mut n = n.lock().unwrap_or_else(|p| p.into_inner());
                 *n = n.saturating_sub(1);
@@ -238,8 +253,10 @@ impl VectorStore {
         let generation = shards.generation;
         shards.building.insert(namespace.to_string(), Building { generation, since: Vec::new() });
         *self.shared.pending.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        let job = Job { namespace: namespace.to_string(), kind, generation };
+        tracing::debug!(namespace, ?kind, generation, "shard rebuild scheduled");
+        let job = Job { namespace: namespace.to_string(), generation };
         if self.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job).is_err() {
+            shards.building.remove(namespace);
             let mut n = self.shared.pending.0.lock().unwrap_or_else(|p| p.into_inner());
             *n = n.saturating_sub(1);
             tracing::error!(namespace, "shard builder thread is gone; the shard keeps its old kind");
@@ -280,9 +297,11 @@ impl VectorStore {
         let touched: BTreeSet<&str> = ops.iter().map(VectorOp::namespace).collect();
         for ns in touched {
             let compact = shards.map.get(ns).filter(|s| s.needs_compaction()).map(Shard::kind);
+            let recent = shards.compacted_at.get(ns).is_some_and(|t| t.elapsed() < COMPACT_EVERY);
             if let Some(kind) = compact {
-                if !shards.building.contains_key(ns) {
+                if !shards.building.contains_key(ns) && !recent {
                     metrics::counter!("engram_vector_compactions_total").increment(1);
+                    shards.compacted_at.insert(ns.to_string(), std::time::Instant::now());
                     self.schedule(shards, ns, kind);
                 }
             }
@@ -663,61 +682,92 @@ impl Shared {
     /// replayed and the shard swapped in.
     fn run(&self, job: Job) {
         let started = std::time::Instant::now();
-        let current =
-            |shards: &Shards| shards.building.get(&job.namespace).is_some_and(|b| b.generation == job.generation);
+        let ns = job.namespace.as_str();
+        let current = |shards: &Shards| shards.building.get(ns).is_some_and(|b| b.generation == job.generation);
         if !current(&self.shards.read().unwrap_or_else(|p| p.into_inner())) {
             return;
         }
         let built = (|| -> Result<Option<(u64, Shard)>, VectorStoreError> {
-            let (cut, info, memories) = self.reader.namespace_cut(&job.namespace)?;
+            let (cut, info, memories) = self.reader.namespace_cut(ns)?;
             let Some(info) = info else { return Ok(None) };
-            let kind = buildable(job.kind, memories.len());
+            // The kind the namespace has in this cut, not the one asked for: a later entry of
+            // the asking batch may have dropped and re-created it.
+            let kind = buildable(info.index, memories.len());
             let shard = Shard::build(info.dimension as usize, info.metric, kind, &memories, self.max_part)?;
             Ok(Some((cut, shard)))
         })();
-        let mut guard = self.shards.write().unwrap_or_else(|p| p.into_inner());
-        if !current(&guard) {
-            return;
-        }
-        let building = guard.building.remove(&job.namespace).expect("checked current");
         let (cut, shard) = match built {
             Ok(Some(b)) => b,
             // Dropped since: the drop op will have removed the shard (or is about to).
-            Ok(None) => return,
+            Ok(None) => return self.abandon(&job),
             Err(e) => {
                 metrics::counter!("engram_vector_rebuild_failures_total").increment(1);
-                tracing::error!(namespace = %job.namespace, error = %e, "background shard rebuild failed; keeping the old shard");
-                return;
+                tracing::error!(namespace = ns, error = %e, "background shard rebuild failed; keeping the old shard");
+                return self.abandon(&job);
             }
         };
-        let held = std::time::Instant::now();
-        let after: Vec<VectorOp> = building.since.into_iter().filter(|(at, _)| *at > cut).map(|(_, op)| op).collect();
-        let mut one = HashMap::from([(job.namespace.clone(), shard)]);
-        let replayed = apply_ops(&mut one, &after, |_, _| {});
-        match (replayed, one.remove(&job.namespace)) {
-            (Ok(()), Some(shard)) => {
-                let (kind, len, parts) = (shard.kind(), shard.len(), shard.parts());
-                guard.map.insert(job.namespace.clone(), shard);
-                VectorStore::export(&guard.map);
+        // Catch up with the ops applied since the cut outside the lock while they are many;
+        // swap with a short tail under it, so apply and search wait a moment, not a replay.
+        let mut one = HashMap::from([(ns.to_string(), shard)]);
+        let (mut first, mut replayed) = (true, 0usize);
+        loop {
+            let mut guard = self.shards.write().unwrap_or_else(|p| p.into_inner());
+            if !current(&guard) {
+                return;
+            }
+            let taken = std::mem::take(&mut guard.building.get_mut(ns).expect("checked current").since);
+            let ops: Vec<VectorOp> =
+                taken.into_iter().filter(|(at, _)| !first || *at > cut).map(|(_, op)| op).collect();
+            first = false;
+            replayed += ops.len();
+            if ops.len() > SWAP_TAIL {
                 drop(guard);
-                metrics::counter!("engram_vector_rebuilds_total", "namespace" => crate::http::namespace_label(&job.namespace)).increment(1);
-                tracing::info!(
-                    namespace = %job.namespace,
-                    memories = len,
-                    ?kind,
-                    parts,
-                    cut,
-                    replayed = after.len(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    swap_ms = held.elapsed().as_millis() as u64,
-                    "vector shard rebuilt in the background"
-                );
+                if let Err(e) = apply_ops(&mut one, &ops, |_, _| {}) {
+                    metrics::counter!("engram_vector_rebuild_failures_total").increment(1);
+                    tracing::error!(namespace = ns, error = %e, "replaying onto a rebuilt shard failed; keeping the old shard");
+                    return self.abandon(&job);
+                }
+                continue;
             }
-            (Err(e), _) => {
-                metrics::counter!("engram_vector_rebuild_failures_total").increment(1);
-                tracing::error!(namespace = %job.namespace, error = %e, "replaying onto a rebuilt shard failed; keeping the old shard");
+            let held = std::time::Instant::now();
+            guard.building.remove(ns);
+            let tail = apply_ops(&mut one, &ops, |_, _| {});
+            match (tail, one.remove(ns)) {
+                (Ok(()), Some(shard)) => {
+                    let (kind, len, parts) = (shard.kind(), shard.len(), shard.parts());
+                    guard.map.insert(ns.to_string(), shard);
+                    VectorStore::export(&guard.map);
+                    drop(guard);
+                    metrics::counter!("engram_vector_rebuilds_total", "namespace" => crate::http::namespace_label(ns))
+                        .increment(1);
+                    tracing::info!(
+                        namespace = ns,
+                        memories = len,
+                        ?kind,
+                        parts,
+                        cut,
+                        replayed,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        swap_ms = held.elapsed().as_millis() as u64,
+                        "vector shard rebuilt in the background"
+                    );
+                }
+                (Err(e), _) => {
+                    metrics::counter!("engram_vector_rebuild_failures_total").increment(1);
+                    tracing::error!(namespace = ns, error = %e, "replaying onto a rebuilt shard failed; keeping the old shard");
+                }
+                (Ok(()), None) => {}
             }
-            (Ok(()), None) => {}
+            return;
+        }
+    }
+
+    /// Forgets `job`'s build if it is still the namespace's current one (it failed or has
+    /// nothing to build), so apply stops keeping ops for it.
+    fn abandon(&self, job: &Job) {
+        let mut guard = self.shards.write().unwrap_or_else(|p| p.into_inner());
+        if guard.building.get(&job.namespace).is_some_and(|b| b.generation == job.generation) {
+            guard.building.remove(&job.namespace);
         }
     }
 }
