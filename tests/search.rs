@@ -304,6 +304,8 @@ async fn bad_search_input_is_refused_naming_the_field() {
         (pb::SearchRequest { namespace: "".into(), ..req(vec_for(1), 5) }, "namespace"),
         (pb::SearchRequest { score_threshold: Some(f32::NAN), ..req(vec_for(1), 5) }, "score_threshold"),
         (pb::SearchRequest { consistency: 9, ..req(vec_for(1), 5) }, "consistency"),
+        (pb::SearchRequest { ef_search: 4097, ..req(vec_for(1), 5) }, "ef_search"),
+        (pb::SearchRequest { ef_search: u32::MAX, ..req(vec_for(1), 5) }, "ef_search"),
         (
             pb::SearchRequest {
                 filter: Some(pb::SearchFilter { tags: [("".into(), "v".into())].into(), ..Default::default() }),
