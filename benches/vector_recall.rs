@@ -21,6 +21,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
 use clap::Parser;
 use engram::client::{Client, Consistency, Metric, NewMemory, Precondition};
 use engram::memory::Metric as DomainMetric;
@@ -69,18 +72,6 @@ struct Args {
     bench: bool,
 }
 
-fn read_vecs<T: Copy>(path: &Path, conv: fn([u8; 4]) -> T) -> (usize, Vec<T>) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let dim = i32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
-    let rec = 4 + 4 * dim;
-    assert_eq!(bytes.len() % rec, 0, "{}: not a vecs file of dimension {dim}", path.display());
-    let mut out = Vec::with_capacity(bytes.len() / rec * dim);
-    for r in bytes.chunks_exact(rec) {
-        out.extend(r[4..].chunks_exact(4).map(|c| conv(c.try_into().unwrap())));
-    }
-    (dim, out)
-}
-
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
@@ -113,9 +104,9 @@ impl Data {
 }
 
 fn dataset(dir: &Path, queries: usize) -> Data {
-    let (dim, base) = read_vecs(&dir.join("base.fvecs"), f32::from_le_bytes);
-    let (qdim, mut q) = read_vecs(&dir.join("queries.fvecs"), f32::from_le_bytes);
-    let (gk, truth) = read_vecs(&dir.join("groundtruth.ivecs"), i32::from_le_bytes);
+    let (dim, base) = common::read_vecs(&dir.join("base.fvecs"), f32::from_le_bytes);
+    let (qdim, mut q) = common::read_vecs(&dir.join("queries.fvecs"), f32::from_le_bytes);
+    let (gk, truth) = common::read_vecs(&dir.join("groundtruth.ivecs"), i32::from_le_bytes);
     assert_eq!(qdim, dim);
     q.truncate(queries * dim);
     Data {

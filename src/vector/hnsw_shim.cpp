@@ -26,6 +26,21 @@ const faiss::IndexHNSW* as_hnsw(const void* index) {
     return dynamic_cast<const faiss::IndexHNSW*>(static_cast<const faiss::Index*>(index));
 }
 
+// Runs `body` (which returns 0 or reports and returns -1), turning any exception into -1
+// with its message in `err`.
+template <class F>
+int guarded(char* err, size_t err_len, F body) {
+    try {
+        return body();
+    } catch (const std::exception& e) {
+        report(err, err_len, e.what());
+        return -1;
+    } catch (...) {
+        report(err, err_len, "unknown C++ exception");
+        return -1;
+    }
+}
+
 } // namespace
 
 extern "C" {
@@ -38,7 +53,7 @@ int engram_hnsw_is_graph(const void* index) {
 
 // Sets efConstruction on an empty HNSW index. 0 on success.
 int engram_hnsw_set_ef_construction(void* index, int ef, char* err, size_t err_len) {
-    try {
+    return guarded(err, err_len, [&] {
         auto* h = dynamic_cast<faiss::IndexHNSW*>(static_cast<faiss::Index*>(index));
         if (h == nullptr) {
             report(err, err_len, "not an HNSW index");
@@ -46,13 +61,7 @@ int engram_hnsw_set_ef_construction(void* index, int ef, char* err, size_t err_l
         }
         h->hnsw.efConstruction = ef;
         return 0;
-    } catch (const std::exception& e) {
-        report(err, err_len, e.what());
-        return -1;
-    } catch (...) {
-        report(err, err_len, "unknown C++ exception");
-        return -1;
-    }
+    });
 }
 
 // One query's k best among `sel` (null: all). exact != 0 scans the graph's vector storage
@@ -69,7 +78,7 @@ int engram_hnsw_search(
         int64_t* labels,
         char* err,
         size_t err_len) {
-    try {
+    return guarded(err, err_len, [&] {
         const faiss::IndexHNSW* h = as_hnsw(index);
         if (h == nullptr || h->storage == nullptr) {
             report(err, err_len, "not an HNSW index with storage");
@@ -87,13 +96,7 @@ int engram_hnsw_search(
             h->search(1, query, k, distances, labels, &params);
         }
         return 0;
-    } catch (const std::exception& e) {
-        report(err, err_len, e.what());
-        return -1;
-    } catch (...) {
-        report(err, err_len, "unknown C++ exception");
-        return -1;
-    }
+    });
 }
 
 } // extern "C"
