@@ -1,5 +1,7 @@
-//! Record codec. Memories are stored as one version byte followed by zstd-compressed bincode;
-//! small metadata values are plain bincode. Decoding never panics on bad bytes: it returns
+//! Record codec. Memories are stored as one version byte followed by bincode, zstd-compressed
+//! (format 2) when the text is long enough for that to pay; most of a short memory is its
+//! embedding, which zstd cannot shrink, and compressing it was a fifth of `apply`'s time
+//! (format 3: plain). Small metadata values are plain bincode. Decoding never panics on bad bytes: it returns
 //! [`StorageError::Corrupt`].
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -10,7 +12,11 @@ use crate::memory::Memory;
 /// Before reinforcement and merges: no access count, merge count, provenance or link.
 const MEMORY_FORMAT_V1: u8 = 1;
 const MEMORY_FORMAT_V2: u8 = 2;
+/// Format 2's bincode, not compressed.
+const MEMORY_FORMAT_V3: u8 = 3;
 const ZSTD_LEVEL: i32 = 1;
+/// Texts from this long are compressed; the result is kept only if it saves a tenth.
+const COMPRESS_MIN_TEXT: usize = 512;
 
 /// A format-1 record, read into today's [`Memory`] with empty new fields.
 #[derive(serde::Deserialize)]
@@ -98,11 +104,25 @@ fn decompress(body: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 pub fn encode_memory(m: &Memory) -> Vec<u8> {
-    let raw = bincode::serialize(m).expect("bincode of an in-memory Memory cannot fail");
-    let mut out = Vec::with_capacity(raw.len() / 2 + 8);
-    out.push(MEMORY_FORMAT_V2);
-    compress(&raw, &mut out);
-    out
+    let mut plain = Vec::with_capacity(m.text.len() + m.embedding.len() * 4 + 256);
+    plain.push(MEMORY_FORMAT_V3);
+    bincode::serialize_into(&mut plain, m).expect("bincode of an in-memory Memory cannot fail");
+    if m.text.len() >= COMPRESS_MIN_TEXT {
+        let mut out = Vec::with_capacity(plain.len() / 2 + 8);
+        out.push(MEMORY_FORMAT_V2);
+        compress(&plain[1..], &mut out);
+        if out.len() < plain.len() - plain.len() / 10 {
+            return out;
+        }
+    }
+    plain
+}
+
+/// Format 3's bincode: the legacy encoding `bincode::serialize` writes, with no trailing bytes
+/// and no claim larger than the record itself can hold.
+fn plain_options(len: usize) -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new().with_fixint_encoding().with_limit(len as u64).reject_trailing_bytes()
 }
 
 pub fn decode_memory(bytes: &[u8]) -> Result<Memory, StorageError> {
@@ -115,6 +135,10 @@ pub fn decode_memory(bytes: &[u8]) -> Result<Memory, StorageError> {
         Some((&MEMORY_FORMAT_V2, body)) => {
             let raw = decompress(body).map_err(|e| corrupt(format!("zstd: {e}")))?;
             bincode::deserialize(&raw).map_err(|e| corrupt(format!("bincode: {e}")))
+        }
+        Some((&MEMORY_FORMAT_V3, body)) => {
+            use bincode::Options;
+            plain_options(body.len()).deserialize(body).map_err(|e| corrupt(format!("bincode: {e}")))
         }
         Some((v, _)) => Err(corrupt(format!("unknown record format {v}"))),
         None => Err(corrupt("empty record".into())),
@@ -207,6 +231,19 @@ mod tests {
             bytes.extend(zstd::bulk::compress(&raw[..cut], 1).unwrap());
             bytes.extend(zstd::bulk::compress(&raw[cut..], 1).unwrap());
             prop_assert_eq!(decode_memory(&bytes).unwrap(), m);
+        }
+
+        #[test]
+        fn short_texts_are_stored_plain_and_long_ones_compressed(m in memory(), long in any::<bool>()) {
+            let m = if long { Memory { text: "the user prefers green tea. ".repeat(40), ..m } } else { m };
+            let enc = encode_memory(&m);
+            prop_assert_eq!(enc[0], if long { MEMORY_FORMAT_V2 } else { MEMORY_FORMAT_V3 });
+            prop_assert_eq!(decode_memory(&enc).unwrap(), m.clone());
+            // A plain record with a byte too many is refused, not read.
+            let mut plain = vec![MEMORY_FORMAT_V3];
+            plain.extend(bincode::serialize(&m).unwrap());
+            plain.push(0);
+            prop_assert!(decode_memory(&plain).is_err());
         }
 
         #[test]
