@@ -52,6 +52,12 @@ struct Args {
     engram_bin: Option<PathBuf>,
     #[arg(long, default_value_t = 28301)]
     base_port: u16,
+    /// Skip the etcd put phase (to profile Engram alone).
+    #[arg(long)]
+    no_etcd: bool,
+    /// Skip the search phase.
+    #[arg(long)]
+    no_search: bool,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -168,42 +174,47 @@ async fn main() {
     let mut table: Vec<(String, String, String, String)> = Vec::new();
 
     // Replicated puts: etcd.
-    let etcd = Etcd::start(&args.etcd, args.base_port, tmp.path());
-    let channels: Vec<tonic::transport::Channel> = etcd
-        .client_urls
-        .iter()
-        .map(|u| tonic::transport::Channel::from_shared(u.clone()).unwrap().connect_lazy())
-        .collect();
-    let value = vec![b'v'; 1536];
-    let leader_ch = loop {
-        // The first node that takes a put (any node forwards to etcd's leader; the first
-        // that answers is ready).
-        let mut ready = None;
-        for ch in &channels {
-            if etcd_put(ch.clone(), b"warmup".to_vec(), value.clone()).await.is_ok() {
-                ready = Some(ch.clone());
-                break;
+    let etcd_run = if args.no_etcd {
+        None
+    } else {
+        let etcd = Etcd::start(&args.etcd, args.base_port, tmp.path());
+        let channels: Vec<tonic::transport::Channel> = etcd
+            .client_urls
+            .iter()
+            .map(|u| tonic::transport::Channel::from_shared(u.clone()).unwrap().connect_lazy())
+            .collect();
+        let value = vec![b'v'; 1536];
+        let leader_ch = loop {
+            // The first node that takes a put (any node forwards to etcd's leader; the first
+            // that answers is ready).
+            let mut ready = None;
+            for ch in &channels {
+                if etcd_put(ch.clone(), b"warmup".to_vec(), value.clone()).await.is_ok() {
+                    ready = Some(ch.clone());
+                    break;
+                }
             }
-        }
-        if let Some(ch) = ready {
-            break ch;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Some(ch) = ready {
+                break ch;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let _ = leader_ch;
+        // Each client its own connection, spread over the three nodes like etcd's own benchmark.
+        let conns: Arc<Vec<tonic::transport::Channel>> = Arc::new(
+            (0..args.clients)
+                .map(|c| tonic::transport::Channel::from_shared(etcd.client_urls[c % 3].clone()).unwrap().connect_lazy())
+                .collect(),
+        );
+        let v = Arc::new(value);
+        let (etcd_ops, etcd_p50, etcd_p99) = drive(args.clients, dur, move |c, i| {
+            let (ch, v) = (conns[c].clone(), v.clone());
+            async move { etcd_put(ch, format!("k{c}-{i}").into_bytes(), v.to_vec()).await.is_ok() }
+        })
+        .await;
+        drop(etcd);
+        Some((etcd_ops, etcd_p50, etcd_p99))
     };
-    let _ = leader_ch;
-    // Each client its own connection, spread over the three nodes like etcd's own benchmark.
-    let conns: Arc<Vec<tonic::transport::Channel>> = Arc::new(
-        (0..args.clients)
-            .map(|c| tonic::transport::Channel::from_shared(etcd.client_urls[c % 3].clone()).unwrap().connect_lazy())
-            .collect(),
-    );
-    let v = Arc::new(value);
-    let (etcd_ops, etcd_p50, etcd_p99) = drive(args.clients, dur, move |c, i| {
-        let (ch, v) = (conns[c].clone(), v.clone());
-        async move { etcd_put(ch, format!("k{c}-{i}").into_bytes(), v.to_vec()).await.is_ok() }
-    })
-    .await;
-    drop(etcd);
 
     // Replicated puts: Engram, node defaults.
     std::fs::create_dir_all(tmp.path().join("engram")).unwrap();
@@ -223,18 +234,25 @@ async fn main() {
         }
     })
     .await;
-    table.push((
-        format!("single put, {} clients: etcd 3 nodes (1.5 KB values)", args.clients),
-        format!("{etcd_ops:.0}/s"),
-        format!("p50 {etcd_p50:.1} ms, p99 {etcd_p99:.1} ms"),
-        "1.00×".into(),
-    ));
+    if let Some((etcd_ops, etcd_p50, etcd_p99)) = etcd_run {
+        table.push((
+            format!("single put, {} clients: etcd 3 nodes (1.5 KB values)", args.clients),
+            format!("{etcd_ops:.0}/s"),
+            format!("p50 {etcd_p50:.1} ms, p99 {etcd_p99:.1} ms"),
+            "1.00×".into(),
+        ));
+    }
     table.push((
         format!("single put, {} clients: Engram 3 nodes (384-d memories)", args.clients),
         format!("{eng_ops:.0}/s"),
         format!("p50 {eng_p50:.1} ms, p99 {eng_p99:.1} ms"),
-        format!("{:.2}× etcd", eng_ops / etcd_ops),
+        etcd_run.map(|(e, _, _)| format!("{:.2}× etcd", eng_ops / e)).unwrap_or_default(),
     ));
+
+    if args.no_search {
+        print_table("compare: puts only", &table);
+        return;
+    }
 
     // Search.
     let (dim, base) = common::read_vecs(&args.dataset.join("base.fvecs"), f32::from_le_bytes);
@@ -336,7 +354,12 @@ async fn main() {
         ));
     }
 
-    println!("\ncompare: one run on this box ({n} × {dim}-d vectors, {nq} queries from {})\n", args.dataset.display());
+    let head = format!("compare: one run on this box ({n} × {dim}-d vectors, {nq} queries from {})", args.dataset.display());
+    print_table(&head, &table);
+}
+
+fn print_table(head: &str, table: &[(String, String, String, String)]) {
+    println!("\n{head}\n");
     println!("| workload | throughput | latency / quality | ratio |");
     println!("|---|---|---|---|");
     for (a, b, c, d) in table {
