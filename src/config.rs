@@ -13,7 +13,7 @@
 //! heartbeat_interval_ms = 50
 //! election_timeout_min_ms = 100    # a follower calls an election after the leader's lease
 //! election_timeout_max_ms = 200    # (= election_timeout_max_ms) plus a random 100..200 ms
-//! snapshot_logs_since_last = 5000
+//! snapshot_logs_since_last = 5000  # and writes of half the last snapshot's memories
 //! snapshot_keep_logs = 1000
 //! snapshot_max_lag_logs = 100000  # the leader keeps log a follower needs, up to this far back
 //! backup_dir = "/var/lib/engram/backups"  # scheduled backups (default: <data_dir>/backups)
@@ -99,7 +99,8 @@ pub struct NodeArgs {
     /// Upper bound of the randomized election timeout, and the leader lease [default: 200].
     #[arg(long, env = "ENGRAM_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
-    /// Take a snapshot after this many log entries since the last one [default: 5000].
+    /// Take a snapshot after at least this many log entries since the last one, once the
+    /// memory writes since amount to half the memories in the last snapshot [default: 5000].
     #[arg(long, env = "ENGRAM_SNAPSHOT_LOGS_SINCE_LAST")]
     pub snapshot_logs_since_last: Option<u64>,
     /// Log entries kept behind the latest snapshot for slow followers [default: 1000].

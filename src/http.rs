@@ -119,6 +119,11 @@ fn describe() {
     metrics::describe_gauge!("engram_raft_is_leader", "1 while this node is the leader.");
     metrics::describe_gauge!("engram_raft_last_log_index", "Last log index in this node's log.");
     metrics::describe_counter!("engram_raft_log_appended_entries_total", "Entries appended to this node's log.");
+    metrics::describe_histogram!("engram_raft_log_append_batch_entries", "Entries per durable log append.");
+    metrics::describe_counter!(
+        "engram_raft_log_syncs_total",
+        "Durable (fsynced) log writes, by what they wrote: append, vote, committed, truncate, purge."
+    );
     metrics::describe_counter!(
         "engram_raft_misaddressed_requests_total",
         "Peer requests refused because they named another node."
@@ -135,6 +140,7 @@ fn describe() {
     metrics::describe_histogram!("engram_search_batch_duration_seconds", "SearchBatch latency.");
     metrics::describe_histogram!("engram_search_duration_seconds", "Search latency.");
     metrics::describe_counter!("engram_sm_applied_entries_total", "Log entries applied to the state machine.");
+    metrics::describe_histogram!("engram_sm_apply_batch_entries", "Log entries per state-machine apply transaction.");
     metrics::describe_histogram!("engram_snapshot_build_seconds", "Time to build a snapshot.");
     metrics::describe_gauge!("engram_snapshot_bytes", "Size of the latest snapshot.");
     metrics::describe_histogram!("engram_snapshot_install_seconds", "Time to install a snapshot from the leader.");

@@ -42,7 +42,6 @@ use crate::vector::VectorOptions;
 /// Largest client request. AppendEntries carry at most `network::MAX_APPEND_BYTES` of entries,
 /// or one entry, so a peer message stays under `network::MAX_PEER_MESSAGE_BYTES`.
 const MAX_MESSAGE_BYTES: usize = 8 << 20;
-const MAX_PAYLOAD_ENTRIES: u64 = 32;
 
 /// A running node.
 pub struct NodeHandle {
@@ -100,11 +99,12 @@ fn raft_config(c: &Config) -> Result<Arc<openraft::Config>, ServerError> {
         heartbeat_interval: c.heartbeat_interval_ms,
         election_timeout_min: c.election_timeout_min_ms,
         election_timeout_max: c.election_timeout_max_ms,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_logs_since_last),
+        // Snapshots follow `raft::compaction::SnapshotPace` (entries and rows written).
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         // Purging follows `raft::compaction`, which also keeps what lagging followers need.
         max_in_snapshot_log_to_keep: u64::MAX,
         install_snapshot_timeout: 30_000,
-        max_payload_entries: MAX_PAYLOAD_ENTRIES,
+        max_payload_entries: crate::raft::guard::MAX_PAYLOAD_ENTRIES,
         // A node that cannot win (just restarted, partitioned, behind) asks first instead of
         // bumping its term: with short election timeouts it would otherwise depose a healthy
         // leader whenever it misses a few heartbeats.
@@ -352,6 +352,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         id,
         config.snapshot_keep_logs,
         config.snapshot_max_lag_logs,
+        state.snapshot_pace(),
+        config.snapshot_logs_since_last,
         Duration::from_millis(config.heartbeat_interval_ms * 5),
         stopped(),
     )));

@@ -23,8 +23,12 @@ use openraft::raft::{
 
 pub const MAX_TERM: u64 = 1 << 48;
 pub const MAX_INDEX: u64 = 1 << 62;
-/// openraft sends at most `max_payload_entries` (32) per AppendEntries; a little headroom.
-pub const MAX_ENTRIES: usize = 1024;
+/// Entries per AppendEntries (openraft's `max_payload_entries`). It also bounds the batches a
+/// follower appends and applies: 32 capped a busy cluster at 32 entries per replication round
+/// trip. Bytes are bounded separately (`network::MAX_APPEND_BYTES`).
+pub const MAX_PAYLOAD_ENTRIES: u64 = 512;
+/// What a receiver accepts: the sender's limit with headroom.
+pub const MAX_ENTRIES: usize = 2 * MAX_PAYLOAD_ENTRIES as usize;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum GuardError {

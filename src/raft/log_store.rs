@@ -76,11 +76,13 @@ impl LogStore {
         Ok(())
     }
 
-    /// Runs `f` in one durable write transaction on the blocking pool.
-    async fn write<F>(&self, f: F) -> Result<(), io::Error>
+    /// Runs `f` in one durable write transaction on the blocking pool; `op` names it in
+    /// `engram_raft_log_syncs_total`.
+    async fn write<F>(&self, op: &'static str, f: F) -> Result<(), io::Error>
     where
         F: FnOnce(&redb::WriteTransaction) -> Result<(), StorageError> + Send + 'static,
     {
+        metrics::counter!("engram_raft_log_syncs_total", "op" => op).increment(1);
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
             let mut txn = db.begin_write()?;
@@ -114,7 +116,7 @@ impl LogStore {
 
     async fn put_meta<T: serde::Serialize>(&self, key: &'static str, value: &T) -> Result<(), io::Error> {
         let bytes = codec::encode(value);
-        self.write(move |txn| {
+        self.write(key, move |txn| {
             txn.open_table(META)?.insert(key, bytes.as_slice())?;
             Ok(())
         })
@@ -188,7 +190,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let encoded: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.index(), codec::encode(&e))).collect();
         let n = encoded.len() as u64;
         let res = self
-            .write(move |txn| {
+            .write("append", move |txn| {
                 let mut table = txn.open_table(LOG)?;
                 for (index, bytes) in &encoded {
                     table.insert(*index, bytes.as_slice())?;
@@ -197,6 +199,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
             .await;
         metrics::counter!("engram_raft_log_appended_entries_total").increment(n);
+        metrics::histogram!("engram_raft_log_append_batch_entries").record(n as f64);
         // The transaction above committed durably (or failed) before the callback fires.
         match res {
             Ok(()) => {
@@ -212,7 +215,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
-        self.write(move |txn| {
+        self.write("truncate", move |txn| {
             txn.open_table(LOG)?.retain_in::<u64, _>(from.., |_, _| false)?;
             Ok(())
         })
@@ -222,7 +225,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let upto = log_id.index();
         let bytes = codec::encode(&log_id);
-        self.write(move |txn| {
+        self.write("purge", move |txn| {
             // The purged marker and the deletion commit together.
             txn.open_table(META)?.insert(PURGED, bytes.as_slice())?;
             txn.open_table(LOG)?.retain_in::<u64, _>(..=upto, |_, _| false)?;

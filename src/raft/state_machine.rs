@@ -48,6 +48,8 @@ pub struct StateMachineStore {
     /// Bumped after every commit that changed keys, roles or quotas (and every snapshot
     /// install), so caches of the auth state know when to reload.
     auth_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Memory writes since the last snapshot (see `compaction::SnapshotPace`).
+    pace: Arc<super::compaction::SnapshotPace>,
 }
 
 impl StateMachineStore {
@@ -93,11 +95,17 @@ impl StateMachineStore {
             checkpoint_every,
             last_checkpoint: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
             auth_generation: Arc::default(),
+            pace: Arc::default(),
         })
     }
 
     pub fn database(&self) -> Arc<Database> {
         self.db.clone()
+    }
+
+    /// When this node should take its next snapshot.
+    pub fn snapshot_pace(&self) -> Arc<super::compaction::SnapshotPace> {
+        self.pace.clone()
     }
 
     /// The auth state's generation (see the field).
@@ -215,6 +223,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let this = self.clone();
         let started = std::time::Instant::now();
+        self.pace.building();
         let (meta, data, summary) = blocking(move || {
             let (meta, mut data, summary) = this.snapshots.build(&this.db)?;
             let _guard = this.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -223,6 +232,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         })
         .await?;
         let bytes = data.len()?;
+        self.pace.built(summary.memories);
         metrics::histogram!("engram_snapshot_build_seconds").record(started.elapsed().as_secs_f64());
         metrics::gauge!("engram_snapshot_bytes").set(bytes as f64);
         tracing::info!(last_log_id = ?meta.last_log_id, rows = summary.rows, bytes, "built snapshot");
@@ -277,6 +287,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let last_index = batch.last().map(|e| e.index()).unwrap_or_default();
         let auth_changed = batch.iter().any(|e| matches!(&e.payload, EntryPayload::Normal(c) if c.op.changes_auth()));
         let generation = self.auth_generation.clone();
+        let pace = self.pace.clone();
         // Traced writes proposed here (they have a responder) make this batch's span.
         let span = crate::telemetry::apply_span(
             batch.iter().zip(&responders).filter_map(|(e, r)| match &e.payload {
@@ -290,6 +301,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let _apply = span.enter();
             let mut ops = Vec::new();
             let results = Self::apply_batch(&db, &batch, durable, &mut ops, &vectors)?;
+            pace.wrote(ops.len() as u64);
             // Committed: readers that see the new generation see the new auth state.
             if auth_changed {
                 generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -303,6 +315,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await?;
         metrics::counter!("engram_sm_applied_entries_total").increment(n);
+        metrics::histogram!("engram_sm_apply_batch_entries").record(n as f64);
         // The transaction is durable; only now may anyone learn the results.
         for (responder, result) in responders.into_iter().zip(results) {
             if let Some(r) = responder {
@@ -356,6 +369,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.rebuild_vectors()).await.map_err(io::Error::other)??;
         metrics::histogram!("engram_snapshot_install_seconds").record(started.elapsed().as_secs_f64());
+        self.pace.building();
+        self.pace.built(summary.memories);
         tracing::info!(rows = summary.rows, memories = summary.memories, "installed snapshot");
         Ok(())
     }
