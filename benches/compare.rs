@@ -203,7 +203,9 @@ async fn main() {
         // Each client its own connection, spread over the three nodes like etcd's own benchmark.
         let conns: Arc<Vec<tonic::transport::Channel>> = Arc::new(
             (0..args.clients)
-                .map(|c| tonic::transport::Channel::from_shared(etcd.client_urls[c % 3].clone()).unwrap().connect_lazy())
+                .map(|c| {
+                    tonic::transport::Channel::from_shared(etcd.client_urls[c % 3].clone()).unwrap().connect_lazy()
+                })
                 .collect(),
         );
         let v = Arc::new(value);
@@ -354,7 +356,8 @@ async fn main() {
         ));
     }
 
-    let head = format!("compare: one run on this box ({n} × {dim}-d vectors, {nq} queries from {})", args.dataset.display());
+    let head =
+        format!("compare: one run on this box ({n} × {dim}-d vectors, {nq} queries from {})", args.dataset.display());
     print_table(&head, &table);
 }
 

@@ -148,6 +148,10 @@ fn describe() {
     metrics::describe_counter!("engram_tls_reload_failures_total", "Certificate reloads that failed.");
     metrics::describe_counter!("engram_tls_reloads_total", "Certificate reloads.");
     metrics::describe_counter!("engram_vector_checkpoint_failures_total", "Vector index checkpoints that failed.");
+    metrics::describe_histogram!(
+        "engram_vector_checkpoint_freeze_seconds",
+        "Time a vector checkpoint held the shards (copying the changed ones); writing the copies happens after."
+    );
     metrics::describe_counter!("engram_vector_checkpoints_total", "Vector index checkpoints written.");
     metrics::describe_counter!("engram_vector_gpu_searches_total", "Searches served from a GPU copy of a shard.");
     metrics::describe_histogram!("engram_vector_gpu_upload_seconds", "Time to upload a shard part to the GPU.");

@@ -616,3 +616,42 @@ async fn writes_go_on_while_a_shard_is_rebuilt_and_none_is_lost() {
     assert_eq!(kinds[0].2, count);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_copies_under_the_lock_and_writes_without_it() {
+    let cluster = TestCluster::start_with(1, |c| c.vector_checkpoint_secs = 0).await;
+    let client = cluster.client();
+    let vectors = cluster.handle(1).vectors.clone();
+    let dir = vectors_dir(&cluster, 1);
+    let mut last = 0;
+    for i in 0..20u32 {
+        last =
+            client.put(NS, NewMemory::new(format!("m{i}"), rvec(i)).with_id(format!("m{i}"))).await.unwrap().revision;
+    }
+    cluster.wait_applied(last).await;
+    let frozen = vectors.freeze().unwrap().expect("changed shards to copy");
+    let at = frozen.applied();
+    // Writes go on, and are applied, while the copy waits to be written.
+    for i in 20..30u32 {
+        last =
+            client.put(NS, NewMemory::new(format!("m{i}"), rvec(i)).with_id(format!("m{i}"))).await.unwrap().revision;
+    }
+    cluster.wait_applied(last).await;
+    assert_eq!(vectors.write_frozen(frozen).unwrap(), Some(at));
+    let manifest = engram::vector::persist::read_manifest(&dir).unwrap().expect("a manifest");
+    assert_eq!((manifest.applied, manifest.shards[NS].memories), (at, 20), "the files hold the copy, not later writes");
+    // The shard changed after its copy: the next checkpoint writes it again.
+    assert!(vectors.checkpoint().unwrap().is_some_and(|a| a >= last));
+    let manifest = engram::vector::persist::read_manifest(&dir).unwrap().expect("a manifest");
+    assert_eq!(manifest.shards[NS].memories, 30);
+    assert_eq!(vectors.checkpoint().unwrap(), None, "nothing changed since");
+
+    // A copy taken before the files lost their meaning (a snapshot install forgets them) is
+    // never committed.
+    client.put(NS, NewMemory::new("late", rvec(99)).with_id("late")).await.unwrap();
+    let stale = vectors.freeze().unwrap().expect("a changed shard");
+    vectors.forget_files().unwrap();
+    assert_eq!(vectors.write_frozen(stale).unwrap(), None);
+    assert!(engram::vector::persist::read_manifest(&dir).unwrap().is_none());
+    cluster.shutdown().await;
+}

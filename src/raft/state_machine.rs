@@ -297,7 +297,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.len(),
             last_index,
         );
-        let results = blocking(move || {
+        let checkpoint_vectors = checkpoint_due.then(|| self.vectors.clone());
+        let (results, frozen) = blocking(move || {
             let _apply = span.enter();
             let mut ops = Vec::new();
             let results = Self::apply_batch(&db, &batch, durable, &mut ops, &vectors)?;
@@ -311,7 +312,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             vectors
                 .apply(&ops, last_index)
                 .map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?;
-            Ok(results)
+            // A checkpoint copies the shards here, right after this fsynced batch, so its
+            // files are never ahead of the durable state; writing them happens elsewhere.
+            let frozen = match checkpoint_vectors.as_ref().map(|v| v.freeze()) {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    metrics::counter!("engram_vector_checkpoint_failures_total").increment(1);
+                    tracing::warn!(error = %e, "vector checkpoint failed");
+                    None
+                }
+                None => None,
+            };
+            Ok((results, frozen))
         })
         .await?;
         metrics::counter!("engram_sm_applied_entries_total").increment(n);
@@ -322,16 +334,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 r.send(result);
             }
         }
-        if checkpoint_due {
-            // Index files are a cache: failing to write them costs a rebuild at start, not data.
+        if let Some(frozen) = frozen {
+            // Index files are a cache: failing to write them costs a rebuild at start, not
+            // data. Applies go on while they are written (one checkpoint writes at a time).
             let vectors = self.vectors.clone();
-            match tokio::task::spawn_blocking(move || vectors.checkpoint()).await.map_err(io::Error::other)? {
-                Ok(_) => {}
-                Err(e) => {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = vectors.write_frozen(frozen) {
                     metrics::counter!("engram_vector_checkpoint_failures_total").increment(1);
                     tracing::warn!(error = %e, "vector checkpoint failed");
                 }
-            }
+            });
         }
         Ok(())
     }

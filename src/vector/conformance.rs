@@ -221,7 +221,7 @@ fn index_files_round_trip_and_refuse_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let all = memories(300, 8);
     let shard = Shard::build(DIM, Metric::L2, FaissKind::Ivf { nlist: 12 }, &all, 100).unwrap();
-    let files = persist::write_shard(dir.path(), "ns", 42, &shard).unwrap();
+    let files = persist::write_shard(dir.path(), "ns", 42, &shard.freeze().unwrap()).unwrap();
     let manifest = persist::Manifest { applied: 42, shards: [("ns".to_string(), files.clone())].into() };
     persist::commit(dir.path(), &manifest).unwrap();
     assert_eq!(persist::read_manifest(dir.path()).unwrap(), Some(manifest));
@@ -375,7 +375,7 @@ fn hnsw_index_files_keep_their_tombstones() {
         shard.remove(&format!("m{i:04}")).unwrap();
     }
     assert!(shard.dead() > 0);
-    let files = persist::write_shard(dir.path(), "ns", 9, &shard).unwrap();
+    let files = persist::write_shard(dir.path(), "ns", 9, &shard.freeze().unwrap()).unwrap();
     let loaded = persist::read_shard(dir.path(), &files).unwrap();
     assert_eq!((loaded.len(), loaded.parts(), loaded.dead()), (shard.len(), 3, shard.dead()));
     assert_same_answers(

@@ -154,6 +154,12 @@ fn err(e: impl std::fmt::Display) -> VectorError {
     VectorError::Faiss(e.to_string())
 }
 
+/// Writes a FAISS index in FAISS's own format.
+pub(crate) fn write_native(index: &IndexImpl, path: &Path) -> Result<(), VectorError> {
+    let path = path.to_str().ok_or_else(|| VectorError::Faiss(format!("path {} is not UTF-8", path.display())))?;
+    faiss::write_index(index, path).map_err(err)
+}
+
 pub(super) fn check(code: std::os::raw::c_int) -> Result<(), VectorError> {
     if code == 0 {
         return Ok(());
@@ -243,8 +249,13 @@ impl FaissIndex {
 
     /// Writes the index in FAISS's own format.
     pub fn write(&self, path: &Path) -> Result<(), VectorError> {
-        let path = path.to_str().ok_or_else(|| VectorError::Faiss(format!("path {} is not UTF-8", path.display())))?;
-        faiss::write_index(&self.index, path).map_err(err)
+        write_native(&self.index, path)
+    }
+
+    /// An independent copy of the FAISS index (what [`write`](Self::write) would write).
+    pub(crate) fn clone_native(&self) -> Result<IndexImpl, VectorError> {
+        use faiss::index::TryClone;
+        self.index.try_clone().map_err(err)
     }
 
     /// Reads an index [`write`](Self::write) wrote, which must hold exactly the ids `present`

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::faiss::FaissIndex;
-use super::shard::{Shard, ShardMeta};
+use super::faiss::{write_native, FaissIndex};
+use super::shard::{FrozenShard, Shard, ShardMeta};
 
 const MAGIC: &[u8; 4] = b"EVMF";
 /// 2: shard metadata holds HNSW id maps. Files of another format are rebuilt from the state.
@@ -122,24 +122,29 @@ pub fn invalidate(dir: &Path) -> Result<(), PersistError> {
     }
 }
 
-/// Writes one shard's files for log index `applied`; returns their manifest entry.
-pub fn write_shard(dir: &Path, namespace: &str, applied: u64, shard: &Shard) -> Result<ShardFiles, PersistError> {
+/// Writes one shard's files for log index `applied` (from a copy taken under the shard's
+/// lock: [`Shard::freeze`]); returns their manifest entry.
+pub(crate) fn write_shard(
+    dir: &Path,
+    namespace: &str,
+    applied: u64,
+    shard: &FrozenShard,
+) -> Result<ShardFiles, PersistError> {
     let base = format!("{}-{applied}", stem(namespace));
-    let (meta, parts) = shard.to_parts();
     let meta_name = format!("{base}.meta");
     let meta_path = dir.join(&meta_name);
-    let encoded = bincode::serialize(&meta).map_err(|e| corrupt(&meta_path, e.to_string()))?;
+    let encoded = bincode::serialize(&shard.meta).map_err(|e| corrupt(&meta_path, e.to_string()))?;
     write_synced(&meta_path, &encoded)?;
     let mut files = ShardFiles {
         meta: meta_name,
         meta_hash: *blake3::hash(&encoded).as_bytes(),
-        parts: Vec::with_capacity(parts.len()),
-        memories: shard.len() as u64,
+        parts: Vec::with_capacity(shard.parts.len()),
+        memories: shard.meta.docs.len() as u64,
     };
-    for (i, part) in parts.iter().enumerate() {
+    for (i, part) in shard.parts.iter().enumerate() {
         let name = format!("{base}-{i}.faiss");
         let path = dir.join(&name);
-        part.write(&path).map_err(|e| corrupt(&path, e.to_string()))?;
+        write_native(part, &path).map_err(|e| corrupt(&path, e.to_string()))?;
         File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
         files.parts.push((name, hash_file(&path)?));
     }

@@ -10,7 +10,7 @@
 //! product equals cosine similarity.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
@@ -92,9 +92,23 @@ pub struct Shard {
     expiring: std::collections::BTreeSet<(u64, u64)>,
     /// Every slot in use.
     live: RoaringTreemap,
-    /// Changed since it was last written to (or read from) an index file.
-    dirty: AtomicBool,
+    /// Tells this shard from the one a rebuild puts in its place (unique per process).
+    identity: u64,
+    /// Bumped by every change; `saved` is the value the last index file holds.
+    changes: u64,
+    saved: AtomicU64,
 }
+
+/// A copy of a shard taken under its lock, to be written to index files without it
+/// ([`Shard::freeze`]).
+pub(crate) struct FrozenShard {
+    pub meta: ShardMeta,
+    pub parts: Vec<faiss::index::IndexImpl>,
+    pub identity: u64,
+    pub changes: u64,
+}
+
+static IDENTITIES: AtomicU64 = AtomicU64::new(1);
 
 /// Everything of a shard but its FAISS parts, as an index file stores it.
 #[derive(Serialize, Deserialize)]
@@ -167,7 +181,9 @@ impl Shard {
             tag_index: HashMap::new(),
             expiring: Default::default(),
             live: RoaringTreemap::new(),
-            dirty: AtomicBool::new(true),
+            identity: IDENTITIES.fetch_add(1, Ordering::Relaxed),
+            changes: 1,
+            saved: AtomicU64::new(0),
         }
     }
 
@@ -189,7 +205,7 @@ impl Shard {
         if indexed != shard.docs.len() {
             return Err(corrupt(format!("{indexed} vectors for {} memories", shard.docs.len())));
         }
-        shard.dirty.store(false, Ordering::Relaxed);
+        shard.saved.store(shard.changes, Ordering::Relaxed);
         Ok(shard)
     }
 
@@ -220,12 +236,29 @@ impl Shard {
         (meta, &self.parts)
     }
 
-    pub(crate) fn is_dirty(&self) -> bool {
-        self.dirty.load(Ordering::Relaxed)
+    /// A copy of everything an index file holds: the metadata and clones of the FAISS parts
+    /// (a memory copy, far shorter than writing and syncing files under the lock).
+    pub(crate) fn freeze(&self) -> Result<FrozenShard, VectorError> {
+        let (meta, parts) = self.to_parts();
+        let parts = parts.iter().map(FaissIndex::clone_native).collect::<Result<_, _>>()?;
+        Ok(FrozenShard { meta, parts, identity: self.identity, changes: self.changes })
     }
 
-    pub(crate) fn mark_saved(&self) {
-        self.dirty.store(false, Ordering::Relaxed);
+    /// Changed since it was last written to (or read from) an index file.
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.saved.load(Ordering::Relaxed) != self.changes
+    }
+
+    /// Index files now hold `frozen`: this shard is clean unless it changed since (or is not
+    /// the shard that was frozen).
+    pub(crate) fn mark_saved(&self, frozen: &FrozenShard) {
+        if frozen.identity == self.identity {
+            self.saved.fetch_max(frozen.changes, Ordering::Relaxed);
+        }
+    }
+
+    fn changed(&mut self) {
+        self.changes += 1;
     }
 
     pub fn kind(&self) -> FaissKind {
@@ -313,7 +346,7 @@ impl Shard {
         self.parts[part].upsert(&[slot], &prepared(self.metric, &m.embedding))?;
         self.unindex(slot);
         self.index_doc(slot, Doc::of(m));
-        self.dirty.store(true, Ordering::Relaxed);
+        self.changed();
         Ok(())
     }
 
@@ -357,7 +390,7 @@ impl Shard {
             self.unindex(slot);
             self.index_doc(slot, Doc::of(m));
         }
-        self.dirty.store(true, Ordering::Relaxed);
+        self.changed();
         Ok(())
     }
 
@@ -366,7 +399,7 @@ impl Shard {
             let part = self.part_of(slot);
             self.parts[part].remove(&[slot])?;
             self.unindex(slot);
-            self.dirty.store(true, Ordering::Relaxed);
+            self.changed();
         }
         Ok(())
     }
@@ -384,7 +417,7 @@ impl Shard {
         for (part, slots) in per_part.iter().enumerate() {
             if !slots.is_empty() {
                 self.parts[part].remove(slots)?;
-                self.dirty.store(true, Ordering::Relaxed);
+                self.changed();
             }
         }
         Ok(())

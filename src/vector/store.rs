@@ -16,7 +16,7 @@
 //! lock, replays the vector ops that arrived after A (apply keeps them for it) and swaps the
 //! shard in. Until then the old shard keeps taking every write and answering every search.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use super::faiss::FaissKind;
 use super::persist::{self, Manifest, PersistError};
-use super::shard::{Filter, Shard};
+use super::shard::{Filter, FrozenShard, Shard};
 use super::{SearchParams, VectorError};
 use crate::error::StorageError;
 use crate::memory::{Memory, Metric};
@@ -157,6 +157,24 @@ struct Job {
 }
 
 /// What the builder thread shares with the store.
+/// A checkpoint's copies, taken by [`VectorStore::freeze`] and written by
+/// [`VectorStore::write_frozen`].
+pub struct FrozenCheckpoint {
+    applied: u64,
+    /// The manifest the copies were taken against, and the files' epoch then.
+    previous: Option<Manifest>,
+    epoch: u64,
+    /// Shards unchanged since `previous`: their files stay.
+    kept: BTreeMap<String, persist::ShardFiles>,
+    copies: Vec<(String, FrozenShard)>,
+}
+
+impl FrozenCheckpoint {
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+}
+
 struct Shared {
     shards: RwLock<Shards>,
     reader: StateReader,
@@ -171,6 +189,9 @@ pub struct VectorStore {
     options: VectorOptions,
     /// The manifest on disk, if this store wrote or read one.
     manifest: Mutex<Option<Manifest>>,
+    /// Bumped (under `manifest`'s lock) whenever the files stop describing this store's past
+    /// (start-up, a snapshot install): a checkpoint frozen before must not be committed.
+    files_epoch: std::sync::atomic::AtomicU64,
     /// What the last [`open`](Self::open) did.
     opened: Mutex<Option<OpenReport>>,
 }
@@ -221,7 +242,14 @@ impl VectorStore {
             // (still correct answers) until the next start rebuilds them.
             tracing::error!(error = %e, "could not start the shard builder thread");
         }
-        VectorStore { shared, jobs: Mutex::new(tx), options, manifest: Mutex::default(), opened: Mutex::default() }
+        VectorStore {
+            shared,
+            jobs: Mutex::new(tx),
+            options,
+            manifest: Mutex::default(),
+            files_epoch: Default::default(),
+            opened: Mutex::default(),
+        }
     }
 
     fn shards(&self) -> std::sync::RwLockReadGuard<'_, Shards> {
@@ -403,7 +431,9 @@ impl VectorStore {
         if let Some(dir) = &self.options.dir {
             persist::invalidate(dir)?;
         }
-        *self.manifest.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
+        *on_disk = None;
+        self.files_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -496,7 +526,11 @@ impl VectorStore {
             };
             map.insert(ns.to_string(), shard);
         }
-        *self.manifest.lock().unwrap_or_else(|p| p.into_inner()) = manifest.ok();
+        {
+            let mut on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
+            *on_disk = manifest.ok();
+            self.files_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         let mut shards = self.shards_mut();
         let generation = shards.generation + 1;
         *shards = Shards::new(map, applied, generation);
@@ -527,46 +561,95 @@ impl VectorStore {
     }
 
     /// Writes every shard that changed since the last checkpoint to new index files and
-    /// points the manifest at them. Applies wait meanwhile (searches do not). Returns the log
-    /// index written, or `None` when there was nothing to write or no directory.
+    /// points the manifest at them ([`freeze`](Self::freeze), then
+    /// [`write_frozen`](Self::write_frozen)). Returns the log index written, or `None` when
+    /// there was nothing to write or no directory.
     pub fn checkpoint(&self) -> Result<Option<u64>, VectorStoreError> {
+        match self.freeze_with(true)? {
+            Some(frozen) => self.write_frozen(frozen),
+            None => Ok(None),
+        }
+    }
+
+    /// The first half of a checkpoint, the only one that holds the shards' lock (applies wait
+    /// for it; searches do not): copies of the shards that changed since the last checkpoint
+    /// (metadata and FAISS clones: a memory copy), at one applied index. `None` when nothing
+    /// changed, there is no directory, or an earlier checkpoint is still being written (never
+    /// wait for that here: applies would).
+    pub fn freeze(&self) -> Result<Option<FrozenCheckpoint>, VectorStoreError> {
+        self.freeze_with(false)
+    }
+
+    fn freeze_with(&self, wait: bool) -> Result<Option<FrozenCheckpoint>, VectorStoreError> {
+        if self.options.dir.is_none() {
+            return Ok(None);
+        }
+        let started = std::time::Instant::now();
+        let on_disk = match self.manifest.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if wait => self.manifest.lock().unwrap_or_else(|p| p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        };
+        let (previous, epoch) = (on_disk.clone(), self.files_epoch.load(std::sync::atomic::Ordering::SeqCst));
+        drop(on_disk);
+        let shards = self.shards();
+        let base = previous.clone().unwrap_or_default();
+        let unchanged = previous.is_some()
+            && base.shards.len() == shards.map.len()
+            && shards.map.iter().all(|(ns, s)| !s.is_dirty() && base.shards.contains_key(ns));
+        if unchanged && base.applied == shards.applied {
+            return Ok(None);
+        }
+        let mut kept = BTreeMap::new();
+        let mut copies = Vec::new();
+        for (ns, shard) in &shards.map {
+            match base.shards.get(ns) {
+                Some(files) if !shard.is_dirty() => {
+                    kept.insert(ns.clone(), files.clone());
+                }
+                _ => copies.push((ns.clone(), shard.freeze()?)),
+            }
+        }
+        metrics::histogram!("engram_vector_checkpoint_freeze_seconds").record(started.elapsed().as_secs_f64());
+        Ok(Some(FrozenCheckpoint { applied: shards.applied, previous, epoch, kept, copies }))
+    }
+
+    /// The second half of a checkpoint, with no shard lock held: writes the frozen copies and
+    /// commits the manifest, unless the files changed meaning since the freeze (a start-up or
+    /// snapshot install) or a newer checkpoint was committed meanwhile (then `None`).
+    pub fn write_frozen(&self, frozen: FrozenCheckpoint) -> Result<Option<u64>, VectorStoreError> {
         let Some(dir) = &self.options.dir else { return Ok(None) };
         let started = std::time::Instant::now();
-        let shards = self.shards();
+        // Held throughout: one checkpoint writes at a time, and `forget_files` waits for it.
         let mut on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = on_disk.clone().unwrap_or_default();
-        let unchanged = on_disk.is_some()
-            && previous.shards.len() == shards.map.len()
-            && shards.map.iter().all(|(ns, s)| !s.is_dirty() && previous.shards.contains_key(ns));
-        if unchanged && previous.applied == shards.applied {
+        let FrozenCheckpoint { applied, previous, epoch, kept, copies } = frozen;
+        if self.files_epoch.load(std::sync::atomic::Ordering::SeqCst) != epoch || *on_disk != previous {
             return Ok(None);
         }
         std::fs::create_dir_all(dir).map_err(|e| PersistError::Io { path: dir.clone(), source: e })?;
-        let mut next = Manifest { applied: shards.applied, shards: Default::default() };
-        let mut written = Vec::new();
-        for (ns, shard) in &shards.map {
-            let files = match previous.shards.get(ns) {
-                Some(files) if !shard.is_dirty() => files.clone(),
-                _ => {
-                    written.push(shard);
-                    persist::write_shard(dir, ns, shards.applied, shard)?
-                }
-            };
-            next.shards.insert(ns.clone(), files);
+        let mut next = Manifest { applied, shards: kept };
+        for (ns, copy) in &copies {
+            next.shards.insert(ns.clone(), persist::write_shard(dir, ns, applied, copy)?);
         }
         persist::commit(dir, &next)?;
-        for shard in written.iter() {
-            shard.mark_saved();
+        {
+            let shards = self.shards();
+            for (ns, copy) in &copies {
+                if let Some(shard) = shards.map.get(ns) {
+                    shard.mark_saved(copy);
+                }
+            }
         }
         *on_disk = Some(next);
         metrics::counter!("engram_vector_checkpoints_total").increment(1);
         tracing::info!(
-            applied = shards.applied,
-            written = written.len(),
+            applied,
+            written = copies.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "vector checkpoint"
         );
-        Ok(Some(shards.applied))
+        Ok(Some(applied))
     }
 
     /// Searches one namespace's shard; `None` when the namespace has no shard.
