@@ -113,8 +113,8 @@ async fn main() {
         after.iter().max().unwrap_or(&0) - before.iter().max().unwrap_or(&0)
     );
 
-    println!("\n| trial | killed | kill -9 → first ack ms |");
-    println!("|---|---|---|");
+    println!("\n| trial | killed | kill -9 → first ack ms | elections (term change) | new leader |");
+    println!("|---|---|---|---|---|");
     let mut times = Vec::new();
     for trial in 0..args.trials {
         let lid = leader(&client).await;
@@ -127,12 +127,21 @@ async fn main() {
             ..RetryPolicy::default()
         };
         let writer = Client::with_retry(survivors, fast).unwrap();
+        let term_before = common::raft_terms(&procs).await.into_iter().max().unwrap_or(0);
         let victim = procs.iter_mut().find(|p| p.id == lid).unwrap();
         let t0 = Instant::now();
         victim.kill9();
         writer.put(NS, memory(9_000_000 + trial as u64).with_id(format!("failover-{trial}"))).await.unwrap();
         let took = t0.elapsed();
-        println!("| {trial} | {lid} | {:.0} |", took.as_secs_f64() * 1e3);
+        // More than one term per failover: a split or refused vote cost a round.
+        let term_after = common::raft_terms(&procs).await.into_iter().max().unwrap_or(0);
+        let new_leader = writer.admin().status().await.map(|s| s.leader_id).unwrap_or(0);
+        println!(
+            "| {trial} | {lid} | {:.0} | {} | {new_leader} |",
+            took.as_secs_f64() * 1e3,
+            term_after.saturating_sub(term_before)
+        );
+        let victim = procs.iter_mut().find(|p| p.id == lid).unwrap();
         times.push(took);
         victim.start(&bin, 100);
         let pinned =
