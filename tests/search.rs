@@ -631,6 +631,7 @@ async fn a_checkpoint_copies_under_the_lock_and_writes_without_it() {
     cluster.wait_applied(last).await;
     let frozen = vectors.freeze().unwrap().expect("changed shards to copy");
     let at = frozen.applied();
+    assert!(vectors.freeze().unwrap().is_none(), "one copy waits to be written at a time");
     // Writes go on, and are applied, while the copy waits to be written.
     for i in 20..30u32 {
         last =
@@ -653,5 +654,9 @@ async fn a_checkpoint_copies_under_the_lock_and_writes_without_it() {
     vectors.forget_files().unwrap();
     assert_eq!(vectors.write_frozen(stale).unwrap(), None);
     assert!(engram::vector::persist::read_manifest(&dir).unwrap().is_none());
+    assert!(vectors.checkpoint().unwrap().is_none(), "no checkpoint until the new shards are in place");
+    vectors.rebuild().unwrap();
+    assert!(vectors.checkpoint().unwrap().is_some());
+    assert_eq!(engram::vector::persist::read_manifest(&dir).unwrap().expect("a manifest").shards[NS].memories, 31);
     cluster.shutdown().await;
 }

@@ -76,9 +76,12 @@ impl SnapshotPace {
         self.memories.store(memories, Ordering::Relaxed);
     }
 
-    /// Whether to snapshot now, `entries` entries past the last one.
+    /// Whether to snapshot now, `entries` entries past the last one. Entries count too (and
+    /// alone bound the log at half the memories): a cluster of reinforcements, refused puts
+    /// or auth changes writes no memories but still grows its log.
     pub fn due(&self, entries: u64, min_entries: u64) -> bool {
-        entries >= min_entries && self.written.load(Ordering::Relaxed) >= self.memories.load(Ordering::Relaxed) / 2
+        let half = self.memories.load(Ordering::Relaxed) / 2;
+        entries >= min_entries && (self.written.load(Ordering::Relaxed) >= half || entries >= half)
     }
 }
 
@@ -142,7 +145,8 @@ mod tests {
         pace.building();
         pace.built(40_000);
         pace.wrote(19_999);
-        assert!(!pace.due(50_000, 5_000), "19,999 writes of the 20,000 half");
+        assert!(!pace.due(19_999, 5_000), "19,999 writes of the 20,000 half");
+        assert!(pace.due(20_000, 5_000), "entries alone reach the half");
         pace.wrote(1);
         assert!(pace.due(5_000, 5_000));
         assert!(!pace.due(4_999, 5_000), "enough writes but too few entries");

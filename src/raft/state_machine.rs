@@ -302,7 +302,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let _apply = span.enter();
             let mut ops = Vec::new();
             let results = Self::apply_batch(&db, &batch, durable, &mut ops, &vectors)?;
-            pace.wrote(ops.len() as u64);
+            pace.wrote((ops.len() as u64).max(n));
             // Committed: readers that see the new generation see the new auth state.
             if auth_changed {
                 generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

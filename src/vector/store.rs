@@ -156,11 +156,12 @@ struct Job {
     generation: u64,
 }
 
-/// What the builder thread shares with the store.
 /// A checkpoint's copies, taken by [`VectorStore::freeze`] and written by
 /// [`VectorStore::write_frozen`].
 pub struct FrozenCheckpoint {
     applied: u64,
+    /// Taken by `freeze` (which then lets no other copy be taken until this one is written).
+    in_flight: bool,
     /// The manifest the copies were taken against, and the files' epoch then.
     previous: Option<Manifest>,
     epoch: u64,
@@ -175,6 +176,7 @@ impl FrozenCheckpoint {
     }
 }
 
+/// What the builder thread shares with the store.
 struct Shared {
     shards: RwLock<Shards>,
     reader: StateReader,
@@ -192,6 +194,11 @@ pub struct VectorStore {
     /// Bumped (under `manifest`'s lock) whenever the files stop describing this store's past
     /// (start-up, a snapshot install): a checkpoint frozen before must not be committed.
     files_epoch: std::sync::atomic::AtomicU64,
+    /// Set (under `manifest`'s lock) from `forget_files` until the shards describing the new
+    /// state are in place: no checkpoint commits meanwhile.
+    files_invalid: std::sync::atomic::AtomicBool,
+    /// A copy taken by `freeze` is waiting to be written: the next `freeze` takes none.
+    checkpoint_in_flight: std::sync::atomic::AtomicBool,
     /// What the last [`open`](Self::open) did.
     opened: Mutex<Option<OpenReport>>,
 }
@@ -248,6 +255,8 @@ impl VectorStore {
             options,
             manifest: Mutex::default(),
             files_epoch: Default::default(),
+            files_invalid: Default::default(),
+            checkpoint_in_flight: Default::default(),
             opened: Mutex::default(),
         }
     }
@@ -418,22 +427,38 @@ impl VectorStore {
             fresh.insert(info.name.clone(), shard);
         }
         // Builds under way describe the old state: their results are dropped.
-        let mut shards = self.shards_mut();
-        let generation = shards.generation + 1;
-        *shards = Shards::new(fresh, applied, generation);
-        Self::export(&shards.map);
+        {
+            let mut shards = self.shards_mut();
+            let generation = shards.generation + 1;
+            *shards = Shards::new(fresh, applied, generation);
+            Self::export(&shards.map);
+        }
+        // Copies taken before this point describe the old state (the epoch tells them apart).
+        self.files_valid_again();
         Ok(())
+    }
+
+    /// The shards now describe the state the files will be written from.
+    fn files_valid_again(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let _on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
+        self.files_epoch.fetch_add(1, SeqCst);
+        self.files_invalid.store(false, SeqCst);
     }
 
     /// Removes the manifest: the index files no longer describe the state (a snapshot is
     /// about to replace it). The files themselves go at the next checkpoint.
     pub fn forget_files(&self) -> Result<(), VectorStoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Locked first: a checkpoint writing now finishes before the manifest goes, and none
+        // commits after until `rebuild` has the new shards in place.
+        let mut on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
+        self.files_invalid.store(true, SeqCst);
+        self.files_epoch.fetch_add(1, SeqCst);
+        *on_disk = None;
         if let Some(dir) = &self.options.dir {
             persist::invalidate(dir)?;
         }
-        let mut on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
-        *on_disk = None;
-        self.files_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -535,6 +560,8 @@ impl VectorStore {
         let generation = shards.generation + 1;
         *shards = Shards::new(map, applied, generation);
         Self::export(&shards.map);
+        drop(shards);
+        self.files_valid_again();
         tracing::info!(
             applied,
             loaded = report.loaded.len(),
@@ -565,34 +592,54 @@ impl VectorStore {
     /// [`write_frozen`](Self::write_frozen)). Returns the log index written, or `None` when
     /// there was nothing to write or no directory.
     pub fn checkpoint(&self) -> Result<Option<u64>, VectorStoreError> {
-        match self.freeze_with(true)? {
-            Some(frozen) => self.write_frozen(frozen),
-            None => Ok(None),
+        // A copy is refused when another checkpoint committed after it was taken: take a new
+        // one (that one then sees the other's files).
+        for _ in 0..3 {
+            match self.freeze_with(true)? {
+                None => return Ok(None),
+                Some(frozen) => {
+                    if let Some(at) = self.write_frozen(frozen)? {
+                        return Ok(Some(at));
+                    }
+                }
+            }
         }
+        Ok(None)
     }
 
     /// The first half of a checkpoint, the only one that holds the shards' lock (applies wait
     /// for it; searches do not): copies of the shards that changed since the last checkpoint
     /// (metadata and FAISS clones: a memory copy), at one applied index. `None` when nothing
-    /// changed, there is no directory, or an earlier checkpoint is still being written (never
-    /// wait for that here: applies would).
+    /// changed, there is no directory, the files are being replaced (a snapshot install), or
+    /// an earlier copy is still waiting to be written (never wait for that here: applies
+    /// would).
     pub fn freeze(&self) -> Result<Option<FrozenCheckpoint>, VectorStoreError> {
         self.freeze_with(false)
     }
 
     fn freeze_with(&self, wait: bool) -> Result<Option<FrozenCheckpoint>, VectorStoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
         if self.options.dir.is_none() {
             return Ok(None);
         }
+        if !wait {
+            if self.checkpoint_in_flight.compare_exchange(false, true, SeqCst, SeqCst).is_err() {
+                return Ok(None);
+            }
+            let frozen = self.freeze_with(true);
+            if !matches!(frozen, Ok(Some(_))) {
+                self.checkpoint_in_flight.store(false, SeqCst);
+            }
+            return frozen.map(|f| f.map(|f| FrozenCheckpoint { in_flight: true, ..f }));
+        }
         let started = std::time::Instant::now();
-        let on_disk = match self.manifest.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) if wait => self.manifest.lock().unwrap_or_else(|p| p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        let (previous, epoch) = {
+            let on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
+            if self.files_invalid.load(SeqCst) {
+                return Ok(None);
+            }
+            (on_disk.clone(), self.files_epoch.load(SeqCst))
         };
-        let (previous, epoch) = (on_disk.clone(), self.files_epoch.load(std::sync::atomic::Ordering::SeqCst));
-        drop(on_disk);
         let shards = self.shards();
         let base = previous.clone().unwrap_or_default();
         let unchanged = previous.is_some()
@@ -612,19 +659,29 @@ impl VectorStore {
             }
         }
         metrics::histogram!("engram_vector_checkpoint_freeze_seconds").record(started.elapsed().as_secs_f64());
-        Ok(Some(FrozenCheckpoint { applied: shards.applied, previous, epoch, kept, copies }))
+        Ok(Some(FrozenCheckpoint { applied: shards.applied, in_flight: false, previous, epoch, kept, copies }))
     }
 
     /// The second half of a checkpoint, with no shard lock held: writes the frozen copies and
     /// commits the manifest, unless the files changed meaning since the freeze (a start-up or
     /// snapshot install) or a newer checkpoint was committed meanwhile (then `None`).
     pub fn write_frozen(&self, frozen: FrozenCheckpoint) -> Result<Option<u64>, VectorStoreError> {
+        let in_flight = frozen.in_flight;
+        let written = self.write_frozen_inner(frozen);
+        if in_flight {
+            self.checkpoint_in_flight.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        written
+    }
+
+    fn write_frozen_inner(&self, frozen: FrozenCheckpoint) -> Result<Option<u64>, VectorStoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
         let Some(dir) = &self.options.dir else { return Ok(None) };
         let started = std::time::Instant::now();
         // Held throughout: one checkpoint writes at a time, and `forget_files` waits for it.
         let mut on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
-        let FrozenCheckpoint { applied, previous, epoch, kept, copies } = frozen;
-        if self.files_epoch.load(std::sync::atomic::Ordering::SeqCst) != epoch || *on_disk != previous {
+        let FrozenCheckpoint { applied, previous, epoch, kept, copies, .. } = frozen;
+        if self.files_invalid.load(SeqCst) || self.files_epoch.load(SeqCst) != epoch || *on_disk != previous {
             return Ok(None);
         }
         std::fs::create_dir_all(dir).map_err(|e| PersistError::Io { path: dir.clone(), source: e })?;
