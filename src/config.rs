@@ -100,7 +100,8 @@ pub struct NodeArgs {
     #[arg(long, env = "ENGRAM_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
     /// Take a snapshot after at least this many log entries since the last one, once the
-    /// memory writes since amount to half the memories in the last snapshot [default: 5000].
+    /// memory writes (or entries) since amount to half the memories in the last snapshot
+    /// [default: 5000].
     #[arg(long, env = "ENGRAM_SNAPSHOT_LOGS_SINCE_LAST")]
     pub snapshot_logs_since_last: Option<u64>,
     /// Log entries kept behind the latest snapshot for slow followers [default: 1000].

@@ -15,9 +15,9 @@
 //! It also decides when to take a snapshot ([`SnapshotPace`]): openraft's own policy (every N
 //! entries) dumps the whole state every N writes, so a node's snapshot work per write grows
 //! with its state: at 40k memories and N = 5,000 a busy node spent a tenth of its CPU dumping.
-//! Engram waits for N entries *and* for memory writes amounting to half the memories in
-//! the last snapshot (like an LSM's size ratio): snapshot work per write stays constant and the log
-//! behind the snapshot stays under about half the state.
+//! Engram waits for N entries *and* for memory writes (or entries) amounting to half the
+//! memories in the last snapshot (like an LSM's size ratio): snapshot work per write stays
+//! constant and the log behind the snapshot stays under about half the state.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
