@@ -99,7 +99,7 @@ fn raft_config(c: &Config) -> Result<Arc<openraft::Config>, ServerError> {
         heartbeat_interval: c.heartbeat_interval_ms,
         election_timeout_min: c.election_timeout_min_ms,
         election_timeout_max: c.election_timeout_max_ms,
-        // Snapshots follow `raft::compaction::SnapshotPace` (entries and rows written).
+        // Snapshots follow `raft::compaction::SnapshotPace` (entries and memories written).
         snapshot_policy: openraft::SnapshotPolicy::Never,
         // Purging follows `raft::compaction`, which also keeps what lagging followers need.
         max_in_snapshot_log_to_keep: u64::MAX,

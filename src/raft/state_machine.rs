@@ -207,6 +207,11 @@ impl StateMachineStore {
     }
 }
 
+fn checkpoint_failed(e: &crate::vector::store::VectorStoreError) {
+    metrics::counter!("engram_vector_checkpoint_failures_total").increment(1);
+    tracing::warn!(error = %e, "vector checkpoint failed");
+}
+
 fn set_durable(txn: &mut WriteTransaction) -> Result<(), StorageError> {
     crate::storage::set_durable(txn, "sm")
 }
@@ -297,7 +302,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.len(),
             last_index,
         );
-        let checkpoint_vectors = checkpoint_due.then(|| self.vectors.clone());
         let (results, frozen) = blocking(move || {
             let _apply = span.enter();
             let mut ops = Vec::new();
@@ -314,11 +318,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .map_err(|e| StorageError::Corrupt { table: "vectors", reason: e.to_string() })?;
             // A checkpoint copies the shards here, right after this fsynced batch, so its
             // files are never ahead of the durable state; writing them happens elsewhere.
-            let frozen = match checkpoint_vectors.as_ref().map(|v| v.freeze()) {
+            let frozen = match checkpoint_due.then(|| vectors.freeze()) {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => {
-                    metrics::counter!("engram_vector_checkpoint_failures_total").increment(1);
-                    tracing::warn!(error = %e, "vector checkpoint failed");
+                    checkpoint_failed(&e);
                     None
                 }
                 None => None,
@@ -340,8 +343,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let vectors = self.vectors.clone();
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = vectors.write_frozen(frozen) {
-                    metrics::counter!("engram_vector_checkpoint_failures_total").increment(1);
-                    tracing::warn!(error = %e, "vector checkpoint failed");
+                    checkpoint_failed(&e);
                 }
             });
         }

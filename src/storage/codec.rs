@@ -1,8 +1,8 @@
 //! Record codec. Memories are stored as one version byte followed by bincode, zstd-compressed
 //! (format 2) when the text is long enough for that to pay; most of a short memory is its
 //! embedding, which zstd cannot shrink, and compressing it was a fifth of `apply`'s time
-//! (format 3: plain). Small metadata values are plain bincode. Decoding never panics on bad bytes: it returns
-//! [`StorageError::Corrupt`].
+//! (format 3: plain). Small metadata values are plain bincode. Decoding never panics on bad
+//! bytes: it returns [`StorageError::Corrupt`].
 
 use serde::{de::DeserializeOwned, Serialize};
 

@@ -247,18 +247,13 @@ impl FaissIndex {
         self.index.is_trained()
     }
 
-    /// Writes the index in FAISS's own format.
-    pub fn write(&self, path: &Path) -> Result<(), VectorError> {
-        write_native(&self.index, path)
-    }
-
-    /// An independent copy of the FAISS index (what [`write`](Self::write) would write).
+    /// An independent copy of the FAISS index, for [`write_native`].
     pub(crate) fn clone_native(&self) -> Result<IndexImpl, VectorError> {
         use faiss::index::TryClone;
         self.index.try_clone().map_err(err)
     }
 
-    /// Reads an index [`write`](Self::write) wrote, which must hold exactly the ids `present`
+    /// Reads an index [`write_native`] wrote (from [`clone_native`](Self::clone_native)), which must hold exactly the ids `present`
     /// and match `dim`, `metric` and `kind`; an HNSW index also needs its
     /// [`graph_labels`](Self::graph_labels).
     pub fn read(

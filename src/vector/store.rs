@@ -551,16 +551,13 @@ impl VectorStore {
             };
             map.insert(ns.to_string(), shard);
         }
-        {
-            let mut on_disk = self.manifest.lock().unwrap_or_else(|p| p.into_inner());
-            *on_disk = manifest.ok();
-            self.files_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
+        *self.manifest.lock().unwrap_or_else(|p| p.into_inner()) = manifest.ok();
         let mut shards = self.shards_mut();
         let generation = shards.generation + 1;
         *shards = Shards::new(map, applied, generation);
         Self::export(&shards.map);
         drop(shards);
+        // Copies taken before the swap hold the old shards (the epoch tells them apart).
         self.files_valid_again();
         tracing::info!(
             applied,
@@ -595,7 +592,7 @@ impl VectorStore {
         // A copy is refused when another checkpoint committed after it was taken: take a new
         // one (that one then sees the other's files).
         for _ in 0..3 {
-            match self.freeze_with(true)? {
+            match self.copy_changed()? {
                 None => return Ok(None),
                 Some(frozen) => {
                     if let Some(at) = self.write_frozen(frozen)? {
@@ -614,23 +611,22 @@ impl VectorStore {
     /// an earlier copy is still waiting to be written (never wait for that here: applies
     /// would).
     pub fn freeze(&self) -> Result<Option<FrozenCheckpoint>, VectorStoreError> {
-        self.freeze_with(false)
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.checkpoint_in_flight.compare_exchange(false, true, SeqCst, SeqCst).is_err() {
+            return Ok(None);
+        }
+        let frozen = self.copy_changed();
+        if !matches!(frozen, Ok(Some(_))) {
+            self.checkpoint_in_flight.store(false, SeqCst);
+        }
+        frozen.map(|f| f.map(|f| FrozenCheckpoint { in_flight: true, ..f }))
     }
 
-    fn freeze_with(&self, wait: bool) -> Result<Option<FrozenCheckpoint>, VectorStoreError> {
+    /// The copies [`freeze`](Self::freeze) takes, whether or not another copy waits.
+    fn copy_changed(&self) -> Result<Option<FrozenCheckpoint>, VectorStoreError> {
         use std::sync::atomic::Ordering::SeqCst;
         if self.options.dir.is_none() {
             return Ok(None);
-        }
-        if !wait {
-            if self.checkpoint_in_flight.compare_exchange(false, true, SeqCst, SeqCst).is_err() {
-                return Ok(None);
-            }
-            let frozen = self.freeze_with(true);
-            if !matches!(frozen, Ok(Some(_))) {
-                self.checkpoint_in_flight.store(false, SeqCst);
-            }
-            return frozen.map(|f| f.map(|f| FrozenCheckpoint { in_flight: true, ..f }));
         }
         let started = std::time::Instant::now();
         let (previous, epoch) = {
