@@ -21,6 +21,7 @@ use common::process;
 
 use clap::Parser;
 use engram::client::{Client, Metric, NewMemory, Precondition};
+use engram::vector::synthetic;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -42,18 +43,11 @@ struct Args {
     bench: bool,
 }
 
-fn vector(dim: usize, seed: u64) -> Vec<f32> {
-    // Deterministic, spread out: a cheap hash per coordinate.
-    (0..dim as u64)
-        .map(|d| {
-            let x = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ d.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)).rotate_left(29);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
-
+/// Memory `seed`: one of `engram::vector::synthetic`'s clustered unit vectors (the same space
+/// for every seed, drawn by the seed), so the graph is built over embedding-like data.
 fn memory(dim: usize, seed: u64) -> NewMemory {
-    NewMemory::new(format!("memory {seed}: a short note"), vector(dim, seed)).with_id(format!("m{seed:08}"))
+    let v = synthetic::clustered(1, dim, 64, 7, seed);
+    NewMemory::new(format!("memory {seed}: a short note"), v).with_id(format!("m{seed:08}"))
 }
 
 /// `writers` clients putting single memories until `stop` says so or `limit` puts went in;
