@@ -139,6 +139,10 @@ fn describe() {
     metrics::describe_counter!("engram_reinforcement_entries_total", "Coalesced reinforcement entries proposed.");
     metrics::describe_histogram!("engram_search_batch_duration_seconds", "SearchBatch latency.");
     metrics::describe_histogram!("engram_search_duration_seconds", "Search latency.");
+    metrics::describe_counter!(
+        "engram_search_speculation_total",
+        "Linearizable searches run while their read barrier was in flight, by outcome: kept (the shards had applied the read index) or redone."
+    );
     metrics::describe_counter!("engram_sm_applied_entries_total", "Log entries applied to the state machine.");
     metrics::describe_histogram!("engram_sm_apply_batch_entries", "Log entries per state-machine apply transaction.");
     metrics::describe_histogram!("engram_snapshot_build_seconds", "Time to build a snapshot.");

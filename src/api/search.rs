@@ -21,6 +21,7 @@ const MAX_BATCH_QUERIES: usize = 256;
 const MAX_BATCH_HITS: usize = 16_384;
 
 /// A validated search, not yet checked against its namespace (that waits for the read barrier).
+#[derive(Clone)]
 pub(super) struct SearchPlan {
     namespace: String,
     vector: Vec<f32>,
@@ -114,6 +115,9 @@ fn within(i: usize, e: ApiError) -> ApiError {
     }
 }
 
+/// What a search found, before thresholds, ranking and memories are applied.
+type Found = Vec<(SearchPlan, Result<Option<Vec<(String, f32)>>, crate::vector::VectorError>)>;
+
 impl MemoryApi {
     pub(super) async fn search_inner(
         &self,
@@ -123,12 +127,10 @@ impl MemoryApi {
         let started = Instant::now();
         let (plan, consistency) = SearchPlan::new(req)?;
         self.admit(caller, Permission::Read, &plan.namespace)?;
-        self.node.linearize(convert::consistency(consistency)?).await?;
-        let applied = self.reader.applied_index().map_err(Self::storage)?;
-        let plan = self.bind(caller, plan)?;
+        let (found, applied) = self.searches_at(caller, vec![plan], convert::consistency(consistency)?, false).await?;
         let mut budget = self.guards.max_response_bytes;
-        let mut hits = self.run_searches(vec![plan], &mut budget).await?;
-        let hits = hits.pop().expect("one result per plan")?;
+        let (plan, hits) = found.into_iter().next().expect("one result per plan");
+        let hits = self.finish(plan, hits, &mut budget)?;
         metrics::histogram!("engram_search_duration_seconds").record(started.elapsed().as_secs_f64());
         Ok(pb::SearchResponse { hits, read_index: applied })
     }
@@ -161,20 +163,75 @@ impl MemoryApi {
         for (i, p) in plans.iter().enumerate() {
             self.admit(caller, Permission::Read, &p.namespace).map_err(|e| within(i, e))?;
         }
-        self.node.linearize(convert::consistency(consistency)?).await?;
-        let applied = self.reader.applied_index().map_err(Self::storage)?;
-        let plans = plans
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| self.bind(caller, p).map_err(|e| within(i, e)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (found, applied) = self.searches_at(caller, plans, convert::consistency(consistency)?, true).await?;
         let mut budget = self.guards.max_response_bytes;
-        let mut results = Vec::with_capacity(plans.len());
-        for hits in self.run_searches(plans, &mut budget).await? {
-            results.push(pb::SearchResponse { hits: hits?, read_index: applied });
+        let mut results = Vec::with_capacity(found.len());
+        for (plan, hits) in found {
+            results.push(pb::SearchResponse { hits: self.finish(plan, hits, &mut budget)?, read_index: applied });
         }
         metrics::histogram!("engram_search_batch_duration_seconds").record(started.elapsed().as_secs_f64());
         Ok(pb::SearchBatchResponse { results, read_index: applied })
+    }
+
+    /// Binds and runs `plans` against state a read at `consistency` may see; the applied
+    /// index it answers at. `batch`: errors name the query (`queries[i].…`).
+    ///
+    /// A linearizable read waits for a leadership confirmation (a heartbeat round to the
+    /// followers) and then for the local state machine to reach its read index. When nothing
+    /// is pending in this node's log, the search runs *while* the round is in flight, against
+    /// the shards as they are; if they had already applied the confirmed index, that answer
+    /// stands (it reflects every write committed before the read arrived, and only writes
+    /// committed since), so the round trip and the search overlap. Otherwise it is thrown
+    /// away and the search runs again once the state machine caught up.
+    async fn searches_at(
+        &self,
+        caller: &Caller,
+        plans: Vec<SearchPlan>,
+        consistency: crate::raft::node::ReadConsistency,
+        batch: bool,
+    ) -> Result<(Found, u64), ApiError> {
+        let kept = if consistency == crate::raft::node::ReadConsistency::Linearizable {
+            let before = self.vectors.applied();
+            if self.node.log_ahead_of(before) {
+                self.node.linearize(consistency).await?;
+                None
+            } else {
+                let (barrier, early) = tokio::join!(
+                    self.node.read_barrier(consistency),
+                    self.bind_and_search(caller, plans.clone(), batch)
+                );
+                match barrier? {
+                    Some(b) if b.index() > before => {
+                        metrics::counter!("engram_search_speculation_total", "outcome" => "redone").increment(1);
+                        self.node.await_read(b).await?;
+                        None
+                    }
+                    _ => {
+                        metrics::counter!("engram_search_speculation_total", "outcome" => "kept").increment(1);
+                        Some(early?)
+                    }
+                }
+            }
+        } else {
+            self.node.linearize(consistency).await?;
+            None
+        };
+        let found = match kept {
+            Some(found) => found,
+            None => self.bind_and_search(caller, plans, batch).await?,
+        };
+        let applied = self.reader.applied_index().map_err(Self::storage)?;
+        Ok((found, applied))
+    }
+
+    /// [`bind`](Self::bind)s every plan, then [`run_searches`](Self::run_searches).
+    async fn bind_and_search(&self, caller: &Caller, plans: Vec<SearchPlan>, batch: bool) -> Result<Found, ApiError> {
+        let plans = plans
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| self.bind(caller, p).map_err(|e| if batch { within(i, e) } else { e }))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.run_searches(plans).await
     }
 
     /// Checks a plan against the caller's grants and the namespace it names, after the read
@@ -202,11 +259,7 @@ impl MemoryApi {
 
     /// Runs bound plans on the blocking pool (FAISS work, and waiting out a shard rebuild,
     /// stay off the async workers); one result per plan, in order.
-    async fn run_searches(
-        &self,
-        plans: Vec<SearchPlan>,
-        budget: &mut usize,
-    ) -> Result<Vec<Result<Vec<pb::SearchHit>, ApiError>>, ApiError> {
+    async fn run_searches(&self, plans: Vec<SearchPlan>) -> Result<Found, ApiError> {
         let vectors = self.vectors.clone();
         let now = crate::memory::now_ms();
         let parent = tracing::Span::current();
@@ -224,11 +277,7 @@ impl MemoryApi {
         })
         .await
         .map_err(|e| ApiError::Internal(format!("search task: {e}")))?;
-        let mut out = Vec::with_capacity(found.len());
-        for (plan, hits) in found {
-            out.push(self.finish(plan, hits, budget));
-        }
-        Ok(out)
+        Ok(found)
     }
 
     /// Applies the score threshold and attaches memories, within the response's byte budget.

@@ -101,6 +101,17 @@ impl ReadBarriers {
     }
 }
 
+/// A confirmed read index ([`RaftNode::read_barrier`]) the local state machine may not have
+/// reached yet.
+pub struct ReadBarrier(Linearizer<TypeConfig>);
+
+impl ReadBarrier {
+    /// The log index a linearizable read must see applied.
+    pub fn index(&self) -> u64 {
+        self.0.read_log_id().index()
+    }
+}
+
 #[derive(Clone)]
 pub struct RaftNode {
     pub id: NodeId,
@@ -230,16 +241,46 @@ impl RaftNode {
 
     /// Waits until a read at `consistency` may be served from the local state machine.
     pub async fn linearize(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
-        let span = crate::trace_span!("read_barrier", consistency = ?consistency);
-        tracing::Instrument::instrument(self.linearize_inner(consistency), span).await
+        match self.read_barrier(consistency).await? {
+            Some(barrier) => self.await_read(barrier).await,
+            None => Ok(()),
+        }
     }
 
-    async fn linearize_inner(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
+    /// The first half of [`linearize`](Self::linearize): a leadership confirmation that began
+    /// after this call, and the index it requires, without waiting for the local state machine
+    /// to reach it. `None`: a read at `consistency` may be served from local state as it is.
+    /// A read that already ran against state at or past [`ReadBarrier::index`] is linearizable
+    /// (searches run while the barrier is in flight and keep their answer when it holds).
+    pub async fn read_barrier(&self, consistency: ReadConsistency) -> Result<Option<ReadBarrier>, ApiError> {
+        let span = crate::trace_span!("read_barrier", consistency = ?consistency);
+        tracing::Instrument::instrument(self.read_barrier_inner(consistency), span).await
+    }
+
+    /// The second half of [`linearize`](Self::linearize): waits (up to the read timeout) until
+    /// the local state machine applied `barrier`'s index.
+    pub async fn await_read(&self, barrier: ReadBarrier) -> Result<(), ApiError> {
+        match barrier.0.try_await_ready(&self.raft, Some(self.read_timeout)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(state)) => Err(ApiError::Timeout {
+                reason: format!("local state machine did not reach read index {}", state.read_log_id()),
+            }),
+            Err(fatal) => Err(ApiError::Internal(format!("raft stopped: {fatal}"))),
+        }
+    }
+
+    /// Whether this node holds log entries past `applied` (writes appended or committed but
+    /// not yet applied there): a read barrier then most likely needs more than `applied`.
+    pub fn log_ahead_of(&self, applied: u64) -> bool {
+        self.raft.metrics().borrow_watched().last_log_index.unwrap_or(0) > applied
+    }
+
+    async fn read_barrier_inner(&self, consistency: ReadConsistency) -> Result<Option<ReadBarrier>, ApiError> {
         if self.unsafe_stale_reads {
-            return Ok(());
+            return Ok(None);
         }
         let lease = match consistency {
-            ReadConsistency::Stale => return Ok(()),
+            ReadConsistency::Stale => return Ok(None),
             ReadConsistency::Lease => true,
             ReadConsistency::Linearizable => false,
         };
@@ -256,13 +297,7 @@ impl RaftNode {
                 e => return Err(ApiError::Unavailable { reason: format!("cannot confirm leadership: {e}") }),
             },
         };
-        match linearizer.try_await_ready(&self.raft, Some(self.read_timeout)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(state)) => Err(ApiError::Timeout {
-                reason: format!("local state machine did not reach read index {}", state.read_log_id()),
-            }),
-            Err(fatal) => Err(ApiError::Internal(format!("raft stopped: {fatal}"))),
-        }
+        Ok(Some(ReadBarrier(linearizer)))
     }
 
     async fn remote_linearizer(
