@@ -190,12 +190,12 @@ impl MemoryApi {
         consistency: crate::raft::node::ReadConsistency,
         batch: bool,
     ) -> Result<(Found, u64), ApiError> {
-        let kept = if consistency == crate::raft::node::ReadConsistency::Linearizable {
-            let before = self.vectors.applied();
-            if self.node.log_ahead_of(before) {
-                self.node.linearize(consistency).await?;
-                None
-            } else {
+        // The shards' applied index, when this read may search ahead of its barrier.
+        let speculate = (consistency == crate::raft::node::ReadConsistency::Linearizable)
+            .then(|| self.vectors.applied())
+            .filter(|before| !self.node.log_ahead_of(*before));
+        let kept = match speculate {
+            Some(before) => {
                 let (barrier, early) = tokio::join!(
                     self.node.read_barrier(consistency),
                     self.bind_and_search(caller, plans.clone(), batch)
@@ -212,9 +212,10 @@ impl MemoryApi {
                     }
                 }
             }
-        } else {
-            self.node.linearize(consistency).await?;
-            None
+            None => {
+                self.node.linearize(consistency).await?;
+                None
+            }
         };
         let found = match kept {
             Some(found) => found,
