@@ -42,20 +42,24 @@ pub async fn leader_api(client: &Client, procs: &[process::EngramProcess]) -> St
     }
 }
 
-/// Waits until no node is rebuilding a shard in the background (and, with `vectors`, every
-/// node indexes that many).
+/// Waits until every node has applied its whole log to its shards and none is rebuilding a
+/// shard in the background (and, with `vectors`, every node indexes that many), seen twice in a
+/// row 200 ms apart, so what a benchmark measures next is not sharing the cores with a
+/// follower's backlog or a build that was about to be scheduled.
 pub async fn wait_built(procs: &[process::EngramProcess], vectors: Option<u64>) {
-    loop {
+    let mut settled_rounds = 0;
+    while settled_rounds < 2 {
         let mut settled = true;
         for p in procs.iter().filter(|p| p.is_running()) {
             let status: serde_json::Value =
                 serde_json::from_str(&process::http_get(&p.http, "/status").await).unwrap_or_default();
             let v = &status["vectors"];
-            settled &= v["building"] == 0 && vectors.is_none_or(|n| v["vectors"] == n);
+            let last_log = status["raft"]["last_log_index"].as_u64();
+            settled &= v["building"] == 0
+                && last_log.is_some_and(|l| v["applied_index"].as_u64().is_some_and(|a| a >= l))
+                && vectors.is_none_or(|n| v["vectors"] == n);
         }
-        if settled {
-            return;
-        }
+        settled_rounds = if settled { settled_rounds + 1 } else { 0 };
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
