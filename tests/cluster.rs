@@ -425,6 +425,13 @@ async fn a_learner_added_after_compaction_catches_up_by_snapshot() {
     cluster.wait_applied(last).await;
     let digests = cluster.digests();
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "state diverged: {digests:?}");
+    // The snapshot carried the ledger: the learner's chain covers the history before it joined
+    // (whose entries its log never held) and checks out against the entries it did receive.
+    let ledger = cluster.pinned(4).admin().verify_ledger().await.unwrap();
+    let leaders = cluster.pinned(leader).admin().verify_ledger().await.unwrap();
+    assert!(ledger.ok && ledger.first_index == 0, "{ledger:?}");
+    assert!(ledger.checked_against_log < ledger.rows, "{ledger:?}");
+    assert_eq!((ledger.last_index, &ledger.head), (leaders.last_index, &leaders.head));
     cluster.shutdown().await;
 }
 

@@ -70,6 +70,8 @@ async fn no_admin_rpc_works_without_an_admin_key() {
             ("remove", a.remove_nodes(vec![3]).await.map(drop)),
             ("transfer", a.transfer_leader(2).await.map(drop)),
             ("snapshot", a.trigger_snapshot().await.map(drop)),
+            ("verify ledger", a.verify_ledger().await.map(drop)),
+            ("export ledger", a.export_ledger(0, 0, 0).await.map(drop)),
             ("backup", a.create_backup(dir.path()).await.map(drop)),
             ("init", a.init_cluster(vec![node]).await.map(drop)),
             ("create key", c.auth().create_key("evil", &["root"], 0).await.map(drop)),

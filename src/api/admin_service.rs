@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::ServerState;
+use redb::ReadableDatabase;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -29,8 +30,8 @@ use crate::error::ApiError;
 use crate::proto as pb;
 use crate::proto::admin_service_server::AdminService;
 use crate::raft::node::ReadConsistency;
-use crate::raft::{Command, EngramNode, NodeId, Op, Outcome, RaftNode};
-use crate::storage::StateReader;
+use crate::raft::{Command, EngramNode, LogStore, NodeId, Op, Outcome, RaftNode};
+use crate::storage::{ledger, StateReader};
 
 #[derive(Clone)]
 pub struct AdminApi {
@@ -40,6 +41,8 @@ pub struct AdminApi {
     backup: BackupContext,
     /// Keys are required (not `--insecure`): a new cluster needs a root key.
     secure: bool,
+    /// The Raft log, read by ledger verification.
+    log: LogStore,
 }
 
 /// What `CreateBackup` and status need: the state, the key's whereabouts, the last scheduled
@@ -95,8 +98,8 @@ impl Write for ChunkSender {
 const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 
 impl AdminApi {
-    pub fn new(node: RaftNode, me: EngramNode, backup: BackupContext, secure: bool) -> Self {
-        AdminApi { node, me, backup, secure }
+    pub fn new(node: RaftNode, me: EngramNode, backup: BackupContext, secure: bool, log: LogStore) -> Self {
+        AdminApi { node, me, backup, secure, log }
     }
 
     /// Whether this node already belongs to a cluster (it has a membership).
@@ -452,4 +455,97 @@ impl AdminService for AdminApi {
         observe("trigger_snapshot", started, &res);
         res
     }
+
+    #[instrument(skip_all)]
+    async fn verify_ledger(
+        &self,
+        _req: Request<pb::VerifyLedgerRequest>,
+    ) -> Result<Response<pb::VerifyLedgerResponse>, Status> {
+        let started = Instant::now();
+        let (db, log) = (self.backup.db.clone(), self.log.clone());
+        let res = tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(|e| storage_error(e.into()))?;
+            let applied = StateReader::applied(&txn).map_err(storage_error)?;
+            let out = match ledger::verify(&txn, &log).map_err(storage_error)? {
+                Ok(v) => pb::VerifyLedgerResponse {
+                    ok: true,
+                    rows: v.rows,
+                    first_index: v.first,
+                    last_index: v.last,
+                    head: v.head.to_vec(),
+                    checked_against_log: v.against_log,
+                    applied_index: applied,
+                    ..Default::default()
+                },
+                Err(b) => {
+                    metrics::counter!("engram_ledger_verify_failures_total").increment(1);
+                    tracing::error!(index = b.index, reason = %b.reason, "ledger verification failed");
+                    pb::VerifyLedgerResponse {
+                        ok: false,
+                        broken_index: b.index,
+                        reason: b.reason,
+                        applied_index: applied,
+                        ..Default::default()
+                    }
+                }
+            };
+            Ok::<_, ApiError>(out)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
+        .and_then(|r| r.map(Response::new).map_err(Status::from));
+        observe("verify_ledger", started, &res);
+        res
+    }
+
+    #[instrument(skip_all)]
+    async fn export_ledger(
+        &self,
+        req: Request<pb::ExportLedgerRequest>,
+    ) -> Result<Response<pb::ExportLedgerResponse>, Status> {
+        let started = Instant::now();
+        let req = req.into_inner();
+        let db = self.backup.db.clone();
+        let res = async {
+            let limit = match req.limit {
+                0 => 1_000,
+                n @ 1..=MAX_LEDGER_PAGE => n as usize,
+                n => return Err(ApiError::invalid("limit", format!("{n} is over {MAX_LEDGER_PAGE} rows"))),
+            };
+            let to = if req.to_index == 0 { u64::MAX } else { req.to_index };
+            if req.from_index > to {
+                return Err(ApiError::invalid("from_index", "must not be after to_index"));
+            }
+            let links = tokio::task::spawn_blocking(move || {
+                let txn = db.begin_read().map_err(|e| storage_error(e.into()))?;
+                // One row past the page says whether there is a next one.
+                ledger::range(&txn, req.from_index, to, limit + 1).map_err(storage_error)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
+            let next_index = if links.len() > limit { links[limit].index } else { 0 };
+            let links = links
+                .into_iter()
+                .take(limit)
+                .map(|l| pb::LedgerLink { index: l.index, entry_hash: l.entry_hash.to_vec(), head: l.head.to_vec() })
+                .collect();
+            Ok(pb::ExportLedgerResponse { links, next_index })
+        }
+        .await
+        .map(Response::new)
+        .map_err(Status::from);
+        observe("export_ledger", started, &res);
+        res
+    }
 }
+
+/// A row that does not decode is data loss; anything else went wrong on this node.
+fn storage_error(e: crate::error::StorageError) -> ApiError {
+    match e {
+        crate::error::StorageError::Corrupt { .. } => ApiError::DataLoss { reason: e.to_string() },
+        e => ApiError::Internal(e.to_string()),
+    }
+}
+
+/// Most ledger rows one `ExportLedger` page holds (64 bytes each plus framing).
+const MAX_LEDGER_PAGE: u32 = 10_000;

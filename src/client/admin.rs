@@ -111,6 +111,24 @@ impl Admin<'_> {
         Ok(r.into_inner().snapshot_index)
     }
 
+    /// Checks the preferred node's ledger (never another node's: the answer is about that
+    /// node's files).
+    pub async fn verify_ledger(&self) -> Result<pb::VerifyLedgerResponse, ClientError> {
+        let addr = self.client.inner.preferred.lock().unwrap().clone();
+        let mut c = Self::admin(self.client.channel(&addr)?);
+        let r = c.verify_ledger(pb::VerifyLedgerRequest {}).await.map_err(|s| ClientError::from_status(&s))?;
+        Ok(r.into_inner())
+    }
+
+    /// One page of the preferred node's ledger rows in `from..=to` (`to` 0: through the end).
+    pub async fn export_ledger(&self, from: u64, to: u64, limit: u32) -> Result<pb::ExportLedgerResponse, ClientError> {
+        let addr = self.client.inner.preferred.lock().unwrap().clone();
+        let mut c = Self::admin(self.client.channel(&addr)?);
+        let req = pb::ExportLedgerRequest { from_index: from, to_index: to, limit };
+        let r = c.export_ledger(req).await.map_err(|s| ClientError::from_status(&s))?;
+        Ok(r.into_inner())
+    }
+
     /// Streams a backup from the preferred node into `target`: a file path, or an existing
     /// directory (the file is then named after the backup's time and index). The bytes land
     /// in a `.partial` file that is fsynced and renamed only when the stream completed; a

@@ -58,6 +58,14 @@ impl LogStore {
         Ok(out)
     }
 
+    /// The index the log was purged through (`None`: never purged), read synchronously.
+    pub fn purged_through(&self) -> Result<Option<u64>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let purged: Option<LogId> =
+            txn.open_table(META)?.get(PURGED)?.map(|v| codec::decode("log", v.value())).transpose()?;
+        Ok(purged.map(|l| l.index))
+    }
+
     /// Seeds an empty log for a node restored from a backup: everything up to `purged` is
     /// committed and covered by the restored state; `vote` is where elections resume.
     pub fn seed_restored(&self, vote: &Vote, purged: &LogId) -> Result<(), StorageError> {
@@ -232,5 +240,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(())
         })
         .await
+    }
+}
+
+impl crate::storage::ledger::LogSource for LogStore {
+    fn entries(&self, from: u64, to: u64) -> Result<Vec<Entry>, StorageError> {
+        LogStore::entries(self, from..=to)
+    }
+
+    fn purged_through(&self) -> Result<Option<u64>, StorageError> {
+        LogStore::purged_through(self)
     }
 }

@@ -193,6 +193,8 @@ impl StateMachineStore {
             };
             results.push(result);
         }
+        // Every applied entry extends the hash chain, in the transaction that applied it.
+        crate::storage::ledger::extend(&txn, entries)?;
         {
             let mut meta = txn.open_table(SM_META)?;
             if let Some(last) = entries.last() {

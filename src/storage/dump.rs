@@ -4,16 +4,17 @@
 //!
 //! ```text
 //! dump    := record*            record := len: u32 LE | bincode(Record)   (len <= 64 MiB)
-//! records := Begin, (Meta | Namespace | Memory | Idempotency | IdemExpiry | Auth)*, End
+//! records := Begin, (Meta | Namespace | Memory | Idempotency | IdemExpiry | Auth | Model | Ledger)*, End
 //! Auth    := { table: 0 keys | 1 roles | 2 quotas, key, value }     (format 2)
 //! Model   := { table: 0 ns_policy | 1 ns_stats, key, value }       (format 3)
+//! Ledger  := { index, value: entry hash | chain head }              (format 4)
 //! End     := { rows, digest = BLAKE3 over every byte before End's length prefix }
 //! ```
 //!
 //! A reader refuses anything but exactly this shape: a missing `End`, a wrong row count or
 //! digest, or bytes after `End`. [`load`] writes into a caller's write transaction, so a
-//! refused dump is dropped with the transaction and changes nothing. Format 2 dumps (no
-//! memory-model rows) still load. The derived indexes are rebuilt from the loaded memories.
+//! refused dump is dropped with the transaction and changes nothing. Format 2 and 3 dumps (no
+//! memory-model rows, no ledger rows) still load. The derived indexes are rebuilt from the loaded memories.
 
 use std::io::{Read, Write};
 
@@ -24,7 +25,7 @@ use super::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBER
 use crate::error::StorageError;
 use crate::raft::{LogId, StoredMembership};
 
-pub const DUMP_FORMAT: u16 = 3;
+pub const DUMP_FORMAT: u16 = 4;
 /// Oldest format [`load`] reads.
 const OLDEST_FORMAT: u16 = 2;
 const MAX_RECORD_BYTES: usize = 64 << 20;
@@ -40,6 +41,7 @@ enum Record {
     Auth { table: u8, key: String, value: Vec<u8> },
     End { rows: u64, digest: [u8; 32] },
     Model { table: u8, key: String, value: Vec<u8> },
+    Ledger { index: u64, value: Vec<u8> },
 }
 
 /// What a dump holds, as written or as read back.
@@ -144,6 +146,13 @@ pub fn write(txn: &ReadTransaction, out: &mut impl Write) -> Result<DumpSummary,
             rows += 1;
         }
     }
+    if let Some(t) = super::optional_table(txn, super::ledger::LEDGER)? {
+        for item in t.iter()? {
+            let (k, v) = item?;
+            w.put(&Record::Ledger { index: k.value(), value: v.value().to_vec() })?;
+            rows += 1;
+        }
+    }
     let digest = *w.hasher.finalize().as_bytes();
     w.put(&Record::End { rows, digest })?;
     Ok(DumpSummary { applied, membership, rows, memories, namespaces, bytes: w.bytes, digest })
@@ -244,6 +253,7 @@ struct Tables<'t> {
     idem_expiry: redb::Table<'t, (u64, &'static str), ()>,
     auth: Vec<redb::Table<'t, &'static str, &'static [u8]>>,
     model: Vec<redb::Table<'t, &'static str, &'static [u8]>>,
+    ledger: redb::Table<'t, u64, &'static [u8]>,
 }
 
 impl Sink for Tables<'_> {
@@ -262,6 +272,12 @@ impl Sink for Tables<'_> {
                 Some(t) => t.insert(key.as_str(), value.as_slice()).map(drop),
                 None => return Err(corrupt(format!("unknown memory-model table {table}"))),
             },
+            Record::Ledger { index, value } => {
+                if value.len() != 64 {
+                    return Err(corrupt(format!("ledger row {index} has {} bytes, not 64", value.len())));
+                }
+                self.ledger.insert(index, value.as_slice()).map(drop)
+            }
             Record::Begin { .. } | Record::End { .. } => unreachable!("read_all passes rows only"),
         }
         .map_err(StorageError::from)
@@ -279,7 +295,9 @@ pub fn load(r: impl Read, txn: &WriteTransaction) -> Result<DumpSummary, Storage
         idem_expiry: txn.open_table(IDEM_EXPIRY)?,
         auth: super::AUTH_TABLES.iter().map(|(_, def)| txn.open_table(*def)).collect::<Result<_, _>>()?,
         model: super::MODEL_TABLES.iter().map(|(_, def)| txn.open_table(*def)).collect::<Result<_, _>>()?,
+        ledger: txn.open_table(super::ledger::LEDGER)?,
     };
+    t.ledger.retain(|_, _| false)?;
     t.meta.retain(|_, _| false)?;
     t.namespaces.retain(|_, _| false)?;
     t.memories.retain(|_, _| false)?;

@@ -15,6 +15,7 @@
 //! content_index (namespace, blake3(text), id)  -> ()   derived from memories (exact dedup)
 //! expiry_index  (expires_at_ms, namespace, id) -> ()   derived (TTL purge, oldest first)
 //! age_index     (namespace, created_at_ms, id) -> ()   derived (retention)
+//! ledger        applied log index        -> entry hash | chain head (see `ledger`)
 //! ```
 //!
 //! The derived indexes are not in dumps: loading a dump (snapshot install, restore) and
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod codec;
 pub mod dump;
 pub mod index;
+pub mod ledger;
 mod reader;
 
 pub use reader::{Page, StateReader};

@@ -26,7 +26,7 @@ impl StateReader {
         StateReader { db }
     }
 
-    fn applied(txn: &redb::ReadTransaction) -> Result<u64, StorageError> {
+    pub(crate) fn applied(txn: &redb::ReadTransaction) -> Result<u64, StorageError> {
         let meta = txn.open_table(SM_META)?;
         let v = meta.get(META_APPLIED)?;
         let applied: Option<crate::raft::LogId> = v.map(|v| codec::decode("sm_meta", v.value())).transpose()?;
@@ -308,7 +308,7 @@ impl StateReader {
     }
 
     /// BLAKE3 over the data tables only (memories, namespaces, idempotency, auth), leaving out
-    /// `sm_meta` (applied id, membership, cluster id): equal across a backup and its restore.
+    /// `sm_meta` (applied id, membership, cluster id) and the ledger: equal across a backup and its restore.
     pub fn data_digest(&self) -> Result<[u8; 32], StorageError> {
         self.digest_of(false)
     }
@@ -376,6 +376,13 @@ impl StateReader {
             for item in txn.open_table(SM_META)?.iter()? {
                 let (k, v) = item?;
                 feed(b"s", k.value().as_bytes(), v.value());
+            }
+            // The ledger follows the log (a restore's new entries extend it), like the applied id.
+            if let Some(t) = super::optional_table(&txn, super::ledger::LEDGER)? {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    feed(b"l", &k.value().to_be_bytes(), v.value());
+                }
             }
         }
         Ok(*h.finalize().as_bytes())

@@ -68,6 +68,9 @@ enum Cmd {
     Keys(KeysCmd),
     /// Build a Raft snapshot on the first endpoint now.
     Snapshot,
+    /// The hash-chained ledger of applied entries (docs/ledger.md).
+    #[command(subcommand)]
+    Ledger(LedgerCmd),
     /// Certificates for a new cluster (files only): a CA, then one per node or client.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -158,6 +161,21 @@ enum KeysCmd {
     List {
         #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
         key_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCmd {
+    /// Recompute every endpoint's ledger from its log and state, then compare the endpoints'
+    /// chain heads at the last index they all hold. Exits non-zero when a ledger does not
+    /// check out or the heads differ.
+    Verify,
+    /// The first endpoint's ledger rows in FROM..=TO as JSON lines (TO 0: through the end).
+    Export {
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long, default_value_t = 0)]
+        to: u64,
     },
 }
 
@@ -676,6 +694,25 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let index = client.admin().trigger_snapshot().await?;
             println!("snapshot at log index {index}");
         }
+        Cmd::Ledger(LedgerCmd::Verify) => ledger_verify(&client, &cli.endpoints).await?,
+        Cmd::Ledger(LedgerCmd::Export { from, to }) => {
+            let mut from = from;
+            loop {
+                let page = client.admin().export_ledger(from, to, 10_000).await?;
+                for l in &page.links {
+                    let line = serde_json::json!({
+                        "index": l.index,
+                        "entry_hash": hex::encode(&l.entry_hash),
+                        "head": hex::encode(&l.head),
+                    });
+                    println!("{line}");
+                }
+                if page.next_index == 0 {
+                    break;
+                }
+                from = page.next_index;
+            }
+        }
         Cmd::Memory(MemoryCmd::List { namespace, page_size, page_token, consistency: c }) => {
             let r = client.list(&namespace, page_size, &page_token, consistency(&c)?).await?;
             for m in &r.memories {
@@ -685,6 +722,87 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 println!("next page: --page-token {}", r.next_page_token);
             }
         }
+    }
+    Ok(())
+}
+
+/// `ledger verify`: each endpoint checks its own ledger; then the heads of all of them (a
+/// broken one's too) are compared at the last index every one holds, which names a replica
+/// whose history differs from the majority's.
+async fn ledger_verify(client: &Client, endpoints: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let mut failed = false;
+    let mut checked = Vec::new();
+    for addr in endpoints {
+        let pinned = client.pinned_like(addr)?;
+        match pinned.admin().verify_ledger().await {
+            Ok(r) if r.ok => {
+                println!(
+                    "{addr}  ok: {} rows, indexes {}..={}, {} checked against the log, head {}",
+                    r.rows,
+                    r.first_index,
+                    r.last_index,
+                    r.checked_against_log,
+                    hex::encode(&r.head)
+                );
+                if r.rows > 0 {
+                    checked.push((addr.clone(), pinned, r.first_index, r.last_index));
+                }
+            }
+            Ok(r) => {
+                failed = true;
+                println!("{addr}  BROKEN at index {}: {}", r.broken_index, r.reason);
+                // Its rows still say what history it applied: compared below with the others.
+                checked.push((addr.clone(), pinned, 0, r.applied_index));
+            }
+            Err(e) => {
+                failed = true;
+                println!("{addr}  unreachable: {e}");
+            }
+        }
+    }
+    // The last index every ledger holds (rows before a node's first one it never had).
+    let common = checked.iter().map(|c| c.3).min();
+    if let (Some(at), true) = (common, checked.len() > 1) {
+        let mut heads = Vec::new();
+        for (addr, pinned, first, _) in &checked {
+            if *first > at {
+                continue;
+            }
+            let page = pinned.admin().export_ledger(at, at, 1).await?;
+            match page.links.first() {
+                Some(l) if l.index == at => heads.push((addr.clone(), hex::encode(&l.head))),
+                _ => {
+                    failed = true;
+                    println!("{addr}  has no ledger row at index {at}");
+                }
+            }
+        }
+        // The head most endpoints agree on; the others diverged.
+        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+        for (_, h) in &heads {
+            *counts.entry(h.as_str()).or_default() += 1;
+        }
+        let (majority, votes) =
+            counts.iter().max_by_key(|(_, n)| **n).map(|(h, n)| (h.to_string(), *n)).unwrap_or_default();
+        if votes * 2 <= heads.len() && counts.len() > 1 {
+            failed = true;
+            println!("no head at index {at} is held by a majority of the endpoints:");
+            for (addr, h) in &heads {
+                println!("{addr}  head {h}");
+            }
+        }
+        for (addr, h) in heads.iter().filter(|_| votes * 2 > heads.len()) {
+            if *h != majority {
+                failed = true;
+                println!("{addr}  DIVERGED: head at index {at} is {h}, the others' {majority}");
+            }
+        }
+        if !failed {
+            println!("all {} endpoints agree at index {at}: head {majority}", heads.len());
+        }
+    }
+    if failed {
+        return Err("ledger verification failed".into());
     }
     Ok(())
 }
