@@ -1,6 +1,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A vendored protoc keeps the build free of system packages.
     std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
+    // Named explicitly: the shim's rerun-if-changed below would otherwise leave a proto edit
+    // unnoticed by incremental builds.
+    println!("cargo:rerun-if-changed=proto");
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure().file_descriptor_set_path(out.join("engram_descriptor.bin")).compile_protos(
         &[
