@@ -152,6 +152,10 @@ fn describe() {
     metrics::describe_counter!("engram_tls_reload_failures_total", "Certificate reloads that failed.");
     metrics::describe_counter!("engram_tls_reloads_total", "Certificate reloads.");
     metrics::describe_counter!("engram_vector_checkpoint_failures_total", "Vector index checkpoints that failed.");
+    metrics::describe_counter!(
+        "engram_ledger_verify_failures_total",
+        "Ledger verifications (VerifyLedger) that found an index that does not check out."
+    );
     metrics::describe_histogram!(
         "engram_vector_checkpoint_freeze_seconds",
         "Time a vector checkpoint held the shards (copying the changed ones); writing the copies happens after."

@@ -204,6 +204,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let state = sm.clone();
     private_files(&config.data_dir)?;
     let log_reader = log_store.clone();
+    let marks = sm.marks();
     let raft = Raft::new(config.node_id, raft_config(&config)?, Network::new(tls.clone()), log_store, sm)
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
@@ -271,7 +272,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         last: last_backup.clone(),
         state_file: config.data_dir.join("state.redb"),
     };
-    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me, backup, !config.insecure, log_reader));
+    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me, backup, !config.insecure, (log_reader, marks)));
     let auth_api = AuthServiceServer::new(AuthApi::new(node.clone(), reader.clone(), authorizer));
     let listen = listener_limits(&config);
     let api_tls = tls.clone().map(|t| Arc::new(move || t.api_acceptor()) as crate::transport::listener::Acceptors);

@@ -544,3 +544,56 @@ async fn a_follower_catches_up_on_large_entries_in_bounded_messages() {
     assert_eq!(cluster.pinned(lagging).list_all(NS).await.unwrap().len(), 400);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_node_digests_the_same_state_at_a_mark_proposed_under_write_load() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..8u32 {
+        let (client, stop) = (client.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = NewMemory::new(format!("w{w} {i}"), vector(w * 100_000 + i, 4)).with_id(format!("w{w}-{i}"));
+                client.put(NS, m).await.unwrap();
+                i += 1;
+            }
+            i
+        }));
+    }
+    // Marks land in the middle of apply batches full of other writes: each node must still
+    // digest the state exactly at the mark, not at the end of its batch.
+    let mut indexes = Vec::new();
+    for _ in 0..24 {
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        let mark = client.admin().propose_mark().await.unwrap();
+        let mut digests = Vec::new();
+        for id in 1..=3 {
+            let d = cluster.pinned(id).admin().mark_digest(&mark.mark_id, 10_000).await.unwrap();
+            assert_eq!(d.index, mark.index);
+            digests.push((id, d.digest, d.head));
+        }
+        assert!(digests.windows(2).all(|w| w[0].1 == w[1].1 && w[0].2 == w[1].2), "{digests:?}");
+        indexes.push(mark.index);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut written = 0;
+    for w in writers {
+        written += w.await.unwrap();
+    }
+    assert!(written > 50, "too little load to interleave with the marks: {written} puts");
+    // A follower refuses to propose one (a mark is node-only; the client follows the hint).
+    let leader = cluster.wait_for_leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let direct = engram::client::Client::with_retry(
+        [cluster.slot(follower).api.to_string()],
+        engram::client::RetryPolicy { max_attempts: 1, ..Default::default() },
+    )
+    .unwrap();
+    let e = direct.admin().propose_mark().await.unwrap_err();
+    assert_eq!(e.code, Code::Unavailable, "{e:?}");
+    assert!(e.message.contains("not the leader"), "{e:?}");
+    cluster.shutdown().await;
+}

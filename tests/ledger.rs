@@ -210,3 +210,59 @@ async fn the_ledger_checks_out_and_names_an_altered_entry_and_a_diverged_replica
     let r = verify_on(&nodes[0]).await;
     assert!(!r.ok && r.broken_index == row_at, "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_verify_names_a_replica_whose_state_was_altered() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_engram"));
+    let (mut nodes, client) = cluster_of_three(bin, 27400, dir.path(), 50).await;
+    let client = client.creating_namespaces();
+    for i in 0..20 {
+        let m = NewMemory::new(format!("memory {i}"), vec![i as f32, 1.0, 0.5]).with_id(format!("m{i:02}"));
+        client.put(NS, m).await.unwrap();
+    }
+    let owned: Vec<String> = nodes.iter().map(|n| n.api.clone()).collect();
+    let eps: Vec<&str> = owned.iter().map(String::as_str).collect();
+
+    // Healthy: one mark, three equal digests, and a mark changes no memory.
+    let out = engramctl(&eps, &["cluster", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("all 3 endpoints hold the same state at index"), "{}", text(&out));
+    assert_eq!(client.list(NS, 100, "", engram::client::Consistency::Linearizable).await.unwrap().memories.len(), 20);
+
+    // Node 3's copy of one memory is altered on disk while it is down (test-only corruption:
+    // a well-formed row, so the node starts and serves it).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes[2].kill9();
+    {
+        let db = redb::Database::open(nodes[2].data_dir.join("state.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(engram::storage::MEMORIES).unwrap();
+            let key = engram::storage::memory_key(NS, "m03");
+            let mut m = codec::decode_memory(t.get(key.as_slice()).unwrap().unwrap().value()).unwrap();
+            m.text = "memory 3, quietly rewritten".into();
+            t.insert(key.as_slice(), codec::encode_memory(&m).as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    nodes[2].start(bin, 50);
+
+    let out = engramctl(&eps, &["cluster", "verify"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains(&format!("{}  DIVERGED", nodes[2].api)), "{said}");
+    for n in &nodes[..2] {
+        assert!(said.contains(&format!("{}  ok", n.api)), "{said}");
+    }
+    // Its ledger still checks out: the chain covers the entries, not the rows they made.
+    let r = verify_on(&nodes[2]).await;
+    assert!(r.ok, "{r:?}");
+
+    // Bad requests to MarkDigest are refused; an unknown mark times out.
+    let c = Client::new([nodes[0].api.clone()]).unwrap();
+    assert_eq!(c.admin().mark_digest("", 0).await.unwrap_err().code, tonic::Code::InvalidArgument);
+    assert_eq!(c.admin().mark_digest(&"x".repeat(65), 0).await.unwrap_err().code, tonic::Code::InvalidArgument);
+    assert_eq!(c.admin().mark_digest("m", 60_001).await.unwrap_err().code, tonic::Code::InvalidArgument);
+    assert_eq!(c.admin().mark_digest("never-proposed", 200).await.unwrap_err().code, tonic::Code::DeadlineExceeded);
+}

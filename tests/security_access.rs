@@ -72,6 +72,8 @@ async fn no_admin_rpc_works_without_an_admin_key() {
             ("snapshot", a.trigger_snapshot().await.map(drop)),
             ("verify ledger", a.verify_ledger().await.map(drop)),
             ("export ledger", a.export_ledger(0, 0, 0).await.map(drop)),
+            ("propose mark", a.propose_mark().await.map(drop)),
+            ("mark digest", a.mark_digest("m", 10).await.map(drop)),
             ("backup", a.create_backup(dir.path()).await.map(drop)),
             ("init", a.init_cluster(vec![node]).await.map(drop)),
             ("create key", c.auth().create_key("evil", &["root"], 0).await.map(drop)),

@@ -29,6 +29,7 @@ use crate::backup::Keyring;
 use crate::error::ApiError;
 use crate::proto as pb;
 use crate::proto::admin_service_server::AdminService;
+use crate::raft::marks::Marks;
 use crate::raft::node::ReadConsistency;
 use crate::raft::{Command, EngramNode, LogStore, NodeId, Op, Outcome, RaftNode};
 use crate::storage::{ledger, StateReader};
@@ -43,6 +44,8 @@ pub struct AdminApi {
     secure: bool,
     /// The Raft log, read by ledger verification.
     log: LogStore,
+    /// State digests at marks (`cluster verify`).
+    marks: Marks,
 }
 
 /// What `CreateBackup` and status need: the state, the key's whereabouts, the last scheduled
@@ -98,8 +101,14 @@ impl Write for ChunkSender {
 const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 
 impl AdminApi {
-    pub fn new(node: RaftNode, me: EngramNode, backup: BackupContext, secure: bool, log: LogStore) -> Self {
-        AdminApi { node, me, backup, secure, log }
+    pub fn new(
+        node: RaftNode,
+        me: EngramNode,
+        backup: BackupContext,
+        secure: bool,
+        (log, marks): (LogStore, Marks),
+    ) -> Self {
+        AdminApi { node, me, backup, secure, log, marks }
     }
 
     /// Whether this node already belongs to a cluster (it has a membership).
@@ -535,6 +544,61 @@ impl AdminService for AdminApi {
         .map(Response::new)
         .map_err(Status::from);
         observe("export_ledger", started, &res);
+        res
+    }
+
+    #[instrument(skip_all)]
+    async fn propose_mark(
+        &self,
+        _req: Request<pb::ProposeMarkRequest>,
+    ) -> Result<Response<pb::ProposeMarkResponse>, Status> {
+        let started = Instant::now();
+        let res = async {
+            // A mark is node-only (a forwarded one is refused): the leader proposes it itself.
+            self.node.require_leader()?;
+            let mark_id = uuid::Uuid::now_v7().simple().to_string();
+            let r = self.node.write(Command::system(Op::Mark { id: mark_id.clone() })).await?;
+            Ok::<_, ApiError>(pb::ProposeMarkResponse { mark_id, index: r.index })
+        }
+        .await
+        .map(Response::new)
+        .map_err(Status::from);
+        observe("propose_mark", started, &res);
+        res
+    }
+
+    #[instrument(skip_all)]
+    async fn mark_digest(
+        &self,
+        req: Request<pb::MarkDigestRequest>,
+    ) -> Result<Response<pb::MarkDigestResponse>, Status> {
+        let started = Instant::now();
+        let req = req.into_inner();
+        let res = async {
+            if req.mark_id.is_empty() || req.mark_id.len() > 64 {
+                return Err(ApiError::invalid("mark_id", "must be 1 to 64 characters"));
+            }
+            let wait = match req.wait_ms {
+                0 => Duration::from_secs(10),
+                n @ 1..=60_000 => Duration::from_millis(n as u64),
+                n => return Err(ApiError::invalid("wait_ms", format!("{n} is over 60000"))),
+            };
+            let Some(d) = self.marks.wait(&req.mark_id, wait).await else {
+                return Err(ApiError::Timeout {
+                    reason: format!("this node has not applied mark {} (or forgot it)", req.mark_id),
+                });
+            };
+            let digest = d.digest.map_err(|e| ApiError::Internal(format!("digest at mark {}: {e}", d.id)))?;
+            Ok(pb::MarkDigestResponse {
+                index: d.index,
+                digest: digest.to_vec(),
+                head: d.head.map(|h| h.to_vec()).unwrap_or_default(),
+            })
+        }
+        .await
+        .map(Response::new)
+        .map_err(Status::from);
+        observe("mark_digest", started, &res);
         res
     }
 }

@@ -41,8 +41,9 @@ const OPEN_PREFIXES: [&str; 3] =
 const ADMIN_PREFIXES: [&str; 2] = ["/engram.v1.AdminService/", "/engram.v1.AuthService/"];
 pub const INIT_CLUSTER_PATH: &str = "/engram.v1.AdminService/InitCluster";
 /// Admin calls that change nothing, so they leave no audit event when they succeed.
-const READ_ONLY_ADMIN: [&str; 7] = [
+const READ_ONLY_ADMIN: [&str; 8] = [
     "/engram.v1.AdminService/Status",
+    "/engram.v1.AdminService/MarkDigest",
     "/engram.v1.AdminService/VerifyLedger",
     "/engram.v1.AdminService/ExportLedger",
     "/engram.v1.AuthService/WhoAmI",

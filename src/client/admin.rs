@@ -129,6 +129,22 @@ impl Admin<'_> {
         Ok(r.into_inner())
     }
 
+    /// Has the leader propose a mark (see `cluster verify`); its id and log index.
+    pub async fn propose_mark(&self) -> Result<pb::ProposeMarkResponse, ClientError> {
+        self.client
+            .call(|ch, t| async move { Self::admin(ch).propose_mark(timed(pb::ProposeMarkRequest {}, t)).await })
+            .await
+    }
+
+    /// The preferred node's state digest at mark `mark_id`, waiting up to `wait_ms` for it.
+    pub async fn mark_digest(&self, mark_id: &str, wait_ms: u32) -> Result<pb::MarkDigestResponse, ClientError> {
+        let addr = self.client.inner.preferred.lock().unwrap().clone();
+        let mut c = Self::admin(self.client.channel(&addr)?);
+        let req = pb::MarkDigestRequest { mark_id: mark_id.into(), wait_ms };
+        let r = c.mark_digest(req).await.map_err(|s| ClientError::from_status(&s))?;
+        Ok(r.into_inner())
+    }
+
     /// Streams a backup from the preferred node into `target`: a file path, or an existing
     /// directory (the file is then named after the backup's time and index). The bytes land
     /// in a `.partial` file that is fsynced and renamed only when the stream completed; a

@@ -166,6 +166,7 @@ fn run(
             None => missing(namespace),
             Some(_) => apply_memory::reinforce(txn, ctx, namespace, hits)?,
         },
+        Op::Mark { .. } => Outcome::None,
         other => apply_auth::apply_admin(txn, cmd.now_ms, other)?,
     })
 }
@@ -209,7 +210,8 @@ pub(crate) fn touched(cmd: &Command, changes: &mut crate::vector::Changes) {
         | Op::DeleteRole { .. }
         | Op::GrantRole { .. }
         | Op::RevokeGrant { .. }
-        | Op::SetQuota { .. } => {}
+        | Op::SetQuota { .. }
+        | Op::Mark { .. } => {}
     }
 }
 

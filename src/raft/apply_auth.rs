@@ -175,6 +175,7 @@ pub(crate) fn apply_admin(txn: &WriteTransaction, now_ms: u64, op: &Op) -> Resul
         | Op::Purge { .. }
         | Op::Retire { .. }
         | Op::Consolidate { .. }
-        | Op::Reinforce { .. } => unreachable!("memory ops are applied by apply::run"),
+        | Op::Reinforce { .. }
+        | Op::Mark { .. } => unreachable!("memory ops and marks are applied by apply::run"),
     }
 }

@@ -12,6 +12,7 @@ mod apply_memory;
 pub mod compaction;
 pub mod guard;
 pub mod log_store;
+pub mod marks;
 pub mod network;
 pub mod node;
 mod read_batch;

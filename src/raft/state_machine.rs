@@ -50,6 +50,8 @@ pub struct StateMachineStore {
     auth_generation: Arc<std::sync::atomic::AtomicU64>,
     /// Memory writes since the last snapshot (see `compaction::SnapshotPace`).
     pace: Arc<super::compaction::SnapshotPace>,
+    /// State digests at the marks this node applied.
+    marks: super::marks::Marks,
 }
 
 impl StateMachineStore {
@@ -96,6 +98,7 @@ impl StateMachineStore {
             last_checkpoint: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
             auth_generation: Arc::default(),
             pace: Arc::default(),
+            marks: Default::default(),
         })
     }
 
@@ -106,6 +109,11 @@ impl StateMachineStore {
     /// When this node should take its next snapshot.
     pub fn snapshot_pace(&self) -> Arc<super::compaction::SnapshotPace> {
         self.pace.clone()
+    }
+
+    /// The state digests at the marks this node applied.
+    pub fn marks(&self) -> super::marks::Marks {
+        self.marks.clone()
     }
 
     /// The auth state's generation (see the field).
@@ -209,6 +217,17 @@ impl StateMachineStore {
     }
 }
 
+/// The id of a mark entry.
+fn mark_id(e: &super::types::Entry) -> Option<&str> {
+    match &e.payload {
+        EntryPayload::Normal(c) => match &c.op {
+            super::types::Op::Mark { id } => Some(id),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn checkpoint_failed(e: &crate::vector::store::VectorStoreError) {
     metrics::counter!("engram_vector_checkpoint_failures_total").increment(1);
     tracing::warn!(error = %e, "vector checkpoint failed");
@@ -295,6 +314,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let auth_changed = batch.iter().any(|e| matches!(&e.payload, EntryPayload::Normal(c) if c.op.changes_auth()));
         let generation = self.auth_generation.clone();
         let pace = self.pace.clone();
+        let marks = self.marks.clone();
         // Traced writes proposed here (they have a responder) make this batch's span.
         let span = crate::telemetry::apply_span(
             batch.iter().zip(&responders).filter_map(|(e, r)| match &e.payload {
@@ -307,7 +327,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let (results, frozen) = blocking(move || {
             let _apply = span.enter();
             let mut ops = Vec::new();
-            let results = Self::apply_batch(&db, &batch, durable, &mut ops, &vectors)?;
+            // A mark ends its own transaction, so a read right after it sees the state at its
+            // index exactly (see `marks`).
+            let mut results = Vec::with_capacity(batch.len());
+            for part in batch.split_inclusive(|e| mark_id(e).is_some()) {
+                results.extend(Self::apply_batch(&db, part, durable, &mut ops, &vectors)?);
+                if let Some((id, last)) = part.last().and_then(|e| Some((mark_id(e)?, e.index()))) {
+                    marks.digest_later(id.to_string(), last, db.begin_read()?);
+                }
+            }
             pace.wrote((ops.len() as u64).max(n));
             // Committed: readers that see the new generation see the new auth state.
             if auth_changed {

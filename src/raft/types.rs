@@ -183,6 +183,12 @@ pub enum Op {
         create: bool,
         approx_min_vectors: u64,
     },
+    /// Changes nothing but the applied index. Every node that applies it records the digest of
+    /// its state right after it, so replicas can be compared at one common index (`cluster
+    /// verify`). Proposed by the leader on an admin's request.
+    Mark {
+        id: String,
+    },
 }
 
 /// One consolidation group: the keeper and the memories it absorbs, each at the revision the
@@ -217,6 +223,7 @@ impl Op {
             Op::GrantRole { .. } => "grant_role",
             Op::RevokeGrant { .. } => "revoke_grant",
             Op::SetQuota { .. } => "set_quota",
+            Op::Mark { .. } => "mark",
         }
     }
 
@@ -242,7 +249,8 @@ impl Op {
             | Op::DeleteRole { .. }
             | Op::GrantRole { .. }
             | Op::RevokeGrant { .. }
-            | Op::SetQuota { .. } => None,
+            | Op::SetQuota { .. }
+            | Op::Mark { .. } => None,
         }
     }
 
@@ -256,6 +264,7 @@ impl Op {
                 | Op::Purge { .. }
                 | Op::Retire { .. }
                 | Op::Reinforce { .. }
+                | Op::Mark { .. }
         )
     }
 
@@ -456,6 +465,7 @@ impl std::fmt::Display for Command {
             Op::Retire { namespace, items, .. } => write!(f, "retire {namespace} x{}", items.len()),
             Op::Consolidate { namespace, clusters, .. } => write!(f, "consolidate {namespace} x{}", clusters.len()),
             Op::Reinforce { namespace, hits } => write!(f, "reinforce {namespace} x{}", hits.len()),
+            Op::Mark { id } => write!(f, "mark {id}"),
         }
     }
 }

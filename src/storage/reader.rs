@@ -314,7 +314,12 @@ impl StateReader {
     }
 
     fn digest_of(&self, with_meta: bool) -> Result<[u8; 32], StorageError> {
-        let txn = self.db.begin_read()?;
+        Self::digest_in(&self.db.begin_read()?, with_meta)
+    }
+
+    /// [`digest`](Self::digest) (`with_meta`) or [`data_digest`](Self::data_digest) of the
+    /// state `txn` sees.
+    pub fn digest_in(txn: &redb::ReadTransaction, with_meta: bool) -> Result<[u8; 32], StorageError> {
         let mut h = blake3::Hasher::new();
         let mut feed = |tag: &[u8], k: &[u8], v: &[u8]| {
             for part in [tag, k, v] {
@@ -346,26 +351,26 @@ impl StateReader {
             }
         }
         for (tag, table) in super::MODEL_TABLES {
-            for item in super::optional_table(&txn, table)?.iter().flat_map(|t| t.iter()).flatten() {
+            for item in super::optional_table(txn, table)?.iter().flat_map(|t| t.iter()).flatten() {
                 let (k, v) = item?;
                 feed(&[b'p', tag], k.value().as_bytes(), v.value());
             }
         }
-        if let Some(t) = super::optional_table(&txn, super::CONTENT_INDEX)? {
+        if let Some(t) = super::optional_table(txn, super::CONTENT_INDEX)? {
             for item in t.iter()? {
                 let (k, _) = item?;
                 let (ns, hash, id) = k.value();
                 feed(b"c", ns.as_bytes(), &[hash, id.as_bytes()].concat());
             }
         }
-        if let Some(t) = super::optional_table(&txn, super::EXPIRY_INDEX)? {
+        if let Some(t) = super::optional_table(txn, super::EXPIRY_INDEX)? {
             for item in t.iter()? {
                 let (k, _) = item?;
                 let (at, ns, id) = k.value();
                 feed(b"x", &at.to_be_bytes(), format!("{ns}\0{id}").as_bytes());
             }
         }
-        if let Some(t) = super::optional_table(&txn, super::AGE_INDEX)? {
+        if let Some(t) = super::optional_table(txn, super::AGE_INDEX)? {
             for item in t.iter()? {
                 let (k, _) = item?;
                 let (ns, at, id) = k.value();
@@ -378,7 +383,7 @@ impl StateReader {
                 feed(b"s", k.value().as_bytes(), v.value());
             }
             // The ledger follows the log (a restore's new entries extend it), like the applied id.
-            if let Some(t) = super::optional_table(&txn, super::ledger::LEDGER)? {
+            if let Some(t) = super::optional_table(txn, super::ledger::LEDGER)? {
                 for item in t.iter()? {
                     let (k, v) = item?;
                     feed(b"l", &k.value().to_be_bytes(), v.value());

@@ -196,6 +196,14 @@ enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Compare every endpoint's whole state at one common log index: the leader proposes a
+    /// mark entry, each node digests its state right after applying it, and an endpoint whose
+    /// digest differs from the majority's is named. Exits non-zero on any difference.
+    Verify {
+        /// How long each node may take to apply the mark.
+        #[arg(long, default_value_t = 30_000)]
+        wait_ms: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -695,6 +703,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("snapshot at log index {index}");
         }
         Cmd::Ledger(LedgerCmd::Verify) => ledger_verify(&client, &cli.endpoints).await?,
+        Cmd::Cluster(ClusterCmd::Verify { wait_ms }) => cluster_verify(&client, &cli.endpoints, wait_ms).await?,
         Cmd::Ledger(LedgerCmd::Export { from, to }) => {
             let mut from = from;
             loop {
@@ -723,6 +732,49 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    Ok(())
+}
+
+/// `cluster verify`: one mark through the log, then every endpoint's digest right after it.
+async fn cluster_verify(client: &Client, endpoints: &[String], wait_ms: u32) -> Result<(), Box<dyn std::error::Error>> {
+    let mark = client.admin().propose_mark().await?;
+    println!("mark {} at log index {}", mark.mark_id, mark.index);
+    let mut failed = false;
+    let mut digests = Vec::new();
+    for addr in endpoints {
+        match client.pinned_like(addr)?.admin().mark_digest(&mark.mark_id, wait_ms).await {
+            Ok(d) => digests.push((addr.clone(), hex::encode(&d.digest), hex::encode(&d.head))),
+            Err(e) => {
+                failed = true;
+                println!("{addr}  no digest at the mark: {e}");
+            }
+        }
+    }
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for (_, d, _) in &digests {
+        *counts.entry(d.as_str()).or_default() += 1;
+    }
+    let (majority, votes) =
+        counts.iter().max_by_key(|(_, n)| **n).map(|(d, n)| (d.to_string(), *n)).unwrap_or_default();
+    let agreed = votes * 2 > digests.len();
+    for (addr, d, head) in &digests {
+        let verdict = match (agreed, *d == majority) {
+            (true, true) => "ok",
+            (true, false) => {
+                failed = true;
+                "DIVERGED"
+            }
+            (false, _) => {
+                failed = true;
+                "no majority"
+            }
+        };
+        println!("{addr}  {verdict}: state digest {d}, ledger head {head}");
+    }
+    if failed {
+        return Err("cluster verification failed".into());
+    }
+    println!("all {} endpoints hold the same state at index {}", digests.len(), mark.index);
     Ok(())
 }
 

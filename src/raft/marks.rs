@@ -1,0 +1,88 @@
+//! State digests at [`Op::Mark`](super::Op::Mark) entries, for comparing replicas at one
+//! common index (`engramctl cluster verify`).
+//!
+//! `apply` commits the entries up to and including a mark on their own, then opens a read
+//! transaction: it sees the state exactly at the mark's index. The digest is computed from it on
+//! a thread of its own, so applies go on meanwhile. Answers are kept for the last [`KEEP`]
+//! marks: a node asked after it applied the mark still answers, and a node asked before waits.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redb::ReadTransaction;
+
+/// Marks remembered per node.
+const KEEP: usize = 16;
+
+/// What a node found at one mark.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MarkDigest {
+    pub id: String,
+    pub index: u64,
+    /// BLAKE3 over every table, `sm_meta` and the ledger included (`StateReader::digest`), or
+    /// why it could not be read.
+    pub digest: Result<[u8; 32], String>,
+    /// The ledger's head at the mark.
+    pub head: Option<[u8; 32]>,
+}
+
+/// Cheap to clone: clones share the remembered digests.
+#[derive(Clone)]
+pub struct Marks {
+    done: Arc<Mutex<VecDeque<MarkDigest>>>,
+    /// Bumped after each digest is remembered.
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for Marks {
+    fn default() -> Self {
+        Marks { done: Arc::default(), changed: Arc::new(tokio::sync::watch::channel(0).0) }
+    }
+}
+
+impl Marks {
+    /// Digests the state `txn` sees (the mark `id` at `index` was its last applied entry) on a
+    /// thread of its own.
+    pub(crate) fn digest_later(&self, id: String, index: u64, txn: ReadTransaction) {
+        let this = self.clone();
+        let spawned = std::thread::Builder::new().name("mark-digest".into()).spawn(move || {
+            let digest = crate::storage::StateReader::digest_in(&txn, true).map_err(|e| e.to_string());
+            let head = crate::storage::ledger::last(&txn).ok().flatten().map(|l| l.head);
+            this.remember(MarkDigest { id, index, digest, head });
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start a mark digest");
+        }
+    }
+
+    fn remember(&self, d: MarkDigest) {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        if done.len() == KEEP {
+            done.pop_front();
+        }
+        done.push_back(d);
+        drop(done);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn find(&self, id: &str) -> Option<MarkDigest> {
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|d| d.id == id).cloned()
+    }
+
+    /// The digest at mark `id`, waiting up to `timeout` for this node to apply it.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Option<MarkDigest> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(d) = self.find(id) {
+                return Some(d);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Err(_) => return None,
+                Ok(Err(_)) => return self.find(id),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
