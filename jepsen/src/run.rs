@@ -234,11 +234,14 @@ async fn drive(opts: &RunOptions, cluster: &Arc<Cluster>, dir: &Path, started: I
     eprintln!("jepsen[{}]: final reads from every node", opts.name);
     workload::final_reads(&ctx, &opts.workload).await;
     rec.flush()?;
+    eprintln!("jepsen[{}]: ledger verification on every node", opts.name);
+    let ledger = checker::ledger::check(cluster).await;
     cluster.stop_all();
 
     let events = rec.events();
     CHECKING.store(true, Ordering::SeqCst);
-    let checks = check(&events, &opts.workload, final_from, cluster.len(), Duration::from_secs(opts.key_budget_s));
+    let mut checks = check(&events, &opts.workload, final_from, cluster.len(), Duration::from_secs(opts.key_budget_s));
+    checks.push(ledger);
     let injected = nem.injected.lock().unwrap().clone();
     finish(opts, dir, &events, checks, injected, started.elapsed())
 }

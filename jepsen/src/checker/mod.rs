@@ -1,6 +1,7 @@
 //! Checkers: each reads the paired history and returns a [`Check`].
 
 pub mod dedup;
+pub mod ledger;
 mod lifecycle;
 pub mod linear;
 pub mod register;
