@@ -46,6 +46,8 @@ pub struct AdminApi {
     log: LogStore,
     /// State digests at marks (`cluster verify`).
     marks: Marks,
+    /// One ledger verification at a time: each reads the whole history.
+    verifying: Arc<tokio::sync::Semaphore>,
 }
 
 /// What `CreateBackup` and status need: the state, the key's whereabouts, the last scheduled
@@ -108,7 +110,7 @@ impl AdminApi {
         secure: bool,
         (log, marks): (LogStore, Marks),
     ) -> Self {
-        AdminApi { node, me, backup, secure, log, marks }
+        AdminApi { node, me, backup, secure, log, marks, verifying: Arc::new(tokio::sync::Semaphore::new(1)) }
     }
 
     /// Whether this node already belongs to a cluster (it has a membership).
@@ -472,7 +474,18 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::VerifyLedgerResponse>, Status> {
         let started = Instant::now();
         let (db, log) = (self.backup.db.clone(), self.log.clone());
+        let Ok(permit) = self.verifying.clone().try_acquire_owned() else {
+            let e = ApiError::ResourceExhausted {
+                field: String::new(),
+                reason: "a ledger verification is already running on this node".into(),
+                retry_after_ms: 1_000,
+            };
+            let res = Err(Status::from(e));
+            observe::<Response<pb::VerifyLedgerResponse>>("verify_ledger", started, &res);
+            return res;
+        };
         let res = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let txn = db.begin_read().map_err(|e| storage_error(e.into()))?;
             let applied = StateReader::applied(&txn).map_err(storage_error)?;
             let out = match ledger::verify(&txn, &log).map_err(storage_error)? {

@@ -7,6 +7,7 @@
 //! marks: a node asked after it applied the mark still answers, and a node asked before waits.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,14 +15,17 @@ use redb::ReadTransaction;
 
 /// Marks remembered per node.
 const KEEP: usize = 16;
+/// Digests computed at once per node.
+const MAX_RUNNING: usize = 2;
 
 /// What a node found at one mark.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MarkDigest {
     pub id: String,
     pub index: u64,
-    /// BLAKE3 over every table, `sm_meta` and the ledger included (`StateReader::digest`), or
-    /// why it could not be read.
+    /// BLAKE3 over the data tables (`StateReader::data_digest`: not `sm_meta`, whose applied
+    /// id is the mark's anyway, nor the ledger, whose chain may start at another index on a
+    /// node that predates it), or why it could not be read.
     pub digest: Result<[u8; 32], String>,
     /// The ledger's head at the mark.
     pub head: Option<[u8; 32]>,
@@ -33,11 +37,12 @@ pub struct Marks {
     done: Arc<Mutex<VecDeque<MarkDigest>>>,
     /// Bumped after each digest is remembered.
     changed: Arc<tokio::sync::watch::Sender<u64>>,
+    running: Arc<AtomicUsize>,
 }
 
 impl Default for Marks {
     fn default() -> Self {
-        Marks { done: Arc::default(), changed: Arc::new(tokio::sync::watch::channel(0).0) }
+        Marks { done: Arc::default(), changed: Arc::new(tokio::sync::watch::channel(0).0), running: Arc::default() }
     }
 }
 
@@ -45,14 +50,25 @@ impl Marks {
     /// Digests the state `txn` sees (the mark `id` at `index` was its last applied entry) on a
     /// thread of its own.
     pub(crate) fn digest_later(&self, id: String, index: u64, txn: ReadTransaction) {
+        // Each digest scans the whole state: a node replaying many marks (or asked for many)
+        // answers the ones over the limit with an error instead of scanning them all at once.
+        if self.running.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            let digest = Err(format!("more than {MAX_RUNNING} mark digests were running"));
+            return self.remember(MarkDigest { id, index, digest, head: None });
+        }
         let this = self.clone();
+        let (id2, this2) = (id.clone(), self.clone());
         let spawned = std::thread::Builder::new().name("mark-digest".into()).spawn(move || {
-            let digest = crate::storage::StateReader::digest_in(&txn, true).map_err(|e| e.to_string());
+            let digest = crate::storage::StateReader::digest_in(&txn, false).map_err(|e| e.to_string());
             let head = crate::storage::ledger::last(&txn).ok().flatten().map(|l| l.head);
+            drop(txn);
+            this.running.fetch_sub(1, Ordering::SeqCst);
             this.remember(MarkDigest { id, index, digest, head });
         });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "could not start a mark digest");
+            this2.running.fetch_sub(1, Ordering::SeqCst);
+            this2.remember(MarkDigest { id: id2, index, digest: Err(format!("no digest thread: {e}")), head: None });
         }
     }
 

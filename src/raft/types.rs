@@ -183,9 +183,9 @@ pub enum Op {
         create: bool,
         approx_min_vectors: u64,
     },
-    /// Changes nothing but the applied index. Every node that applies it records the digest of
-    /// its state right after it, so replicas can be compared at one common index (`cluster
-    /// verify`). Proposed by the leader on an admin's request.
+    /// No effect of its own (it moves the applied index and the ledger like any entry). Every
+    /// node that applies it digests its state right after it, so replicas can be compared at
+    /// one common index (`cluster verify`). Proposed by the leader on an admin's request.
     Mark {
         id: String,
     },

@@ -215,6 +215,9 @@ fn read_all(r: impl Read, sink: &mut dyn Sink) -> Result<DumpSummary, StorageErr
         other => return Err(corrupt(format!("dump does not start with Begin: {other:?}"))),
     };
     let (mut rows, mut memories, mut namespaces) = (0u64, 0u64, 0u64);
+    // Ledger rows come in index order and end at the applied index: a row past it would make
+    // every later apply refuse its entry.
+    let mut ledger_last: Option<u64> = None;
     loop {
         match rd.next()? {
             Record::Begin { .. } => return Err(corrupt("a second Begin record")),
@@ -222,6 +225,9 @@ fn read_all(r: impl Read, sink: &mut dyn Sink) -> Result<DumpSummary, StorageErr
                 let got = *rd.hasher.finalize().as_bytes();
                 if want_rows != rows || digest != got {
                     return Err(corrupt(format!("dump digest mismatch ({rows} rows read, {want_rows} written)")));
+                }
+                if let Some(last) = ledger_last.filter(|l| Some(*l) != applied.map(|a| a.index)) {
+                    return Err(corrupt(format!("the ledger ends at {last}, not at the applied index {applied:?}")));
                 }
                 let mut trailing = [0u8; 1];
                 if rd.r.read(&mut trailing)? != 0 {
@@ -231,6 +237,12 @@ fn read_all(r: impl Read, sink: &mut dyn Sink) -> Result<DumpSummary, StorageErr
                 return Ok(DumpSummary { applied, membership, rows, memories, namespaces, bytes, digest });
             }
             row => {
+                if let Record::Ledger { index, .. } = &row {
+                    if ledger_last.is_some_and(|l| *index <= l) {
+                        return Err(corrupt(format!("ledger row {index} out of order")));
+                    }
+                    ledger_last = Some(*index);
+                }
                 rows += 1;
                 memories += matches!(row, Record::Memory { .. }) as u64;
                 namespaces += matches!(row, Record::Namespace { .. }) as u64;

@@ -347,6 +347,45 @@ mod tests {
     }
 
     #[test]
+    fn dumps_carry_the_ledger_and_refuse_one_that_does_not_end_at_the_applied_index() {
+        use crate::storage::{dump, AUTH_TABLES, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, NAMESPACES, SM_META};
+        use redb::ReadableDatabase;
+        let entries: Vec<Entry> = (0..40).map(|i| entry(i, "a")).collect();
+        let db = applied(&entries);
+        let txn = db.begin_write().unwrap();
+        txn.open_table(MEMORIES).unwrap();
+        txn.open_table(NAMESPACES).unwrap();
+        txn.open_table(IDEMPOTENCY).unwrap();
+        txn.open_table(IDEM_EXPIRY).unwrap();
+        txn.open_table(SM_META).unwrap();
+        for (_, t) in AUTH_TABLES {
+            txn.open_table(t).unwrap();
+        }
+        txn.commit().unwrap();
+        let dump_of = |db: &redb::Database| {
+            let mut out = Vec::new();
+            dump::write(&db.begin_read().unwrap(), &mut out).unwrap();
+            out
+        };
+        let load = |bytes: &[u8]| {
+            let fresh = redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).unwrap();
+            let txn = fresh.begin_write().unwrap();
+            let r = dump::load(bytes, &txn).map(drop);
+            if r.is_ok() {
+                txn.commit().unwrap();
+            }
+            r.map(|_| fresh)
+        };
+        let loaded = load(&dump_of(&db)).unwrap();
+        let log = Log { entries: entries.clone(), purged: None };
+        assert_eq!(check(&loaded, &log).unwrap().head, check(&db, &log).unwrap().head);
+        // A row past the applied index would make every later apply refuse its entry.
+        set_row(&db, 41, &Link { index: 41, entry_hash: [1; 32], head: [2; 32] }.encode());
+        let e = load(&dump_of(&db)).map(drop).unwrap_err();
+        assert!(e.to_string().contains("ledger ends at 41"), "{e}");
+    }
+
+    #[test]
     fn extend_refuses_an_entry_applied_twice() {
         let entries: Vec<Entry> = (0..3).map(|i| entry(i, "a")).collect();
         let db = applied(&entries);

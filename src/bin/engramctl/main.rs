@@ -797,14 +797,14 @@ async fn ledger_verify(client: &Client, endpoints: &[String]) -> Result<(), Box<
                     hex::encode(&r.head)
                 );
                 if r.rows > 0 {
-                    checked.push((addr.clone(), pinned, r.first_index, r.last_index));
+                    checked.push((addr.clone(), pinned, Some(r.first_index), r.last_index));
                 }
             }
             Ok(r) => {
                 failed = true;
                 println!("{addr}  BROKEN at index {}: {}", r.broken_index, r.reason);
                 // Its rows still say what history it applied: compared below with the others.
-                checked.push((addr.clone(), pinned, 0, r.applied_index));
+                checked.push((addr.clone(), pinned, None, r.applied_index));
             }
             Err(e) => {
                 failed = true;
@@ -814,18 +814,33 @@ async fn ledger_verify(client: &Client, endpoints: &[String]) -> Result<(), Box<
     }
     // The last index every ledger holds (rows before a node's first one it never had).
     let common = checked.iter().map(|c| c.3).min();
+    // Heads are comparable only between chains that start at the same index (a node that
+    // predates the ledger, or was restored from an older dump, starts later): otherwise the
+    // entry hash at the common index is compared instead.
+    let starts: std::collections::BTreeSet<u64> = checked.iter().filter_map(|c| c.2).collect();
+    let by_head = starts.len() <= 1;
+    if !by_head {
+        println!("the chains start at different indexes {starts:?}: comparing entry hashes, not heads");
+    }
     if let (Some(at), true) = (common, checked.len() > 1) {
         let mut heads = Vec::new();
         for (addr, pinned, first, _) in &checked {
-            if *first > at {
+            if first.is_some_and(|f| f > at) {
                 continue;
             }
-            let page = pinned.admin().export_ledger(at, at, 1).await?;
-            match page.links.first() {
-                Some(l) if l.index == at => heads.push((addr.clone(), hex::encode(&l.head))),
-                _ => {
+            match pinned.admin().export_ledger(at, at, 1).await {
+                Ok(page) => match page.links.first() {
+                    Some(l) if l.index == at => {
+                        heads.push((addr.clone(), hex::encode(if by_head { &l.head } else { &l.entry_hash })))
+                    }
+                    _ => {
+                        failed = true;
+                        println!("{addr}  has no ledger row at index {at}");
+                    }
+                },
+                Err(e) => {
                     failed = true;
-                    println!("{addr}  has no ledger row at index {at}");
+                    println!("{addr}  could not export its ledger row at index {at}: {e}");
                 }
             }
         }
@@ -849,7 +864,7 @@ async fn ledger_verify(client: &Client, endpoints: &[String]) -> Result<(), Box<
                 println!("{addr}  DIVERGED: head at index {at} is {h}, the others' {majority}");
             }
         }
-        if !failed {
+        if !failed && heads.len() > 1 {
             println!("all {} endpoints agree at index {at}: head {majority}", heads.len());
         }
     }
