@@ -19,6 +19,7 @@
 //! backup_dir = "/var/lib/engram/backups"  # scheduled backups (default: <data_dir>/backups)
 //! backup_interval_secs = 3600      # the leader takes a backup this often; 0 = never
 //! backup_retention = 24            # scheduled backups kept in backup_dir
+//! cluster_verify_interval_secs = 3600  # the leader compares every node's state digest; 0 = never
 //! backup_key_file = "/etc/engram/backup-keys.toml"   # keyring (mode 0600); else ENGRAM_BACKUP_KEY
 //! state_sync_interval_ms = 100     # 0: fsync the state machine on every apply
 //! approx_min_vectors = 10000       # namespaces this large use HNSW shards instead of Flat
@@ -120,6 +121,11 @@ pub struct NodeArgs {
     /// Scheduled backups kept in backup_dir; older ones are deleted [default: 24].
     #[arg(long, env = "ENGRAM_BACKUP_RETENTION")]
     pub backup_retention: Option<usize>,
+    /// The leader puts a mark through the log this often and compares every node's state
+    /// digest right after it (`engramctl cluster verify`, in the background); 0 = never
+    /// [default: 3600].
+    #[arg(long, env = "ENGRAM_CLUSTER_VERIFY_INTERVAL_SECS")]
+    pub cluster_verify_interval_secs: Option<u64>,
     /// Backup keyring file (mode 0600, see `engramctl keys`). Without it the key comes from
     /// ENGRAM_BACKUP_KEY. The key itself never goes in this config.
     #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
@@ -271,6 +277,7 @@ pub struct Config {
     pub backup_dir: PathBuf,
     pub backup_interval_secs: u64,
     pub backup_retention: usize,
+    pub cluster_verify_interval_secs: u64,
     pub backup_key_file: Option<PathBuf>,
     pub purge_interval_ms: u64,
     pub reinforce_flush_ms: u64,
@@ -474,6 +481,7 @@ impl NodeArgs {
             backup_dir,
             backup_interval_secs: pick!(cli, file, backup_interval_secs, 0),
             backup_retention: pick!(cli, file, backup_retention, 24),
+            cluster_verify_interval_secs: pick!(cli, file, cluster_verify_interval_secs, 3600),
             backup_key_file: cli.backup_key_file.clone().or(file.backup_key_file.clone()),
             purge_interval_ms: pick!(cli, file, purge_interval_ms, 1000).max(10),
             reinforce_flush_ms: pick!(cli, file, reinforce_flush_ms, 1000).max(10),
@@ -538,6 +546,7 @@ impl Config {
             backup_dir,
             backup_interval_secs: 0,
             backup_retention: 24,
+            cluster_verify_interval_secs: 0,
             backup_key_file: None,
             purge_interval_ms: 200,
             reinforce_flush_ms: 200,

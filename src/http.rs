@@ -153,6 +153,15 @@ fn describe() {
     metrics::describe_counter!("engram_tls_reloads_total", "Certificate reloads.");
     metrics::describe_counter!("engram_vector_checkpoint_failures_total", "Vector index checkpoints that failed.");
     metrics::describe_counter!(
+        "engram_cluster_verify_runs_total",
+        "The leader's background cluster verifications, by outcome (ok, diverged, no_majority, incomplete, failed)."
+    );
+    metrics::describe_gauge!(
+        "engram_cluster_verify_diverged_nodes",
+        "Members whose state digest differed from the majority's at the last background cluster verify."
+    );
+    metrics::describe_gauge!("engram_cluster_verify_index", "Log index of the last background cluster verify's mark.");
+    metrics::describe_counter!(
         "engram_ledger_verify_failures_total",
         "Ledger verifications (VerifyLedger) that found an index that does not check out."
     );

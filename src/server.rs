@@ -298,6 +298,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         state.snapshot_files(),
         tls.is_some(),
         config.max_snapshot_bytes,
+        state.marks(),
     ))
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -371,6 +372,14 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     tasks.push(tokio::spawn(sweep_rate_limits(rates, stopped())));
     if let Some(t) = tls.clone() {
         tasks.push(tokio::spawn(reload_on_sighup(t, stopped())));
+    }
+    if config.cluster_verify_interval_secs > 0 {
+        tasks.push(tokio::spawn(crate::raft::cluster_verify::run(
+            node.clone(),
+            state.marks(),
+            Duration::from_secs(config.cluster_verify_interval_secs),
+            stopped(),
+        )));
     }
     if config.backup_interval_secs > 0 {
         let s = Schedule {

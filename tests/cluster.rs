@@ -597,3 +597,24 @@ async fn every_node_digests_the_same_state_at_a_mark_proposed_under_write_load()
     assert!(e.message.contains("not the leader"), "{e:?}");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_verifies_the_replicas_in_the_background() {
+    let cluster = TestCluster::start_with(3, |c| c.cluster_verify_interval_secs = 1).await;
+    let client = cluster.client();
+    for i in 0..20 {
+        client.put(NS, NewMemory::new(format!("m{i}"), vector(i, 4)).with_id(format!("m{i}"))).await.unwrap();
+    }
+    let leader = cluster.wait_for_leader().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = common::process::http_get(&cluster.slot(leader).http.to_string(), "/metrics").await;
+        if m.contains(r#"engram_cluster_verify_runs_total{outcome="ok"}"#) {
+            assert!(m.contains("engram_cluster_verify_diverged_nodes 0"), "{m}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no background verify finished: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.shutdown().await;
+}

@@ -259,6 +259,29 @@ async fn cluster_verify_names_a_replica_whose_state_was_altered() {
     let r = verify_on(&nodes[2]).await;
     assert!(r.ok, "{r:?}");
 
+    // The leader's background check finds the same node: every node restarted with a 1 s
+    // interval (whoever leads runs it).
+    for n in nodes.iter_mut() {
+        n.kill9();
+        n.start_with_env(bin, 50, &[("ENGRAM_CLUSTER_VERIFY_INTERVAL_SECS", "1".to_string())]);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let found = loop {
+        let mut found = None;
+        for n in &nodes {
+            let m = common::process::http_get(&n.http, "/metrics").await;
+            if m.contains(r#"engram_cluster_verify_runs_total{outcome="diverged"}"#) {
+                found = Some(m);
+            }
+        }
+        if let Some(m) = found {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "no background verify found the diverged node");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(found.contains("engram_cluster_verify_diverged_nodes 1"), "{found}");
+
     // Bad requests to MarkDigest are refused; an unknown mark times out.
     let c = Client::new([nodes[0].api.clone()]).unwrap();
     assert_eq!(c.admin().mark_digest("", 0).await.unwrap_err().code, tonic::Code::InvalidArgument);

@@ -157,6 +157,8 @@ async fn strangers_and_forgers_get_nothing_from_the_peer_port_and_change_nothing
         }
         let ri = c.read_index(to(ReadIndexRequest { lease: false }, target)).await;
         assert!(ri.is_err(), "{who}: read index answered");
+        let query = RaftPayload { data: bincode::serialize(&("m".to_string(), 10u32)).unwrap() };
+        assert!(c.mark_digest(to(query, target)).await.is_err(), "{who}: mark digest answered");
     }
 
     // Phase 2: a member's own certificate (node `forger`), used to speak as the leader, and as
@@ -173,6 +175,16 @@ async fn strangers_and_forgers_get_nothing_from_the_peer_port_and_change_nothing
         as_leader.iter().all(|e| e.contains("InvalidArgument") && e.contains("claims to come from")),
         "{as_leader:#?}"
     );
+    // A member may ask for mark digests, but only well-formed, bounded questions.
+    for (what, data) in [
+        ("garbage", vec![0xff; 7]),
+        ("an empty id", bincode::serialize(&(String::new(), 10u32)).unwrap()),
+        ("a long id", bincode::serialize(&("x".repeat(65), 10u32)).unwrap()),
+        ("a long wait", bincode::serialize(&("x".to_string(), 60_001u32)).unwrap()),
+    ] {
+        let e = c.mark_digest(to(RaftPayload { data }, target)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e:?}");
+    }
     let hostile_term = attack(&mut c, target, forger, u64::MAX, last).await;
     assert!(hostile_term.iter().all(|e| e.contains("InvalidArgument") && e.contains("term")), "{hostile_term:#?}");
     // A snapshot that is well-formed for its sender but larger than max_snapshot_bytes is cut

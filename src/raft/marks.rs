@@ -18,8 +18,8 @@ const KEEP: usize = 16;
 /// Digests computed at once per node.
 const MAX_RUNNING: usize = 2;
 
-/// What a node found at one mark.
-#[derive(Debug, Clone, PartialEq)]
+/// What a node found at one mark (also a peer `MarkDigest` answer, bincode).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MarkDigest {
     pub id: String,
     pub index: u64,

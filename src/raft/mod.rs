@@ -9,6 +9,7 @@
 mod apply;
 mod apply_auth;
 mod apply_memory;
+pub mod cluster_verify;
 pub mod compaction;
 pub mod guard;
 pub mod log_store;

@@ -318,7 +318,7 @@ impl RaftNode {
         Ok(Linearizer::new(self.id, read_log_id, applied))
     }
 
-    fn peer(&self, id: NodeId, addr: &str) -> Result<RaftServiceClient<Channel>, String> {
+    pub(crate) fn peer(&self, id: NodeId, addr: &str) -> Result<RaftServiceClient<Channel>, String> {
         let generation = self.tls.as_ref().map(|t| t.generation()).unwrap_or(0);
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let key = (id, addr.to_string());

@@ -34,6 +34,8 @@ pub struct PeerService {
     /// Peers are authenticated by certificates: a request without a [`PeerIdentity`] is refused.
     authenticated: bool,
     max_snapshot_bytes: u64,
+    /// State digests at marks, for the leader's background cluster verify.
+    marks: super::marks::Marks,
 }
 
 impl PeerService {
@@ -44,8 +46,9 @@ impl PeerService {
         snapshots: SnapshotFiles,
         authenticated: bool,
         max_snapshot_bytes: u64,
+        marks: super::marks::Marks,
     ) -> Self {
-        PeerService { me, raft, barriers, snapshots, authenticated, max_snapshot_bytes }
+        PeerService { me, raft, barriers, snapshots, authenticated, max_snapshot_bytes, marks }
     }
 
     /// The sender's node id when peers are authenticated (`None` on an insecure node), after
@@ -220,6 +223,17 @@ impl RaftService for PeerService {
         cmd.now_ms = crate::memory::now_ms();
         let res = super::node::write(&self.raft, cmd).await;
         Ok(Response::new(encode(&res)))
+    }
+
+    async fn mark_digest(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.sender(&req)?;
+        let (id, wait_ms): (String, u32) =
+            decode(req.get_ref()).map_err(|e| Status::invalid_argument(format!("undecodable mark query: {e}")))?;
+        if id.is_empty() || id.len() > 64 || wait_ms > 60_000 {
+            return Err(Status::invalid_argument("a mark id has 1 to 64 characters and the wait is at most 60 s"));
+        }
+        let found = self.marks.wait(&id, std::time::Duration::from_millis(wait_ms.into())).await;
+        Ok(Response::new(encode(&found)))
     }
 
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<RaftPayload>, Status> {
