@@ -94,6 +94,19 @@ async fn applied_everywhere(nodes: &[EngramProcess], index: u64) {
     panic!("not every node applied {index}");
 }
 
+/// A node's /metrics, or nothing while it is (re)starting and not listening yet.
+async fn metrics_of(node: &EngramProcess) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(&node.http).await else { return String::new() };
+    let mut out = String::new();
+    if s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.is_err()
+        || s.read_to_string(&mut out).await.is_err()
+    {
+        return String::new();
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_ledger_checks_out_and_names_an_altered_entry_and_a_diverged_replica() {
     let dir = tempfile::tempdir().unwrap();
@@ -247,6 +260,10 @@ async fn cluster_verify_names_a_replica_whose_state_was_altered() {
         txn.commit().unwrap();
     }
     nodes[2].start(bin, 50);
+    // Its ledger still checks out: the chain covers the entries, not the rows they made. (This
+    // also waits for it to serve again.)
+    let r = verify_on(&nodes[2]).await;
+    assert!(r.ok, "{r:?}");
 
     let out = engramctl(&eps, &["cluster", "verify"]);
     let said = text(&out);
@@ -255,9 +272,6 @@ async fn cluster_verify_names_a_replica_whose_state_was_altered() {
     for n in &nodes[..2] {
         assert!(said.contains(&format!("{}  ok", n.api)), "{said}");
     }
-    // Its ledger still checks out: the chain covers the entries, not the rows they made.
-    let r = verify_on(&nodes[2]).await;
-    assert!(r.ok, "{r:?}");
 
     // The leader's background check finds the same node: every node restarted with a 1 s
     // interval (whoever leads runs it).
@@ -269,7 +283,7 @@ async fn cluster_verify_names_a_replica_whose_state_was_altered() {
     let found = loop {
         let mut found = None;
         for n in &nodes {
-            let m = common::process::http_get(&n.http, "/metrics").await;
+            let m = metrics_of(n).await;
             if m.contains(r#"engram_cluster_verify_runs_total{outcome="diverged"}"#) {
                 found = Some(m);
             }
