@@ -104,43 +104,34 @@ pub async fn run(
     status: BackupStatus,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let mut tick = tokio::time::interval(s.every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tick.tick() => {}
+    node.every_while_leader(s.every, stop, || backup_once(db.clone(), reader.clone(), s.clone(), status.clone())).await;
+}
+
+/// One scheduled backup, recorded in `status` and the metrics.
+async fn backup_once(db: Arc<Database>, reader: StateReader, sched: Schedule, status: BackupStatus) {
+    let started = std::time::Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || take(&db, &reader, &sched)).await;
+    let outcome = outcome.unwrap_or_else(|e| Err(BackupError::Io(std::io::Error::other(e))));
+    let mut last = status.lock().unwrap_or_else(|p| p.into_inner());
+    match outcome {
+        Ok((path, info)) => {
+            metrics::counter!("engram_backups_total", "result" => "ok").increment(1);
+            metrics::gauge!("engram_backup_last_success_timestamp_seconds")
+                .set(crate::memory::now_ms() as f64 / 1000.0);
+            metrics::gauge!("engram_backup_last_bytes").set(info.archive_bytes as f64);
+            metrics::histogram!("engram_backup_seconds").record(started.elapsed().as_secs_f64());
+            tracing::info!(path = %path.display(), index = info.header.applied_index, bytes = info.archive_bytes, "scheduled backup written");
+            last.succeeded_at_ms = crate::memory::now_ms();
+            last.index = info.header.applied_index;
+            last.path = path.display().to_string();
         }
-        if !node.is_leader() {
-            continue;
-        }
-        let (db, reader, sched) = (db.clone(), reader.clone(), s.clone());
-        let started = std::time::Instant::now();
-        let outcome = tokio::task::spawn_blocking(move || take(&db, &reader, &sched)).await;
-        let outcome = outcome.unwrap_or_else(|e| Err(BackupError::Io(std::io::Error::other(e))));
-        let mut last = status.lock().unwrap_or_else(|p| p.into_inner());
-        match outcome {
-            Ok((path, info)) => {
-                metrics::counter!("engram_backups_total", "result" => "ok").increment(1);
-                metrics::gauge!("engram_backup_last_success_timestamp_seconds")
-                    .set(crate::memory::now_ms() as f64 / 1000.0);
-                metrics::gauge!("engram_backup_last_bytes").set(info.archive_bytes as f64);
-                metrics::histogram!("engram_backup_seconds").record(started.elapsed().as_secs_f64());
-                tracing::info!(path = %path.display(), index = info.header.applied_index, bytes = info.archive_bytes, "scheduled backup written");
-                last.succeeded_at_ms = crate::memory::now_ms();
-                last.index = info.header.applied_index;
-                last.path = path.display().to_string();
-            }
-            Err(e) => {
-                metrics::counter!("engram_backups_total", "result" => "error").increment(1);
-                metrics::gauge!("engram_backup_last_failure_timestamp_seconds")
-                    .set(crate::memory::now_ms() as f64 / 1000.0);
-                tracing::error!(error = %e, "scheduled backup failed");
-                last.failed_at_ms = crate::memory::now_ms();
-                last.error = e.to_string();
-            }
+        Err(e) => {
+            metrics::counter!("engram_backups_total", "result" => "error").increment(1);
+            metrics::gauge!("engram_backup_last_failure_timestamp_seconds")
+                .set(crate::memory::now_ms() as f64 / 1000.0);
+            tracing::error!(error = %e, "scheduled backup failed");
+            last.failed_at_ms = crate::memory::now_ms();
+            last.error = e.to_string();
         }
     }
 }

@@ -105,42 +105,34 @@ async fn ask(node: &RaftNode, member: NodeId, addr: &str, id: &str) -> Option<Ma
 
 /// Runs a verification every `every` while this node leads, until `stop`.
 pub async fn run(node: RaftNode, marks: Marks, every: Duration, stop: impl std::future::Future<Output = ()>) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tick.tick() => {}
-        }
-        if !node.is_leader() {
-            continue;
-        }
-        let outcome = match verify_once(&node, &marks).await {
-            Ok(r) => {
-                metrics::gauge!("engram_cluster_verify_diverged_nodes").set(r.diverged.len() as f64);
-                metrics::gauge!("engram_cluster_verify_index").set(r.index as f64);
-                if !r.diverged.is_empty() {
-                    tracing::error!(index = r.index, diverged = ?r.diverged, "replicas hold different state at one log index");
-                    "diverged"
-                } else if r.no_majority {
-                    tracing::error!(index = r.index, "no state digest is held by a majority of the members");
-                    "no_majority"
-                } else if !r.missing.is_empty() {
-                    tracing::warn!(index = r.index, missing = ?r.missing, "cluster verify: members without a digest");
-                    "incomplete"
-                } else {
-                    "ok"
-                }
+    node.every_while_leader(every, stop, || report(&node, &marks)).await;
+}
+
+/// One background verification, into the metrics and the log.
+async fn report(node: &RaftNode, marks: &Marks) {
+    let outcome = match verify_once(node, marks).await {
+        Ok(r) => {
+            metrics::gauge!("engram_cluster_verify_diverged_nodes").set(r.diverged.len() as f64);
+            metrics::gauge!("engram_cluster_verify_index").set(r.index as f64);
+            if !r.diverged.is_empty() {
+                tracing::error!(index = r.index, diverged = ?r.diverged, "replicas hold different state at one log index");
+                "diverged"
+            } else if r.no_majority {
+                tracing::error!(index = r.index, "no state digest is held by a majority of the members");
+                "no_majority"
+            } else if !r.missing.is_empty() {
+                tracing::warn!(index = r.index, missing = ?r.missing, "cluster verify: members without a digest");
+                "incomplete"
+            } else {
+                "ok"
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cluster verify could not run");
-                "failed"
-            }
-        };
-        metrics::counter!("engram_cluster_verify_runs_total", "outcome" => outcome).increment(1);
-    }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cluster verify could not run");
+            "failed"
+        }
+    };
+    metrics::counter!("engram_cluster_verify_runs_total", "outcome" => outcome).increment(1);
 }
 
 #[cfg(test)]

@@ -404,6 +404,29 @@ impl RaftNode {
         self.raft.metrics().borrow_watched().state == ServerState::Leader
     }
 
+    /// Runs `f` every `every` (first one period from now) whenever this node leads, until
+    /// `stop` resolves: the leader's periodic jobs (scheduled backups, cluster verify).
+    pub async fn every_while_leader<Fut: std::future::Future<Output = ()>>(
+        &self,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()>,
+        mut f: impl FnMut() -> Fut,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tick.tick() => {}
+            }
+            if self.is_leader() {
+                f().await;
+            }
+        }
+    }
+
     pub fn require_leader(&self) -> Result<(), ApiError> {
         if self.is_leader() {
             Ok(())
