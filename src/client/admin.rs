@@ -18,6 +18,13 @@ impl Admin<'_> {
         AdminServiceClient::new(ch)
     }
 
+    /// A client of the preferred node only: for calls whose answer is about that node (its
+    /// snapshot, backup, ledger, digest), never retried elsewhere.
+    fn preferred(&self) -> Result<AdminServiceClient<Svc>, ClientError> {
+        let addr = self.client.inner.preferred.lock().unwrap().clone();
+        Ok(Self::admin(self.client.channel(&addr)?))
+    }
+
     /// Bootstraps an `--insecure` cluster on the first endpoint (empty `members`: one node).
     pub async fn init_cluster(&self, members: Vec<pb::NodeInfo>) -> Result<(), ClientError> {
         self.init(pb::InitClusterRequest { members, ..Default::default() }).await.map(drop)
@@ -105,8 +112,7 @@ impl Admin<'_> {
 
     /// Builds a Raft snapshot on the preferred node; returns the index it covers.
     pub async fn trigger_snapshot(&self) -> Result<u64, ClientError> {
-        let addr = self.client.inner.preferred.lock().unwrap().clone();
-        let mut c = Self::admin(self.client.channel(&addr)?);
+        let mut c = self.preferred()?;
         let r = c.trigger_snapshot(pb::TriggerSnapshotRequest {}).await.map_err(|s| ClientError::from_status(&s))?;
         Ok(r.into_inner().snapshot_index)
     }
@@ -114,16 +120,14 @@ impl Admin<'_> {
     /// Checks the preferred node's ledger (never another node's: the answer is about that
     /// node's files).
     pub async fn verify_ledger(&self) -> Result<pb::VerifyLedgerResponse, ClientError> {
-        let addr = self.client.inner.preferred.lock().unwrap().clone();
-        let mut c = Self::admin(self.client.channel(&addr)?);
+        let mut c = self.preferred()?;
         let r = c.verify_ledger(pb::VerifyLedgerRequest {}).await.map_err(|s| ClientError::from_status(&s))?;
         Ok(r.into_inner())
     }
 
     /// One page of the preferred node's ledger rows in `from..=to` (`to` 0: through the end).
     pub async fn export_ledger(&self, from: u64, to: u64, limit: u32) -> Result<pb::ExportLedgerResponse, ClientError> {
-        let addr = self.client.inner.preferred.lock().unwrap().clone();
-        let mut c = Self::admin(self.client.channel(&addr)?);
+        let mut c = self.preferred()?;
         let req = pb::ExportLedgerRequest { from_index: from, to_index: to, limit };
         let r = c.export_ledger(req).await.map_err(|s| ClientError::from_status(&s))?;
         Ok(r.into_inner())
@@ -138,8 +142,7 @@ impl Admin<'_> {
 
     /// The preferred node's state digest at mark `mark_id`, waiting up to `wait_ms` for it.
     pub async fn mark_digest(&self, mark_id: &str, wait_ms: u32) -> Result<pb::MarkDigestResponse, ClientError> {
-        let addr = self.client.inner.preferred.lock().unwrap().clone();
-        let mut c = Self::admin(self.client.channel(&addr)?);
+        let mut c = self.preferred()?;
         let req = pb::MarkDigestRequest { mark_id: mark_id.into(), wait_ms };
         let r = c.mark_digest(req).await.map_err(|s| ClientError::from_status(&s))?;
         Ok(r.into_inner())
@@ -165,8 +168,7 @@ impl Admin<'_> {
     ) -> Result<(std::path::PathBuf, crate::backup::archive::Header), ClientError> {
         use tokio::io::AsyncWriteExt;
         let io = |e: std::io::Error| ClientError::config(format!("writing the backup: {e}"));
-        let addr = self.client.inner.preferred.lock().unwrap().clone();
-        let mut c = Self::admin(self.client.channel(&addr)?).max_decoding_message_size(64 << 20);
+        let mut c = self.preferred()?.max_decoding_message_size(64 << 20);
         let resp = c.create_backup(pb::CreateBackupRequest {}).await.map_err(|s| ClientError::from_status(&s))?;
         let estimate = resp
             .metadata()
