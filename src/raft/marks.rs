@@ -3,7 +3,7 @@
 //!
 //! `apply` commits the entries up to and including a mark on their own, then opens a read
 //! transaction: it sees the state exactly at the mark's index. The digest is computed from it on
-//! a thread of its own, so applies go on meanwhile. Answers are kept for the last [`KEEP`]
+//! the blocking pool, so applies go on meanwhile. Answers are kept for the last [`KEEP`]
 //! marks: a node asked after it applied the mark still answers, and a node asked before waits.
 
 use std::collections::VecDeque;
@@ -17,6 +17,19 @@ use redb::ReadTransaction;
 const KEEP: usize = 16;
 /// Digests computed at once per node.
 const MAX_RUNNING: usize = 2;
+/// Longest mark id a query may name (ids are 32 hex digits).
+const MAX_ID_BYTES: usize = 64;
+/// Longest a query may wait for a node to apply its mark.
+const MAX_WAIT_MS: u32 = 60_000;
+
+/// The field and the reason a query for mark `id`, waiting `wait_ms`, is refused; `None`: it is
+/// well-formed. The admin and peer `MarkDigest` share these bounds.
+pub fn bad_query(id: &str, wait_ms: u32) -> Option<(&'static str, String)> {
+    if id.is_empty() || id.len() > MAX_ID_BYTES {
+        return Some(("mark_id", format!("a mark id has 1 to {MAX_ID_BYTES} characters")));
+    }
+    (wait_ms > MAX_WAIT_MS).then(|| ("wait_ms", format!("{wait_ms} ms is over {MAX_WAIT_MS}")))
+}
 
 /// What a node found at one mark (also a peer `MarkDigest` answer, bincode).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -58,18 +71,14 @@ impl Marks {
             return self.remember(MarkDigest { id, index, digest, head: None });
         }
         let this = self.clone();
-        let (id2, this2) = (id.clone(), self.clone());
-        let spawned = std::thread::Builder::new().name("mark-digest".into()).spawn(move || {
+        // Called from apply's blocking task, so inside the runtime.
+        tokio::task::spawn_blocking(move || {
             let digest = crate::storage::StateReader::digest_in(&txn, false).map_err(|e| e.to_string());
             let head = crate::storage::ledger::last(&txn).ok().flatten().map(|l| l.head);
             drop(txn);
             this.running.fetch_sub(1, Ordering::SeqCst);
             this.remember(MarkDigest { id, index, digest, head });
         });
-        if let Err(e) = spawned {
-            this2.running.fetch_sub(1, Ordering::SeqCst);
-            this2.remember(MarkDigest { id: id2, index, digest: Err(format!("no digest thread: {e}")), head: None });
-        }
     }
 
     fn remember(&self, d: MarkDigest) {

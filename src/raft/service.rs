@@ -229,8 +229,8 @@ impl RaftService for PeerService {
         self.sender(&req)?;
         let (id, wait_ms): (String, u32) =
             decode(req.get_ref()).map_err(|e| Status::invalid_argument(format!("undecodable mark query: {e}")))?;
-        if id.is_empty() || id.len() > 64 || wait_ms > 60_000 {
-            return Err(Status::invalid_argument("a mark id has 1 to 64 characters and the wait is at most 60 s"));
+        if let Some((field, why)) = super::marks::bad_query(&id, wait_ms) {
+            return Err(Status::invalid_argument(format!("{field}: {why}")));
         }
         let found = self.marks.wait(&id, std::time::Duration::from_millis(wait_ms.into())).await;
         Ok(Response::new(encode(&found)))
