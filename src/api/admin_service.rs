@@ -566,16 +566,10 @@ impl AdminService for AdminApi {
         _req: Request<pb::ProposeMarkRequest>,
     ) -> Result<Response<pb::ProposeMarkResponse>, Status> {
         let started = Instant::now();
-        let res = async {
-            // A mark is node-only (a forwarded one is refused): the leader proposes it itself.
-            self.node.require_leader()?;
-            let mark_id = uuid::Uuid::now_v7().simple().to_string();
-            let r = self.node.write(Command::system(Op::Mark { id: mark_id.clone() })).await?;
-            Ok::<_, ApiError>(pb::ProposeMarkResponse { mark_id, index: r.index })
-        }
-        .await
-        .map(Response::new)
-        .map_err(Status::from);
+        let res = crate::raft::cluster_verify::propose_mark(&self.node)
+            .await
+            .map(|(mark_id, index)| Response::new(pb::ProposeMarkResponse { mark_id, index }))
+            .map_err(Status::from);
         observe("propose_mark", started, &res);
         res
     }

@@ -42,11 +42,18 @@ pub fn minority(digests: &[(NodeId, [u8; 32])]) -> Option<Vec<NodeId>> {
     Some(digests.iter().filter(|(_, d)| d != majority).map(|(id, _)| *id).collect())
 }
 
-/// One verification, run on the leader.
-pub async fn verify_once(node: &RaftNode, marks: &Marks) -> Result<Report, ApiError> {
+/// Proposes a mark on the leader (a mark is node-only: a forwarded one is refused); its id and
+/// log index.
+pub async fn propose_mark(node: &RaftNode) -> Result<(String, u64), ApiError> {
     node.require_leader()?;
     let id = uuid::Uuid::now_v7().simple().to_string();
     let written = node.write(Command::system(Op::Mark { id: id.clone() })).await?;
+    Ok((id, written.index))
+}
+
+/// One verification, run on the leader.
+pub async fn verify_once(node: &RaftNode, marks: &Marks) -> Result<Report, ApiError> {
+    let (id, index) = propose_mark(node).await?;
     let members: Vec<(NodeId, String)> = {
         use openraft::async_runtime::watch::WatchReceiver;
         let m = node.raft.metrics().borrow_watched().membership_config.clone();
@@ -77,7 +84,7 @@ pub async fn verify_once(node: &RaftNode, marks: &Marks) -> Result<Report, ApiEr
         Some(d) => (d, false),
         None => (Vec::new(), true),
     };
-    Ok(Report { index: written.index, diverged, missing, no_majority })
+    Ok(Report { index, diverged, missing, no_majority })
 }
 
 /// A member's digest at mark `id` over the peer service.
