@@ -29,17 +29,22 @@ pub struct Report {
     pub no_majority: bool,
 }
 
+/// The value more than half of `values` hold; `None` when none does (or there are none).
+/// `engramctl cluster verify` and `ledger verify` judge the endpoints' answers with it too.
+pub fn majority<'a, D: Ord + 'a>(values: impl IntoIterator<Item = &'a D>) -> Option<&'a D> {
+    let mut counts = BTreeMap::<&D, usize>::new();
+    let mut total = 0;
+    for v in values {
+        *counts.entry(v).or_default() += 1;
+        total += 1;
+    }
+    counts.into_iter().find(|(_, n)| n * 2 > total).map(|(v, _)| v)
+}
+
 /// The members whose digest is not the majority's, or `None` when no digest has a majority.
 pub fn minority(digests: &[(NodeId, [u8; 32])]) -> Option<Vec<NodeId>> {
-    let mut counts = BTreeMap::<[u8; 32], usize>::new();
-    for (_, d) in digests {
-        *counts.entry(*d).or_default() += 1;
-    }
-    let (majority, votes) = counts.iter().max_by_key(|(_, n)| **n)?;
-    if votes * 2 <= digests.len() && counts.len() > 1 {
-        return None;
-    }
-    Some(digests.iter().filter(|(_, d)| d != majority).map(|(id, _)| *id).collect())
+    let m = majority(digests.iter().map(|(_, d)| d))?;
+    Some(digests.iter().filter(|(_, d)| d != m).map(|(id, _)| *id).collect())
 }
 
 /// Proposes a mark on the leader (a mark is node-only: a forwarded one is refused); its id and

@@ -11,6 +11,7 @@ use engram::backup::{self, keys, restore, Keyring};
 use engram::client::{Client, ClientError, Consistency, Metric, NewMemory, Precondition};
 use engram::progress;
 use engram::proto as pb;
+use engram::raft::cluster_verify::majority;
 
 mod security;
 use security::{auth_cmd, certs_cmd, connect, quota_cmd, root_key, AuthCmd, CertsCmd, QuotaCmd};
@@ -750,21 +751,15 @@ async fn cluster_verify(client: &Client, endpoints: &[String], wait_ms: u32) -> 
             }
         }
     }
-    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
-    for (_, d, _) in &digests {
-        *counts.entry(d.as_str()).or_default() += 1;
-    }
-    let (majority, votes) =
-        counts.iter().max_by_key(|(_, n)| **n).map(|(d, n)| (d.to_string(), *n)).unwrap_or_default();
-    let agreed = votes * 2 > digests.len();
+    let majority = majority(digests.iter().map(|(_, d, _)| d)).cloned();
     for (addr, d, head) in &digests {
-        let verdict = match (agreed, *d == majority) {
-            (true, true) => "ok",
-            (true, false) => {
+        let verdict = match &majority {
+            Some(m) if m == d => "ok",
+            Some(_) => {
                 failed = true;
                 "DIVERGED"
             }
-            (false, _) => {
+            None => {
                 failed = true;
                 "no majority"
             }
@@ -845,27 +840,24 @@ async fn ledger_verify(client: &Client, endpoints: &[String]) -> Result<(), Box<
             }
         }
         // The head most endpoints agree on; the others diverged.
-        let mut counts = std::collections::BTreeMap::<&str, usize>::new();
-        for (_, h) in &heads {
-            *counts.entry(h.as_str()).or_default() += 1;
-        }
-        let (majority, votes) =
-            counts.iter().max_by_key(|(_, n)| **n).map(|(h, n)| (h.to_string(), *n)).unwrap_or_default();
-        if votes * 2 <= heads.len() && counts.len() > 1 {
-            failed = true;
-            println!("no head at index {at} is held by a majority of the endpoints:");
-            for (addr, h) in &heads {
-                println!("{addr}  head {h}");
+        match majority(heads.iter().map(|(_, h)| h)) {
+            Some(majority) => {
+                for (addr, h) in heads.iter().filter(|(_, h)| h != majority) {
+                    failed = true;
+                    println!("{addr}  DIVERGED: head at index {at} is {h}, the others' {majority}");
+                }
+                if !failed && heads.len() > 1 {
+                    println!("all {} endpoints agree at index {at}: head {majority}", heads.len());
+                }
             }
-        }
-        for (addr, h) in heads.iter().filter(|_| votes * 2 > heads.len()) {
-            if *h != majority {
+            None if !heads.is_empty() => {
                 failed = true;
-                println!("{addr}  DIVERGED: head at index {at} is {h}, the others' {majority}");
+                println!("no head at index {at} is held by a majority of the endpoints:");
+                for (addr, h) in &heads {
+                    println!("{addr}  head {h}");
+                }
             }
-        }
-        if !failed && heads.len() > 1 {
-            println!("all {} endpoints agree at index {at}: head {majority}", heads.len());
+            None => {}
         }
     }
     if failed {
