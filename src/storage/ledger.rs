@@ -124,8 +124,8 @@ pub fn range(txn: &ReadTransaction, from: u64, to: u64, limit: usize) -> Result<
     Ok(out)
 }
 
-/// A ledger that checked out.
-#[derive(Debug, Clone, PartialEq)]
+/// A ledger that checked out (the default: an empty one).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Verified {
     /// Rows checked (0: no ledger yet).
     pub rows: u64,
@@ -160,9 +160,9 @@ const VERIFY_CHUNK: u64 = 512;
 pub fn verify(txn: &ReadTransaction, log: &dyn LogSource) -> Result<Result<Verified, Broken>, StorageError> {
     let applied = super::reader::StateReader::applied(txn)?;
     let Some(t) = super::optional_table(txn, LEDGER)? else {
-        return Ok(Ok(Verified { rows: 0, first: 0, last: 0, head: [0; 32], against_log: 0 }));
+        return Ok(Ok(Verified::default()));
     };
-    let mut v = Verified { rows: 0, first: 0, last: 0, head: [0; 32], against_log: 0 };
+    let mut v = Verified::default();
     let mut next_from = 0u64;
     loop {
         // One chunk of rows, then the log's entries for the same indexes.
