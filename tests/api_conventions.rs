@@ -100,7 +100,7 @@ async fn a_follower_forwards_writes_with_the_callers_identity() {
     // Every node holds the same state.
     let idx = cluster.handle(leader).reader.applied_index().unwrap();
     cluster.wait_applied(idx).await;
-    let d = cluster.digests();
+    let d = cluster.digests().await;
     assert!(d.windows(2).all(|w| w[0].1 == w[1].1), "{d:?}");
     cluster.shutdown().await;
 }
@@ -176,7 +176,7 @@ async fn no_namespace_is_made_by_a_typo_and_no_metric_is_guessed() {
     let cluster = TestCluster::start(3).await;
     let leader = cluster.wait_for_leader().await;
     let mut c = MemoryServiceClient::connect(format!("http://{}", cluster.slot(leader).api)).await.unwrap();
-    let before = cluster.digests();
+    let before = cluster.digests().await;
 
     let s = c.put(put("acme/typo", "a", 1)).await.unwrap_err();
     assert_eq!(s.code(), Code::NotFound, "{s:?}");

@@ -43,7 +43,7 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     // Settled: the first leader names the cluster in an entry of its own, which must not land
     // between the two digests.
     cluster.settle().await;
-    let before = cluster.digests();
+    let before = cluster.digests().await;
 
     // Phase 2: every kind of bad write.
     let big = "x".repeat(64 * 1024 + 1);
@@ -154,7 +154,7 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     );
 
     // Every refusal above happened before proposal: no node's state changed by a byte.
-    assert_eq!(cluster.digests(), before, "a refused write changed state");
+    assert_eq!(cluster.digests().await, before, "a refused write changed state");
 
     // Phase 3: unknown things are NotFound; a conflicting namespace is AlreadyExists.
     assert_eq!(c.get(get("nobody/here", "m1", 0)).await.unwrap_err().code(), Code::NotFound);
@@ -177,7 +177,7 @@ async fn refused_writes_leave_state_byte_identical() {
     let cluster = TestCluster::start(1).await;
     let mut c = raw(&cluster).await;
     c.put(put(NS, input("m1", "hello", vector(1, 4)))).await.unwrap();
-    let before = cluster.digests();
+    let before = cluster.digests().await;
     for req in [
         put(NS, input("a", "t", vec![f32::NAN; 4])),
         put(NS, input("a", "t", vector(1, 3))),
@@ -185,7 +185,7 @@ async fn refused_writes_leave_state_byte_identical() {
     ] {
         assert_eq!(c.put(req).await.unwrap_err().code(), Code::InvalidArgument);
     }
-    assert_eq!(cluster.digests(), before, "a refused write changed state");
+    assert_eq!(cluster.digests().await, before, "a refused write changed state");
     cluster.shutdown().await;
 }
 

@@ -97,7 +97,7 @@ async fn backup_wipe_restore_serves_identical_memories_and_search_answers() {
     let restored = TestCluster::restored(&path, 3, &keys, |_| {}).await;
     let client = restored.client();
     assert_eq!(observe(&client).await, before, "memories or search answers changed");
-    let digests = restored.digests();
+    let digests = restored.digests().await;
     for (id, _) in &digests {
         assert_eq!(restored.handle(*id).reader.data_digest().unwrap(), digest, "node {id} holds other data");
     }
@@ -108,7 +108,7 @@ async fn backup_wipe_restore_serves_identical_memories_and_search_answers() {
     // Phase 5: it is a working cluster: writes replicate, every node converges.
     let r = client.put("notes", NewMemory::new("after restore", rvec(5, 16)).with_id("new")).await.unwrap();
     restored.wait_applied(r.applied_index).await;
-    let digests = restored.digests();
+    let digests = restored.digests().await;
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "{digests:?}");
     restored.shutdown().await;
 }
@@ -250,7 +250,7 @@ async fn the_leader_keeps_the_log_a_stopped_follower_needs() {
     // Phase 2: the follower comes back and catches up from the log.
     cluster.restart(follower).await;
     cluster.wait_applied(last).await;
-    let digests = cluster.digests();
+    let digests = cluster.digests().await;
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "{digests:?}");
     // With everyone caught up, the leader's log is purged again.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -35,7 +35,7 @@ async fn three_nodes_replicate_every_write() {
 
     // Phase 2: every node applies them and holds byte-identical state.
     cluster.wait_applied(last).await;
-    let digests = cluster.digests();
+    let digests = cluster.digests().await;
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "state diverged: {digests:?}");
 
     // Phase 3: a stale read on each node sees the data locally.
@@ -423,7 +423,7 @@ async fn a_learner_added_after_compaction_catches_up_by_snapshot() {
     let hit = cluster.pinned(4).search(NS, vector(77, 4), 1).await.unwrap();
     assert!(hit.hits[0].score > 0.999, "{hit:?}");
     cluster.wait_applied(last).await;
-    let digests = cluster.digests();
+    let digests = cluster.digests().await;
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "state diverged: {digests:?}");
     // The snapshot carried the ledger: the learner's chain covers the history before it joined
     // (whose entries its log never held) and checks out against the entries it did receive.
@@ -537,7 +537,7 @@ async fn a_follower_catches_up_on_large_entries_in_bounded_messages() {
     }
     cluster.restart(lagging).await;
     cluster.settle().await;
-    let digests = cluster.digests();
+    let digests = cluster.digests().await;
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "{digests:?}");
     let got = cluster.pinned(lagging).list(NS, 1000, "", engram::client::Consistency::Stale).await.unwrap();
     assert!(!got.next_page_token.is_empty() || got.memories.len() == 400);

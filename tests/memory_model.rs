@@ -26,7 +26,7 @@ fn now_ms() -> u64 {
 
 async fn same_state(cluster: &TestCluster) {
     cluster.settle().await;
-    let digests = cluster.digests();
+    let digests = cluster.digests().await;
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "state diverged: {digests:?}");
 }
 

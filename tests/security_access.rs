@@ -48,7 +48,7 @@ async fn no_admin_rpc_works_without_an_admin_key() {
     let root = cluster.client();
     let tenant = key_for(&root, "acme-rw", "acme/*", &["read", "write", "delete"], None, "acme-app").await;
     cluster.settle().await;
-    let before = cluster.digests();
+    let before = cluster.digests().await;
     let members_before = root.admin().status().await.unwrap().voters;
 
     // No key, a malformed key, a well-formed unknown key, and a tenant's key.
@@ -105,7 +105,7 @@ async fn no_admin_rpc_works_without_an_admin_key() {
     assert!(metrics.contains(r#"engram_audit_events_total{kind="admin",outcome="ok"}"#));
 
     cluster.settle().await;
-    assert_eq!(cluster.digests(), before, "a refused admin call changed state");
+    assert_eq!(cluster.digests().await, before, "a refused admin call changed state");
     assert_eq!(root.admin().status().await.unwrap().voters, members_before);
     cluster.shutdown().await;
 }
@@ -132,7 +132,7 @@ async fn a_prefix_key_works_inside_its_prefix_and_learns_nothing_outside() {
     assert_eq!(acme.search_batch(vec![q("acme/x")], Consistency::Linearizable).await.unwrap().results.len(), 1);
     assert!(acme.delete("acme/x", "a2").await.unwrap().deleted);
     cluster.settle().await;
-    let before = cluster.digests();
+    let before = cluster.digests().await;
 
     // Outside: PERMISSION_DENIED for every RPC, said the same for an existing namespace and a
     // missing one, so nothing about other tenants leaks.
@@ -157,7 +157,7 @@ async fn a_prefix_key_works_inside_its_prefix_and_learns_nothing_outside() {
     assert_eq!(messages[0], messages[1], "existing and missing namespaces must look alike");
     assert!(messages.iter().flatten().all(|m| !m.contains("not yours") && !m.contains("s1")));
     cluster.settle().await;
-    assert_eq!(cluster.digests(), before, "a refused call changed state");
+    assert_eq!(cluster.digests().await, before, "a refused call changed state");
     assert_eq!(root.get("other/secret", "s1").await.unwrap().text, "not yours");
     cluster.shutdown().await;
 }
@@ -238,7 +238,7 @@ async fn a_tag_scoped_key_only_ever_sees_its_own_memories() {
     assert!(!bot1.delete(ns, "o0").await.unwrap().deleted, "another's memory is absent to it");
     assert_eq!(memories(root.clone()).await, before);
     cluster.settle().await;
-    let digests = cluster.digests();
+    let digests = cluster.digests().await;
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "nodes disagree: {digests:?}");
     bot1.put(ns, NewMemory::new("new", vector(1, 8)).with_id("b9").with_tag("agent", "bot-1")).await.unwrap();
     assert!(bot1.delete(ns, "b9").await.unwrap().deleted);

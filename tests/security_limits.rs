@@ -111,7 +111,7 @@ async fn quotas_are_decided_in_apply_and_every_node_decides_alike() {
         held.sort();
         assert_eq!(held, accepted, "node {id}");
     }
-    let digests = cluster.digests();
+    let digests = cluster.digests().await;
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "{digests:?}");
 
     // Phase 3: a batch that would pass the limit is refused whole; replacing is fine; the

@@ -124,7 +124,7 @@ async fn strangers_and_forgers_get_nothing_from_the_peer_port_and_change_nothing
     client.put("acme/a", NewMemory::new("real", vector(1, 4)).with_id("m1")).await.unwrap();
     cluster.settle().await;
     let leader = cluster.wait_for_leader().await;
-    let before = (seen(&cluster), cluster.digests());
+    let before = (seen(&cluster), cluster.digests().await);
     let target = cluster.running().into_iter().find(|id| *id != leader).unwrap();
     let addr = cluster.slot(target).raft.to_string();
     let last = cluster.handle(target).node.raft.metrics().borrow_watched().last_applied;
@@ -202,7 +202,7 @@ async fn strangers_and_forgers_get_nothing_from_the_peer_port_and_change_nothing
 
     // Phase 3: nothing moved, anywhere.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!((seen(&cluster), cluster.digests()), before);
+    assert_eq!((seen(&cluster), cluster.digests().await), before);
 
     // Phase 4: the cluster serves, and a restart finds no poisoned vote to trip over.
     client.put("acme/a", NewMemory::new("after", vector(2, 4)).with_id("m2")).await.unwrap();

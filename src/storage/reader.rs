@@ -313,6 +313,13 @@ impl StateReader {
         self.digest_of(false)
     }
 
+    /// The applied index and [`digest`](Self::digest), read from one transaction, so the two
+    /// describe the same state.
+    pub fn applied_digest(&self) -> Result<(u64, [u8; 32]), StorageError> {
+        let txn = self.db.begin_read()?;
+        Ok((Self::applied(&txn)?, Self::digest_in(&txn, true)?))
+    }
+
     fn digest_of(&self, with_meta: bool) -> Result<[u8; 32], StorageError> {
         Self::digest_in(&self.db.begin_read()?, with_meta)
     }

@@ -322,8 +322,28 @@ impl TestCluster {
     }
 
     /// State digests of every running node.
-    pub fn digests(&self) -> Vec<(u64, [u8; 32])> {
-        self.running().into_iter().map(|id| (id, self.handle(id).reader.digest().unwrap())).collect()
+    /// Every running node's full state digest, taken once all of them stand at the same applied
+    /// index (each index and digest read from one transaction). A follower may apply an entry
+    /// before the leader does, and background work (upkeep, reinforcement) keeps proposing, so
+    /// digests read at "the leader's index" can describe different states.
+    pub async fn digests(&self) -> Vec<(u64, [u8; 32])> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let seen: Vec<(u64, u64, [u8; 32])> = self
+                .running()
+                .into_iter()
+                .map(|id| {
+                    let (applied, digest) = self.handle(id).reader.applied_digest().unwrap();
+                    (id, applied, digest)
+                })
+                .collect();
+            if seen.windows(2).all(|w| w[0].1 == w[1].1) {
+                return seen.into_iter().map(|(id, _, d)| (id, d)).collect();
+            }
+            let applied: Vec<(u64, u64)> = seen.iter().map(|&(id, a, _)| (id, a)).collect();
+            assert!(std::time::Instant::now() < deadline, "the nodes never stood at one applied index: {applied:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn shutdown(mut self) {
