@@ -115,7 +115,7 @@ fn populate(path: &Path, a: &Args) -> Database {
             // Only byte quotas read this; the benchmark sets none.
             bytes: 0,
         };
-        txn.open_table(NAMESPACES).unwrap().insert("bench", codec::encode(&ns).as_slice()).unwrap();
+        txn.open_table(NAMESPACES).unwrap().insert("bench", codec::encode_row(&ns).as_slice()).unwrap();
         txn.open_table(engram::storage::IDEMPOTENCY).unwrap();
         txn.open_table(engram::storage::IDEM_EXPIRY).unwrap();
         for (_, table) in engram::storage::AUTH_TABLES {

@@ -80,6 +80,9 @@ pub enum StorageError {
     Redb(#[from] redb::Error),
     #[error("corrupt record in `{table}`: {reason}")]
     Corrupt { table: &'static str, reason: String },
+    /// A file this build cannot read as it is (see `storage::format`); nothing was changed.
+    #[error("{file}: {reason}")]
+    Format { file: String, reason: String },
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -185,9 +185,14 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         api_addr: config.advertise_api.clone().unwrap_or_else(|| api_addr.to_string()),
     };
 
-    let log_store = LogStore::open(&config.data_dir.join("raft-log.redb"))?;
+    // Both files are checked before either is opened for writing: a node that cannot read one
+    // leaves the other as it was too.
+    let (log_path, state_path) = (config.data_dir.join("raft-log.redb"), config.data_dir.join("state.redb"));
+    crate::storage::format::refuse_newer(&log_path, crate::storage::format::LOG_FORMAT)?;
+    crate::storage::format::refuse_newer(&state_path, crate::storage::format::STATE_FORMAT)?;
+    let log_store = LogStore::open(&log_path)?;
     let sm = StateMachineStore::open_with(
-        &config.data_dir.join("state.redb"),
+        &state_path,
         config.data_dir.join("snapshot.bin"),
         Duration::from_millis(config.state_sync_interval_ms),
         VectorOptions { dir: Some(config.data_dir.join("vectors")), max_part: config.vector_part_max },

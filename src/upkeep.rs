@@ -242,7 +242,7 @@ pub fn write_archive(
             ns.index = crate::memory::IndexKind::Flat;
             txn.open_table(NAMESPACES)
                 .map_err(|e| e.to_string())?
-                .insert(info.name.as_str(), codec::encode(&ns).as_slice())
+                .insert(info.name.as_str(), codec::encode_row(&ns).as_slice())
                 .map_err(|e| e.to_string())?;
             let mut t = txn.open_table(MEMORIES).map_err(|e| e.to_string())?;
             for m in memories {

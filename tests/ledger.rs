@@ -38,7 +38,7 @@ fn first_put(node: &EngramProcess) -> (u64, Entry) {
     let table = txn.open_table(LOG).unwrap();
     for item in table.iter().unwrap() {
         let (k, v) = item.unwrap();
-        let entry: Entry = codec::decode("log", v.value()).unwrap();
+        let entry: Entry = codec::decode_row("log", v.value()).unwrap();
         if let EntryPayload::Normal(c) = &entry.payload {
             if matches!(&c.op, Op::PutChecked { namespace, .. } if namespace == NS) {
                 return (k.value(), entry);
@@ -48,7 +48,7 @@ fn first_put(node: &EngramProcess) -> (u64, Entry) {
     let ops: Vec<String> = table
         .iter()
         .unwrap()
-        .map(|r| format!("{:?}", codec::decode::<Entry>("log", r.unwrap().1.value()).unwrap().payload))
+        .map(|r| format!("{:?}", codec::decode_row::<Entry>("log", r.unwrap().1.value()).unwrap().payload))
         .collect();
     panic!("no put in the log: {ops:?}");
 }
@@ -62,7 +62,7 @@ fn alter_log_entry(node: &EngramProcess, index: u64, mut entry: Entry) -> Entry 
     }
     let db = redb::Database::open(node.data_dir.join("raft-log.redb")).unwrap();
     let txn = db.begin_write().unwrap();
-    txn.open_table(LOG).unwrap().insert(index, codec::encode(&entry).as_slice()).unwrap();
+    txn.open_table(LOG).unwrap().insert(index, codec::encode_row(&entry).as_slice()).unwrap();
     txn.commit().unwrap();
     entry
 }

@@ -57,7 +57,7 @@ pub(crate) fn apply_command(
     let key = cmd.idempotency.as_ref().map(|i| scoped_key(&who.name, cmd.op.namespace().unwrap_or(""), &i.key));
     if let (Some(idem), Some(key)) = (&cmd.idempotency, &key) {
         let table = txn.open_table(IDEMPOTENCY)?;
-        let seen = table.get(key.as_str())?.map(|v| codec::decode::<IdempotencyRecord>("idempotency", v.value()));
+        let seen = table.get(key.as_str())?.map(|v| codec::decode_row::<IdempotencyRecord>("idempotency", v.value()));
         if let Some(rec) = seen {
             let rec = rec?;
             if rec.fingerprint != idem.fingerprint {
@@ -78,7 +78,7 @@ pub(crate) fn apply_command(
     if let (Some(idem), Some(key)) = (&cmd.idempotency, &key) {
         let rec =
             IdempotencyRecord { recorded_at_ms: cmd.now_ms, fingerprint: idem.fingerprint, result: result.clone() };
-        txn.open_table(IDEMPOTENCY)?.insert(key.as_str(), codec::encode(&rec).as_slice())?;
+        txn.open_table(IDEMPOTENCY)?.insert(key.as_str(), codec::encode_row(&rec).as_slice())?;
         txn.open_table(IDEM_EXPIRY)?.insert((cmd.now_ms, key.as_str()), ())?;
     }
     Ok(result)
@@ -239,11 +239,11 @@ fn prune_idempotency(txn: &WriteTransaction, now_ms: u64) -> Result<(), StorageE
 fn load_namespace(txn: &WriteTransaction, namespace: &str) -> Result<Option<NamespaceInfo>, StorageError> {
     let table = txn.open_table(NAMESPACES)?;
     let v = table.get(namespace)?;
-    v.map(|v| codec::decode("namespaces", v.value())).transpose()
+    v.map(|v| codec::decode_row("namespaces", v.value())).transpose()
 }
 
 fn store_namespace(txn: &WriteTransaction, info: &NamespaceInfo) -> Result<(), StorageError> {
-    txn.open_table(NAMESPACES)?.insert(info.name.as_str(), codec::encode(info).as_slice())?;
+    txn.open_table(NAMESPACES)?.insert(info.name.as_str(), codec::encode_row(info).as_slice())?;
     Ok(())
 }
 

@@ -5,8 +5,9 @@
 //! vote, append, truncate and purge. All redb work runs on the blocking pool.
 //!
 //! ```text
-//! log   u64 index -> bincode(Entry)
-//! meta  "vote" | "committed" | "purged" -> bincode(..)
+//! log     u64 index -> ROW_V1 | bincode(Entry)
+//! meta    "vote" | "committed" | "purged" -> bincode(..)
+//! format  "format" -> u32   (see `storage::format`; a log of format 0 is upgraded at open)
 //! ```
 
 use std::fmt::Debug;
@@ -23,6 +24,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use super::types::{Entry, LogId, TypeConfig, Vote};
 use crate::error::StorageError;
 use crate::storage::codec;
+use crate::storage::format::LOG_FORMAT;
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -38,10 +40,17 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn open(path: &Path) -> Result<Self, StorageError> {
+        crate::storage::format::refuse_newer(path, LOG_FORMAT)?;
         let db = Database::create(path)?;
-        let txn = db.begin_write()?;
-        txn.open_table(LOG)?;
-        txn.open_table(META)?;
+        let mut txn = db.begin_write()?;
+        crate::storage::set_durable(&mut txn, "log")?;
+        let empty = {
+            use redb::ReadableTableMetadata;
+            txn.open_table(LOG)?.is_empty()? && txn.open_table(META)?.is_empty()?
+        };
+        crate::storage::format::ensure(&txn, path, LOG_FORMAT, empty, |txn| {
+            crate::storage::format::prefix_u64_rows(txn, LOG, codec::ROW_V1)
+        })?;
         txn.commit()?;
         Ok(LogStore { db: Arc::new(db) })
     }
@@ -53,7 +62,7 @@ impl LogStore {
         let mut out = Vec::new();
         for item in table.range::<u64>(to_range(&range))? {
             let (_, v) = item?;
-            out.push(codec::decode("log", v.value())?);
+            out.push(codec::decode_row("log", v.value())?);
         }
         Ok(out)
     }
@@ -164,7 +173,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let txn = db.begin_read()?;
             let table = txn.open_table(LOG)?;
             let last = match table.last()? {
-                Some((_, v)) => Some(codec::decode::<Entry>("log", v.value())?.log_id()),
+                Some((_, v)) => Some(codec::decode_row::<Entry>("log", v.value())?.log_id()),
                 None => None,
             };
             Ok(last)
@@ -195,7 +204,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let encoded: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.index(), codec::encode(&e))).collect();
+        let encoded: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.index(), codec::encode_row(&e))).collect();
         let n = encoded.len() as u64;
         let res = self
             .write("append", move |txn| {

@@ -69,8 +69,10 @@ impl StateMachineStore {
         vectors: VectorOptions,
         checkpoint_every: Option<std::time::Duration>,
     ) -> Result<Self, StorageError> {
+        crate::storage::format::refuse_newer(path, crate::storage::format::STATE_FORMAT)?;
         let db = Database::create(path)?;
-        let txn = db.begin_write()?;
+        let mut txn = db.begin_write()?;
+        crate::storage::set_durable(&mut txn, "state")?;
         txn.open_table(MEMORIES)?;
         txn.open_table(NAMESPACES)?;
         txn.open_table(IDEMPOTENCY)?;
@@ -79,6 +81,17 @@ impl StateMachineStore {
         for (_, table) in crate::storage::AUTH_TABLES.iter().chain(crate::storage::MODEL_TABLES.iter()) {
             txn.open_table(*table)?;
         }
+        let empty = {
+            use redb::ReadableTableMetadata;
+            txn.open_table(SM_META)?.is_empty()? && txn.open_table(MEMORIES)?.is_empty()?
+        };
+        crate::storage::format::ensure(&txn, path, crate::storage::format::STATE_FORMAT, empty, |txn| {
+            let mut rows = 0;
+            for table in crate::storage::VERSIONED_TABLES {
+                rows += crate::storage::format::prefix_str_rows(txn, table, crate::storage::codec::ROW_V1)?;
+            }
+            Ok(rows)
+        })?;
         // A state machine from before the derived indexes gets them now.
         if crate::storage::index::needs_rebuild(&txn)? {
             let n = crate::storage::index::rebuild(&txn)?;

@@ -12,11 +12,11 @@ pub fn key<T: ReadableTable<&'static str, &'static [u8]>>(
     t: &T,
     id: &KeyId,
 ) -> Result<Option<KeyRecord>, StorageError> {
-    t.get(id.to_string().as_str())?.map(|v| codec::decode("auth_keys", v.value())).transpose()
+    t.get(id.to_string().as_str())?.map(|v| codec::decode_row("auth_keys", v.value())).transpose()
 }
 
 pub fn role<T: ReadableTable<&'static str, &'static [u8]>>(t: &T, name: &str) -> Result<Option<Role>, StorageError> {
-    t.get(name)?.map(|v| codec::decode("auth_roles", v.value())).transpose()
+    t.get(name)?.map(|v| codec::decode_row("auth_roles", v.value())).transpose()
 }
 
 /// The role records `names` refer to (`root` built in; unknown names grant nothing).
@@ -48,19 +48,19 @@ pub fn has_root_key<T: ReadableTable<&'static str, &'static [u8]>>(t: &T) -> Res
 pub fn quota<T: ReadableTable<&'static str, &'static [u8]>>(t: &T, tenant: &str) -> Result<Quota, StorageError> {
     for name in [tenant, DEFAULT_QUOTA_TENANT] {
         if let Some(v) = t.get(name)? {
-            return codec::decode("quotas", v.value());
+            return codec::decode_row("quotas", v.value());
         }
     }
     Ok(Quota::default())
 }
 
 pub fn put_key(txn: &WriteTransaction, rec: &KeyRecord) -> Result<(), StorageError> {
-    txn.open_table(AUTH_KEYS)?.insert(rec.id.to_string().as_str(), codec::encode(rec).as_slice())?;
+    txn.open_table(AUTH_KEYS)?.insert(rec.id.to_string().as_str(), codec::encode_row(rec).as_slice())?;
     Ok(())
 }
 
 pub fn put_role(txn: &WriteTransaction, role: &Role) -> Result<(), StorageError> {
-    txn.open_table(AUTH_ROLES)?.insert(role.name.as_str(), codec::encode(role).as_slice())?;
+    txn.open_table(AUTH_ROLES)?.insert(role.name.as_str(), codec::encode_row(role).as_slice())?;
     Ok(())
 }
 
@@ -69,7 +69,7 @@ pub fn put_quota(txn: &WriteTransaction, tenant: &str, q: &Quota) -> Result<(), 
     if *q == Quota::default() {
         t.remove(tenant)?;
     } else {
-        t.insert(tenant, codec::encode(q).as_slice())?;
+        t.insert(tenant, codec::encode_row(q).as_slice())?;
     }
     Ok(())
 }
@@ -82,7 +82,7 @@ pub fn all<V: serde::de::DeserializeOwned, T: ReadableTable<&'static str, &'stat
     let mut out = Vec::new();
     for item in t.iter()? {
         let (k, v) = item?;
-        out.push((k.value().to_string(), codec::decode(what, v.value())?));
+        out.push((k.value().to_string(), codec::decode_row(what, v.value())?));
     }
     Ok(out)
 }

@@ -8,13 +8,15 @@
 //! Auth    := { table: 0 keys | 1 roles | 2 quotas, key, value }     (format 2)
 //! Model   := { table: 0 ns_policy | 1 ns_stats, key, value }       (format 3)
 //! Ledger  := { index, value: entry hash | chain head }              (format 4)
+//! Namespace, Idempotency and Auth values carry their row version byte (format 5; see
+//! `storage::format`); an older dump's bare values get it as they load
 //! End     := { rows, digest = BLAKE3 over every byte before End's length prefix }
 //! ```
 //!
 //! A reader refuses anything but exactly this shape: a missing `End`, a wrong row count or
 //! digest, or bytes after `End`. [`load`] writes into a caller's write transaction, so a
 //! refused dump is dropped with the transaction and changes nothing. Format 2 and 3 dumps (no
-//! memory-model rows, no ledger rows) still load. The derived indexes are rebuilt from the loaded memories.
+//! memory-model rows, no ledger rows) and format 4 (bare rows) still load. The derived indexes are rebuilt from the loaded memories.
 
 use std::io::{Read, Write};
 
@@ -25,7 +27,9 @@ use super::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBER
 use crate::error::StorageError;
 use crate::raft::{LogId, StoredMembership};
 
-pub const DUMP_FORMAT: u16 = 4;
+pub const DUMP_FORMAT: u16 = 5;
+/// The first format whose versioned rows carry their version byte.
+const VERSIONED_ROWS: u16 = 5;
 /// Oldest format [`load`] reads.
 const OLDEST_FORMAT: u16 = 2;
 const MAX_RECORD_BYTES: usize = 64 << 20;
@@ -197,20 +201,23 @@ impl<R: Read> Reader<R> {
 
 /// Where a checked dump's rows go.
 trait Sink {
-    fn row(&mut self, r: Record) -> Result<(), StorageError>;
+    /// A row of a dump of `format`.
+    fn row(&mut self, format: u16, r: Record) -> Result<(), StorageError>;
 }
 
 struct Discard;
 impl Sink for Discard {
-    fn row(&mut self, _: Record) -> Result<(), StorageError> {
+    fn row(&mut self, _: u16, _: Record) -> Result<(), StorageError> {
         Ok(())
     }
 }
 
 fn read_all(r: impl Read, sink: &mut dyn Sink) -> Result<DumpSummary, StorageError> {
     let mut rd = Reader { r, hasher: blake3::Hasher::new(), buf: Vec::new(), bytes: 0 };
-    let (applied, membership) = match rd.next()? {
-        Record::Begin { format: OLDEST_FORMAT..=DUMP_FORMAT, applied, membership } => (applied, membership),
+    let (format, applied, membership) = match rd.next()? {
+        Record::Begin { format: format @ OLDEST_FORMAT..=DUMP_FORMAT, applied, membership } => {
+            (format, applied, membership)
+        }
         Record::Begin { format, .. } => return Err(corrupt(format!("unsupported dump format {format}"))),
         other => return Err(corrupt(format!("dump does not start with Begin: {other:?}"))),
     };
@@ -246,7 +253,7 @@ fn read_all(r: impl Read, sink: &mut dyn Sink) -> Result<DumpSummary, StorageErr
                 rows += 1;
                 memories += matches!(row, Record::Memory { .. }) as u64;
                 namespaces += matches!(row, Record::Namespace { .. }) as u64;
-                sink.row(row)?;
+                sink.row(format, row)?;
             }
         }
     }
@@ -268,8 +275,25 @@ struct Tables<'t> {
     ledger: redb::Table<'t, u64, &'static [u8]>,
 }
 
+/// A versioned row of a dump of `format`, as this build stores it.
+fn current_row(format: u16, value: Vec<u8>) -> Vec<u8> {
+    if format >= VERSIONED_ROWS {
+        return value;
+    }
+    let mut v = Vec::with_capacity(value.len() + 1);
+    v.push(codec::ROW_V1);
+    v.extend_from_slice(&value);
+    v
+}
+
 impl Sink for Tables<'_> {
-    fn row(&mut self, r: Record) -> Result<(), StorageError> {
+    fn row(&mut self, format: u16, r: Record) -> Result<(), StorageError> {
+        let r = match r {
+            Record::Namespace { name, value } => Record::Namespace { name, value: current_row(format, value) },
+            Record::Idempotency { key, value } => Record::Idempotency { key, value: current_row(format, value) },
+            Record::Auth { table, key, value } => Record::Auth { table, key, value: current_row(format, value) },
+            other => other,
+        };
         match r {
             Record::Meta { key, value } => self.meta.insert(key.as_str(), value.as_slice()).map(drop),
             Record::Namespace { name, value } => self.namespaces.insert(name.as_str(), value.as_slice()).map(drop),
@@ -321,5 +345,55 @@ pub fn load(r: impl Read, txn: &WriteTransaction) -> Result<DumpSummary, Storage
     let summary = read_all(r, &mut t)?;
     drop(t);
     super::index::rebuild(txn)?;
+    // The rows loaded are in this build's format, whatever the dump's was.
+    super::format::stamp(txn, super::format::STATE_FORMAT)?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::backends::InMemoryBackend;
+    use redb::{Database, ReadableDatabase};
+
+    use super::*;
+
+    /// A dump of `format` with one namespace, idempotency and auth row, each value `value`.
+    fn dump_of(format: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = Writer { out: &mut out, hasher: blake3::Hasher::new(), buf: Vec::new(), bytes: 0 };
+        w.put(&Record::Begin { format, applied: None, membership: Default::default() }).unwrap();
+        w.put(&Record::Namespace { name: "ns".into(), value: value.to_vec() }).unwrap();
+        w.put(&Record::Idempotency { key: "k".into(), value: value.to_vec() }).unwrap();
+        w.put(&Record::Auth { table: 1, key: "role".into(), value: value.to_vec() }).unwrap();
+        let digest = *w.hasher.finalize().as_bytes();
+        w.put(&Record::End { rows: 3, digest }).unwrap();
+        out
+    }
+
+    fn load_into_fresh(dump: &[u8]) -> Database {
+        let db = Database::builder().create_with_backend(InMemoryBackend::new()).unwrap();
+        let txn = db.begin_write().unwrap();
+        load(dump, &txn).unwrap();
+        txn.commit().unwrap();
+        db
+    }
+
+    #[test]
+    fn an_older_dumps_bare_rows_load_with_their_version_byte() {
+        for (format, value, want) in [(4u16, &b"body"[..], &b"\x01body"[..]), (DUMP_FORMAT, b"\x01body", b"\x01body")] {
+            let db = load_into_fresh(&dump_of(format, value));
+            let r = db.begin_read().unwrap();
+            assert_eq!(r.open_table(NAMESPACES).unwrap().get("ns").unwrap().unwrap().value(), want, "format {format}");
+            assert_eq!(r.open_table(IDEMPOTENCY).unwrap().get("k").unwrap().unwrap().value(), want);
+            assert_eq!(r.open_table(super::super::AUTH_ROLES).unwrap().get("role").unwrap().unwrap().value(), want);
+            assert_eq!(super::super::format::recorded(&r).unwrap(), Some(super::super::format::STATE_FORMAT));
+            // Either way the digest sees the same rows.
+            let digest = crate::storage::StateReader::digest_in(&r, false).unwrap();
+            let other = load_into_fresh(&dump_of(
+                if format == 4 { DUMP_FORMAT } else { 4 },
+                if format == 4 { b"\x01body" } else { b"body" },
+            ));
+            assert_eq!(crate::storage::StateReader::digest_in(&other.begin_read().unwrap(), false).unwrap(), digest);
+        }
+    }
 }

@@ -2,20 +2,21 @@
 //!
 //! ```text
 //! memories      namespace 0x00 id        -> codec::encode_memory (version byte + zstd(bincode))
-//! namespaces    namespace                -> bincode(NamespaceInfo)
-//! idempotency   key                      -> bincode(IdempotencyRecord)
+//! namespaces    namespace                -> ROW_V1 | bincode(NamespaceInfo)
+//! idempotency   key                      -> ROW_V1 | bincode(IdempotencyRecord)
 //! idem_expiry   (recorded_at_ms, key)    -> ()        oldest first, for deterministic pruning
 //! sm_meta       "applied" | "membership" -> bincode(LogId) | bincode(StoredMembership)
 //!               "cluster_id"             -> 16 bytes, set once by the first leader or a restore
-//! auth_keys     key id (16 hex)          -> bincode(KeyRecord)   hash of the secret, never the secret
-//! auth_roles    role name                -> bincode(Role)
-//! quotas        tenant | "*"             -> bincode(Quota)
+//! auth_keys     key id (16 hex)          -> ROW_V1 | bincode(KeyRecord)   hash of the secret, never the secret
+//! auth_roles    role name                -> ROW_V1 | bincode(Role)
+//! quotas        tenant | "*"             -> ROW_V1 | bincode(Quota)
 //! ns_policy     namespace                -> JSON(MemoryPolicy)   absent: the default policy
 //! ns_stats      namespace                -> JSON(NamespaceStats)
 //! content_index (namespace, blake3(text), id)  -> ()   derived from memories (exact dedup)
 //! expiry_index  (expires_at_ms, namespace, id) -> ()   derived (TTL purge, oldest first)
 //! age_index     (namespace, created_at_ms, id) -> ()   derived (retention)
 //! ledger        applied log index        -> entry hash | chain head (see `ledger`)
+//! format        "format"                 -> u32   the file's format (see `format`)
 //! ```
 //!
 //! The derived indexes are not in dumps: loading a dump (snapshot install, restore) and
@@ -31,6 +32,7 @@
 pub mod auth;
 pub mod codec;
 pub mod dump;
+pub mod format;
 pub mod index;
 pub mod ledger;
 mod reader;
@@ -49,6 +51,9 @@ pub const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta"
 pub const AUTH_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("auth_keys");
 pub const AUTH_ROLES: TableDefinition<&str, &[u8]> = TableDefinition::new("auth_roles");
 pub const QUOTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("quotas");
+/// The tables whose rows carry a version byte ([`codec::encode_row`]).
+pub const VERSIONED_TABLES: [TableDefinition<&str, &[u8]>; 5] =
+    [NAMESPACES, IDEMPOTENCY, AUTH_KEYS, AUTH_ROLES, QUOTAS];
 /// The auth tables, as snapshots, backups and digests walk them.
 pub const AUTH_TABLES: [(u8, TableDefinition<&str, &[u8]>); 3] = [(0, AUTH_KEYS), (1, AUTH_ROLES), (2, QUOTAS)];
 

@@ -37,7 +37,7 @@ impl StateReader {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(NAMESPACES)?;
         let v = table.get(ns)?;
-        v.map(|v| codec::decode("namespaces", v.value())).transpose()
+        v.map(|v| codec::decode_row("namespaces", v.value())).transpose()
     }
 
     pub fn namespaces(&self) -> Result<Vec<NamespaceInfo>, StorageError> {
@@ -46,7 +46,7 @@ impl StateReader {
         let mut out = Vec::new();
         for item in table.iter()? {
             let (_, v) = item?;
-            out.push(codec::decode("namespaces", v.value())?);
+            out.push(codec::decode_row("namespaces", v.value())?);
         }
         Ok(out)
     }
@@ -80,7 +80,7 @@ impl StateReader {
             if out.len() == limit {
                 return Ok((out, true, applied));
             }
-            out.push(codec::decode("namespaces", v.value())?);
+            out.push(codec::decode_row("namespaces", v.value())?);
         }
         Ok((out, false, applied))
     }
@@ -90,7 +90,8 @@ impl StateReader {
         let txn = self.db.begin_read()?;
         let applied = Self::applied(&txn)?;
         let nss = txn.open_table(NAMESPACES)?;
-        let info: Option<NamespaceInfo> = nss.get(ns)?.map(|v| codec::decode("namespaces", v.value())).transpose()?;
+        let info: Option<NamespaceInfo> =
+            nss.get(ns)?.map(|v| codec::decode_row("namespaces", v.value())).transpose()?;
         let table = txn.open_table(MEMORIES)?;
         let m = table.get(memory_key(ns, id).as_slice())?;
         let m = m.map(|v| codec::decode_memory(v.value())).transpose()?;
@@ -121,7 +122,8 @@ impl StateReader {
         let txn = self.db.begin_read()?;
         let applied_index = Self::applied(&txn)?;
         let nss = txn.open_table(NAMESPACES)?;
-        let info: Option<NamespaceInfo> = nss.get(ns)?.map(|v| codec::decode("namespaces", v.value())).transpose()?;
+        let info: Option<NamespaceInfo> =
+            nss.get(ns)?.map(|v| codec::decode_row("namespaces", v.value())).transpose()?;
         let (lo, hi) = namespace_range(ns);
         let start = match after {
             Some(id) => {
@@ -158,7 +160,8 @@ impl StateReader {
         let txn = self.db.begin_read()?;
         let applied = Self::applied(&txn)?;
         let nss = txn.open_table(NAMESPACES)?;
-        let info: Option<NamespaceInfo> = nss.get(ns)?.map(|v| codec::decode("namespaces", v.value())).transpose()?;
+        let info: Option<NamespaceInfo> =
+            nss.get(ns)?.map(|v| codec::decode_row("namespaces", v.value())).transpose()?;
         let mut memories = Vec::with_capacity(info.as_ref().map_or(0, |i| i.memory_count as usize));
         if info.is_some() {
             let (lo, hi) = namespace_range(ns);
@@ -302,7 +305,8 @@ impl StateReader {
     }
 
     /// BLAKE3 over every table of the state machine, in key order: equal digests mean
-    /// byte-identical state.
+    /// identical state. Versioned rows count by their body ([`codec::row_body`]), so a file
+    /// before and after its format upgrade digests the same.
     pub fn digest(&self) -> Result<[u8; 32], StorageError> {
         self.digest_of(true)
     }
@@ -340,11 +344,11 @@ impl StateReader {
         }
         for item in txn.open_table(NAMESPACES)?.iter()? {
             let (k, v) = item?;
-            feed(b"n", k.value().as_bytes(), v.value());
+            feed(b"n", k.value().as_bytes(), codec::row_body(v.value()));
         }
         for item in txn.open_table(super::IDEMPOTENCY)?.iter()? {
             let (k, v) = item?;
-            feed(b"i", k.value().as_bytes(), v.value());
+            feed(b"i", k.value().as_bytes(), codec::row_body(v.value()));
         }
         for item in txn.open_table(super::IDEM_EXPIRY)?.iter()? {
             let (k, _) = item?;
@@ -354,7 +358,7 @@ impl StateReader {
         for (tag, table) in super::AUTH_TABLES {
             for item in txn.open_table(table)?.iter()? {
                 let (k, v) = item?;
-                feed(&[b'a', tag], k.value().as_bytes(), v.value());
+                feed(&[b'a', tag], k.value().as_bytes(), codec::row_body(v.value()));
             }
         }
         for (tag, table) in super::MODEL_TABLES {

@@ -109,7 +109,11 @@ impl TestCluster {
 
     /// Starts a fresh, uninitialized node (not yet a member).
     pub async fn add_node(&mut self, id: u64) -> &Slot {
-        let dir = tempfile::tempdir().unwrap();
+        self.add_node_in(id, tempfile::tempdir().unwrap()).await
+    }
+
+    /// Starts node `id` on `dir` as it is (a data dir made elsewhere, e.g. an upgrade fixture).
+    pub async fn add_node_in(&mut self, id: u64, dir: TempDir) -> &Slot {
         let cfg = self.config(id, dir.path().to_path_buf());
         let handle = server::start(cfg).await.unwrap();
         self.slots.push(Slot {
