@@ -20,6 +20,7 @@
 //! backup_interval_secs = 3600      # the leader takes a backup this often; 0 = never
 //! backup_retention = 24            # scheduled backups kept in backup_dir
 //! cluster_verify_interval_secs = 3600  # the leader compares every node's state digest; 0 = never
+//! backup_drill_interval_secs = 0   # the leader restores its newest backup into a scratch node; 0 = never
 //! backup_key_file = "/etc/engram/backup-keys.toml"   # keyring (mode 0600); else ENGRAM_BACKUP_KEY
 //! state_sync_interval_ms = 100     # 0: fsync the state machine on every apply
 //! approx_min_vectors = 10000       # namespaces this large use HNSW shards instead of Flat
@@ -126,6 +127,11 @@ pub struct NodeArgs {
     /// [default: 3600].
     #[arg(long, env = "ENGRAM_CLUSTER_VERIFY_INTERVAL_SECS")]
     pub cluster_verify_interval_secs: Option<u64>,
+    /// The leader drills its newest backup in backup_dir this often: restores it into a scratch
+    /// node under <data_dir>/drill, checks digests and searches, records RTO and data age in
+    /// status and metrics (`engramctl backup drill`); 0 = never [default: 0].
+    #[arg(long, env = "ENGRAM_BACKUP_DRILL_INTERVAL_SECS")]
+    pub backup_drill_interval_secs: Option<u64>,
     /// Backup keyring file (mode 0600, see `engramctl keys`). Without it the key comes from
     /// ENGRAM_BACKUP_KEY. The key itself never goes in this config.
     #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
@@ -278,6 +284,7 @@ pub struct Config {
     pub backup_interval_secs: u64,
     pub backup_retention: usize,
     pub cluster_verify_interval_secs: u64,
+    pub backup_drill_interval_secs: u64,
     pub backup_key_file: Option<PathBuf>,
     pub purge_interval_ms: u64,
     pub reinforce_flush_ms: u64,
@@ -482,6 +489,7 @@ impl NodeArgs {
             backup_interval_secs: pick!(cli, file, backup_interval_secs, 0),
             backup_retention: pick!(cli, file, backup_retention, 24),
             cluster_verify_interval_secs: pick!(cli, file, cluster_verify_interval_secs, 3600),
+            backup_drill_interval_secs: pick!(cli, file, backup_drill_interval_secs, 0),
             backup_key_file: cli.backup_key_file.clone().or(file.backup_key_file.clone()),
             purge_interval_ms: pick!(cli, file, purge_interval_ms, 1000).max(10),
             reinforce_flush_ms: pick!(cli, file, reinforce_flush_ms, 1000).max(10),
@@ -547,6 +555,7 @@ impl Config {
             backup_interval_secs: 0,
             backup_retention: 24,
             cluster_verify_interval_secs: 0,
+            backup_drill_interval_secs: 0,
             backup_key_file: None,
             purge_interval_ms: 200,
             reinforce_flush_ms: 200,

@@ -56,6 +56,26 @@ fn describe() {
     metrics::describe_counter!("engram_api_requests_total", "Client RPCs, by method and outcome code.");
     metrics::describe_counter!("engram_audit_events_total", "Audit-trail events written, by kind.");
     metrics::describe_gauge!("engram_backup_last_bytes", "Size of this node's last scheduled backup.");
+    metrics::describe_counter!(
+        "engram_backup_drills_total",
+        "Scheduled DR drills, by result: ok, failed (a check did not pass), error (could not run)."
+    );
+    metrics::describe_gauge!(
+        "engram_backup_drill_rto_seconds",
+        "Recovery time of the last drill: restore, start, first committed write."
+    );
+    metrics::describe_gauge!(
+        "engram_backup_drill_data_age_seconds",
+        "Age of the drilled backup's data when the last drill began (the recovery point)."
+    );
+    metrics::describe_gauge!(
+        "engram_backup_drill_recall",
+        "Recall@10 of the last drill's scratch searches against the backup's exact answers."
+    );
+    metrics::describe_gauge!(
+        "engram_backup_drill_last_success_timestamp_seconds",
+        "Unix time of this node's last passing drill."
+    );
     metrics::describe_gauge!(
         "engram_backup_last_failure_timestamp_seconds",
         "Unix time of this node's last failed scheduled backup."
@@ -274,6 +294,9 @@ pub fn status(s: &HttpState) -> serde_json::Value {
     } else {
         "ok"
     };
+    // A drill that failed degrades the backups' health; one that never ran says nothing.
+    let drill_failed = last.drill.at_ms > 0 && !last.drill.ok && m.current_leader == Some(m.id);
+    let backups_health = if drill_failed { "degraded" } else { backups_health };
     let backups = json!({
         "status": backups_health,
         "interval_secs": s.backup_interval_secs,
@@ -281,6 +304,14 @@ pub fn status(s: &HttpState) -> serde_json::Value {
         "last_index": last.index,
         "last_failure_at_ms": last.failed_at_ms,
         "last_error": last.error,
+        "last_drill": {
+            "at_ms": last.drill.at_ms,
+            "ok": last.drill.ok,
+            "backup": last.drill.backup,
+            "rto_ms": last.drill.rto_ms,
+            "data_age_ms": last.drill.data_age_ms,
+            "error": last.drill.error,
+        },
     });
     let healths = [
         raft_health,

@@ -386,6 +386,20 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
             stopped(),
         )));
     }
+    if config.backup_drill_interval_secs > 0 {
+        // A drill starts this very binary as its scratch node.
+        let bin = std::env::current_exe()?;
+        let spec = crate::backup::drill::DrillSpec::new(std::path::PathBuf::new(), bin, config.data_dir.join("drill"));
+        tasks.push(tokio::spawn(crate::backup::drill::scheduled(
+            node.clone(),
+            Duration::from_secs(config.backup_drill_interval_secs),
+            config.backup_dir.clone(),
+            config.backup_key_file.clone(),
+            spec,
+            last_backup.clone(),
+            stopped(),
+        )));
+    }
     if config.backup_interval_secs > 0 {
         let s = Schedule {
             every: Duration::from_secs(config.backup_interval_secs),

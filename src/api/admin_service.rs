@@ -303,6 +303,12 @@ impl AdminService for AdminApi {
             last_backup_failed_at_ms: last.failed_at_ms,
             last_backup_error: last.error,
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            last_drill_at_ms: last.drill.at_ms,
+            last_drill_ok: last.drill.ok,
+            last_drill_backup: last.drill.backup,
+            last_drill_rto_ms: last.drill.rto_ms,
+            last_drill_data_age_ms: last.drill.data_age_ms,
+            last_drill_error: last.drill.error,
         }))
     }
 

@@ -11,7 +11,10 @@ use super::keys::Keyring;
 use super::BackupError;
 
 pub const MAGIC: &[u8; 8] = b"ENGRAMBK";
-pub const FORMAT_VERSION: u16 = 1;
+/// 2: the manifest carries the source's data digest at the backup's index.
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest format this build reads.
+const OLDEST_FORMAT: u16 = 1;
 pub const HEADER_BYTES: usize = 160;
 const FLAG_ZSTD: u32 = 1;
 pub const DEFAULT_CHUNK_BYTES: u32 = 1 << 20;
@@ -22,6 +25,8 @@ const KIND_MANIFEST: u8 = 1;
 /// The archive header: in the clear, checksummed, and authenticated by every chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// The archive format ([`FORMAT_VERSION`] for new archives).
+    pub format: u16,
     pub cluster_id: [u8; 16],
     pub backup_id: [u8; 16],
     pub created_at_ms: u64,
@@ -38,7 +43,7 @@ impl Header {
     pub fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut b = [0u8; HEADER_BYTES];
         b[0..8].copy_from_slice(MAGIC);
-        b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..10].copy_from_slice(&self.format.to_le_bytes());
         b[10..12].copy_from_slice(&(HEADER_BYTES as u16).to_le_bytes());
         b[12..16].copy_from_slice(&FLAG_ZSTD.to_le_bytes());
         b[16..32].copy_from_slice(&self.cluster_id);
@@ -62,8 +67,10 @@ impl Header {
             return Err(bad("not an Engram backup (bad magic)"));
         }
         let version = u16::from_le_bytes([b[8], b[9]]);
-        if version != FORMAT_VERSION {
-            return Err(bad(&format!("unsupported format version {version} (this build reads {FORMAT_VERSION})")));
+        if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&version) {
+            return Err(bad(&format!(
+                "unsupported format version {version} (this build reads {OLDEST_FORMAT} to {FORMAT_VERSION})"
+            )));
         }
         if blake3::hash(&b[..128]).as_bytes() != &b[128..160] {
             return Err(bad("checksum mismatch"));
@@ -78,6 +85,7 @@ impl Header {
             return Err(bad(&format!("chunk size {chunk_bytes} out of range")));
         }
         Ok(Header {
+            format: version,
             cluster_id: b[16..32].try_into().expect("16 bytes"),
             backup_id: b[32..48].try_into().expect("16 bytes"),
             created_at_ms: u64_at(48),
@@ -104,6 +112,38 @@ pub struct Manifest {
     pub namespaces: u64,
     pub dump_bytes: u64,
     pub dump_digest: [u8; 32],
+    /// The source's data digest (`StateReader::data_digest`) in the read transaction the dump
+    /// came from: what a restore of this backup must reproduce. `None` in format 1.
+    pub data_digest: Option<[u8; 32]>,
+}
+
+/// A format-1 manifest: no data digest.
+#[derive(Serialize, Deserialize)]
+struct ManifestV1 {
+    chunks: u64,
+    payload_bytes: u64,
+    chunk_checksums: Vec<[u8; 32]>,
+    rows: u64,
+    memories: u64,
+    namespaces: u64,
+    dump_bytes: u64,
+    dump_digest: [u8; 32],
+}
+
+impl From<ManifestV1> for Manifest {
+    fn from(m: ManifestV1) -> Manifest {
+        Manifest {
+            chunks: m.chunks,
+            payload_bytes: m.payload_bytes,
+            chunk_checksums: m.chunk_checksums,
+            rows: m.rows,
+            memories: m.memories,
+            namespaces: m.namespaces,
+            dump_bytes: m.dump_bytes,
+            dump_digest: m.dump_digest,
+            data_digest: None,
+        }
+    }
 }
 
 /// Dump figures the writer's caller puts into the manifest.
@@ -114,6 +154,7 @@ pub struct Contents {
     pub namespaces: u64,
     pub dump_bytes: u64,
     pub dump_digest: [u8; 32],
+    pub data_digest: Option<[u8; 32]>,
 }
 
 /// Seals a payload into an archive, one chunk at a time.
@@ -178,8 +219,23 @@ impl<W: Write> ArchiveWriter<W> {
             namespaces: contents.namespaces,
             dump_bytes: contents.dump_bytes,
             dump_digest: contents.dump_digest,
+            data_digest: contents.data_digest,
         };
-        let encoded = bincode::serialize(&manifest).expect("bincode of a manifest");
+        // The manifest of the header's format (1 only where a test writes an old archive).
+        let encoded = match u16::from_le_bytes([self.header[8], self.header[9]]) {
+            1 => bincode::serialize(&ManifestV1 {
+                chunks: manifest.chunks,
+                payload_bytes: manifest.payload_bytes,
+                chunk_checksums: manifest.chunk_checksums.clone(),
+                rows: manifest.rows,
+                memories: manifest.memories,
+                namespaces: manifest.namespaces,
+                dump_bytes: manifest.dump_bytes,
+                dump_digest: manifest.dump_digest,
+            }),
+            _ => bincode::serialize(&manifest),
+        }
+        .expect("bincode of a manifest");
         self.frame(KIND_MANIFEST, true, manifest.chunks, &encoded)?;
         self.out.flush()?;
         Ok((self.out, manifest, self.written))
@@ -289,8 +345,11 @@ impl<R: Read> ArchiveReader<R> {
             self.index += 1;
             return Ok(true);
         }
-        let manifest: Manifest =
-            bincode::deserialize(&plain).map_err(|e| BackupError::corrupt("manifest", e.to_string()))?;
+        let bad = |e: bincode::Error| BackupError::corrupt("manifest", e.to_string());
+        let manifest: Manifest = match self.header.format {
+            1 => bincode::deserialize::<ManifestV1>(&plain).map_err(bad)?.into(),
+            _ => bincode::deserialize(&plain).map_err(bad)?,
+        };
         if manifest.chunks != self.index
             || manifest.chunk_checksums != self.checksums
             || manifest.payload_bytes != self.payload_bytes

@@ -18,6 +18,7 @@
 
 pub mod archive;
 pub mod crypto;
+pub mod drill;
 pub mod keys;
 pub mod restore;
 pub mod schedule;
@@ -125,6 +126,7 @@ pub fn create<W: Write>(
     let applied = applied.ok_or_else(|| BackupError::Empty("the state machine has applied nothing yet".into()))?;
     let key = keys.active();
     let header = Header {
+        format: archive::FORMAT_VERSION,
         cluster_id,
         backup_id: *uuid::Uuid::now_v7().as_bytes(),
         created_at_ms: crate::memory::now_ms(),
@@ -145,6 +147,8 @@ pub fn create<W: Write>(
         namespaces: summary.namespaces,
         dump_bytes: summary.bytes,
         dump_digest: summary.digest,
+        // The same transaction's rows: what a restore must reproduce (a DR drill checks it).
+        data_digest: Some(crate::storage::StateReader::digest_in(&txn, false)?),
     };
     let (out, manifest, archive_bytes) = writer.finish(contents)?;
     Ok((out, BackupInfo { header, manifest, archive_bytes }))

@@ -82,6 +82,8 @@ pub struct LastBackup {
     pub path: String,
     pub failed_at_ms: u64,
     pub error: String,
+    /// The last scheduled drill of a backup (`drill::scheduled`).
+    pub drill: super::drill::LastDrill,
 }
 
 pub type BackupStatus = Arc<Mutex<LastBackup>>;

@@ -97,10 +97,16 @@ fn data_digest(db: &Database) -> [u8; 32] {
 
 /// An archive of `db` with small chunks, so that tests see many of them.
 fn small_chunked(db: &Database, key: &MasterKey) -> Vec<u8> {
+    chunked_as(db, key, super::archive::FORMAT_VERSION)
+}
+
+/// An archive of `db` in archive `format`, with small chunks.
+fn chunked_as(db: &Database, key: &MasterKey, format: u16) -> Vec<u8> {
     let txn = db.begin_read().unwrap();
     let (applied, _) = crate::storage::dump::head(&txn).unwrap();
     let applied = applied.unwrap();
     let header = Header {
+        format,
         cluster_id: [7; 16],
         backup_id: *uuid::Uuid::now_v7().as_bytes(),
         created_at_ms: 1,
@@ -121,6 +127,8 @@ fn small_chunked(db: &Database, key: &MasterKey) -> Vec<u8> {
         namespaces: s.namespaces,
         dump_bytes: s.bytes,
         dump_digest: s.digest,
+        // Any value: these tests check that it is carried (the drill tests check what it is).
+        data_digest: (format >= 2).then_some([5; 32]),
     };
     w.finish(contents).unwrap().0
 }
@@ -181,6 +189,32 @@ fn a_backup_verifies_and_restores_to_the_same_data_with_a_new_identity() {
     // Nothing but the data dir was left beside it.
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn a_format_1_archive_still_verifies_and_restores_without_a_source_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fixture(dir.path(), 40);
+    let key = MasterKey::generate();
+    let keys = Keyring::single(key.clone());
+    let old = chunked_as(&db, &key, 1);
+    let new = chunked_as(&db, &key, 2);
+    assert_eq!(u16::from_le_bytes([old[8], old[9]]), 1);
+    let v1 = verify(old.as_slice(), &keys).unwrap();
+    assert_eq!((v1.header.format, v1.manifest.data_digest), (1, None));
+    let v2 = verify(new.as_slice(), &keys).unwrap();
+    assert_eq!((v2.header.format, v2.manifest.data_digest), (2, Some([5; 32])));
+    let restored = restore(old.as_slice(), &keys, &target(&dir.path().join("restored"))).unwrap();
+    assert_eq!(restored.manifest.memories, 40);
+    let rdb = Database::create(dir.path().join("restored").join("state.redb")).unwrap();
+    assert_eq!(data_digest(&rdb), data_digest(&db));
+    // A format this build does not know is refused.
+    let mut future = chunked_as(&db, &key, 2);
+    future[8] = 3;
+    let sum = blake3::hash(&future[..128]);
+    future[128..160].copy_from_slice(sum.as_bytes());
+    let e = verify(future.as_slice(), &keys).unwrap_err().to_string();
+    assert!(e.contains("unsupported format version 3"), "{e}");
 }
 
 #[test]
