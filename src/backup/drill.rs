@@ -401,6 +401,9 @@ fn exited(children: &mut [Child]) -> Option<usize> {
 /// Memories read per page while answering the sample queries exactly.
 const PAGE: usize = 8192;
 
+/// What [`probes`] does with each page: its first memory's position, and the page.
+type PageFn<'a> = dyn FnMut(u64, &[Memory]) -> Result<(), BackupError> + 'a;
+
 /// Sample queries from the largest namespaces, each with its exact top [`K`] among the
 /// namespace's live memories at `now_ms`. Each namespace is read twice, a page at a time (the
 /// sample, then every memory against it), so memory use is one page whatever its size.
@@ -408,7 +411,7 @@ fn probes(reader: &StateReader, per_namespace: usize, now_ms: u64) -> Result<Vec
     let mut namespaces = reader.namespaces()?;
     namespaces.sort_by(|a, b| b.memory_count.cmp(&a.memory_count).then(a.name.cmp(&b.name)));
     let bad = |e: crate::vector::VectorError| BackupError::corrupt("restored memories", e.to_string());
-    let pages = |ns: &str, f: &mut dyn FnMut(u64, &[Memory]) -> Result<(), BackupError>| -> Result<(), BackupError> {
+    let pages = |ns: &str, f: &mut PageFn| -> Result<(), BackupError> {
         let (mut after, mut seen) = (None::<String>, 0u64);
         loop {
             let (_, page) = reader.list(ns, after.as_deref(), PAGE, now_ms)?;
@@ -437,7 +440,7 @@ fn probes(reader: &StateReader, per_namespace: usize, now_ms: u64) -> Result<Vec
         let mut sample: Vec<Vec<f32>> = Vec::new();
         pages(&ns.name, &mut |first, ms| {
             for (i, m) in ms.iter().enumerate() {
-                if (first + i as u64) % step == 0 && sample.len() < per_namespace {
+                if (first + i as u64).is_multiple_of(step) && sample.len() < per_namespace {
                     sample.push(m.embedding.clone());
                 }
             }
