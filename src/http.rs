@@ -213,6 +213,10 @@ pub struct HttpState {
     pub reader: crate::storage::StateReader,
     pub vectors: std::sync::Arc<crate::vector::VectorStore>,
     pub last_backup: crate::backup::schedule::BackupStatus,
+    /// The leader's last background `cluster verify`.
+    pub last_verify: crate::raft::cluster_verify::VerifyStatus,
+    /// 0: no background verification.
+    pub cluster_verify_interval_secs: u64,
     /// 0: no scheduled backups.
     pub backup_interval_secs: u64,
     pub data_dir: std::path::PathBuf,
@@ -313,11 +317,34 @@ pub fn status(s: &HttpState) -> serde_json::Value {
             "error": last.drill.error,
         },
     });
+    // Replicas: only the leader verifies; a divergence (or no majority digest) degrades it.
+    let v = s.last_verify.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let replicas_health = if s.cluster_verify_interval_secs == 0 {
+        "disabled"
+    } else if m.current_leader != Some(m.id) {
+        "standby"
+    } else if matches!(v.outcome, "diverged" | "no_majority") {
+        "degraded"
+    } else if v.at_ms == 0 {
+        "pending"
+    } else {
+        "ok"
+    };
+    let replicas = json!({
+        "status": replicas_health,
+        "interval_secs": s.cluster_verify_interval_secs,
+        "last_at_ms": v.at_ms,
+        "last_index": v.index,
+        "last_outcome": v.outcome,
+        "diverged": v.diverged,
+        "missing": v.missing,
+    });
     let healths = [
         raft_health,
         storage["status"].as_str().unwrap_or("down"),
         vectors["status"].as_str().unwrap_or("down"),
         backups_health,
+        replicas_health,
     ];
     let overall = if healths.contains(&"down") {
         "down"
@@ -326,7 +353,7 @@ pub fn status(s: &HttpState) -> serde_json::Value {
     } else {
         "ok"
     };
-    json!({"node_id": m.id, "status": overall, "raft": raft, "storage": storage, "vectors": vectors, "backups": backups})
+    json!({"node_id": m.id, "status": overall, "raft": raft, "storage": storage, "vectors": vectors, "backups": backups, "replicas": replicas})
 }
 
 fn free_bytes(dir: &std::path::Path) -> Option<u64> {

@@ -316,11 +316,14 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
             stopped(),
         );
 
+    let last_verify = crate::raft::cluster_verify::VerifyStatus::default();
     let http_state = crate::http::HttpState {
         node: node.clone(),
         reader: reader.clone(),
         vectors: vectors.clone(),
         last_backup: last_backup.clone(),
+        last_verify: last_verify.clone(),
+        cluster_verify_interval_secs: config.cluster_verify_interval_secs,
         backup_interval_secs: config.backup_interval_secs,
         data_dir: config.data_dir.clone(),
     };
@@ -383,6 +386,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
             node.clone(),
             state.marks(),
             Duration::from_secs(config.cluster_verify_interval_secs),
+            last_verify.clone(),
             stopped(),
         )));
     }

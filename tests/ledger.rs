@@ -295,6 +295,17 @@ async fn cluster_verify_names_a_replica_whose_state_was_altered() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(found.contains("engram_cluster_verify_diverged_nodes 1"), "{found}");
+    // The leader's /status names the node and degrades its health.
+    let mut named = None;
+    for n in &nodes {
+        let s: serde_json::Value = serde_json::from_str(&common::process::http_get(&n.http, "/status").await).unwrap();
+        if s["replicas"]["status"] == "degraded" {
+            named = Some(s);
+        }
+    }
+    let s = named.expect("no node's /status shows the divergence");
+    assert_eq!(s["replicas"]["diverged"], serde_json::json!([3]), "{s}");
+    assert_eq!(s["status"], "degraded", "{s}");
 
     // Bad requests to MarkDigest are refused; an unknown mark times out.
     let c = Client::new([nodes[0].api.clone()]).unwrap();

@@ -3,7 +3,8 @@
 //! peer service (`MarkDigest`), and names the members whose digest differs from the majority's.
 //! Outcomes go to `engram_cluster_verify_runs_total{outcome}` and the
 //! `engram_cluster_verify_diverged_nodes` gauge, and a divergence is logged as an error naming
-//! the nodes. `engramctl cluster verify` does the same on demand.
+//! the nodes, and the last outcome is in `/status` under `replicas` ([`VerifyStatus`]).
+//! `engramctl cluster verify` does the same on demand.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,6 +29,21 @@ pub struct Report {
     /// No digest was held by a majority of the members that answered.
     pub no_majority: bool,
 }
+
+/// The last background verification this node ran (as leader), for `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct LastVerify {
+    /// When it finished (0: never).
+    pub at_ms: u64,
+    /// The mark's index (0 when it could not run).
+    pub index: u64,
+    /// `ok`, `diverged`, `no_majority`, `incomplete` or `failed` (as in the metric).
+    pub outcome: &'static str,
+    pub diverged: Vec<NodeId>,
+    pub missing: Vec<NodeId>,
+}
+
+pub type VerifyStatus = std::sync::Arc<std::sync::Mutex<LastVerify>>;
 
 /// The value more than half of `values` hold; `None` when none does (or there are none).
 /// `engramctl cluster verify` and `ledger verify` judge the endpoints' answers with it too.
@@ -116,14 +132,24 @@ async fn ask(node: &RaftNode, member: NodeId, addr: &str, id: &str) -> Option<Ma
 }
 
 /// Runs a verification every `every` while this node leads, until `stop`.
-pub async fn run(node: RaftNode, marks: Marks, every: Duration, stop: impl std::future::Future<Output = ()>) {
-    node.every_while_leader(every, stop, || report(&node, &marks)).await;
+pub async fn run(
+    node: RaftNode,
+    marks: Marks,
+    every: Duration,
+    status: VerifyStatus,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    node.every_while_leader(every, stop, || report(&node, &marks, &status)).await;
 }
 
-/// One background verification, into the metrics and the log.
-async fn report(node: &RaftNode, marks: &Marks) {
+/// One background verification, into the metrics, the log and `status`.
+async fn report(node: &RaftNode, marks: &Marks, status: &VerifyStatus) {
+    let mut last = LastVerify::default();
     let outcome = match verify_once(node, marks).await {
         Ok(r) => {
+            last.index = r.index;
+            last.diverged = r.diverged.clone();
+            last.missing = r.missing.clone();
             metrics::gauge!("engram_cluster_verify_diverged_nodes").set(r.diverged.len() as f64);
             metrics::gauge!("engram_cluster_verify_index").set(r.index as f64);
             if !r.diverged.is_empty() {
@@ -145,6 +171,9 @@ async fn report(node: &RaftNode, marks: &Marks) {
         }
     };
     metrics::counter!("engram_cluster_verify_runs_total", "outcome" => outcome).increment(1);
+    last.outcome = outcome;
+    last.at_ms = crate::memory::now_ms();
+    *status.lock().unwrap_or_else(|p| p.into_inner()) = last;
 }
 
 #[cfg(test)]
