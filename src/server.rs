@@ -41,7 +41,7 @@ use crate::vector::VectorOptions;
 
 /// Largest client request. AppendEntries carry at most `network::MAX_APPEND_BYTES` of entries,
 /// or one entry, so a peer message stays under `network::MAX_PEER_MESSAGE_BYTES`.
-const MAX_MESSAGE_BYTES: usize = 8 << 20;
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
 /// A running node.
 pub struct NodeHandle {
@@ -277,7 +277,12 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         last: last_backup.clone(),
         state_file: config.data_dir.join("state.redb"),
     };
-    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), me, backup, !config.insecure, (log_reader, marks)));
+    let admin = AdminServiceServer::new(
+        AdminApi::new(node.clone(), me, backup, !config.insecure, (log_reader, marks))
+            .with_approx_min_vectors(config.approx_min_vectors as u64),
+    )
+    // A partial restore carries a namespace's rows in one request.
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let auth_api = AuthServiceServer::new(AuthApi::new(node.clone(), reader.clone(), authorizer));
     let listen = listener_limits(&config);
     let api_tls = tls.clone().map(|t| Arc::new(move || t.api_acceptor()) as crate::transport::listener::Acceptors);

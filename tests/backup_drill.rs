@@ -47,12 +47,17 @@ fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// One drill at a time in this binary: a drill picks free ports before its nodes bind them,
+/// and two drills at once could pick the same one.
+static DRILLS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn empty(dir: &Path) -> bool {
     std::fs::read_dir(dir).unwrap().next().is_none()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drill_restores_scratch_nodes_that_match_the_backup() {
+    let _one = DRILLS.lock().await;
     // SAFETY: set before any node starts; the nodes inherit it as their backup key.
     unsafe { std::env::set_var(engram::backup::keys::KEY_ENV, KEY) };
     let dir = tempfile::tempdir().unwrap();
@@ -105,6 +110,42 @@ async fn a_drill_restores_scratch_nodes_that_match_the_backup() {
     assert!(report["data_age_ms"].as_u64().unwrap() >= 300, "{report}");
     assert!(empty(&scratch), "the scratch nodes' dirs were left behind");
 
+    // Partial restore of one namespace through engramctl: the dry run says what would change
+    // and changes nothing; the restore then takes drill/big back to the backup's 300.
+    let eps: Vec<String> = _nodes.iter().map(|n| n.api.clone()).collect();
+    let restore_ns = |dry: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_engramctl"));
+        c.env(engram::backup::keys::KEY_ENV, KEY)
+            .args(["--insecure", "--endpoints", &eps.join(","), "backup", "restore-namespace"])
+            .arg(&archive)
+            .args(["--namespace", "drill/big"]);
+        if dry {
+            c.arg("--dry-run");
+        }
+        c.output().unwrap()
+    };
+    let out = restore_ns(true);
+    assert!(out.status.success(), "{}", text(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (plan["added"].as_u64(), plan["changed"].as_u64(), plan["removed"].as_u64()),
+        (Some(0), Some(0), Some(50)),
+        "{plan}"
+    );
+    assert_eq!(plan["unchanged"], 300);
+    assert!(plan.get("applied_index").is_none(), "a dry run restored: {plan}");
+    assert_eq!(client.list_all("drill/big").await.unwrap().len(), 350, "the dry run changed the namespace");
+    let small_before: Vec<_> =
+        client.list_all("drill/small").await.unwrap().into_iter().map(|m| (m.id, m.revision)).collect();
+    let out = restore_ns(false);
+    assert!(out.status.success(), "{}", text(&out));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((done["restored"].as_u64(), done["replaced"].as_u64()), (Some(300), Some(350)), "{done}");
+    assert_eq!(client.list_all("drill/big").await.unwrap().len(), 300);
+    let small_after: Vec<_> =
+        client.list_all("drill/small").await.unwrap().into_iter().map(|m| (m.id, m.revision)).collect();
+    assert_eq!(small_after, small_before, "another namespace moved");
+
     // A wrong key: no drill, a clear error, nothing left behind.
     let out = drill(&archive, OTHER_KEY, &scratch, &[]);
     assert!(!out.status.success());
@@ -143,6 +184,7 @@ async fn a_drill_restores_scratch_nodes_that_match_the_backup() {
 /// and metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scheduled_drill_reports_in_status_and_metrics() {
+    let _one = DRILLS.lock().await;
     // SAFETY: set before the node starts; it inherits it as its backup key.
     unsafe { std::env::set_var(engram::backup::keys::KEY_ENV, KEY) };
     let dir = tempfile::tempdir().unwrap();

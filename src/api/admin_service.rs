@@ -48,6 +48,8 @@ pub struct AdminApi {
     marks: Marks,
     /// One ledger verification at a time: each reads the whole history.
     verifying: Arc<tokio::sync::Semaphore>,
+    /// Stamped into a namespace a partial restore creates (the node's configured threshold).
+    approx_min_vectors: u64,
 }
 
 /// What `CreateBackup` and status need: the state, the key's whereabouts, the last scheduled
@@ -110,7 +112,23 @@ impl AdminApi {
         secure: bool,
         (log, marks): (LogStore, Marks),
     ) -> Self {
-        AdminApi { node, me, backup, secure, log, marks, verifying: Arc::new(tokio::sync::Semaphore::new(1)) }
+        let approx_min_vectors = crate::memory::Limits::default().approx_min_vectors;
+        AdminApi {
+            node,
+            me,
+            backup,
+            secure,
+            log,
+            marks,
+            verifying: Arc::new(tokio::sync::Semaphore::new(1)),
+            approx_min_vectors,
+        }
+    }
+
+    /// The approximate-index threshold of namespaces a partial restore creates.
+    pub fn with_approx_min_vectors(mut self, n: u64) -> Self {
+        self.approx_min_vectors = n;
+        self
     }
 
     /// Whether this node already belongs to a cluster (it has a membership).
@@ -566,6 +584,14 @@ impl AdminService for AdminApi {
         res
     }
 
+    #[instrument(skip_all, fields(namespace = %req.get_ref().namespace))]
+    async fn restore_namespace(
+        &self,
+        req: Request<pb::RestoreNamespaceRequest>,
+    ) -> Result<Response<pb::RestoreNamespaceResponse>, Status> {
+        handle!(self, req, "restore_namespace", restore_namespace_inner)
+    }
+
     #[instrument(skip_all)]
     async fn propose_mark(
         &self,
@@ -625,3 +651,53 @@ fn storage_error(e: crate::error::StorageError) -> ApiError {
 
 /// Most ledger rows one `ExportLedger` page holds (64 bytes each plus framing).
 const MAX_LEDGER_PAGE: u32 = 10_000;
+
+/// The memories of a `RestoreNamespace` request: at most the request's own size, nothing after.
+pub(crate) fn decode_restored(bytes: &[u8]) -> Result<Vec<crate::memory::Memory>, ApiError> {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_limit(bytes.len() as u64)
+        .reject_trailing_bytes()
+        .deserialize(bytes)
+        .map_err(|e| ApiError::invalid("memories", format!("not a list of memory rows: {e}")))
+}
+
+impl AdminApi {
+    async fn restore_namespace_inner(
+        &self,
+        caller: &crate::auth::Caller,
+        req: pb::RestoreNamespaceRequest,
+    ) -> Result<pb::RestoreNamespaceResponse, ApiError> {
+        crate::memory::validate_namespace(&req.namespace)?;
+        let metric = crate::api::convert::metric_from_pb(req.metric)?;
+        let policy = match req.policy_json.as_str() {
+            "" => None,
+            json => Some(
+                serde_json::from_str::<crate::memory::MemoryPolicy>(json)
+                    .map_err(|e| ApiError::invalid("policy_json", e.to_string()))?,
+            ),
+        };
+        let memories = decode_restored(&req.memories)?;
+        let idempotency = crate::api::convert::idempotency(
+            req.options,
+            "restore-namespace",
+            &(&req.namespace, req.dimension, req.metric, &req.policy_json, &req.memories),
+        )?;
+        let op = Op::RestoreNamespace {
+            namespace: req.namespace,
+            dimension: req.dimension,
+            metric,
+            approx_min_vectors: self.approx_min_vectors,
+            policy,
+            memories,
+        };
+        let res = crate::api::propose(&self.node, caller, idempotency, op).await?;
+        match res.outcome {
+            crate::raft::Outcome::NamespaceRestored { restored, replaced } => {
+                Ok(pb::RestoreNamespaceResponse { applied_index: res.index, restored, replaced })
+            }
+            other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+}

@@ -282,7 +282,7 @@ pub async fn run(spec: &DrillSpec, keys: &Keyring) -> Result<DrillReport, Backup
             }
             Err(_) => {
                 if let Some(dead) = exited(&mut scratch.children) {
-                    report.problems.push(format!("scratch node {dead} exited during start (see its log)"));
+                    report.problems.push(format!("scratch node {dead} exited during start: {}", log_tail(&dir, dead)));
                     return Ok(report);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -291,6 +291,12 @@ pub async fn run(spec: &DrillSpec, keys: &Keyring) -> Result<DrillReport, Backup
     };
     report.start_ms = nodes_started.elapsed().as_millis() as u64;
     report.rto_ms = report.restore_ms + report.start_ms;
+    // A majority committed the mark; a member that died meanwhile (its port was taken between
+    // the drill choosing it and the node binding it, say) is a failed drill, said plainly.
+    if let Some(dead) = exited(&mut scratch.children) {
+        report.problems.push(format!("scratch node {dead} exited during start: {}", log_tail(&dir, dead)));
+        return Ok(report);
+    }
     for (id, addr) in members.keys().zip(&endpoints) {
         let pinned =
             Client::with_options([addr.clone()], options.clone()).map_err(|e| BackupError::Target(e.to_string()))?;
@@ -391,6 +397,13 @@ fn secure_scratch(
         ..Default::default()
     };
     Ok((flags, options))
+}
+
+/// The last lines of scratch node `id`'s log.
+fn log_tail(dir: &Path, id: usize) -> String {
+    let log = std::fs::read_to_string(dir.join(format!("n{id}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().rev().take(3).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 /// The id of a scratch node that has exited, if any.

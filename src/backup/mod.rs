@@ -199,6 +199,63 @@ fn read_archive<R: Read>(
     Ok(BackupInfo { header, manifest, archive_bytes: input.bytes })
 }
 
+/// Reads a backup end to end, checking it as [`verify`] does, and returns the rows of one
+/// namespace (`None`: the backup has no such namespace). Writes nothing.
+pub fn namespace_of(
+    input: impl Read,
+    keys: &Keyring,
+    namespace: &str,
+) -> Result<(BackupInfo, Option<dump::NamespaceRows>), BackupError> {
+    let mut rows = None;
+    let info = read_archive(input, keys, |r| {
+        let (summary, found) = dump::namespace_rows(r, namespace)?;
+        rows = found;
+        Ok(summary)
+    })?;
+    Ok((info, rows))
+}
+
+/// What a partial restore of one namespace would change, by memory id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RestoreDiff {
+    /// In the backup, not in the live namespace.
+    pub added: Vec<String>,
+    /// In both, with another text, embedding, tags, importance or expiry.
+    pub changed: Vec<String>,
+    /// In the live namespace, not in the backup: a restore deletes them.
+    pub removed: Vec<String>,
+    pub unchanged: u64,
+}
+
+/// Compares a backup's rows of a namespace with the live namespace's memories.
+pub fn restore_diff(rows: &dump::NamespaceRows, live: &[crate::proto::Memory]) -> RestoreDiff {
+    let live: std::collections::BTreeMap<&str, &crate::proto::Memory> =
+        live.iter().map(|m| (m.id.as_str(), m)).collect();
+    let mut d = RestoreDiff::default();
+    let mut seen = std::collections::BTreeSet::new();
+    for m in &rows.memories {
+        seen.insert(m.id.as_str());
+        match live.get(m.id.as_str()) {
+            None => d.added.push(m.id.clone()),
+            Some(l) => {
+                let tags: std::collections::BTreeMap<&String, &String> = l.tags.iter().collect();
+                let same = l.text == m.text
+                    && l.embedding == m.embedding
+                    && tags == m.tags.iter().collect()
+                    && l.importance == m.importance
+                    && l.expires_at_ms == m.expires_at_ms.unwrap_or(0);
+                if same {
+                    d.unchanged += 1;
+                } else {
+                    d.changed.push(m.id.clone());
+                }
+            }
+        }
+    }
+    d.removed = live.keys().filter(|id| !seen.contains(*id)).map(|id| id.to_string()).collect();
+    d
+}
+
 /// Checks a backup end to end without restoring it: header, every chunk's tag, the manifest,
 /// and the state dump's shape and digest.
 pub fn verify(input: impl Read, keys: &Keyring) -> Result<BackupInfo, BackupError> {

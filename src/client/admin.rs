@@ -134,6 +134,29 @@ impl Admin<'_> {
     }
 
     /// Has the leader propose a mark (see `cluster verify`); its id and log index.
+    /// Partial restore: namespace `rows.info.name` becomes exactly `rows` (read from a backup
+    /// with `backup::namespace_of`), in one replicated entry. Sent with one idempotency key,
+    /// so a retry after an unclear outcome does not restore twice.
+    pub async fn restore_namespace(
+        &self,
+        rows: &crate::storage::dump::NamespaceRows,
+    ) -> Result<pb::RestoreNamespaceResponse, ClientError> {
+        let req = pb::RestoreNamespaceRequest {
+            namespace: rows.info.name.clone(),
+            dimension: rows.info.dimension,
+            metric: crate::api::convert::metric_to_pb(rows.info.metric) as i32,
+            policy_json: rows.policy_json.clone().unwrap_or_default(),
+            memories: crate::storage::codec::encode(&rows.memories),
+            options: Some(pb::WriteOptions { idempotency_key: uuid::Uuid::now_v7().to_string() }),
+        };
+        self.client
+            .call(|ch, t| {
+                let r = req.clone();
+                async move { Self::admin(ch).restore_namespace(timed(r, t)).await }
+            })
+            .await
+    }
+
     pub async fn propose_mark(&self) -> Result<pb::ProposeMarkResponse, ClientError> {
         self.client
             .call(|ch, t| async move { Self::admin(ch).propose_mark(timed(pb::ProposeMarkRequest {}, t)).await })

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use policy::MemoryPolicy;
 pub use validate::{
-    validate_embedding, validate_id, validate_input, validate_namespace, Limits, MAX_NAMESPACE_BYTES,
+    validate_embedding, validate_id, validate_input, validate_namespace, Limits, MAX_ELEMENT, MAX_NAMESPACE_BYTES,
     MAX_NAMESPACE_DEPTH,
 };
 

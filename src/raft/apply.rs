@@ -167,6 +167,10 @@ fn run(
             Some(_) => apply_memory::reinforce(txn, ctx, namespace, hits)?,
         },
         Op::Mark { .. } => Outcome::None,
+        Op::RestoreNamespace { namespace, dimension, metric, approx_min_vectors, policy, memories } => {
+            let shape = (*dimension, *metric, *approx_min_vectors);
+            restore_namespace(txn, ctx, namespace, shape, policy.as_ref(), memories, ops)?
+        }
         other => apply_auth::apply_admin(txn, cmd.now_ms, other)?,
     })
 }
@@ -212,6 +216,9 @@ pub(crate) fn touched(cmd: &Command, changes: &mut crate::vector::Changes) {
         | Op::RevokeGrant { .. }
         | Op::SetQuota { .. }
         | Op::Mark { .. } => {}
+        Op::RestoreNamespace { namespace, .. } => {
+            changes.namespaces.insert(namespace.clone());
+        }
     }
 }
 
@@ -370,6 +377,100 @@ fn delete_namespace(txn: &WriteTransaction, namespace: &str, ops: &mut Vec<Vecto
 }
 
 /// The first cluster id applied wins; later proposals (a new leader racing) change nothing.
+/// [`Op::RestoreNamespace`]: checks everything first (a refusal changes nothing), then drops
+/// the namespace's memories and writes the restored ones.
+fn restore_namespace(
+    txn: &WriteTransaction,
+    ctx: &Ctx,
+    namespace: &str,
+    (dimension, metric, approx_min_vectors): (u32, Metric, u64),
+    policy: Option<&crate::memory::MemoryPolicy>,
+    memories: &[crate::memory::Memory],
+    ops: &mut Vec<VectorOp>,
+) -> Result<Outcome, StorageError> {
+    let invalid = |field: String, reason: String| Ok(Outcome::Rejected(Rejection::Invalid { field, reason }));
+    use crate::memory::{validate_id, validate_namespace, Limits, MAX_ELEMENT};
+    if let Err(e) = validate_namespace(namespace) {
+        return invalid("namespace".into(), e.to_string());
+    }
+    // A constant, not this node's configured limit: every replica must decide alike.
+    if dimension == 0 || dimension as usize > Limits::default().max_dimension {
+        return invalid("dimension".into(), format!("{dimension} is out of range"));
+    }
+    if let Some(Err(e)) = policy.map(|p| p.validate(metric)) {
+        return invalid(format!("policy.{}", e.field), e.reason);
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for (i, m) in memories.iter().enumerate() {
+        let field = |f: &str| format!("memories[{i}].{f}");
+        if m.namespace != namespace {
+            return invalid(field("namespace"), format!("`{}` is not the namespace being restored", m.namespace));
+        }
+        if let Err(e) = validate_id(&field("id"), &m.id) {
+            return invalid(field("id"), e.to_string());
+        }
+        if !ids.insert(m.id.as_str()) {
+            return invalid(field("id"), format!("`{}` appears twice", m.id));
+        }
+        if m.embedding.len() as u32 != dimension {
+            return Ok(Outcome::Rejected(Rejection::DimensionMismatch {
+                field: field("embedding"),
+                expected: dimension,
+                got: m.embedding.len() as u32,
+            }));
+        }
+        if m.embedding.iter().any(|x| !x.is_finite() || x.abs() > MAX_ELEMENT)
+            || (metric == Metric::Cosine && m.embedding.iter().all(|x| *x == 0.0))
+        {
+            return invalid(field("embedding"), "not finite, or a zero vector in a cosine namespace".into());
+        }
+        if m.content_hash != crate::memory::content_hash(&m.text) {
+            return invalid(field("content_hash"), "does not match the text".into());
+        }
+    }
+    let existing = load_namespace(txn, namespace)?;
+    if let Some(info) = &existing {
+        if (info.dimension, info.metric) != (dimension, metric) {
+            return Ok(Outcome::Rejected(Rejection::NamespaceExists {
+                namespace: namespace.into(),
+                dimension: info.dimension,
+                metric: info.metric,
+            }));
+        }
+    } else if let Some(r) = namespace_quota(txn, namespace)? {
+        return Ok(Outcome::Rejected(r));
+    }
+    let mut info = NamespaceInfo {
+        name: namespace.into(),
+        dimension,
+        metric,
+        memory_count: 0,
+        created_at_ms: existing.as_ref().map_or(ctx.now_ms, |i| i.created_at_ms),
+        index: IndexKind::Flat,
+        approx_min_vectors: existing.as_ref().map_or(approx_min_vectors, |i| i.approx_min_vectors),
+        bytes: 0,
+    };
+    if let Some(r) = apply_memory::restore_quota(txn, &info, memories)? {
+        return Ok(Outcome::Rejected(r));
+    }
+    let replaced = match &existing {
+        Some(_) => {
+            let n = apply_memory::drop_namespace(txn, namespace)?;
+            ops.push(VectorOp::DropNamespace { namespace: namespace.into() });
+            n
+        }
+        None => 0,
+    };
+    ops.push(VectorOp::Namespace { namespace: namespace.into(), dimension, metric });
+    if let Some(p) = policy {
+        crate::storage::index::put_policy(txn, namespace, p)?;
+    }
+    apply_memory::restore(txn, ctx, &mut info, memories, ops)?;
+    reconsider_index(&mut info, ops);
+    store_namespace(txn, &info)?;
+    Ok(Outcome::NamespaceRestored { restored: info.memory_count, replaced })
+}
+
 fn set_cluster_id(txn: &WriteTransaction, id: &[u8; 16]) -> Result<Outcome, StorageError> {
     let mut meta = txn.open_table(crate::storage::SM_META)?;
     if meta.get(crate::storage::META_CLUSTER_ID)?.is_none() {

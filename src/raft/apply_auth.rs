@@ -176,6 +176,7 @@ pub(crate) fn apply_admin(txn: &WriteTransaction, now_ms: u64, op: &Op) -> Resul
         | Op::Retire { .. }
         | Op::Consolidate { .. }
         | Op::Reinforce { .. }
-        | Op::Mark { .. } => unreachable!("memory ops and marks are applied by apply::run"),
+        | Op::Mark { .. }
+        | Op::RestoreNamespace { .. } => unreachable!("memory ops and marks are applied by apply::run"),
     }
 }

@@ -511,6 +511,44 @@ fn check_quota(
     Ok(None)
 }
 
+/// Tenant quotas against a namespace that would hold exactly `memories` (a partial restore).
+pub(crate) fn restore_quota(
+    txn: &WriteTransaction,
+    info: &NamespaceInfo,
+    memories: &[Memory],
+) -> Result<Option<Rejection>, StorageError> {
+    let count = memories.len() as u64;
+    let bytes: u64 = memories.iter().map(Memory::stored_bytes).sum();
+    let quota = crate::storage::auth::quota(&txn.open_table(QUOTAS)?, crate::auth::records::tenant_of(&info.name))?;
+    for (max, now, what) in
+        [(quota.max_memories_per_namespace, count, "memories"), (quota.max_bytes_per_namespace, bytes, "bytes")]
+    {
+        if let Some(max) = max.filter(|m| now > *m) {
+            return Ok(Some(Rejection::QuotaExceeded {
+                field: "memories".into(),
+                reason: format!("the restored namespace would hold {now} {what}; its tenant's limit is {max}"),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Writes the rows of a partial restore into an emptied namespace, each at revision
+/// `ctx.index`.
+pub(crate) fn restore(
+    txn: &WriteTransaction,
+    ctx: &Ctx,
+    info: &mut NamespaceInfo,
+    memories: &[Memory],
+    ops: &mut Vec<VectorOp>,
+) -> Result<(), StorageError> {
+    let mut tables = MemoryTables::open(txn)?;
+    for m in memories {
+        write(&mut tables, info, Memory { revision: ctx.index, ..m.clone() }, ops)?;
+    }
+    Ok(())
+}
+
 /// Deletes one memory; an expired one is already absent.
 pub(crate) fn delete(
     txn: &WriteTransaction,

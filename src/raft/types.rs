@@ -189,6 +189,20 @@ pub enum Op {
     Mark {
         id: String,
     },
+    /// Partial restore: the namespace becomes exactly `memories` (rows as a backup holds them),
+    /// in one entry. Its current memories go; each restored one takes the entry's index as its
+    /// revision, so a precondition written against the old state fails. An absent namespace is
+    /// created with `dimension` and `metric`; an existing one must have them. `policy` (JSON,
+    /// as the backup's `ns_policy` row) replaces the namespace's, `None` restores the default.
+    /// Cluster admins only. Other namespaces are not touched.
+    RestoreNamespace {
+        namespace: String,
+        dimension: u32,
+        metric: Metric,
+        approx_min_vectors: u64,
+        policy: Option<MemoryPolicy>,
+        memories: Vec<crate::memory::Memory>,
+    },
 }
 
 /// One consolidation group: the keeper and the memories it absorbs, each at the revision the
@@ -224,6 +238,7 @@ impl Op {
             Op::RevokeGrant { .. } => "revoke_grant",
             Op::SetQuota { .. } => "set_quota",
             Op::Mark { .. } => "mark",
+            Op::RestoreNamespace { .. } => "restore_namespace",
         }
     }
 
@@ -239,7 +254,8 @@ impl Op {
             | Op::SetPolicy { namespace, .. }
             | Op::Retire { namespace, .. }
             | Op::Consolidate { namespace, .. }
-            | Op::Reinforce { namespace, .. } => Some(namespace),
+            | Op::Reinforce { namespace, .. }
+            | Op::RestoreNamespace { namespace, .. } => Some(namespace),
             Op::Purge { .. } => None,
             Op::SetClusterId { .. }
             | Op::CreateKey { .. }
@@ -338,6 +354,11 @@ pub enum Outcome {
     },
     Reinforced {
         memories: u64,
+    },
+    NamespaceRestored {
+        /// Memories the namespace holds now, and held before.
+        restored: u64,
+        replaced: u64,
     },
 }
 
@@ -466,6 +487,9 @@ impl std::fmt::Display for Command {
             Op::Consolidate { namespace, clusters, .. } => write!(f, "consolidate {namespace} x{}", clusters.len()),
             Op::Reinforce { namespace, hits } => write!(f, "reinforce {namespace} x{}", hits.len()),
             Op::Mark { id } => write!(f, "mark {id}"),
+            Op::RestoreNamespace { namespace, memories, .. } => {
+                write!(f, "restore-namespace {namespace} x{}", memories.len())
+            }
         }
     }
 }

@@ -264,6 +264,53 @@ pub fn check(r: impl Read) -> Result<DumpSummary, StorageError> {
     read_all(r, &mut Discard)
 }
 
+/// One namespace's rows in a dump (a partial restore's input).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamespaceRows {
+    pub info: crate::memory::NamespaceInfo,
+    /// The `ns_policy` row (JSON), if the namespace had a policy of its own.
+    pub policy_json: Option<String>,
+    /// In id order.
+    pub memories: Vec<crate::memory::Memory>,
+}
+
+struct OneNamespace<'a> {
+    name: &'a str,
+    prefix: Vec<u8>,
+    info: Option<crate::memory::NamespaceInfo>,
+    policy_json: Option<String>,
+    memories: Vec<crate::memory::Memory>,
+}
+
+impl Sink for OneNamespace<'_> {
+    fn row(&mut self, format: u16, r: Record) -> Result<(), StorageError> {
+        match r {
+            Record::Namespace { name, value } if name == self.name => {
+                self.info = Some(codec::decode_row("namespaces", &current_row(format, value))?);
+            }
+            Record::Memory { key, value } if key.starts_with(&self.prefix) => {
+                self.memories.push(codec::decode_memory(&value)?);
+            }
+            Record::Model { table: 0, key, value } if key == self.name => {
+                self.policy_json = Some(String::from_utf8(value).map_err(|_| corrupt("a policy row is not UTF-8"))?);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Reads a whole dump, checking it as [`check`] does, and keeps the rows of `namespace`
+/// (`None`: the dump has no such namespace).
+pub fn namespace_rows(r: impl Read, namespace: &str) -> Result<(DumpSummary, Option<NamespaceRows>), StorageError> {
+    let mut prefix = namespace.as_bytes().to_vec();
+    prefix.push(0);
+    let mut sink = OneNamespace { name: namespace, prefix, info: None, policy_json: None, memories: Vec::new() };
+    let summary = read_all(r, &mut sink)?;
+    let rows = sink.info.map(|info| NamespaceRows { info, policy_json: sink.policy_json, memories: sink.memories });
+    Ok((summary, rows))
+}
+
 struct Tables<'t> {
     meta: redb::Table<'t, &'static str, &'static [u8]>,
     namespaces: redb::Table<'t, &'static str, &'static [u8]>,

@@ -144,6 +144,18 @@ enum BackupCmd {
         #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
         key_file: Option<PathBuf>,
     },
+    /// Partial restore: one namespace of a live cluster becomes exactly what the backup holds
+    /// (one replicated entry; other namespaces untouched). Prints what changes, as JSON;
+    /// `--dry-run` prints it and changes nothing. Needs a cluster admin key.
+    RestoreNamespace {
+        file: PathBuf,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
+        key_file: Option<PathBuf>,
+    },
     /// A disaster-recovery drill: restore a backup into scratch nodes started on loopback,
     /// compare their digests and search answers with the backup's, report RTO and data age
     /// (RPO) as JSON, then remove them. Exit 0 if every check passed, 1 if one failed.
@@ -925,6 +937,9 @@ fn read_with_bar(
 async fn backup_cmd(client: &Client, cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
         BackupCmd::Verify { .. } | BackupCmd::Restore { .. } | BackupCmd::Drill { .. } => backup_file_cmd(cmd).await?,
+        BackupCmd::RestoreNamespace { file, namespace, dry_run, key_file } => {
+            restore_namespace(client, file, namespace, dry_run, key_file).await?
+        }
         BackupCmd::Create { target } => {
             // The node's estimate of the total (its state file; the archive is compressed).
             let mut bar: Option<indicatif::ProgressBar> = None;
@@ -959,6 +974,7 @@ async fn backup_cmd(client: &Client, cmd: BackupCmd) -> Result<(), Box<dyn std::
 async fn backup_file_cmd(cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
         BackupCmd::Create { .. } => return Err("backup create streams from a node".into()),
+        BackupCmd::RestoreNamespace { .. } => return Err("restore-namespace restores into a running cluster".into()),
         BackupCmd::Verify { file, key_file } => {
             let keys = Keyring::resolve(key_file.as_deref())?;
             let info = tokio::task::spawn_blocking(move || {
@@ -1021,6 +1037,63 @@ async fn backup_file_cmd(cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error
             );
         }
     }
+    Ok(())
+}
+
+/// `backup restore-namespace`: the backup's rows of one namespace, compared with the live
+/// namespace, then (unless a dry run) restored through the log.
+async fn restore_namespace(
+    client: &Client,
+    file: PathBuf,
+    namespace: String,
+    dry_run: bool,
+    key_file: Option<PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    engram::memory::validate_namespace(&namespace)?;
+    let keys = Keyring::resolve(key_file.as_deref())?;
+    let ns = namespace.clone();
+    let (info, rows) = tokio::task::spawn_blocking(move || {
+        let (input, bar) = read_with_bar(&file, "reading")?;
+        let res = backup::namespace_of(input, &keys, &ns).map_err(|e| e.to_string());
+        bar.finish_and_clear();
+        res
+    })
+    .await??;
+    let rows =
+        rows.ok_or_else(|| format!("the backup (index {}) has no namespace {namespace}", info.header.applied_index))?;
+    let live = match client.list_all(&namespace).await {
+        Ok(l) => l,
+        Err(e) if e.code == tonic::Code::NotFound => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let diff = backup::restore_diff(&rows, &live);
+    let bytes = engram::storage::codec::encode(&rows.memories).len();
+    let mut out = serde_json::json!({
+        "namespace": namespace,
+        "backup_index": info.header.applied_index,
+        "backup_memories": rows.memories.len(),
+        "live_memories": live.len(),
+        "added": diff.added.len(),
+        "changed": diff.changed.len(),
+        "removed": diff.removed.len(),
+        "unchanged": diff.unchanged,
+        "dry_run": dry_run,
+    });
+    // One entry carries the whole namespace: refuse here what the node would refuse anyway.
+    let limit = engram::server::MAX_MESSAGE_BYTES - (64 << 10);
+    if bytes > limit {
+        return Err(format!(
+            "{namespace} holds {bytes} bytes of memories in the backup; a partial restore carries at most {limit} in one entry. Restore the whole backup into a new cluster instead (backup restore)"
+        )
+        .into());
+    }
+    if !dry_run {
+        let r = client.admin().restore_namespace(&rows).await?;
+        out["applied_index"] = r.applied_index.into();
+        out["restored"] = r.restored.into();
+        out["replaced"] = r.replaced.into();
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 
