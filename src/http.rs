@@ -356,7 +356,7 @@ pub fn status(s: &HttpState) -> serde_json::Value {
     json!({"node_id": m.id, "status": overall, "raft": raft, "storage": storage, "vectors": vectors, "backups": backups, "replicas": replicas})
 }
 
-fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+pub(crate) fn free_bytes(dir: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };

@@ -255,6 +255,8 @@ pub fn write_archive(
             txn.open_table(crate::storage::IDEMPOTENCY).map_err(|e| e.to_string())?;
             txn.open_table(crate::storage::IDEM_EXPIRY).map_err(|e| e.to_string())?;
         }
+        // The derived indexes a restore rebuilds: the archive's data digest covers them.
+        crate::storage::index::rebuild(&txn).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
         let name =
             format!("archive-{}-{:013}-{}.engram", info.name.replace('/', "_"), crate::memory::now_ms(), applied.index);

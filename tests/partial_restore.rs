@@ -111,6 +111,8 @@ async fn one_namespace_comes_back_from_a_backup_and_nothing_else_moves() {
     nan[5].embedding[0] = f32::NAN;
     let mut twice = rows.memories.clone();
     twice[6].id = twice[7].id.clone();
+    let mut weighty = rows.memories.clone();
+    weighty[9].importance = 2.0;
     let mut forged = rows.memories.clone();
     forged[8].text = "not the text its hash was taken of".into();
     for (what, req, code) in [
@@ -137,6 +139,11 @@ async fn one_namespace_comes_back_from_a_backup_and_nothing_else_moves() {
         (
             "an id twice",
             pb::RestoreNamespaceRequest { memories: engram::storage::codec::encode(&twice), ..good.clone() },
+            Code::InvalidArgument,
+        ),
+        (
+            "an importance out of range",
+            pb::RestoreNamespaceRequest { memories: engram::storage::codec::encode(&weighty), ..good.clone() },
             Code::InvalidArgument,
         ),
         (

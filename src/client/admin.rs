@@ -133,7 +133,6 @@ impl Admin<'_> {
         Ok(r.into_inner())
     }
 
-    /// Has the leader propose a mark (see `cluster verify`); its id and log index.
     /// Partial restore: namespace `rows.info.name` becomes exactly `rows` (read from a backup
     /// with `backup::namespace_of`), in one replicated entry. Sent with one idempotency key,
     /// so a retry after an unclear outcome does not restore twice.
@@ -157,6 +156,7 @@ impl Admin<'_> {
             .await
     }
 
+    /// Has the leader propose a mark (see `cluster verify`); its id and log index.
     pub async fn propose_mark(&self) -> Result<pb::ProposeMarkResponse, ClientError> {
         self.client
             .call(|ch, t| async move { Self::admin(ch).propose_mark(timed(pb::ProposeMarkRequest {}, t)).await })

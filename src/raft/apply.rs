@@ -376,7 +376,6 @@ fn delete_namespace(txn: &WriteTransaction, namespace: &str, ops: &mut Vec<Vecto
     Ok(Outcome::NamespaceDeleted { memories })
 }
 
-/// The first cluster id applied wins; later proposals (a new leader racing) change nothing.
 /// [`Op::RestoreNamespace`]: checks everything first (a refusal changes nothing), then drops
 /// the namespace's memories and writes the restored ones.
 fn restore_namespace(
@@ -398,7 +397,7 @@ fn restore_namespace(
         return invalid("dimension".into(), format!("{dimension} is out of range"));
     }
     if let Some(Err(e)) = policy.map(|p| p.validate(metric)) {
-        return invalid(format!("policy.{}", e.field), e.reason);
+        return invalid(e.field, e.reason);
     }
     let mut ids = std::collections::BTreeSet::new();
     for (i, m) in memories.iter().enumerate() {
@@ -408,6 +407,22 @@ fn restore_namespace(
         }
         if let Err(e) = validate_id(&field("id"), &m.id) {
             return invalid(field("id"), e.to_string());
+        }
+        // What a put must satisfy (text, tags, importance), by the default limits: constants,
+        // so every replica decides alike. (The embedding is checked below.)
+        let input = MemoryInput {
+            id: m.id.clone(),
+            text: m.text.clone(),
+            embedding: vec![1.0],
+            tags: m.tags.clone(),
+            importance: m.importance,
+            expires_at_ms: m.expires_at_ms,
+        };
+        if let Err(e) = crate::memory::validate_input(&format!("memories[{i}]"), &input, None, &Limits::default()) {
+            return match e {
+                crate::error::ApiError::InvalidArgument { field, reason } => invalid(field, reason),
+                other => invalid(field("memory"), other.to_string()),
+            };
         }
         if !ids.insert(m.id.as_str()) {
             return invalid(field("id"), format!("`{}` appears twice", m.id));
@@ -471,6 +486,7 @@ fn restore_namespace(
     Ok(Outcome::NamespaceRestored { restored: info.memory_count, replaced })
 }
 
+/// The first cluster id applied wins; later proposals (a new leader racing) change nothing.
 fn set_cluster_id(txn: &WriteTransaction, id: &[u8; 16]) -> Result<Outcome, StorageError> {
     let mut meta = txn.open_table(crate::storage::SM_META)?;
     if meta.get(crate::storage::META_CLUSTER_ID)?.is_none() {

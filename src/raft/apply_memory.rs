@@ -525,7 +525,7 @@ pub(crate) fn restore_quota(
     {
         if let Some(max) = max.filter(|m| now > *m) {
             return Ok(Some(Rejection::QuotaExceeded {
-                field: "memories".into(),
+                field: format!("memories ({what})"),
                 reason: format!("the restored namespace would hold {now} {what}; its tenant's limit is {max}"),
             }));
         }

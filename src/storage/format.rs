@@ -47,7 +47,8 @@ pub fn recorded(txn: &redb::ReadTransaction) -> Result<Option<u32>, StorageError
 /// Refuses a file written in a format newer than `current`, without opening it for writing
 /// (an existing file only; a missing one is fine).
 pub fn refuse_newer(path: &Path, current: u32) -> Result<(), StorageError> {
-    if !path.exists() {
+    // A file a crash left empty (created, no header yet) is a new file, as `create` takes it.
+    if std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true) {
         return Ok(());
     }
     // Read-only, so a refused file keeps every byte; a file left open by a crash needs redb's
@@ -178,6 +179,17 @@ mod tests {
 
     fn fresh() -> Database {
         Database::builder().create_with_backend(InMemoryBackend::new()).unwrap()
+    }
+
+    #[test]
+    fn a_file_a_crash_left_empty_opens_as_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft-log.redb");
+        std::fs::write(&path, b"").unwrap();
+        refuse_newer(&path, LOG_FORMAT).unwrap();
+        crate::raft::LogStore::open(&path).unwrap();
+        let db = redb::ReadOnlyDatabase::open(&path).unwrap();
+        assert_eq!(recorded(&db.begin_read().unwrap()).unwrap(), Some(LOG_FORMAT));
     }
 
     #[test]
