@@ -30,18 +30,7 @@ fn drill(path: &Path, key: &str, scratch: &Path, extra: &[&str]) -> Output {
         .expect("run engramctl")
 }
 
-/// A vector of its own for every seed (no two alike, so exact answers have no ties).
-fn vector(seed: u32, dim: usize) -> Vec<f32> {
-    let mut x = 0x9e3779b97f4a7c15u64 ^ (seed as u64).wrapping_mul(0xbf58476d1ce4e5b9);
-    (0..dim)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+use common::distinct_vector as vector;
 
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))

@@ -15,17 +15,8 @@ use tonic::Code;
 
 const KEY: &str = "4a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293";
 
-/// A vector of its own for every seed.
 fn vector(seed: u32) -> Vec<f32> {
-    let mut x = 0x9e3779b97f4a7c15u64 ^ (seed as u64 + 1).wrapping_mul(0xbf58476d1ce4e5b9);
-    (0..8)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
+    common::distinct_vector(seed, 8)
 }
 
 type Listing = Vec<(String, String, u64)>;
@@ -73,6 +64,12 @@ async fn one_namespace_comes_back_from_a_backup_and_nothing_else_moves() {
     tenant.put("acme/a", NewMemory::new("a memory 10", vector(10)).with_id("a10")).await.unwrap();
     tenant.put("acme/b", NewMemory::new("b memory 5", vector(105)).with_id("b5")).await.unwrap();
     let b_before = listing(&tenant, "acme/b").await;
+    cluster.settle().await;
+    let b_digests = |c: &TestCluster| -> Vec<[u8; 32]> {
+        c.running().into_iter().map(|id| c.handle(id).reader.namespace_digest("acme/b").unwrap()).collect()
+    };
+    let b_digest_before = b_digests(&cluster);
+    assert!(b_digest_before.windows(2).all(|w| w[0] == w[1]));
 
     // What the restore would do (the dry run's answer), from the backup's rows.
     let (info, rows) = engram::backup::namespace_of(std::fs::File::open(&archive).unwrap(), &keys, "acme/a").unwrap();
@@ -184,6 +181,7 @@ async fn one_namespace_comes_back_from_a_backup_and_nothing_else_moves() {
     assert_eq!(strip(&restored), strip(&at_backup));
     assert!(restored.iter().all(|(_, _, rev)| *rev == r.applied_index), "{restored:?}");
     assert_eq!(listing(&tenant, "acme/b").await, b_before, "another namespace moved");
+    assert_eq!(b_digests(&cluster), b_digest_before, "another namespace's rows changed on some node");
     // The vector shard follows: a2 is found again, a10 no longer.
     let hit = tenant.search("acme/a", vector(2), 1).await.unwrap();
     assert_eq!(hit.hits[0].id, "a2");

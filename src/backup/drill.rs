@@ -131,11 +131,34 @@ struct Probe {
     want: Vec<String>,
 }
 
-/// Loopback addresses that were free a moment ago, for one node's api, raft and http listeners.
-fn free_addrs() -> Result<[std::net::SocketAddr; 3], BackupError> {
-    let ls: Vec<std::net::TcpListener> =
-        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    Ok([ls[0].local_addr()?, ls[1].local_addr()?, ls[2].local_addr()?])
+/// Loopback addresses that were free a moment ago, for each node's api, raft and http
+/// listeners. They are picked below the kernel's ephemeral range, so the outgoing connections
+/// made while the drill restores cannot take one before its node binds it; all are held until
+/// all are chosen, so no two are the same port.
+fn free_addrs(nodes: u64) -> Result<BTreeMap<NodeId, [std::net::SocketAddr; 3]>, BackupError> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u16, ephemeral_low.max(10_001));
+    let mut seed = u64::from_le_bytes(super::crypto::random_salt()[..8].try_into().expect("8 bytes"));
+    let mut held: Vec<std::net::TcpListener> = Vec::new();
+    let mut tries = 0;
+    while held.len() < (nodes * 3) as usize {
+        tries += 1;
+        if tries > 10_000 {
+            return Err(BackupError::Target(format!("no free loopback ports in {lo}..{hi} for the scratch nodes")));
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let port = lo + (seed % u64::from(hi - lo)) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+        }
+    }
+    let addrs: Vec<std::net::SocketAddr> = held.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+    Ok((1..=nodes).zip(addrs.chunks_exact(3)).map(|(id, a)| (id, [a[0], a[1], a[2]])).collect())
 }
 
 /// Runs a drill. An `Err` means the drill could not run (unreadable archive, wrong key, no
@@ -156,8 +179,7 @@ pub async fn run(spec: &DrillSpec, keys: &Keyring) -> Result<DrillReport, Backup
     }
     let mut scratch = Scratch { dir: dir.clone(), children: Vec::new() };
 
-    let addrs: BTreeMap<NodeId, [std::net::SocketAddr; 3]> =
-        (1..=spec.nodes).map(|id| free_addrs().map(|a| (id, a))).collect::<Result<_, _>>()?;
+    let addrs = free_addrs(spec.nodes)?;
     let members: BTreeMap<NodeId, EngramNode> = addrs
         .iter()
         .map(|(id, a)| (*id, EngramNode { api_addr: a[0].to_string(), raft_addr: a[1].to_string() }))

@@ -324,6 +324,35 @@ impl StateReader {
         Ok((Self::applied(&txn)?, Self::digest_in(&txn, true)?))
     }
 
+    /// BLAKE3 over one namespace's rows (its memories, its namespace row's body, policy and
+    /// stats), in key order: equal digests mean the namespace holds the same rows.
+    pub fn namespace_digest(&self, ns: &str) -> Result<[u8; 32], StorageError> {
+        let txn = self.db.begin_read()?;
+        let mut h = blake3::Hasher::new();
+        let mut feed = |tag: &[u8], k: &[u8], v: &[u8]| {
+            for part in [tag, k, v] {
+                h.update(&(part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+        };
+        let (lo, hi) = namespace_range(ns);
+        for item in txn.open_table(MEMORIES)?.range(lo.as_slice()..hi.as_slice())? {
+            let (k, v) = item?;
+            feed(b"m", k.value(), v.value());
+        }
+        if let Some(v) = txn.open_table(NAMESPACES)?.get(ns)? {
+            feed(b"n", ns.as_bytes(), codec::row_body(v.value()));
+        }
+        for (tag, table) in super::MODEL_TABLES {
+            if let Some(t) = super::optional_table(&txn, table)? {
+                if let Some(v) = t.get(ns)? {
+                    feed(&[b'p', tag], ns.as_bytes(), v.value());
+                }
+            }
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+
     fn digest_of(&self, with_meta: bool) -> Result<[u8; 32], StorageError> {
         Self::digest_in(&self.db.begin_read()?, with_meta)
     }

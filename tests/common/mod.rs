@@ -360,3 +360,17 @@ impl TestCluster {
 pub fn vector(seed: u32, dim: usize) -> Vec<f32> {
     (0..dim).map(|i| ((seed as usize * 31 + i * 7) % 97) as f32 / 97.0).collect()
 }
+
+/// A vector of its own for every seed ([`vector`] repeats every 97 seeds), so exact answers
+/// have no ties.
+pub fn distinct_vector(seed: u32, dim: usize) -> Vec<f32> {
+    let mut x = 0x9e3779b97f4a7c15u64 ^ (seed as u64 + 1).wrapping_mul(0xbf58476d1ce4e5b9);
+    (0..dim)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
