@@ -102,17 +102,19 @@ async fn a_drill_restores_scratch_nodes_that_match_the_backup() {
     // Partial restore of one namespace through engramctl: the dry run says what would change
     // and changes nothing; the restore then takes drill/big back to the backup's 300.
     let eps: Vec<String> = _nodes.iter().map(|n| n.api.clone()).collect();
-    let restore_ns = |dry: bool| {
+    let restore_args = |dry: bool, extra: &[&str]| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_engramctl"));
         c.env(engram::backup::keys::KEY_ENV, KEY)
             .args(["--insecure", "--endpoints", &eps.join(","), "backup", "restore-namespace"])
             .arg(&archive)
-            .args(["--namespace", "drill/big"]);
+            .args(["--namespace", "drill/big"])
+            .args(extra);
         if dry {
             c.arg("--dry-run");
         }
         c.output().unwrap()
     };
+    let restore_ns = |dry: bool| restore_args(dry, &[]);
     let out = restore_ns(true);
     assert!(out.status.success(), "{}", text(&out));
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -134,6 +136,20 @@ async fn a_drill_restores_scratch_nodes_that_match_the_backup() {
     let small_after: Vec<_> =
         client.list_all("drill/small").await.unwrap().into_iter().map(|m| (m.id, m.revision)).collect();
     assert_eq!(small_after, small_before, "another namespace moved");
+    // One memory by id: m7 rewritten, then taken back; an id the backup lacks is refused.
+    client.put("drill/big", NewMemory::new("rewritten", vector(7, 16)).with_id("m7")).await.unwrap();
+    let out = restore_args(false, &["--ids", "m7"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (done["changed"].as_u64(), done["restored"].as_u64(), done["replaced"].as_u64()),
+        (Some(1), Some(1), Some(1)),
+        "{done}"
+    );
+    assert_eq!(client.get("drill/big", "m7").await.unwrap().text, "drill/big memory 7");
+    assert_eq!(client.list_all("drill/big").await.unwrap().len(), 300);
+    let out = restore_args(false, &["--ids", "m7,m999"]);
+    assert!(!out.status.success() && text(&out).contains("not in the backup's drill/big: m999"), "{}", text(&out));
 
     // A wrong key: no drill, a clear error, nothing left behind.
     let out = drill(&archive, OTHER_KEY, &scratch, &[]);

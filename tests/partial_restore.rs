@@ -94,6 +94,7 @@ async fn one_namespace_comes_back_from_a_backup_and_nothing_else_moves() {
         policy_json: String::new(),
         memories: engram::storage::codec::encode(&rows.memories),
         options: None,
+        only_these: false,
     };
     let raw = |who: &engram::client::Client| AdminServiceClient::new(who.raw_channel(&addr).unwrap());
     let e = raw(&tenant).restore_namespace(good.clone()).await.unwrap_err();
@@ -200,6 +201,39 @@ async fn one_namespace_comes_back_from_a_backup_and_nothing_else_moves() {
     cluster.settle().await;
     let d = cluster.digests().await;
     assert!(d.windows(2).all(|w| w[0].1 == w[1].1), "replicas differ after the restore: {d:?}");
+
+    // Some memories only: a3 and a4 go back to their backup rows; a5's later rewrite and
+    // everything else stay.
+    for i in [3, 4, 5] {
+        tenant
+            .put("acme/a", NewMemory::new(format!("a memory {i}, later"), vector(i)).with_id(format!("a{i}")))
+            .await
+            .unwrap();
+    }
+    let mut some = rows.clone();
+    some.memories.retain(|m| m.id == "a3" || m.id == "a4");
+    let r = root.admin().restore_memories(&some).await.unwrap();
+    assert_eq!((r.restored, r.replaced), (2, 2));
+    let now: std::collections::BTreeMap<String, String> =
+        listing(&tenant, "acme/a").await.into_iter().map(|(id, t, _)| (id, t)).collect();
+    assert_eq!(now["a3"], "a memory 3");
+    assert_eq!(now["a4"], "a memory 4");
+    assert_eq!(now["a5"], "a memory 5, later");
+    assert_eq!(now.len(), 10);
+    // Into a namespace that does not exist, or by a tenant: refused.
+    let mut elsewhere = some.clone();
+    elsewhere.info.name = "acme/none".into();
+    for m in &mut elsewhere.memories {
+        m.namespace = "acme/none".into();
+    }
+    assert_eq!(root.admin().restore_memories(&elsewhere).await.unwrap_err().code, Code::NotFound);
+    let e = raw(&tenant)
+        .restore_namespace(pb::RestoreNamespaceRequest { only_these: true, ..good.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Restore the whole namespace again for the rest of the test.
+    root.admin().restore_namespace(&rows).await.unwrap();
 
     // A namespace deleted outright comes back too.
     tenant.delete_namespace("acme/a").await.unwrap();

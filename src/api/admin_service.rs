@@ -682,15 +682,18 @@ impl AdminApi {
         let idempotency = crate::api::convert::idempotency(
             req.options,
             "restore-namespace",
-            &(&req.namespace, req.dimension, req.metric, &req.policy_json, &req.memories),
+            &(&req.namespace, req.dimension, req.metric, &req.policy_json, &req.memories, req.only_these),
         )?;
-        let op = Op::RestoreNamespace {
-            namespace: req.namespace,
-            dimension: req.dimension,
-            metric,
-            approx_min_vectors: self.approx_min_vectors,
-            policy,
-            memories,
+        let op = match req.only_these {
+            true => Op::RestoreMemories { namespace: req.namespace, memories },
+            false => Op::RestoreNamespace {
+                namespace: req.namespace,
+                dimension: req.dimension,
+                metric,
+                approx_min_vectors: self.approx_min_vectors,
+                policy,
+                memories,
+            },
         };
         let res = crate::api::propose(&self.node, caller, idempotency, op).await?;
         match res.outcome {

@@ -140,7 +140,25 @@ impl Admin<'_> {
         &self,
         rows: &crate::storage::dump::NamespaceRows,
     ) -> Result<pb::RestoreNamespaceResponse, ClientError> {
+        self.restore(rows, false).await
+    }
+
+    /// Partial restore of the memories in `rows` only: each becomes its backup row; the
+    /// namespace keeps its other memories.
+    pub async fn restore_memories(
+        &self,
+        rows: &crate::storage::dump::NamespaceRows,
+    ) -> Result<pb::RestoreNamespaceResponse, ClientError> {
+        self.restore(rows, true).await
+    }
+
+    async fn restore(
+        &self,
+        rows: &crate::storage::dump::NamespaceRows,
+        only_these: bool,
+    ) -> Result<pb::RestoreNamespaceResponse, ClientError> {
         let req = pb::RestoreNamespaceRequest {
+            only_these,
             namespace: rows.info.name.clone(),
             dimension: rows.info.dimension,
             metric: crate::api::convert::metric_to_pb(rows.info.metric) as i32,

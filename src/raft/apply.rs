@@ -171,6 +171,20 @@ fn run(
             let shape = (*dimension, *metric, *approx_min_vectors);
             restore_namespace(txn, ctx, namespace, shape, policy.as_ref(), memories, ops)?
         }
+        Op::RestoreMemories { namespace, memories } => match load_namespace(txn, namespace)? {
+            None => missing(namespace),
+            Some(mut info) => match check_restored(namespace, info.dimension, info.metric, memories) {
+                Some(r) => Outcome::Rejected(r),
+                None => match apply_memory::restore_some(txn, ctx, &mut info, memories, ops)? {
+                    Err(r) => Outcome::Rejected(r),
+                    Ok(replaced) => {
+                        reconsider_index(&mut info, ops);
+                        store_namespace(txn, &info)?;
+                        Outcome::NamespaceRestored { restored: memories.len() as u64, replaced }
+                    }
+                },
+            },
+        },
         other => apply_auth::apply_admin(txn, cmd.now_ms, other)?,
     })
 }
@@ -218,6 +232,9 @@ pub(crate) fn touched(cmd: &Command, changes: &mut crate::vector::Changes) {
         | Op::Mark { .. } => {}
         Op::RestoreNamespace { namespace, .. } => {
             changes.namespaces.insert(namespace.clone());
+        }
+        Op::RestoreMemories { namespace, memories } => {
+            changes.memories.extend(memories.iter().map(|m| (namespace.clone(), m.id.clone())));
         }
     }
 }
@@ -376,18 +393,16 @@ fn delete_namespace(txn: &WriteTransaction, namespace: &str, ops: &mut Vec<Vecto
     Ok(Outcome::NamespaceDeleted { memories })
 }
 
-/// [`Op::RestoreNamespace`]: checks everything first (a refusal changes nothing), then drops
-/// the namespace's memories and writes the restored ones.
-fn restore_namespace(
-    txn: &WriteTransaction,
-    ctx: &Ctx,
+/// The checks every restored row must pass, by constants only (every replica decides alike):
+/// the namespace, each row's namespace, id (once), text, tags, importance, vector and content
+/// hash. `None`: all pass.
+fn check_restored(
     namespace: &str,
-    (dimension, metric, approx_min_vectors): (u32, Metric, u64),
-    policy: Option<&crate::memory::MemoryPolicy>,
+    dimension: u32,
+    metric: Metric,
     memories: &[crate::memory::Memory],
-    ops: &mut Vec<VectorOp>,
-) -> Result<Outcome, StorageError> {
-    let invalid = |field: String, reason: String| Ok(Outcome::Rejected(Rejection::Invalid { field, reason }));
+) -> Option<Rejection> {
+    let invalid = |field: String, reason: String| Some(Rejection::Invalid { field, reason });
     use crate::memory::{validate_id, validate_namespace, Limits, MAX_ELEMENT};
     if let Err(e) = validate_namespace(namespace) {
         return invalid("namespace".into(), e.to_string());
@@ -395,9 +410,6 @@ fn restore_namespace(
     // A constant, not this node's configured limit: every replica must decide alike.
     if dimension == 0 || dimension as usize > Limits::default().max_dimension {
         return invalid("dimension".into(), format!("{dimension} is out of range"));
-    }
-    if let Some(Err(e)) = policy.map(|p| p.validate(metric)) {
-        return invalid(e.field, e.reason);
     }
     let mut ids = std::collections::BTreeSet::new();
     for (i, m) in memories.iter().enumerate() {
@@ -428,11 +440,11 @@ fn restore_namespace(
             return invalid(field("id"), format!("`{}` appears twice", m.id));
         }
         if m.embedding.len() as u32 != dimension {
-            return Ok(Outcome::Rejected(Rejection::DimensionMismatch {
+            return Some(Rejection::DimensionMismatch {
                 field: field("embedding"),
                 expected: dimension,
                 got: m.embedding.len() as u32,
-            }));
+            });
         }
         if m.embedding.iter().any(|x| !x.is_finite() || x.abs() > MAX_ELEMENT)
             || (metric == Metric::Cosine && m.embedding.iter().all(|x| *x == 0.0))
@@ -442,6 +454,26 @@ fn restore_namespace(
         if m.content_hash != crate::memory::content_hash(&m.text) {
             return invalid(field("content_hash"), "does not match the text".into());
         }
+    }
+    None
+}
+
+/// [`Op::RestoreNamespace`]: checks everything first (a refusal changes nothing), then drops
+/// the namespace's memories and writes the restored ones.
+fn restore_namespace(
+    txn: &WriteTransaction,
+    ctx: &Ctx,
+    namespace: &str,
+    (dimension, metric, approx_min_vectors): (u32, Metric, u64),
+    policy: Option<&crate::memory::MemoryPolicy>,
+    memories: &[crate::memory::Memory],
+    ops: &mut Vec<VectorOp>,
+) -> Result<Outcome, StorageError> {
+    if let Some(Err(e)) = policy.map(|p| p.validate(metric)) {
+        return Ok(Outcome::Rejected(Rejection::Invalid { field: e.field, reason: e.reason }));
+    }
+    if let Some(r) = check_restored(namespace, dimension, metric, memories) {
+        return Ok(Outcome::Rejected(r));
     }
     let existing = load_namespace(txn, namespace)?;
     if let Some(info) = &existing {

@@ -177,6 +177,7 @@ pub(crate) fn apply_admin(txn: &WriteTransaction, now_ms: u64, op: &Op) -> Resul
         | Op::Consolidate { .. }
         | Op::Reinforce { .. }
         | Op::Mark { .. }
-        | Op::RestoreNamespace { .. } => unreachable!("memory ops and marks are applied by apply::run"),
+        | Op::RestoreNamespace { .. }
+        | Op::RestoreMemories { .. } => unreachable!("memory ops and marks are applied by apply::run"),
     }
 }

@@ -549,6 +549,30 @@ pub(crate) fn restore(
     Ok(())
 }
 
+/// Writes some restored rows into a namespace that keeps its other memories, each at revision
+/// `ctx.index`, after the tenant quotas (as the namespace would be). Returns how many of
+/// them replaced a memory.
+pub(crate) fn restore_some(
+    txn: &WriteTransaction,
+    ctx: &Ctx,
+    info: &mut NamespaceInfo,
+    memories: &[Memory],
+    ops: &mut Vec<VectorOp>,
+) -> Result<Result<u64, Rejection>, StorageError> {
+    let mut tables = MemoryTables::open(txn)?;
+    let overlay: BTreeMap<String, Memory> =
+        memories.iter().map(|m| (m.id.clone(), Memory { revision: ctx.index, ..m.clone() })).collect();
+    if let Some(r) = check_quota(txn, &tables, info, &overlay)? {
+        return Ok(Err(r));
+    }
+    let mut replaced = 0;
+    for m in overlay.into_values() {
+        replaced += tables.get(&info.name, &m.id)?.is_some() as u64;
+        write(&mut tables, info, m, ops)?;
+    }
+    Ok(Ok(replaced))
+}
+
 /// Deletes one memory; an expired one is already absent.
 pub(crate) fn delete(
     txn: &WriteTransaction,

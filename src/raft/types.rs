@@ -203,6 +203,13 @@ pub enum Op {
         policy: Option<MemoryPolicy>,
         memories: Vec<crate::memory::Memory>,
     },
+    /// Partial restore of some memories: each becomes exactly its backup row (the entry's
+    /// index as revision); the rest of the namespace, which must exist, stays as it is.
+    /// Cluster admins only.
+    RestoreMemories {
+        namespace: String,
+        memories: Vec<crate::memory::Memory>,
+    },
 }
 
 /// One consolidation group: the keeper and the memories it absorbs, each at the revision the
@@ -239,6 +246,7 @@ impl Op {
             Op::SetQuota { .. } => "set_quota",
             Op::Mark { .. } => "mark",
             Op::RestoreNamespace { .. } => "restore_namespace",
+            Op::RestoreMemories { .. } => "restore_memories",
         }
     }
 
@@ -255,7 +263,8 @@ impl Op {
             | Op::Retire { namespace, .. }
             | Op::Consolidate { namespace, .. }
             | Op::Reinforce { namespace, .. }
-            | Op::RestoreNamespace { namespace, .. } => Some(namespace),
+            | Op::RestoreNamespace { namespace, .. }
+            | Op::RestoreMemories { namespace, .. } => Some(namespace),
             Op::Purge { .. } => None,
             Op::SetClusterId { .. }
             | Op::CreateKey { .. }
@@ -489,6 +498,9 @@ impl std::fmt::Display for Command {
             Op::Mark { id } => write!(f, "mark {id}"),
             Op::RestoreNamespace { namespace, memories, .. } => {
                 write!(f, "restore-namespace {namespace} x{}", memories.len())
+            }
+            Op::RestoreMemories { namespace, memories } => {
+                write!(f, "restore-memories {namespace} x{}", memories.len())
             }
         }
     }

@@ -3,7 +3,7 @@
 //! (`--ca-file`) and a key (`--api-key-file` or `ENGRAM_API_KEY`); `--insecure` talks
 //! plaintext to a development node. `certs` and `keys` work on files only.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -151,6 +151,9 @@ enum BackupCmd {
         file: PathBuf,
         #[arg(long)]
         namespace: String,
+        /// Restore only these memory ids (comma separated); the namespace keeps the rest.
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<String>,
         #[arg(long)]
         dry_run: bool,
         #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
@@ -937,8 +940,8 @@ fn read_with_bar(
 async fn backup_cmd(client: &Client, cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
         BackupCmd::Verify { .. } | BackupCmd::Restore { .. } | BackupCmd::Drill { .. } => backup_file_cmd(cmd).await?,
-        BackupCmd::RestoreNamespace { file, namespace, dry_run, key_file } => {
-            restore_namespace(client, file, namespace, dry_run, key_file).await?
+        BackupCmd::RestoreNamespace { file, namespace, ids, dry_run, key_file } => {
+            restore_namespace(client, file, namespace, ids, dry_run, key_file).await?
         }
         BackupCmd::Create { target } => {
             // The node's estimate of the total (its state file; the archive is compressed).
@@ -1046,10 +1049,14 @@ async fn restore_namespace(
     client: &Client,
     file: PathBuf,
     namespace: String,
+    ids: Vec<String>,
     dry_run: bool,
     key_file: Option<PathBuf>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     engram::memory::validate_namespace(&namespace)?;
+    for id in &ids {
+        engram::memory::validate_id("ids", id)?;
+    }
     let keys = Keyring::resolve(key_file.as_deref())?;
     let ns = namespace.clone();
     let (info, rows) = tokio::task::spawn_blocking(move || {
@@ -1059,13 +1066,24 @@ async fn restore_namespace(
         res
     })
     .await??;
-    let rows =
+    let mut rows =
         rows.ok_or_else(|| format!("the backup (index {}) has no namespace {namespace}", info.header.applied_index))?;
-    let live = match client.list_all(&namespace).await {
+    let mut live = match client.list_all(&namespace).await {
         Ok(l) => l,
-        Err(e) if e.code == tonic::Code::NotFound => Vec::new(),
+        Err(e) if e.code == tonic::Code::NotFound && ids.is_empty() => Vec::new(),
         Err(e) => return Err(e.into()),
     };
+    if !ids.is_empty() {
+        // Only these memories: every one must be in the backup, and the plan covers them alone.
+        let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+        let held: BTreeSet<&str> = rows.memories.iter().map(|m| m.id.as_str()).collect();
+        let absent: Vec<&str> = wanted.difference(&held).copied().collect();
+        if !absent.is_empty() {
+            return Err(format!("not in the backup's {namespace}: {}", absent.join(", ")).into());
+        }
+        rows.memories.retain(|m| wanted.contains(m.id.as_str()));
+        live.retain(|m| wanted.contains(m.id.as_str()));
+    }
     let diff = backup::restore_diff(&rows, &live);
     let bytes = engram::storage::codec::encode(&rows.memories).len();
     let mut out = serde_json::json!({
@@ -1088,7 +1106,11 @@ async fn restore_namespace(
         .into());
     }
     if !dry_run {
-        let r = client.admin().restore_namespace(&rows).await?;
+        let admin = client.admin();
+        let r = match ids.is_empty() {
+            true => admin.restore_namespace(&rows).await?,
+            false => admin.restore_memories(&rows).await?,
+        };
         out["applied_index"] = r.applied_index.into();
         out["restored"] = r.restored.into();
         out["replaced"] = r.replaced.into();
