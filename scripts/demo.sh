@@ -116,6 +116,10 @@ mkdir -p "$DATA/backups"
 ctl --endpoints 127.0.0.1:7002 backup create "$DATA/backups"
 ctl backup verify "$DATA"/backups/backup-*.engram --key-file "$DATA/backup-keys.toml"
 
+echo "==> a DR drill: the backup restored into a scratch node, checked against it, timed (RTO, data age)"
+ctl backup drill "$DATA/backups" --key-file "$DATA/backup-keys.toml" --scratch-dir "$DATA" \
+  | grep -E '"(ok|rto_ms|data_age_ms|recall_at_10)"'
+
 echo "==> cluster status"
 ctl cluster status
 echo "==> metrics sample"
