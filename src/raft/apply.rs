@@ -403,7 +403,7 @@ fn check_restored(
     memories: &[crate::memory::Memory],
 ) -> Option<Rejection> {
     let invalid = |field: String, reason: String| Some(Rejection::Invalid { field, reason });
-    use crate::memory::{validate_id, validate_namespace, Limits, MAX_ELEMENT};
+    use crate::memory::{validate_id, validate_namespace, Limits};
     if let Err(e) = validate_namespace(namespace) {
         return invalid("namespace".into(), e.to_string());
     }
@@ -420,17 +420,19 @@ fn check_restored(
         if let Err(e) = validate_id(&field("id"), &m.id) {
             return invalid(field("id"), e.to_string());
         }
-        // What a put must satisfy (text, tags, importance), by the default limits: constants,
-        // so every replica decides alike. (The embedding is checked below.)
+        // What a put must satisfy (text, tags, importance, a finite vector of the namespace's
+        // dimension), by the default limits: constants, so every replica decides alike.
         let input = MemoryInput {
             id: m.id.clone(),
             text: m.text.clone(),
-            embedding: vec![1.0],
+            embedding: m.embedding.clone(),
             tags: m.tags.clone(),
             importance: m.importance,
             expires_at_ms: m.expires_at_ms,
         };
-        if let Err(e) = crate::memory::validate_input(&format!("memories[{i}]"), &input, None, &Limits::default()) {
+        if let Err(e) =
+            crate::memory::validate_input(&format!("memories[{i}]"), &input, Some(dimension), &Limits::default())
+        {
             return match e {
                 crate::error::ApiError::InvalidArgument { field, reason } => invalid(field, reason),
                 other => invalid(field("memory"), other.to_string()),
@@ -439,17 +441,8 @@ fn check_restored(
         if !ids.insert(m.id.as_str()) {
             return invalid(field("id"), format!("`{}` appears twice", m.id));
         }
-        if m.embedding.len() as u32 != dimension {
-            return Some(Rejection::DimensionMismatch {
-                field: field("embedding"),
-                expected: dimension,
-                got: m.embedding.len() as u32,
-            });
-        }
-        if m.embedding.iter().any(|x| !x.is_finite() || x.abs() > MAX_ELEMENT)
-            || (metric == Metric::Cosine && m.embedding.iter().all(|x| *x == 0.0))
-        {
-            return invalid(field("embedding"), "not finite, or a zero vector in a cosine namespace".into());
+        if metric == Metric::Cosine && m.embedding.iter().all(|x| *x == 0.0) {
+            return invalid(field("embedding"), "a zero vector has no direction (cosine namespace)".into());
         }
         if m.content_hash != crate::memory::content_hash(&m.text) {
             return invalid(field("content_hash"), "does not match the text".into());

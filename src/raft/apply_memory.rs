@@ -233,22 +233,27 @@ fn new_record(ns: &str, m: &MemoryInput, current: Option<&Memory>, ctx: &Ctx, po
     }
 }
 
-/// Writes one memory with its indexes and vector op, keeping the namespace's count and bytes.
+/// Writes one memory with its indexes and vector op, keeping the namespace's count and bytes;
+/// whether it replaced one.
 fn write(
     tables: &mut MemoryTables,
     info: &mut NamespaceInfo,
     m: Memory,
     ops: &mut Vec<VectorOp>,
-) -> Result<(), StorageError> {
-    match tables.put(&m)? {
-        Some(old) => info.bytes = info.bytes.saturating_sub(old.stored_bytes()) + m.stored_bytes(),
+) -> Result<bool, StorageError> {
+    let replaced = match tables.put(&m)? {
+        Some(old) => {
+            info.bytes = info.bytes.saturating_sub(old.stored_bytes()) + m.stored_bytes();
+            true
+        }
         None => {
             info.memory_count += 1;
             info.bytes += m.stored_bytes();
+            false
         }
-    }
+    };
     ops.push(VectorOp::Upsert { metric: info.metric, memory: Box::new(m) });
-    Ok(())
+    Ok(replaced)
 }
 
 /// Removes one memory with its indexes and vector op.
@@ -488,20 +493,32 @@ fn check_quota(
             }
         }
     }
-    let quota = crate::storage::auth::quota(&txn.open_table(QUOTAS)?, crate::auth::records::tenant_of(&info.name))?;
+    quota_refusal(txn, &info.name, "items", (count, bytes), (info.memory_count, info.bytes))
+}
+
+/// The tenant quota a namespace holding `now` (memories, bytes) instead of `before` would
+/// break, if any: a limit counts only where the namespace grows past it.
+fn quota_refusal(
+    txn: &WriteTransaction,
+    namespace: &str,
+    field: &str,
+    (count, bytes): (u64, u64),
+    (count_before, bytes_before): (u64, u64),
+) -> Result<Option<Rejection>, StorageError> {
+    let quota = crate::storage::auth::quota(&txn.open_table(QUOTAS)?, crate::auth::records::tenant_of(namespace))?;
     let over = |max: Option<u64>, now: u64, before: u64| max.is_some_and(|m| now > m && now > before);
-    if over(quota.max_memories_per_namespace, count, info.memory_count) {
+    if over(quota.max_memories_per_namespace, count, count_before) {
         return Ok(Some(Rejection::QuotaExceeded {
-            field: "items".into(),
+            field: field.into(),
             reason: format!(
                 "namespace would hold {count} memories; its tenant's limit is {}",
                 quota.max_memories_per_namespace.unwrap_or(0)
             ),
         }));
     }
-    if over(quota.max_bytes_per_namespace, bytes, info.bytes) {
+    if over(quota.max_bytes_per_namespace, bytes, bytes_before) {
         return Ok(Some(Rejection::QuotaExceeded {
-            field: "items".into(),
+            field: field.into(),
             reason: format!(
                 "namespace would hold {bytes} bytes; its tenant's limit is {}",
                 quota.max_bytes_per_namespace.unwrap_or(0)
@@ -517,20 +534,9 @@ pub(crate) fn restore_quota(
     info: &NamespaceInfo,
     memories: &[Memory],
 ) -> Result<Option<Rejection>, StorageError> {
-    let count = memories.len() as u64;
     let bytes: u64 = memories.iter().map(Memory::stored_bytes).sum();
-    let quota = crate::storage::auth::quota(&txn.open_table(QUOTAS)?, crate::auth::records::tenant_of(&info.name))?;
-    for (max, now, what) in
-        [(quota.max_memories_per_namespace, count, "memories"), (quota.max_bytes_per_namespace, bytes, "bytes")]
-    {
-        if let Some(max) = max.filter(|m| now > *m) {
-            return Ok(Some(Rejection::QuotaExceeded {
-                field: format!("memories ({what})"),
-                reason: format!("the restored namespace would hold {now} {what}; its tenant's limit is {max}"),
-            }));
-        }
-    }
-    Ok(None)
+    // Measured from empty: the namespace's current memories are dropped first.
+    quota_refusal(txn, &info.name, "memories", (memories.len() as u64, bytes), (0, 0))
 }
 
 /// Writes the rows of a partial restore into an emptied namespace, each at revision
@@ -543,10 +549,23 @@ pub(crate) fn restore(
     ops: &mut Vec<VectorOp>,
 ) -> Result<(), StorageError> {
     let mut tables = MemoryTables::open(txn)?;
-    for m in memories {
-        write(&mut tables, info, Memory { revision: ctx.index, ..m.clone() }, ops)?;
-    }
+    write_restored(&mut tables, info, memories.iter().cloned(), ctx.index, ops)?;
     Ok(())
+}
+
+/// Writes restored rows, each at revision `index`; how many replaced a memory.
+fn write_restored(
+    tables: &mut MemoryTables,
+    info: &mut NamespaceInfo,
+    memories: impl IntoIterator<Item = Memory>,
+    index: u64,
+    ops: &mut Vec<VectorOp>,
+) -> Result<u64, StorageError> {
+    let mut replaced = 0;
+    for m in memories {
+        replaced += write(tables, info, Memory { revision: index, ..m }, ops)? as u64;
+    }
+    Ok(replaced)
 }
 
 /// Writes some restored rows into a namespace that keeps its other memories, each at revision
@@ -565,12 +584,7 @@ pub(crate) fn restore_some(
     if let Some(r) = check_quota(txn, &tables, info, &overlay)? {
         return Ok(Err(r));
     }
-    let mut replaced = 0;
-    for m in overlay.into_values() {
-        replaced += tables.get(&info.name, &m.id)?.is_some() as u64;
-        write(&mut tables, info, m, ops)?;
-    }
-    Ok(Ok(replaced))
+    Ok(Ok(write_restored(&mut tables, info, overlay.into_values(), ctx.index, ops)?))
 }
 
 /// Deletes one memory; an expired one is already absent.
