@@ -654,12 +654,7 @@ const MAX_LEDGER_PAGE: u32 = 10_000;
 
 /// The memories of a `RestoreNamespace` request: at most the request's own size, nothing after.
 pub(crate) fn decode_restored(bytes: &[u8]) -> Result<Vec<crate::memory::Memory>, ApiError> {
-    use bincode::Options;
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .with_limit(bytes.len() as u64)
-        .reject_trailing_bytes()
-        .deserialize(bytes)
+    crate::storage::codec::decode_exact(bytes)
         .map_err(|e| ApiError::invalid("memories", format!("not a list of memory rows: {e}")))
 }
 

@@ -40,7 +40,8 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        crate::storage::format::refuse_newer(path, LOG_FORMAT)?;
+        // A newer format is refused in `ensure`, before anything is written; a node checks both
+        // files read-only first (`server::start`), so a refused start leaves every byte.
         let db = Database::create(path)?;
         let mut txn = db.begin_write()?;
         crate::storage::set_durable(&mut txn, "log")?;

@@ -69,7 +69,7 @@ impl StateMachineStore {
         vectors: VectorOptions,
         checkpoint_every: Option<std::time::Duration>,
     ) -> Result<Self, StorageError> {
-        crate::storage::format::refuse_newer(path, crate::storage::format::STATE_FORMAT)?;
+        // A newer format is refused in `ensure` (and read-only before, by `server::start`).
         let db = Database::create(path)?;
         let mut txn = db.begin_write()?;
         crate::storage::set_durable(&mut txn, "state")?;

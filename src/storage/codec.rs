@@ -125,6 +125,13 @@ fn plain_options(len: usize) -> impl bincode::Options {
     bincode::DefaultOptions::new().with_fixint_encoding().with_limit(len as u64).reject_trailing_bytes()
 }
 
+/// Decodes `bytes` as [`plain_options`] do: nothing after the value, no claim larger than the
+/// bytes themselves (for input from outside, such as a restore request's rows).
+pub fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, bincode::Error> {
+    use bincode::Options;
+    plain_options(bytes.len()).deserialize(bytes)
+}
+
 pub fn decode_memory(bytes: &[u8]) -> Result<Memory, StorageError> {
     let corrupt = |reason: String| StorageError::Corrupt { table: "memories", reason };
     match bytes.split_first() {

@@ -324,13 +324,10 @@ struct Tables<'t> {
 
 /// A versioned row of a dump of `format`, as this build stores it.
 fn current_row(format: u16, value: Vec<u8>) -> Vec<u8> {
-    if format >= VERSIONED_ROWS {
-        return value;
+    match format >= VERSIONED_ROWS {
+        true => value,
+        false => super::format::prefixed(codec::ROW_V1, &value),
     }
-    let mut v = Vec::with_capacity(value.len() + 1);
-    v.push(codec::ROW_V1);
-    v.extend_from_slice(&value);
-    v
 }
 
 impl Sink for Tables<'_> {

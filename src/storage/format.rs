@@ -110,7 +110,8 @@ pub fn stamp(txn: &WriteTransaction, format: u32) -> Result<(), StorageError> {
 /// Rows an upgrade rewrites per step, so a long log is not held in memory at once.
 const CHUNK: usize = 1024;
 
-fn prefixed(version: u8, v: &[u8]) -> Vec<u8> {
+/// `v` after the version byte `version`.
+pub(super) fn prefixed(version: u8, v: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(v.len() + 1);
     out.push(version);
     out.extend_from_slice(v);

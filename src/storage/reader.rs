@@ -21,6 +21,14 @@ pub struct Page {
     pub applied_index: u64,
 }
 
+/// One row into a digest: its tag, key and value, each length-prefixed.
+fn feed_row(h: &mut blake3::Hasher, tag: &[u8], k: &[u8], v: &[u8]) {
+    for part in [tag, k, v] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+}
+
 impl StateReader {
     pub fn new(db: Arc<Database>) -> Self {
         StateReader { db }
@@ -329,12 +337,7 @@ impl StateReader {
     pub fn namespace_digest(&self, ns: &str) -> Result<[u8; 32], StorageError> {
         let txn = self.db.begin_read()?;
         let mut h = blake3::Hasher::new();
-        let mut feed = |tag: &[u8], k: &[u8], v: &[u8]| {
-            for part in [tag, k, v] {
-                h.update(&(part.len() as u64).to_le_bytes());
-                h.update(part);
-            }
-        };
+        let mut feed = |tag: &[u8], k: &[u8], v: &[u8]| feed_row(&mut h, tag, k, v);
         let (lo, hi) = namespace_range(ns);
         for item in txn.open_table(MEMORIES)?.range(lo.as_slice()..hi.as_slice())? {
             let (k, v) = item?;
@@ -361,12 +364,7 @@ impl StateReader {
     /// state `txn` sees.
     pub fn digest_in(txn: &redb::ReadTransaction, with_meta: bool) -> Result<[u8; 32], StorageError> {
         let mut h = blake3::Hasher::new();
-        let mut feed = |tag: &[u8], k: &[u8], v: &[u8]| {
-            for part in [tag, k, v] {
-                h.update(&(part.len() as u64).to_le_bytes());
-                h.update(part);
-            }
-        };
+        let mut feed = |tag: &[u8], k: &[u8], v: &[u8]| feed_row(&mut h, tag, k, v);
         for item in txn.open_table(MEMORIES)?.iter()? {
             let (k, v) = item?;
             feed(b"m", k.value(), v.value());
