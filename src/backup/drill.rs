@@ -235,14 +235,13 @@ pub async fn run(spec: &DrillSpec, keys: &Keyring) -> Result<DrillReport, Backup
         restore_ms,
         start_ms: 0,
         rto_ms: 0,
-        check_ms: 0,
+        check_ms,
         source_digest: info.manifest.data_digest.map(hex::encode),
         restored_digest: hex::encode(restored_digest),
         node_digests: BTreeMap::new(),
         queries: 0,
         recall_at_10: 0.0,
     };
-    report.check_ms = check_ms;
     match info.manifest.data_digest {
         Some(d) if d != restored_digest => report.problems.push(format!(
             "the restored rows' digest {} differs from the source's {} at index {}",
@@ -549,13 +548,7 @@ fn probes(reader: &StateReader, per_namespace: usize, now_ms: u64) -> Result<Vec
 
 /// The newest backup in `dir` (names sort by age), if any.
 pub fn latest_in(dir: &Path) -> Result<Option<PathBuf>, BackupError> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("backup-") && n.ends_with(super::schedule::SUFFIX))
-        .collect();
-    names.sort();
-    Ok(names.pop().map(|n| dir.join(n)))
+    Ok(super::schedule::backup_names(dir)?.pop().map(|n| dir.join(n)))
 }
 
 /// The last scheduled drill's outcome, for status and metrics.
@@ -583,20 +576,8 @@ pub async fn scheduled(
     status: super::schedule::BackupStatus,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    use futures::FutureExt;
-    // A shutdown also ends a drill under way (its scratch nodes are killed as it is dropped).
-    let stop = stop.shared();
-    node.every_while_leader(every, stop.clone(), || {
-        let stop = stop.clone();
-        let (backup_dir, key_file, spec, status) = (&backup_dir, key_file.as_deref(), &spec, &status);
-        async move {
-            tokio::select! {
-                _ = stop => {}
-                _ = drill_once(backup_dir, key_file, spec, status) => {}
-            }
-        }
-    })
-    .await;
+    // A shutdown ends a drill under way; its scratch nodes are killed as it is dropped.
+    node.every_while_leader(every, stop, || drill_once(&backup_dir, key_file.as_deref(), &spec, &status)).await;
 }
 
 async fn drill_once(
@@ -613,14 +594,9 @@ async fn drill_once(
             }
         }
         let keys = Keyring::resolve(key_file)?;
-        if let Some(a) = latest_in(backup_dir)? {
-            check_space(&a, &spec.scratch_dir, spec.nodes)?;
-        }
-        let dir = backup_dir.to_path_buf();
-        let archive = tokio::task::spawn_blocking(move || latest_in(&dir))
-            .await
-            .map_err(|e| BackupError::Io(std::io::Error::other(e)))??
+        let archive = latest_in(backup_dir)?
             .ok_or_else(|| BackupError::Empty(format!("no backup in {} to drill", backup_dir.display())))?;
+        check_space(&archive, &spec.scratch_dir, spec.nodes)?;
         run(&DrillSpec { archive, ..spec.clone() }, &keys).await
     }
     .await;

@@ -50,17 +50,24 @@ pub fn write_to_dir(
 /// Deletes all but the newest `keep` backups in `dir` (by name, which sorts by age); returns
 /// how many were deleted. Files not named like backups are left alone.
 pub fn prune(dir: &Path, keep: usize) -> Result<usize, BackupError> {
+    let names = backup_names(dir)?;
+    let excess = names.len().saturating_sub(keep);
+    for n in &names[..excess] {
+        std::fs::remove_file(dir.join(n))?;
+    }
+    Ok(excess)
+}
+
+/// The names of the backups in `dir`, oldest first (names sort by age); files not named like
+/// backups are left out.
+pub fn backup_names(dir: &Path) -> Result<Vec<String>, BackupError> {
     let mut names: Vec<String> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("backup-") && n.ends_with(SUFFIX))
         .collect();
     names.sort();
-    let excess = names.len().saturating_sub(keep);
-    for n in &names[..excess] {
-        std::fs::remove_file(dir.join(n))?;
-    }
-    Ok(excess)
+    Ok(names)
 }
 
 /// How often, where, with which key, and how many to keep.

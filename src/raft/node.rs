@@ -422,7 +422,11 @@ impl RaftNode {
                 _ = tick.tick() => {}
             }
             if self.is_leader() {
-                f().await;
+                // A shutdown also ends a run under way (a backup, a verification, a drill).
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = f() => {}
+                }
             }
         }
     }
