@@ -163,7 +163,7 @@ fn populate(path: &Path, a: &Args) -> Database {
         txn.open_table(SM_META).unwrap().insert(META_APPLIED, codec::encode(&applied).as_slice()).unwrap();
     }
     // The derived indexes apply would have kept (a drill compares digests that cover them).
-    engram::storage::index::rebuild(&txn).unwrap();
+    engram::storage::index::rebuild(&txn, &engram::storage::vault::Vault::off()).unwrap();
     txn.commit().unwrap();
     db
 }
@@ -209,7 +209,7 @@ fn main() {
         let target = tmp.path().join(format!("installed-{run}.redb"));
         let db2 = Database::create(&target).unwrap();
         let t = Instant::now();
-        engram::raft::snapshot::install(&db2, &meta, &data).unwrap();
+        engram::raft::snapshot::install(&db2, &meta, &data, &engram::storage::vault::Vault::off()).unwrap();
         install.push(t.elapsed().as_secs_f64());
         if a.rebuild_vectors && run == 0 {
             let store = engram::vector::VectorStore::new(
@@ -244,6 +244,7 @@ fn main() {
             node_id: 1,
             members: members.into(),
             force: false,
+            at_rest: None,
         };
         let t = Instant::now();
         backup::restore::restore(std::fs::File::open(&path).unwrap(), &keys, &target).unwrap();

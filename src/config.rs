@@ -22,6 +22,7 @@
 //! cluster_verify_interval_secs = 3600  # the leader compares every node's state digest; 0 = never
 //! backup_drill_interval_secs = 0   # the leader restores its newest backup into a scratch node; 0 = never
 //! backup_key_file = "/etc/engram/backup-keys.toml"   # keyring (mode 0600); else ENGRAM_BACKUP_KEY
+//! at_rest_key_file = "/etc/engram/at-rest-keys.toml" # encryption at rest (mode 0600); else ENGRAM_AT_REST_KEY
 //! state_sync_interval_ms = 100     # 0: fsync the state machine on every apply
 //! approx_min_vectors = 10000       # namespaces this large use HNSW shards instead of Flat
 //! vector_part_max = 250000         # shard parts searched in parallel hold at most this many
@@ -136,6 +137,11 @@ pub struct NodeArgs {
     /// ENGRAM_BACKUP_KEY. The key itself never goes in this config.
     #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
     pub backup_key_file: Option<PathBuf>,
+    /// Master keyring for encryption at rest (mode 0600, the format of backup keyrings; the
+    /// same on every node). Without it the key comes from ENGRAM_AT_REST_KEY; with neither,
+    /// memories are stored unsealed. The key itself never goes in this config.
+    #[arg(long, env = "ENGRAM_AT_REST_KEY_FILE")]
+    pub at_rest_key_file: Option<PathBuf>,
     /// The leader purges expired memories (and applies retention) this often [default: 1000].
     #[arg(long, env = "ENGRAM_PURGE_INTERVAL_MS")]
     pub purge_interval_ms: Option<u64>,
@@ -286,6 +292,7 @@ pub struct Config {
     pub cluster_verify_interval_secs: u64,
     pub backup_drill_interval_secs: u64,
     pub backup_key_file: Option<PathBuf>,
+    pub at_rest_key_file: Option<PathBuf>,
     pub purge_interval_ms: u64,
     pub reinforce_flush_ms: u64,
     pub archive_dir: PathBuf,
@@ -491,6 +498,7 @@ impl NodeArgs {
             cluster_verify_interval_secs: pick!(cli, file, cluster_verify_interval_secs, 3600),
             backup_drill_interval_secs: pick!(cli, file, backup_drill_interval_secs, 0),
             backup_key_file: cli.backup_key_file.clone().or(file.backup_key_file.clone()),
+            at_rest_key_file: cli.at_rest_key_file.clone().or(file.at_rest_key_file.clone()),
             purge_interval_ms: pick!(cli, file, purge_interval_ms, 1000).max(10),
             reinforce_flush_ms: pick!(cli, file, reinforce_flush_ms, 1000).max(10),
             archive_dir,
@@ -557,6 +565,7 @@ impl Config {
             cluster_verify_interval_secs: 0,
             backup_drill_interval_secs: 0,
             backup_key_file: None,
+            at_rest_key_file: None,
             purge_interval_ms: 200,
             reinforce_flush_ms: 200,
             archive_dir,

@@ -87,6 +87,18 @@ fn describe() {
     metrics::describe_histogram!("engram_backup_seconds", "Time to take a scheduled backup.");
     metrics::describe_histogram!("engram_backup_stream_seconds", "Time to stream a backup to a client.");
     metrics::describe_counter!("engram_backups_total", "Backups taken, by outcome.");
+    metrics::describe_counter!(
+        "engram_data_keys_created_total",
+        "Namespace data keys (encryption at rest) this node applied."
+    );
+    metrics::describe_counter!(
+        "engram_data_keys_destroyed_total",
+        "Namespace data keys destroyed by erasures (crypto-shredding) this node applied."
+    );
+    metrics::describe_counter!(
+        "engram_at_rest_rewrap_unopenable_total",
+        "Data keys rewrapped under a master key this node's at-rest key file lacks (it would not restart)."
+    );
     metrics::describe_counter!("engram_connections_accepted_total", "Connections accepted, by listener.");
     metrics::describe_counter!("engram_connections_idle_closed_total", "Connections closed for idling, by listener.");
     metrics::describe_counter!(
@@ -267,11 +279,21 @@ pub fn status(s: &HttpState) -> serde_json::Value {
     let free = free_bytes(&s.data_dir);
     let storage = match s.reader.applied_index() {
         Err(e) => json!({"status": "down", "error": e.to_string()}),
-        Ok(idx) => json!({
-            "status": if free.is_some_and(|f| f < LOW_DISK_BYTES) { "degraded" } else { "ok" },
-            "applied_index": idx,
-            "free_bytes": free,
-        }),
+        Ok(idx) => {
+            let vault = s.reader.vault();
+            json!({
+                "status": if free.is_some_and(|f| f < LOW_DISK_BYTES) { "degraded" } else { "ok" },
+                "applied_index": idx,
+                "free_bytes": free,
+                // Encryption at rest: whether new content is sealed, under which master key, and
+                // how many namespace data keys this node holds (ids only; see docs/encryption.md).
+                "at_rest": {
+                    "enabled": vault.enabled(),
+                    "master_key": vault.active_kek().map(hex::encode),
+                    "data_keys": vault.len(),
+                },
+            })
+        }
     };
     let shards = s.vectors.shard_kinds();
     let vectors_applied = s.vectors.applied();

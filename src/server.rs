@@ -190,15 +190,23 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     let (log_path, state_path) = (config.data_dir.join("raft-log.redb"), config.data_dir.join("state.redb"));
     crate::storage::format::refuse_newer(&log_path, crate::storage::format::LOG_FORMAT)?;
     crate::storage::format::refuse_newer(&state_path, crate::storage::format::STATE_FORMAT)?;
-    let log_store = LogStore::open(&log_path)?;
+    // Encryption at rest: the master keyring (or none). Every data key of the state must open
+    // with it, checked read-only before either file is opened for writing.
+    let vault = crate::storage::vault::Vault::new(
+        crate::storage::vault::master_keys(config.at_rest_key_file.as_deref())
+            .map_err(|e| ServerError::Config(e.to_string()))?,
+    );
+    crate::storage::vault::check_state(&state_path, &vault)?;
     let sm = StateMachineStore::open_with(
         &state_path,
         config.data_dir.join("snapshot.bin"),
         Duration::from_millis(config.state_sync_interval_ms),
         VectorOptions { dir: Some(config.data_dir.join("vectors")), max_part: config.vector_part_max },
         (config.vector_checkpoint_secs > 0).then(|| Duration::from_secs(config.vector_checkpoint_secs)),
+        vault.clone(),
     )?;
-    let reader = StateReader::new(sm.database());
+    let log_store = LogStore::open(&log_path)?;
+    let reader = StateReader::with_vault(sm.database(), vault.clone());
     // Vector shards start from their index files or the state on disk; entries Raft re-applies
     // update them after.
     let vectors = sm.vectors();
@@ -214,7 +222,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
     let node = RaftNode::new(config.node_id, raft.clone(), Duration::from_millis(config.read_timeout_ms), tls.clone())
-        .with_unsafe_stale_reads(config.unsafe_stale_reads);
+        .with_unsafe_stale_reads(config.unsafe_stale_reads)
+        .with_vault(vault.clone());
     if config.unsafe_stale_reads {
         tracing::warn!(node = config.node_id, "--unsafe-stale-reads: reads skip the read index and may be stale");
     }
@@ -276,6 +285,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         key_file: config.backup_key_file.clone(),
         last: last_backup.clone(),
         state_file: config.data_dir.join("state.redb"),
+        at_rest_key_file: config.at_rest_key_file.clone(),
     };
     let admin = AdminServiceServer::new(
         AdminApi::new(node.clone(), me, backup, !config.insecure, (log_reader, marks))
@@ -308,7 +318,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         state.snapshot_files(),
         tls.is_some(),
         config.max_snapshot_bytes,
-        state.marks(),
+        (state.marks(), vault.clone()),
     ))
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -400,7 +410,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         let bin = std::env::current_exe()?;
         let spec = crate::backup::drill::DrillSpec::new(std::path::PathBuf::new(), bin, config.data_dir.join("drill"));
         tasks.push(tokio::spawn(crate::backup::drill::scheduled(
-            node.clone(),
+            (node.clone(), reader.clone()),
             Duration::from_secs(config.backup_drill_interval_secs),
             config.backup_dir.clone(),
             config.backup_key_file.clone(),

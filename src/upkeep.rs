@@ -228,9 +228,11 @@ pub fn write_archive(
 ) -> Result<PathBuf, String> {
     use crate::storage::{codec, memory_key, MEMORIES, META_APPLIED, META_CLUSTER_ID, NAMESPACES, SM_META};
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let scratch = tempfile_path(dir);
-    let result = (|| -> Result<PathBuf, String> {
-        let db = redb::Database::create(&scratch).map_err(|e| e.to_string())?;
+    (|| -> Result<PathBuf, String> {
+        // In memory: the archived memories are plain here and must not touch the disk so.
+        let db = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| e.to_string())?;
         let txn = db.begin_write().map_err(|e| e.to_string())?;
         {
             let mut meta = txn.open_table(SM_META).map_err(|e| e.to_string())?;
@@ -256,7 +258,7 @@ pub fn write_archive(
             txn.open_table(crate::storage::IDEM_EXPIRY).map_err(|e| e.to_string())?;
         }
         // The derived indexes a restore rebuilds: the archive's data digest covers them.
-        crate::storage::index::rebuild(&txn).map_err(|e| e.to_string())?;
+        crate::storage::index::rebuild(&txn, &crate::storage::vault::Vault::off()).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
         let name =
             format!("archive-{}-{:013}-{}.engram", info.name.replace('/', "_"), crate::memory::now_ms(), applied.index);
@@ -269,11 +271,5 @@ pub fn write_archive(
         std::fs::rename(&partial, &path).map_err(|e| e.to_string())?;
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
         Ok(path)
-    })();
-    let _ = std::fs::remove_file(&scratch);
-    result
-}
-
-fn tempfile_path(dir: &Path) -> PathBuf {
-    dir.join(format!(".scratch-{}.redb", uuid::Uuid::now_v7()))
+    })()
 }

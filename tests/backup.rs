@@ -158,8 +158,13 @@ async fn a_backup_under_concurrent_writes_is_consistent_at_its_index() {
     // Phase 3: it holds exactly the writes at or below its index.
     let dir = store.path().join("restored");
     let members = [(1, engram::raft::EngramNode { raft_addr: "127.0.0.1:1".into(), api_addr: "127.0.0.1:2".into() })];
-    let target =
-        backup::restore::RestoreTarget { data_dir: dir.clone(), node_id: 1, members: members.into(), force: false };
+    let target = backup::restore::RestoreTarget {
+        data_dir: dir.clone(),
+        node_id: 1,
+        members: members.into(),
+        force: false,
+        at_rest: None,
+    };
     backup::restore::restore(std::fs::File::open(&file).unwrap(), &keys, &target).unwrap();
     let db = redb::Database::open(dir.join("state.redb")).unwrap();
     let reader = engram::storage::StateReader::new(Arc::new(db));

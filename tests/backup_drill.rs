@@ -232,3 +232,92 @@ async fn a_scheduled_drill_reports_in_status_and_metrics() {
     let left: Vec<_> = std::fs::read_dir(dir.path().join("n1").join("drill")).map(|d| d.count()).into_iter().collect();
     assert!(left.iter().all(|&n| n == 0), "scratch dirs left: {left:?}");
 }
+
+const AT_REST_KEY: &str = "6c5b4a39281706f5e4d3c2b1a0918273645546372819a0b1c2d3e4f5a6b7c8d9";
+
+/// A backup of a cluster sealed at rest holds no data keys: a drill needs the cluster's
+/// (`keys export --at-rest`) and the master key, and reports a namespace erased since the
+/// backup instead of failing on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drill_of_a_sealed_backup_takes_the_clusters_data_keys_and_reports_erasures() {
+    let _one = DRILLS.lock().await;
+    // SAFETY: set before any node starts; the nodes inherit it as their backup key.
+    unsafe { std::env::set_var(engram::backup::keys::KEY_ENV, KEY) };
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_engram"));
+    let mut node = EngramProcess::new(
+        1,
+        "127.0.0.1:27561".into(),
+        "127.0.0.1:27562".into(),
+        "127.0.0.1:27563".into(),
+        dir.path().join("n1"),
+    );
+    node.start_with_env(bin, 50, &[(engram::storage::vault::KEY_ENV, AT_REST_KEY.into())]);
+    let me = engram::proto::NodeInfo { id: 1, raft_addr: node.raft.clone(), api_addr: node.api.clone() };
+    for attempt in 0.. {
+        match engram::client::Client::new([node.api.clone()]).unwrap().admin().init_cluster(vec![me.clone()]).await {
+            Ok(_) => break,
+            Err(e) if common::process::initialized(&e) => break,
+            Err(e) if attempt > 100 => panic!("init: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let client = engram::client::Client::new([node.api.clone()]).unwrap().creating_namespaces();
+    for ns in ["sealed/keep", "sealed/gone"] {
+        let items: Vec<_> = (0..40u32)
+            .map(|i| (NewMemory::new(format!("{ns} {i}"), vector(i, 16)).with_id(format!("m{i}")), Default::default()))
+            .collect();
+        client.put_batch(ns, items).await.unwrap();
+    }
+    let backups = dir.path().join("backups");
+    std::fs::create_dir_all(&backups).unwrap();
+    client.admin().create_backup(&backups).await.unwrap();
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_engramctl"))
+            .env(engram::storage::vault::KEY_ENV, AT_REST_KEY)
+            .args(["--insecure", "--endpoints", &node.api])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let keys = dir.path().join("data-keys.json");
+    let out = ctl(&["keys", "export", "--at-rest", "--out", keys.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let sealed_drill = |extra: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_engramctl"));
+        c.env(engram::backup::keys::KEY_ENV, KEY)
+            .env(engram::storage::vault::KEY_ENV, AT_REST_KEY)
+            .args(["backup", "drill"])
+            .arg(&backups)
+            .arg("--scratch-dir")
+            .arg(&scratch)
+            .args(["--engram-bin", env!("CARGO_BIN_EXE_engram")])
+            .args(extra);
+        c.output().unwrap()
+    };
+    // Without the data keys: refused, saying why.
+    let out = sealed_drill(&[]);
+    assert!(!out.status.success() && text(&out).contains("sealed at rest"), "{}", text(&out));
+    let out = sealed_drill(&["--data-keys", keys.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["restored_digest"], report["source_digest"], "{report}");
+    assert_eq!(report["recall_at_10"], 1.0);
+
+    // Erased since the backup: the drill restores the rest and names it.
+    let out = ctl(&["namespace", "erase", "sealed/gone"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let receipt: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((receipt["memories"].as_u64(), receipt["crypto_shredded"].as_bool()), (Some(40), Some(true)), "{receipt}");
+    let out = ctl(&["keys", "export", "--at-rest", "--out", dir.path().join("now.json").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = sealed_drill(&["--data-keys", dir.path().join("now.json").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["erased"], serde_json::json!(["sealed/gone"]), "{report}");
+    assert!(empty(&scratch), "the scratch nodes' dirs were left behind");
+}

@@ -95,6 +95,7 @@ async fn one_namespace_comes_back_from_a_backup_and_nothing_else_moves() {
         memories: engram::storage::codec::encode(&rows.memories),
         options: None,
         only_these: false,
+        sealed_rows: Vec::new(),
     };
     let raw = |who: &engram::client::Client| AdminServiceClient::new(who.raw_channel(&addr).unwrap());
     let e = raw(&tenant).restore_namespace(good.clone()).await.unwrap_err();

@@ -149,7 +149,12 @@ fn unpack(format: u32) -> (tempfile::TempDir, serde_json::Value) {
 }
 
 fn cluster_of_none() -> TestCluster {
-    TestCluster { slots: vec![], tweak: |_| {}, secure: Some(std::sync::Arc::new(common::secure::Secure::new("test"))) }
+    TestCluster {
+        slots: vec![],
+        tweak: |_| {},
+        secure: Some(std::sync::Arc::new(common::secure::Secure::new("test"))),
+        at_rest_key_file: None,
+    }
 }
 
 const FORMAT_TABLE: redb::TableDefinition<&str, u32> = redb::TableDefinition::new("format");

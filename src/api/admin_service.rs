@@ -63,6 +63,8 @@ pub struct BackupContext {
     pub last: BackupStatus,
     /// The state machine's file: its size is the estimate a backup stream announces.
     pub state_file: PathBuf,
+    /// The at-rest master keyring file, read again by a rotation (`None`: env or off).
+    pub at_rest_key_file: Option<PathBuf>,
 }
 
 /// Response header of `CreateBackup`: about how many bytes the archive will have (the state
@@ -593,6 +595,30 @@ impl AdminService for AdminApi {
     }
 
     #[instrument(skip_all)]
+    async fn export_data_keys(
+        &self,
+        req: Request<pb::ExportDataKeysRequest>,
+    ) -> Result<Response<pb::ExportDataKeysResponse>, Status> {
+        handle!(self, req, "export_data_keys", export_data_keys_inner)
+    }
+
+    #[instrument(skip_all)]
+    async fn rotate_at_rest_key(
+        &self,
+        req: Request<pb::RotateAtRestKeyRequest>,
+    ) -> Result<Response<pb::RotateAtRestKeyResponse>, Status> {
+        handle!(self, req, "rotate_at_rest_key", rotate_at_rest_key_inner)
+    }
+
+    #[instrument(skip_all, fields(namespace = %req.get_ref().namespace))]
+    async fn erase_namespace(
+        &self,
+        req: Request<pb::EraseNamespaceRequest>,
+    ) -> Result<Response<pb::EraseNamespaceResponse>, Status> {
+        handle!(self, req, "erase_namespace", erase_namespace_inner)
+    }
+
+    #[instrument(skip_all)]
     async fn propose_mark(
         &self,
         _req: Request<pb::ProposeMarkRequest>,
@@ -659,6 +685,168 @@ pub(crate) fn decode_restored(bytes: &[u8]) -> Result<Vec<crate::memory::Memory>
 }
 
 impl AdminApi {
+    /// Opens a partial restore's sealed rows with this node's data keys. Rows under a key an
+    /// erasure destroyed are refused as erased: an erased namespace never comes back.
+    fn open_restored(&self, namespace: &str, sealed: &[u8]) -> Result<Vec<crate::memory::Memory>, ApiError> {
+        if sealed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = crate::storage::codec::decode_exact(sealed)
+            .map_err(|e| ApiError::invalid("sealed_rows", format!("not a list of (key, value) rows: {e}")))?;
+        let vault = self.node.vault();
+        let prefix = crate::storage::memory_key(namespace, "");
+        let mut out = Vec::with_capacity(rows.len());
+        for (key, value) in &rows {
+            if !key.starts_with(&prefix) {
+                return Err(ApiError::invalid("sealed_rows", format!("a row of another namespace than {namespace:?}")));
+            }
+            let id = crate::storage::vault::sealed_by(value)
+                .ok_or_else(|| ApiError::invalid("sealed_rows", "a row that is not sealed"))?;
+            if vault.by_id(&id).is_none() {
+                let erasure = self.backup.reader.erasure(&id).map_err(storage_error)?;
+                return Err(ApiError::FailedPrecondition {
+                    field: "namespace".into(),
+                    reason: match erasure {
+                        Some(e) => format!(
+                            "erased: the backup's rows of {namespace:?} are sealed under data key {}, destroyed by the erasure at log index {} ({} ms); nothing was restored",
+                            hex::encode(id), e.index, e.at_ms
+                        ),
+                        None => format!(
+                            "the backup's rows of {namespace:?} are sealed under data key {}, which this cluster does not hold (erased, or another cluster's); nothing was restored",
+                            hex::encode(id)
+                        ),
+                    },
+                    current_revision: 0,
+                });
+            }
+            let m = crate::storage::codec::decode_memory_in(vault, key, value)
+                .map_err(|e| ApiError::invalid("sealed_rows", e.to_string()))?;
+            if crate::storage::memory_key(&m.namespace, &m.id) != *key {
+                return Err(ApiError::invalid("sealed_rows", "a row filed under another key"));
+            }
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    async fn export_data_keys_inner(
+        &self,
+        _caller: &crate::auth::Caller,
+        _req: pb::ExportDataKeysRequest,
+    ) -> Result<pb::ExportDataKeysResponse, ApiError> {
+        // What this node has applied after a read barrier: every key made before the call.
+        if let Some(barrier) = self.node.read_barrier(crate::raft::node::ReadConsistency::Linearizable).await? {
+            self.node.await_read(barrier).await?;
+        }
+        let (applied, keys, erased) = self.backup.reader.data_keys().map_err(storage_error)?;
+        Ok(pb::ExportDataKeysResponse {
+            data_keys: keys.len() as u32,
+            erasures: erased.len() as u32,
+            keys: crate::storage::codec::encode(&(keys, erased)),
+            applied_index: applied,
+        })
+    }
+
+    async fn rotate_at_rest_key_inner(
+        &self,
+        caller: &crate::auth::Caller,
+        _req: pb::RotateAtRestKeyRequest,
+    ) -> Result<pb::RotateAtRestKeyResponse, ApiError> {
+        self.node.require_leader()?;
+        let vault = self.node.vault();
+        if !vault.enabled() {
+            return Err(ApiError::FailedPrecondition {
+                field: "at_rest_key_file".into(),
+                reason: "encryption at rest is off on this node".into(),
+                current_revision: 0,
+            });
+        }
+        // The key file again, for a new active key; an env-only keyring cannot change.
+        if let Some(path) = &self.backup.at_rest_key_file {
+            let ring = crate::backup::Keyring::load(path).map_err(|e| ApiError::FailedPrecondition {
+                field: "at_rest_key_file".into(),
+                reason: e.to_string(),
+                current_revision: 0,
+            })?;
+            // Every key held must still open under the new ring before it replaces the old one.
+            let (_, rows, _) = self.backup.reader.data_keys().map_err(storage_error)?;
+            let probe = crate::storage::vault::Vault::new(Some(ring.clone()));
+            for row in &rows {
+                probe.opens(row).map_err(|e| ApiError::FailedPrecondition {
+                    field: "at_rest_key_file".into(),
+                    reason: format!("the key file must keep the old master key until the rotation is done: {e}"),
+                    current_revision: 0,
+                })?;
+            }
+            vault.set_keks(ring);
+        }
+        let (_, rows, _) = self.backup.reader.data_keys().map_err(storage_error)?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in &rows {
+            keys.push(vault.rewrap(row).map_err(|e| ApiError::Internal(e.to_string()))?);
+        }
+        let res = crate::api::propose(&self.node, caller, None, Op::RewrapDataKeys { keys }).await?;
+        match res.outcome {
+            crate::raft::Outcome::DataKeysRewrapped { rewrapped } => Ok(pb::RotateAtRestKeyResponse {
+                applied_index: res.index,
+                rewrapped,
+                master_key_id: vault.active_kek().map(|k| k.to_vec()).unwrap_or_default(),
+            }),
+            other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    async fn erase_namespace_inner(
+        &self,
+        caller: &crate::auth::Caller,
+        req: pb::EraseNamespaceRequest,
+    ) -> Result<pb::EraseNamespaceResponse, ApiError> {
+        crate::memory::validate_namespace(&req.namespace)?;
+        let idempotency = crate::api::convert::idempotency(req.options, "erase-namespace", &req.namespace)?;
+        let before = self.backup.reader.data_keys().map_err(storage_error)?.1;
+        let key = before.iter().find(|k| k.namespace == req.namespace).map(|k| k.id);
+        let res = crate::api::propose(
+            &self.node,
+            caller,
+            idempotency,
+            Op::DeleteNamespace { namespace: req.namespace.clone() },
+        )
+        .await?;
+        let memories = match res.outcome {
+            crate::raft::Outcome::NamespaceDeleted { memories } => memories,
+            other => return Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+        };
+        // The erasure as this node applied it (the leader applied it before answering).
+        let erasure = match &key {
+            Some(id) => self.backup.reader.erasure(id).map_err(storage_error)?,
+            None => None,
+        };
+        // A snapshot past the erase lets this node purge the log entries that held the key.
+        let snapshot_index = match self.node.raft.trigger().snapshot().await {
+            Ok(()) => {
+                let mut rx = self.node.raft.metrics();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                loop {
+                    let at = rx.borrow_watched().snapshot.map(|l| l.index).unwrap_or(0);
+                    if at >= res.index || tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                        break at;
+                    }
+                }
+            }
+            Err(_) => 0,
+        };
+        let reader = &self.backup.reader;
+        Ok(pb::EraseNamespaceResponse {
+            applied_index: res.index,
+            memories,
+            data_key_id: erasure.as_ref().map(|e| e.id.to_vec()).unwrap_or_default(),
+            erased_at_ms: erasure.as_ref().map(|e| e.at_ms).unwrap_or(0),
+            cluster_id: reader.cluster_id().map_err(storage_error)?.map(|c| c.to_vec()).unwrap_or_default(),
+            ledger_head: reader.ledger_head(res.index).map_err(storage_error)?.map(|h| h.to_vec()).unwrap_or_default(),
+            snapshot_index,
+        })
+    }
+
     async fn restore_namespace_inner(
         &self,
         caller: &crate::auth::Caller,
@@ -673,11 +861,21 @@ impl AdminApi {
                     .map_err(|e| ApiError::invalid("policy_json", e.to_string()))?,
             ),
         };
-        let memories = decode_restored(&req.memories)?;
+        let mut memories = decode_restored(&req.memories)?;
+        memories.extend(self.open_restored(&req.namespace, &req.sealed_rows)?);
+        memories.sort_by(|a, b| a.id.cmp(&b.id));
         let idempotency = crate::api::convert::idempotency(
             req.options,
             "restore-namespace",
-            &(&req.namespace, req.dimension, req.metric, &req.policy_json, &req.memories, req.only_these),
+            &(
+                &req.namespace,
+                req.dimension,
+                req.metric,
+                &req.policy_json,
+                &req.memories,
+                req.only_these,
+                &req.sealed_rows,
+            ),
         )?;
         let op = match req.only_these {
             true => Op::RestoreMemories { namespace: req.namespace, memories },

@@ -235,6 +235,13 @@ impl From<Rejection> for ApiError {
                 what: format!("namespace {namespace:?}"),
                 reason: "it has another memory policy; change it with SetNamespacePolicy".into(),
             },
+            Rejection::DataKeyGone { namespace } => ApiError::FailedPrecondition {
+                field: "namespace".into(),
+                reason: format!(
+                    "namespace {namespace:?} was erased while the write was in flight; nothing was written"
+                ),
+                current_revision: 0,
+            },
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct DrillSpec {
     pub queries_per_namespace: usize,
     /// How long the scratch cluster may take to start and commit.
     pub timeout: Duration,
+    /// For a backup sealed at rest: the master keyring the scratch nodes run with and the
+    /// source cluster's data keys now.
+    pub at_rest: Option<super::restore::AtRest>,
 }
 
 impl DrillSpec {
@@ -70,6 +73,7 @@ impl DrillSpec {
             nodes: 1,
             queries_per_namespace: 16,
             timeout: Duration::from_secs(600),
+            at_rest: None,
         }
     }
 }
@@ -98,6 +102,8 @@ pub struct DrillReport {
     /// The drill's own preparation between restore and start: the restored rows' digest and
     /// the exact search answers.
     pub check_ms: u64,
+    /// Namespaces the restore left out: erased since the backup (their data keys destroyed).
+    pub erased: Vec<String>,
     /// The source's data digest at the backup's index, if its manifest has one (hex).
     pub source_digest: Option<String>,
     /// The restored rows' data digest before start, and every node's at the mark (hex; equal
@@ -190,7 +196,13 @@ pub async fn run(spec: &DrillSpec, keys: &Keyring) -> Result<DrillReport, Backup
         .keys()
         .map(|&id| {
             let (archive, keys, members) = (spec.archive.clone(), keys.clone(), members.clone());
-            let target = RestoreTarget { data_dir: dir.join(format!("n{id}")), node_id: id, members, force: false };
+            let target = RestoreTarget {
+                data_dir: dir.join(format!("n{id}")),
+                node_id: id,
+                members,
+                force: false,
+                at_rest: spec.at_rest.clone(),
+            };
             tokio::task::spawn_blocking(move || restore(std::fs::File::open(&archive)?, &keys, &target))
         })
         .collect();
@@ -201,8 +213,11 @@ pub async fn run(spec: &DrillSpec, keys: &Keyring) -> Result<DrillReport, Backup
         outcomes.push(r.await.map_err(|e| BackupError::Io(std::io::Error::other(e))).and_then(|r| r));
     }
     let mut info: Option<BackupInfo> = None;
+    let mut erased = Vec::new();
     for o in outcomes {
-        info = Some(o?);
+        let o = o?;
+        erased = o.erased.iter().map(|e| e.namespace.clone()).collect();
+        info = Some(o.info);
     }
     let info = info.expect("at least one member");
     let restore_ms = started.elapsed().as_millis() as u64;
@@ -210,9 +225,14 @@ pub async fn run(spec: &DrillSpec, keys: &Keyring) -> Result<DrillReport, Backup
     // 2 and 3: the restored rows, before anything runs on them.
     let first = dir.join("n1").join("state.redb");
     let queries = spec.queries_per_namespace;
+    let master = spec.at_rest.as_ref().map(|a| a.master.clone());
     let (restored_digest, probes) = tokio::task::spawn_blocking(move || -> Result<_, BackupError> {
         let db = Arc::new(redb::Database::open(&first).map_err(crate::error::StorageError::from)?);
-        let reader = StateReader::new(db);
+        // Sealed rows open with the data keys the restore put in the state.
+        let vault = crate::storage::vault::Vault::new(master);
+        let reader = StateReader::with_vault(db.clone(), vault.clone());
+        let (_, keys, _) = reader.data_keys()?;
+        vault.load(&keys).map_err(|e| BackupError::Key(e.to_string()))?;
         Ok((reader.data_digest()?, probes(&reader, queries, drilled_at_ms)?))
     })
     .await
@@ -241,8 +261,11 @@ pub async fn run(spec: &DrillSpec, keys: &Keyring) -> Result<DrillReport, Backup
         node_digests: BTreeMap::new(),
         queries: 0,
         recall_at_10: 0.0,
+        erased,
     };
     match info.manifest.data_digest {
+        // The source's digest covers namespaces erased since: the rows left can not match it.
+        Some(_) if !report.erased.is_empty() => {}
         Some(d) if d != restored_digest => report.problems.push(format!(
             "the restored rows' digest {} differs from the source's {} at index {}",
             report.restored_digest,
@@ -267,6 +290,13 @@ pub async fn run(spec: &DrillSpec, keys: &Keyring) -> Result<DrillReport, Backup
             if k.to_string_lossy().starts_with("ENGRAM_") {
                 cmd.env_remove(k);
             }
+        }
+        if let Some(a) = &spec.at_rest {
+            let key_file = dir.join("at-rest-keys.toml");
+            if !key_file.exists() {
+                a.master.save(&key_file)?;
+            }
+            cmd.arg("--at-rest-key-file").arg(key_file);
         }
         cmd.args(&secure[id])
             .args(["--node-id", &id.to_string()])
@@ -568,7 +598,7 @@ pub struct LastDrill {
 /// `backup_dir` with one scratch node (`spec.archive` is chosen at each run), the keyring from
 /// `key_file` (else `ENGRAM_BACKUP_KEY`).
 pub async fn scheduled(
-    node: crate::raft::RaftNode,
+    (node, reader): (crate::raft::RaftNode, StateReader),
     every: Duration,
     backup_dir: PathBuf,
     key_file: Option<PathBuf>,
@@ -577,7 +607,16 @@ pub async fn scheduled(
     stop: impl std::future::Future<Output = ()>,
 ) {
     // A shutdown ends a drill under way; its scratch nodes are killed as it is dropped.
-    node.every_while_leader(every, stop, || drill_once(&backup_dir, key_file.as_deref(), &spec, &status)).await;
+    let vault = node.vault().clone();
+    node.every_while_leader(every, stop, || async {
+        // A cluster sealed at rest: its master keyring and its data keys now.
+        let at_rest = match (vault.master(), reader.data_keys()) {
+            (Some(master), Ok((_, keys, _))) => Some(super::restore::AtRest { master, keys }),
+            _ => None,
+        };
+        drill_once(&backup_dir, key_file.as_deref(), &DrillSpec { at_rest, ..spec.clone() }, &status).await
+    })
+    .await;
 }
 
 async fn drill_once(

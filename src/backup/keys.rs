@@ -96,17 +96,29 @@ impl Keyring {
 
     /// Keys from `ENGRAM_BACKUP_KEY` (hex secrets, comma separated, the first active).
     pub fn from_env_value(value: &str) -> Result<Keyring, BackupError> {
+        Keyring::from_env_value_named(value, KEY_ENV)
+    }
+
+    /// Keys from the value of environment variable `env`, as [`from_env_value`](Self::from_env_value).
+    pub fn from_env_value_named(value: &str, env: &str) -> Result<Keyring, BackupError> {
         let mut keys = Vec::new();
         for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let secret = Zeroizing::new(hex::decode(part).map_err(|_| key_err(format!("{KEY_ENV}: not hex")))?);
+            let secret = Zeroizing::new(hex::decode(part).map_err(|_| key_err(format!("{env}: not hex")))?);
             keys.push((
-                MasterKey::from_bytes(&secret)
-                    .ok_or_else(|| key_err(format!("{KEY_ENV}: a key must be 64 hex digits")))?,
+                MasterKey::from_bytes(&secret).ok_or_else(|| key_err(format!("{env}: a key must be 64 hex digits")))?,
                 0,
             ));
         }
-        let active = keys.first().map(|(k, _)| k.id()).ok_or_else(|| key_err(format!("{KEY_ENV} is empty")))?;
+        let active = keys.first().map(|(k, _)| k.id()).ok_or_else(|| key_err(format!("{env} is empty")))?;
         Ok(Keyring { keys, active })
+    }
+
+    /// This ring with `key` added as an inactive key.
+    pub fn with(mut self, key: MasterKey) -> Keyring {
+        if self.get(&key.id()).is_none() {
+            self.keys.push((key, 0));
+        }
+        self
     }
 
     /// The key file if one is named, else `ENGRAM_BACKUP_KEY`.
@@ -118,7 +130,7 @@ impl Keyring {
         }
     }
 
-    fn save(&self, path: &Path) -> Result<(), BackupError> {
+    pub(crate) fn save(&self, path: &Path) -> Result<(), BackupError> {
         let file = KeyringFile {
             active: hex::encode(self.active),
             keys: self

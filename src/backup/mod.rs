@@ -31,6 +31,7 @@ use thiserror::Error;
 use crate::error::StorageError;
 use crate::storage::dump::{self, DumpSummary};
 use archive::{ArchiveReader, ArchiveWriter, Contents, Header, Manifest, DEFAULT_CHUNK_BYTES};
+pub use crypto::MasterKey;
 pub use keys::Keyring;
 
 /// zstd level of backup payloads: level 3 compresses text noticeably better than 1 and still
@@ -139,7 +140,8 @@ pub fn create<W: Write>(
     };
     let mut writer = ArchiveWriter::new(out, &header, key)?;
     let mut z = zstd::stream::Encoder::new(&mut writer, ZSTD_LEVEL)?;
-    let summary = dump::write(&txn, &mut z)?;
+    // Never the data keys: a backup must not outlive an erasure's reach (see `storage::vault`).
+    let summary = dump::write(&txn, &mut z, dump::DataKeys::Exclude)?;
     z.finish()?;
     let contents = Contents {
         rows: summary.rows,
@@ -225,6 +227,9 @@ pub struct RestoreDiff {
     /// In the live namespace, not in the backup: a restore deletes them.
     pub removed: Vec<String>,
     pub unchanged: u64,
+    /// In both, sealed at rest in the backup: only the cluster can open them, so a client
+    /// cannot say whether they changed.
+    pub sealed: Vec<String>,
 }
 
 /// Compares a backup's rows of a namespace with the live namespace's memories.
@@ -232,6 +237,7 @@ pub fn restore_diff(rows: &dump::NamespaceRows, live: &[crate::proto::Memory]) -
     let live: std::collections::BTreeMap<&str, &crate::proto::Memory> =
         live.iter().map(|m| (m.id.as_str(), m)).collect();
     let mut d = RestoreDiff::default();
+    let sealed = rows.sealed_ids();
     let mut seen = std::collections::BTreeSet::new();
     for m in &rows.memories {
         seen.insert(m.id.as_str());
@@ -250,6 +256,13 @@ pub fn restore_diff(rows: &dump::NamespaceRows, live: &[crate::proto::Memory]) -
                     d.changed.push(m.id.clone());
                 }
             }
+        }
+    }
+    for id in &sealed {
+        seen.insert(id.as_str());
+        match live.contains_key(id.as_str()) {
+            true => d.sealed.push(id.clone()),
+            false => d.added.push(id.clone()),
         }
     }
     d.removed = live.keys().filter(|id| !seen.contains(*id)).map(|id| id.to_string()).collect();

@@ -16,6 +16,8 @@ use redb::Database;
 
 use super::{read_archive, BackupError, BackupInfo, Keyring};
 use crate::raft::{EngramNode, LogId, LogStore, Membership, NodeId, StoredMembership, Vote};
+use crate::storage::dump::ErasedNamespace;
+use crate::storage::vault::{DataKeyRow, Vault};
 use crate::storage::{codec, dump, META_APPLIED, META_CLUSTER_ID, META_MEMBERSHIP, SM_META};
 
 /// Where and as whom to restore.
@@ -27,6 +29,25 @@ pub struct RestoreTarget {
     pub members: BTreeMap<NodeId, EngramNode>,
     /// Replace a non-empty data dir.
     pub force: bool,
+    /// For a backup of a cluster encrypted at rest: the master keyring and the live cluster's
+    /// data keys (a backup holds none). `None` refuses a backup with sealed rows.
+    pub at_rest: Option<AtRest>,
+}
+
+/// What restoring a backup sealed at rest needs.
+#[derive(Debug, Clone)]
+pub struct AtRest {
+    pub master: Keyring,
+    /// The data keys of the cluster now (`engramctl keys export --at-rest`): a namespace whose
+    /// key is not among them was erased since the backup and is left out.
+    pub keys: Vec<DataKeyRow>,
+}
+
+/// A restore's outcome: the backup, and the namespaces it left out as erased.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub info: BackupInfo,
+    pub erased: Vec<ErasedNamespace>,
 }
 
 /// The id of a cluster restored from `backup_id` with `members`: the same on every member,
@@ -72,7 +93,7 @@ fn sibling(dir: &Path, tag: &str) -> Result<PathBuf, BackupError> {
 }
 
 /// Restores `input` into `target.data_dir`; see the module docs.
-pub fn restore(input: impl Read, keys: &Keyring, target: &RestoreTarget) -> Result<BackupInfo, BackupError> {
+pub fn restore(input: impl Read, keys: &Keyring, target: &RestoreTarget) -> Result<Restored, BackupError> {
     check_target(target)?;
     if let Some(parent) = target.data_dir.parent() {
         std::fs::create_dir_all(parent)?;
@@ -89,11 +110,26 @@ pub fn restore(input: impl Read, keys: &Keyring, target: &RestoreTarget) -> Resu
     result
 }
 
-fn stage(input: impl Read, keys: &Keyring, target: &RestoreTarget, staging: &Path) -> Result<BackupInfo, BackupError> {
+fn stage(input: impl Read, keys: &Keyring, target: &RestoreTarget, staging: &Path) -> Result<Restored, BackupError> {
     let db = Database::create(staging.join("state.redb")).map_err(crate::error::StorageError::from)?;
     let mut txn = db.begin_write().map_err(crate::error::StorageError::from)?;
     crate::storage::set_durable(&mut txn, "state")?;
-    let info = read_archive(input, keys, |r| dump::load(r, &txn))?;
+    let (vault, data_keys) = match &target.at_rest {
+        Some(a) => (Vault::new(Some(a.master.clone())), a.keys.as_slice()),
+        None => (Vault::off(), &[][..]),
+    };
+    let mut erased = Vec::new();
+    let info = read_archive(input, keys, |r| {
+        let (summary, gone) = dump::load_restored(r, &txn, &vault, data_keys)?;
+        erased = gone;
+        Ok(summary)
+    })?;
+    if target.at_rest.is_none() && !erased.is_empty() {
+        let names: Vec<&str> = erased.iter().map(|e| e.namespace.as_str()).collect();
+        return Err(BackupError::Target(format!(
+            "the backup's memories of {names:?} are sealed at rest: pass the at-rest master key and the cluster's data keys (engramctl keys export --at-rest)"
+        )));
+    }
     let h = &info.header;
     let applied = LogId::new(
         openraft::vote::leader_id_adv::LeaderId { term: h.applied_term, node_id: h.applied_node },
@@ -120,7 +156,10 @@ fn stage(input: impl Read, keys: &Keyring, target: &RestoreTarget, staging: &Pat
     LogStore::open(&staging.join("raft-log.redb"))?.seed_restored(&vote, &applied)?;
     std::fs::write(staging.join("node_id"), target.node_id.to_string())?;
     std::fs::File::open(staging)?.sync_all()?;
-    Ok(info)
+    for e in &erased {
+        tracing::warn!(namespace = %e.namespace, memories = e.memories, key = %hex::encode(e.key), "left out of the restore: erased");
+    }
+    Ok(Restored { info, erased })
 }
 
 fn swap_into_place(staging: &Path, data_dir: &Path) -> Result<(), BackupError> {

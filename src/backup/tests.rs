@@ -119,7 +119,7 @@ fn chunked_as(db: &Database, key: &MasterKey, format: u16) -> Vec<u8> {
     };
     let mut w = ArchiveWriter::new(Vec::new(), &header, key).unwrap();
     let mut z = zstd::stream::Encoder::new(&mut w, 3).unwrap();
-    let s = crate::storage::dump::write(&txn, &mut z).unwrap();
+    let s = crate::storage::dump::write(&txn, &mut z, crate::storage::dump::DataKeys::Exclude).unwrap();
     z.finish().unwrap();
     let contents = Contents {
         rows: s.rows,
@@ -160,7 +160,7 @@ fn members() -> BTreeMap<u64, EngramNode> {
 }
 
 fn target(dir: &std::path::Path) -> RestoreTarget {
-    RestoreTarget { data_dir: dir.to_path_buf(), node_id: 2, members: members(), force: false }
+    RestoreTarget { data_dir: dir.to_path_buf(), node_id: 2, members: members(), force: false, at_rest: None }
 }
 
 #[test]
@@ -178,7 +178,7 @@ fn a_backup_verifies_and_restores_to_the_same_data_with_a_new_identity() {
 
     let data_dir = dir.path().join("restored");
     let restored = restore(archive.as_slice(), &keys, &target(&data_dir)).unwrap();
-    assert_eq!(restored.manifest, created.manifest);
+    assert_eq!(restored.info.manifest, created.manifest);
     let rdb = Database::create(data_dir.join("state.redb")).unwrap();
     assert_eq!(data_digest(&rdb), data_digest(&db));
     let reader = crate::storage::StateReader::new(std::sync::Arc::new(rdb));
@@ -205,7 +205,7 @@ fn a_format_1_archive_still_verifies_and_restores_without_a_source_digest() {
     let v2 = verify(new.as_slice(), &keys).unwrap();
     assert_eq!((v2.header.format, v2.manifest.data_digest), (2, Some([5; 32])));
     let restored = restore(old.as_slice(), &keys, &target(&dir.path().join("restored"))).unwrap();
-    assert_eq!(restored.manifest.memories, 40);
+    assert_eq!(restored.info.manifest.memories, 40);
     let rdb = Database::create(dir.path().join("restored").join("state.redb")).unwrap();
     assert_eq!(data_digest(&rdb), data_digest(&db));
     // A format this build does not know is refused.

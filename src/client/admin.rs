@@ -165,11 +165,46 @@ impl Admin<'_> {
             policy_json: rows.policy_json.clone().unwrap_or_default(),
             memories: crate::storage::codec::encode(&rows.memories),
             options: Some(pb::WriteOptions { idempotency_key: uuid::Uuid::now_v7().to_string() }),
+            sealed_rows: match rows.sealed.is_empty() {
+                true => Vec::new(),
+                false => crate::storage::codec::encode(&rows.sealed),
+            },
         };
         self.client
             .call(|ch, t| {
                 let r = req.clone();
                 async move { Self::admin(ch).restore_namespace(timed(r, t)).await }
+            })
+            .await
+    }
+
+    /// The cluster's data keys (wrapped) and erasures, from the preferred node after a read
+    /// barrier: what a restore of a backup sealed at rest needs.
+    pub async fn export_data_keys(&self) -> Result<pb::ExportDataKeysResponse, ClientError> {
+        let mut c = self.preferred()?;
+        let r = c.export_data_keys(pb::ExportDataKeysRequest {}).await.map_err(|s| ClientError::from_status(&s))?;
+        Ok(r.into_inner())
+    }
+
+    /// Rewraps every data key under the leader's active at-rest master key.
+    pub async fn rotate_at_rest_key(&self) -> Result<pb::RotateAtRestKeyResponse, ClientError> {
+        self.client
+            .call(|ch, t| async move {
+                Self::admin(ch).rotate_at_rest_key(timed(pb::RotateAtRestKeyRequest {}, t)).await
+            })
+            .await
+    }
+
+    /// Erases `namespace` (deletes it and destroys its data key); the erasure receipt.
+    pub async fn erase_namespace(&self, namespace: &str) -> Result<pb::EraseNamespaceResponse, ClientError> {
+        let req = pb::EraseNamespaceRequest {
+            namespace: namespace.into(),
+            options: Some(pb::WriteOptions { idempotency_key: uuid::Uuid::now_v7().to_string() }),
+        };
+        self.client
+            .call(|ch, t| {
+                let r = req.clone();
+                async move { Self::admin(ch).erase_namespace(timed(r, t)).await }
             })
             .await
     }

@@ -22,6 +22,7 @@ use crate::auth::policy::Access;
 use crate::auth::records::tenant_of;
 use crate::error::StorageError;
 use crate::memory::{IndexKind, MemoryInput, MemoryPolicy, Metric, NamespaceInfo, Precondition};
+use crate::storage::vault::{DataKeyRow, Erasure, Vault, DATA_KEYS, ERASED};
 use crate::storage::{codec, IDEMPOTENCY, IDEM_EXPIRY, NAMESPACES, QUOTAS};
 use crate::vector::{VectorOp, VectorStore};
 
@@ -41,6 +42,31 @@ fn scoped_key(principal: &str, namespace: &str, key: &str) -> String {
     format!("{principal}\0{namespace}\0{key}")
 }
 
+/// How `apply_command` treats a sealed op's new data key (see [`Op::Sealed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NewKey {
+    /// Install it for the op (its entry runs in a transaction of its own, from a savepoint).
+    Install,
+    /// Do not: the op did not keep it, and runs again from the savepoint without it.
+    Skip,
+}
+
+/// The namespace whose new data key `entry` would install, if any: such an entry is applied in
+/// a transaction of its own (see `StateMachineStore::apply_batch`).
+pub(crate) fn installs_key(cmd: &Command) -> Option<&str> {
+    match &cmd.op {
+        Op::Sealed { namespace, new_key: Some(_), .. } => Some(namespace),
+        _ => None,
+    }
+}
+
+/// Whether a sealed op's new data key stays: the op applied and left its namespace in place.
+pub(crate) fn keeps_key(txn: &WriteTransaction, namespace: &str, result: &CommandResult) -> Result<bool, StorageError> {
+    Ok(!matches!(result.outcome, Outcome::Rejected(_))
+        && load_namespace(txn, namespace)?.is_some()
+        && data_key(txn, namespace)?.is_some())
+}
+
 /// Applies `cmd` at log index `index`; every state change also pushes its [`VectorOp`].
 pub(crate) fn apply_command(
     txn: &WriteTransaction,
@@ -48,8 +74,34 @@ pub(crate) fn apply_command(
     cmd: &Command,
     ops: &mut Vec<VectorOp>,
     vectors: &VectorStore,
+    vault: &Vault,
+    new_key: NewKey,
 ) -> Result<CommandResult, StorageError> {
     let rejected = |r: Rejection| CommandResult { index, outcome: Outcome::Rejected(r) };
+    // A sealed op applies as the op inside, for the same principal and idempotency key.
+    let opened;
+    let cmd = match &cmd.op {
+        Op::Sealed { namespace, key, blob, new_key: carried } => {
+            match unseal(txn, vault, namespace, key, blob, carried.as_ref())? {
+                Ok(op) => {
+                    if let (Some(row), NewKey::Install) = (carried, new_key) {
+                        if data_key(txn, namespace)?.is_none() {
+                            install_key(txn, vault, row)?;
+                        }
+                    }
+                    opened = Command {
+                        principal: cmd.principal.clone(),
+                        idempotency: cmd.idempotency.clone(),
+                        now_ms: cmd.now_ms,
+                        op,
+                    };
+                    &opened
+                }
+                Err(r) => return Ok(rejected(r)),
+            }
+        }
+        _ => cmd,
+    };
     let who = match apply_auth::authenticate(txn, cmd)? {
         Ok(who) => who,
         Err(r) => return Ok(rejected(r)),
@@ -72,7 +124,7 @@ pub(crate) fn apply_command(
         Ok(access) => access,
         Err(r) => return Ok(rejected(r)),
     };
-    let ctx = Ctx { index, now_ms: cmd.now_ms, vectors };
+    let ctx = Ctx { index, now_ms: cmd.now_ms, vectors, vault };
     let outcome = run(txn, &ctx, cmd, &access, ops)?;
     let result = CommandResult { index, outcome };
     if let (Some(idem), Some(key)) = (&cmd.idempotency, &key) {
@@ -119,7 +171,13 @@ fn run(
                 out
             }
         },
-        Op::DeleteNamespace { namespace } => delete_namespace(txn, namespace, ops)?,
+        Op::DeleteNamespace { namespace } => delete_namespace(txn, ctx, namespace, ops)?,
+        Op::RewrapDataKeys { keys } => rewrap_data_keys(txn, ctx, keys)?,
+        // Opened in `apply_command`; a sealed op inside a sealed op is refused by `unseal`.
+        Op::Sealed { namespace, .. } => Outcome::Rejected(Rejection::Invalid {
+            field: "op".into(),
+            reason: format!("a sealed op for {namespace:?} inside a sealed op"),
+        }),
         Op::SetClusterId { cluster_id } => set_cluster_id(txn, cluster_id)?,
         Op::SetPolicy { namespace, policy } => match load_namespace(txn, namespace)? {
             None => missing(namespace),
@@ -192,8 +250,31 @@ fn run(
 /// Records what `cmd` may have changed, for catching vector index files up with the log:
 /// every memory it names, and every namespace it may have dropped. (Creating a namespace needs
 /// no entry: one missing from the index files is rebuilt anyway.)
-pub(crate) fn touched(cmd: &Command, changes: &mut crate::vector::Changes) {
-    match &cmd.op {
+pub(crate) fn touched(cmd: &Command, changes: &mut crate::vector::Changes, vault: &Vault) {
+    touched_op(&cmd.op, changes, vault)
+}
+
+fn touched_op(op: &Op, changes: &mut crate::vector::Changes, vault: &Vault) {
+    match op {
+        // Opened with the key this node holds; one it cannot open counts as the whole
+        // namespace (rebuilt from the state).
+        Op::Sealed { namespace, key, blob, new_key } => {
+            let dek = match new_key {
+                Some(row) => vault.open_key(row).ok(),
+                None => vault.by_id(key),
+            };
+            let inner = dek
+                .and_then(|k| k.open(&crate::storage::vault::command_aad(namespace), blob).ok())
+                .and_then(|plain| codec::decode_exact::<Op>(&plain).ok())
+                .filter(|op| op.namespace() == Some(namespace.as_str()) && op.carries_content());
+            match inner {
+                Some(op) => touched_op(&op, changes, vault),
+                None => {
+                    changes.namespaces.insert(namespace.clone());
+                }
+            }
+        }
+        Op::RewrapDataKeys { .. } => {}
         Op::Put { namespace, items, .. } | Op::PutChecked { namespace, items, .. } => {
             changes.memories.extend(items.iter().map(|(m, _)| (namespace.clone(), m.id.clone())));
             changes.puts.insert(namespace.clone());
@@ -383,14 +464,126 @@ fn reconsider_index(info: &mut NamespaceInfo, ops: &mut Vec<VectorOp>) {
     }
 }
 
-fn delete_namespace(txn: &WriteTransaction, namespace: &str, ops: &mut Vec<VectorOp>) -> Result<Outcome, StorageError> {
+/// Deletes a namespace and destroys its data key (crypto-shredding): every sealed copy of its
+/// content anywhere becomes undecryptable. The erasure is remembered by key id, with no key
+/// material, so restores can report what they leave out.
+fn delete_namespace(
+    txn: &WriteTransaction,
+    ctx: &Ctx,
+    namespace: &str,
+    ops: &mut Vec<VectorOp>,
+) -> Result<Outcome, StorageError> {
     if load_namespace(txn, namespace)?.is_none() {
         return Ok(Outcome::Rejected(Rejection::NamespaceNotFound { namespace: namespace.into() }));
     }
-    let memories = apply_memory::drop_namespace(txn, namespace)?;
+    let memories = apply_memory::drop_namespace(txn, ctx, namespace)?;
+    // A data key exists only beside its namespace (see `keeps_key`).
+    let key = txn.open_table(DATA_KEYS)?.remove(namespace)?.map(|v| v.value().to_vec());
+    if let Some(row) = key {
+        let row: DataKeyRow = codec::decode_row("data_keys", &row)?;
+        let erasure =
+            Erasure { namespace: namespace.into(), id: row.id, index: ctx.index, at_ms: ctx.now_ms, memories };
+        txn.open_table(ERASED)?.insert(hex::encode(row.id).as_str(), codec::encode_row(&erasure).as_slice())?;
+        ctx.vault.remove(namespace);
+        metrics::counter!("engram_data_keys_destroyed_total").increment(1);
+    }
     txn.open_table(NAMESPACES)?.remove(namespace)?;
     ops.push(VectorOp::DropNamespace { namespace: namespace.into() });
     Ok(Outcome::NamespaceDeleted { memories })
+}
+
+/// Whether `namespace` has a data key.
+pub(crate) fn has_data_key(txn: &WriteTransaction, namespace: &str) -> Result<bool, StorageError> {
+    Ok(data_key(txn, namespace)?.is_some())
+}
+
+/// A namespace's current data key row.
+fn data_key(txn: &WriteTransaction, namespace: &str) -> Result<Option<DataKeyRow>, StorageError> {
+    let t = txn.open_table(DATA_KEYS)?;
+    let v = t.get(namespace)?;
+    v.map(|v| codec::decode_row("data_keys", v.value())).transpose()
+}
+
+/// Opens a sealed op: under the namespace's current key (or the new key it carries), bound to
+/// the namespace, a content op of that namespace. A key destroyed since the leader sealed it
+/// is a refusal, not an error.
+fn unseal(
+    txn: &WriteTransaction,
+    vault: &Vault,
+    namespace: &str,
+    key: &[u8; 8],
+    blob: &[u8],
+    new_key: Option<&DataKeyRow>,
+) -> Result<Result<Op, Rejection>, StorageError> {
+    let invalid = |reason: String| Ok(Err(Rejection::Invalid { field: "op".into(), reason }));
+    let dek = match new_key {
+        Some(row) => {
+            if row.namespace != namespace || row.id != *key {
+                return invalid(format!("a new data key for {:?} seals a write to {namespace:?}", row.namespace));
+            }
+            // A destroyed key never comes back (a replayed proposal).
+            if txn.open_table(ERASED)?.get(hex::encode(row.id).as_str())?.is_some() {
+                return invalid(format!("data key {} was destroyed", hex::encode(row.id)));
+            }
+            // Every node must open a key the leader made: one that cannot has another master key.
+            vault.open_key(row).map_err(|e| StorageError::Corrupt { table: "data_keys", reason: e.to_string() })?
+        }
+        None => {
+            match data_key(txn, namespace)? {
+                Some(row) if row.id == *key => {}
+                _ => return Ok(Err(Rejection::DataKeyGone { namespace: namespace.into() })),
+            }
+            // In the state, so every node holds it; one that cannot open it has a wrong master key.
+            vault.by_id(key).ok_or_else(|| StorageError::Corrupt {
+                table: "data_keys",
+                reason: format!(
+                    "data key {} of namespace {namespace:?} is in the state but this node cannot open it",
+                    hex::encode(key)
+                ),
+            })?
+        }
+    };
+    let Ok(plain) = dek.open(&crate::storage::vault::command_aad(namespace), blob) else {
+        return invalid("a sealed op failed authentication".into());
+    };
+    let op: Op = match codec::decode_exact(&plain) {
+        Ok(op) => op,
+        Err(e) => return invalid(format!("a sealed op does not decode: {e}")),
+    };
+    if op.namespace() != Some(namespace) || !op.carries_content() {
+        return invalid(format!("a sealed {} is not a content op of {namespace:?}", op.name()));
+    }
+    Ok(Ok(op))
+}
+
+/// Makes `key` the namespace's data key (it has none) and seals the plain rows it holds.
+fn install_key(txn: &WriteTransaction, vault: &Vault, key: &DataKeyRow) -> Result<(), StorageError> {
+    txn.open_table(DATA_KEYS)?.insert(key.namespace.as_str(), codec::encode_row(key).as_slice())?;
+    vault.insert(key).map_err(|e| StorageError::Corrupt { table: "data_keys", reason: e.to_string() })?;
+    let sealed = crate::storage::index::MemoryTables::open(txn, vault)?.reseal_namespace(&key.namespace)?;
+    if sealed > 0 {
+        tracing::info!(namespace = %key.namespace, memories = sealed, "sealed a namespace's plain memories");
+    }
+    metrics::counter!("engram_data_keys_created_total").increment(1);
+    Ok(())
+}
+
+/// [`Op::RewrapDataKeys`]: each row replaces the namespace's if it wraps the same key.
+fn rewrap_data_keys(txn: &WriteTransaction, ctx: &Ctx, keys: &[DataKeyRow]) -> Result<Outcome, StorageError> {
+    let mut rewrapped = 0;
+    for row in keys {
+        if data_key(txn, &row.namespace)?.is_some_and(|current| current.id == row.id) {
+            txn.open_table(DATA_KEYS)?.insert(row.namespace.as_str(), codec::encode_row(row).as_slice())?;
+            rewrapped += 1;
+            // The data key itself is unchanged and held already; a node whose key file lacks
+            // the new master key would not restart, so it says so now.
+            if let Err(e) = ctx.vault.opens(row) {
+                metrics::counter!("engram_at_rest_rewrap_unopenable_total").increment(1);
+                tracing::error!(error = %e, "a rewrapped data key does not open with this node's at-rest keyring; add the new master key before restarting");
+            }
+        }
+    }
+    Ok(Outcome::DataKeysRewrapped { rewrapped })
 }
 
 /// The checks every restored row must pass, by constants only (every replica decides alike):
@@ -495,7 +688,7 @@ fn restore_namespace(
     }
     let replaced = match &existing {
         Some(_) => {
-            let n = apply_memory::drop_namespace(txn, namespace)?;
+            let n = apply_memory::drop_namespace(txn, ctx, namespace)?;
             ops.push(VectorOp::DropNamespace { namespace: namespace.into() });
             n
         }

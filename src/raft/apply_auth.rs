@@ -178,6 +178,8 @@ pub(crate) fn apply_admin(txn: &WriteTransaction, now_ms: u64, op: &Op) -> Resul
         | Op::Reinforce { .. }
         | Op::Mark { .. }
         | Op::RestoreNamespace { .. }
-        | Op::RestoreMemories { .. } => unreachable!("memory ops and marks are applied by apply::run"),
+        | Op::RestoreMemories { .. }
+        | Op::Sealed { .. }
+        | Op::RewrapDataKeys { .. } => unreachable!("memory ops, data keys and marks are applied by apply::run"),
     }
 }

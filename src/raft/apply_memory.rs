@@ -29,6 +29,8 @@ pub(crate) struct Ctx<'a> {
     pub index: u64,
     pub now_ms: u64,
     pub vectors: &'a VectorStore,
+    /// This node's data keys: rows of a namespace that has one are sealed as they are written.
+    pub vault: &'a crate::storage::vault::Vault,
 }
 
 /// Near-duplicate candidates first asked of the shard; doubled while the last one could still
@@ -69,7 +71,7 @@ pub(crate) fn put(
 ) -> Result<Result<Vec<StoreResult>, Rejection>, StorageError> {
     let ns = info.name.clone();
     let policy = index::policy(&txn.open_table(NS_POLICY)?, &ns)?;
-    let mut tables = MemoryTables::open(txn)?;
+    let mut tables = MemoryTables::open(txn, ctx.vault)?;
     for (i, (m, _)) in items.iter().enumerate() {
         if let Some(r) = static_checks(i, m, info, access, &policy, ctx.now_ms) {
             metrics::counter!("engram_memory_refusals_total", "namespace" => label(&ns), "rule" => rule_of(&r))
@@ -548,7 +550,7 @@ pub(crate) fn restore(
     memories: &[Memory],
     ops: &mut Vec<VectorOp>,
 ) -> Result<(), StorageError> {
-    let mut tables = MemoryTables::open(txn)?;
+    let mut tables = MemoryTables::open(txn, ctx.vault)?;
     write_restored(&mut tables, info, memories.iter().cloned(), ctx.index, ops)?;
     Ok(())
 }
@@ -578,7 +580,7 @@ pub(crate) fn restore_some(
     memories: &[Memory],
     ops: &mut Vec<VectorOp>,
 ) -> Result<Result<u64, Rejection>, StorageError> {
-    let mut tables = MemoryTables::open(txn)?;
+    let mut tables = MemoryTables::open(txn, ctx.vault)?;
     let overlay: BTreeMap<String, Memory> =
         memories.iter().map(|m| (m.id.clone(), Memory { revision: ctx.index, ..m.clone() })).collect();
     if let Some(r) = check_quota(txn, &tables, info, &overlay)? {
@@ -597,7 +599,7 @@ pub(crate) fn delete(
     access: &Access,
     ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
-    let mut tables = MemoryTables::open(txn)?;
+    let mut tables = MemoryTables::open(txn, ctx.vault)?;
     // A memory outside the caller's scope is, to the caller, not there.
     let current = live(tables.get(&info.name, id)?, ctx.now_ms).filter(|m| access.covers(&m.tags));
     let current_revision = current.as_ref().map(|m| m.revision);
@@ -616,8 +618,8 @@ pub(crate) fn delete(
 }
 
 /// Drops every memory of a namespace with their indexes, policy and counters.
-pub(crate) fn drop_namespace(txn: &WriteTransaction, ns: &str) -> Result<u64, StorageError> {
-    let n = MemoryTables::open(txn)?.drop_namespace(ns)?;
+pub(crate) fn drop_namespace(txn: &WriteTransaction, ctx: &Ctx, ns: &str) -> Result<u64, StorageError> {
+    let n = MemoryTables::open(txn, ctx.vault)?.drop_namespace(ns)?;
     index::drop_model(txn, ns)?;
     Ok(n)
 }
@@ -640,7 +642,7 @@ pub(crate) fn purge(
             }
         }
     }
-    let mut tables = MemoryTables::open(txn)?;
+    let mut tables = MemoryTables::open(txn, ctx.vault)?;
     let mut per_ns: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let (mut expired, mut retired) = (0u64, 0u64);
     for (ns, id) in items {
@@ -694,7 +696,7 @@ pub(crate) fn retire(
         return Ok(Outcome::Retired { deleted: 0 });
     };
     let cutoff = ctx.now_ms.saturating_sub(rule.max_age_ms);
-    let mut tables = MemoryTables::open(txn)?;
+    let mut tables = MemoryTables::open(txn, ctx.vault)?;
     let mut deleted = 0u64;
     for (id, rev) in items {
         if tables.get(&info.name, id)?.is_some_and(|m| m.revision == *rev && m.created_at_ms < cutoff) {
@@ -725,7 +727,7 @@ pub(crate) fn consolidate(
     keep_rule: KeepText,
     ops: &mut Vec<VectorOp>,
 ) -> Result<Outcome, StorageError> {
-    let mut tables = MemoryTables::open(txn)?;
+    let mut tables = MemoryTables::open(txn, ctx.vault)?;
     let ns = info.name.clone();
     let mut merged = Vec::with_capacity(clusters.len());
     let mut absorbed = 0u64;
@@ -777,7 +779,7 @@ pub(crate) fn reinforce(
     ns: &str,
     hits: &[(String, u32)],
 ) -> Result<Outcome, StorageError> {
-    let mut tables = MemoryTables::open(txn)?;
+    let mut tables = MemoryTables::open(txn, ctx.vault)?;
     let (mut memories, mut total) = (0u64, 0u64);
     for (id, count) in hits {
         if let Some(mut m) = live(tables.get(ns, id)?, ctx.now_ms) {

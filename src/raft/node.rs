@@ -17,10 +17,11 @@ use tonic::transport::Channel;
 
 use super::network::decode;
 use super::read_batch::ReadBatcher;
-use super::types::{Command, CommandResult, EngramNode, NodeId, Raft, TypeConfig};
+use super::types::{Command, CommandResult, EngramNode, NodeId, Op, Raft, TypeConfig};
 use crate::error::ApiError;
 use crate::proto::raft_service_client::RaftServiceClient;
 use crate::proto::ReadIndexRequest;
+use crate::storage::vault::Vault;
 use crate::transport::NodeTls;
 
 /// How long a follower waits for the leader's answer to a forwarded write when the client
@@ -28,7 +29,34 @@ use crate::transport::NodeTls;
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Proposes `cmd` on this node's Raft and waits until it is applied here.
-pub(crate) async fn write(raft: &Raft, cmd: Command) -> Result<CommandResult, ApiError> {
+/// Proposes `cmd` on this node (the leader): with encryption at rest on, a command carrying
+/// memory content is sealed first under its namespace's data key, made on first use.
+pub(crate) async fn write(raft: &Raft, vault: &Vault, cmd: Command) -> Result<CommandResult, ApiError> {
+    let cmd = seal(vault, cmd)?;
+    propose_raw(raft, cmd).await
+}
+
+fn seal(vault: &Vault, cmd: Command) -> Result<Command, ApiError> {
+    if !vault.enabled() || !cmd.op.carries_content() {
+        return Ok(cmd);
+    }
+    let namespace = cmd.op.namespace().unwrap_or_default().to_string();
+    // A namespace without a data key gets one with this write: `apply` keeps it only if the
+    // write applies (see `Op::Sealed`).
+    let (key, new_key) = match vault.for_namespace(&namespace) {
+        Some(key) => (key, None),
+        None => {
+            crate::memory::validate_namespace(&namespace)?;
+            let row = vault.new_key(&namespace).map_err(|e| ApiError::Internal(e.to_string()))?;
+            (vault.open_key(&row).map_err(|e| ApiError::Internal(e.to_string()))?, Some(row))
+        }
+    };
+    let plain = crate::storage::codec::encode(&cmd.op);
+    let blob = key.seal(&crate::storage::vault::command_aad(&namespace), &plain);
+    Ok(Command { op: Op::Sealed { namespace, key: key.id, blob, new_key }, ..cmd })
+}
+
+async fn propose_raw(raft: &Raft, cmd: Command) -> Result<CommandResult, ApiError> {
     let span = crate::trace_span!("raft.write", op = cmd.op.name());
     // Files the span for the state machine's `apply`, which runs in another task.
     let _proposal = crate::telemetry::Proposal::file(&cmd, &span);
@@ -125,12 +153,33 @@ pub struct RaftNode {
     peers: Arc<Mutex<PeerChannels>>,
     /// Peer TLS (`None`: an `--insecure` node).
     tls: Option<Arc<NodeTls>>,
+    /// Seals content ops before they are proposed (see `storage::vault`).
+    vault: Arc<Vault>,
 }
 
 impl RaftNode {
     pub fn new(id: NodeId, raft: Raft, read_timeout: Duration, tls: Option<Arc<NodeTls>>) -> Self {
         let barriers = ReadBarriers::new(&raft);
-        RaftNode { id, raft, barriers, read_timeout, unsafe_stale_reads: false, peers: Arc::default(), tls }
+        RaftNode {
+            id,
+            raft,
+            barriers,
+            read_timeout,
+            unsafe_stale_reads: false,
+            peers: Arc::default(),
+            tls,
+            vault: Vault::off(),
+        }
+    }
+
+    /// Seals with `vault` (the state machine's) when it holds a master key.
+    pub fn with_vault(mut self, vault: Arc<Vault>) -> Self {
+        self.vault = vault;
+        self
+    }
+
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
     }
 
     /// The read barriers this node's reads share (the peer service's ReadIndex joins them).
@@ -168,7 +217,7 @@ impl RaftNode {
 
     /// Proposes a command and waits until it is committed and applied here.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, ApiError> {
-        write(&self.raft, cmd).await
+        write(&self.raft, &self.vault, cmd).await
     }
 
     /// Proposes a client's command: here on the leader; on a follower, sent to the leader

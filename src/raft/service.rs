@@ -36,6 +36,8 @@ pub struct PeerService {
     max_snapshot_bytes: u64,
     /// State digests at marks, for the leader's background cluster verify.
     marks: super::marks::Marks,
+    /// Seals forwarded content writes before this node, the leader, proposes them.
+    vault: Arc<crate::storage::vault::Vault>,
 }
 
 impl PeerService {
@@ -46,9 +48,9 @@ impl PeerService {
         snapshots: SnapshotFiles,
         authenticated: bool,
         max_snapshot_bytes: u64,
-        marks: super::marks::Marks,
+        (marks, vault): (super::marks::Marks, Arc<crate::storage::vault::Vault>),
     ) -> Self {
-        PeerService { me, raft, barriers, snapshots, authenticated, max_snapshot_bytes, marks }
+        PeerService { me, raft, barriers, snapshots, authenticated, max_snapshot_bytes, marks, vault }
     }
 
     /// The sender's node id when peers are authenticated (`None` on an insecure node), after
@@ -221,7 +223,7 @@ impl RaftService for PeerService {
             decode(req.get_ref()).map_err(|e| Status::invalid_argument(format!("undecodable forwarded write: {e}")))?;
         guard::forwarded(&cmd, self.authenticated).map_err(|e| Status::invalid_argument(e.to_string()))?;
         cmd.now_ms = crate::memory::now_ms();
-        let res = super::node::write(&self.raft, cmd).await;
+        let res = super::node::write(&self.raft, &self.vault, cmd).await;
         Ok(Response::new(encode(&res)))
     }
 

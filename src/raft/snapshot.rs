@@ -151,7 +151,7 @@ impl SnapshotFiles {
             w.write_all(&(encoded.len() as u32).to_le_bytes())?;
             w.write_all(&encoded)?;
             let mut z = zstd::stream::Encoder::new(w, ZSTD_LEVEL)?;
-            let summary = dump::write(&txn, &mut z)?;
+            let summary = dump::write(&txn, &mut z, dump::DataKeys::Include)?;
             z.finish()?.flush()?;
             file.sync_all()?;
             Ok::<_, StorageError>(summary)
@@ -202,7 +202,13 @@ impl SnapshotFiles {
 
 /// Replaces the whole state of `db` with the snapshot in one durable transaction. The file's
 /// header and its dump must agree with `meta`; otherwise nothing is written.
-pub fn install(db: &Database, meta: &SnapshotMeta, data: &SnapshotData) -> Result<DumpSummary, StorageError> {
+/// `vault` takes the snapshot's data keys once the state is committed.
+pub fn install(
+    db: &Database,
+    meta: &SnapshotMeta,
+    data: &SnapshotData,
+    vault: &crate::storage::vault::Vault,
+) -> Result<DumpSummary, StorageError> {
     let mut r = BufReader::with_capacity(1 << 20, Positional { data, pos: 0 });
     let header = read_header(&mut r)?;
     if &header != meta {
@@ -211,11 +217,13 @@ pub fn install(db: &Database, meta: &SnapshotMeta, data: &SnapshotData) -> Resul
     let z = zstd::stream::Decoder::with_buffer(r).map_err(|e| corrupt(format!("zstd: {e}")))?;
     let mut txn = db.begin_write()?;
     crate::storage::set_durable(&mut txn, "snapshot")?;
-    let summary = dump::load(ZstdErrors(z), &txn)?;
+    let fresh = vault.fresh();
+    let summary = dump::load(ZstdErrors(z), &txn, &fresh)?;
     if summary.applied != meta.last_log_id || summary.membership != meta.last_membership {
         return Err(corrupt("the dump's applied log id or membership differs from the snapshot meta"));
     }
     txn.commit()?;
+    vault.adopt(&fresh);
     Ok(summary)
 }
 

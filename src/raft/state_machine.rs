@@ -21,10 +21,11 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, WriteTransaction};
 
-use super::apply::apply_command;
+use super::apply::{apply_command, NewKey};
 use super::snapshot::{SnapshotData, SnapshotFiles};
 use super::types::{CommandResult, LogId, Outcome, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::error::StorageError;
+use crate::storage::vault::{Vault, DATA_KEYS, ERASED};
 use crate::storage::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBERSHIP, NAMESPACES, SM_META};
 use crate::vector::{Changes, OpenReport, VectorOp, VectorOptions, VectorStore};
 
@@ -52,12 +53,14 @@ pub struct StateMachineStore {
     pace: Arc<super::compaction::SnapshotPace>,
     /// State digests at the marks this node applied.
     marks: super::marks::Marks,
+    /// The master keyring and the data keys of this state (see `storage::vault`).
+    vault: Arc<Vault>,
 }
 
 impl StateMachineStore {
     /// Opens (or creates) the state machine; applies are fsynced at most every `sync_interval`.
     pub fn open(path: &Path, snapshot_path: PathBuf) -> Result<Self, StorageError> {
-        Self::open_with(path, snapshot_path, std::time::Duration::ZERO, VectorOptions::default(), None)
+        Self::open_with(path, snapshot_path, std::time::Duration::ZERO, VectorOptions::default(), None, Vault::off())
     }
 
     /// Opens the state machine; `checkpoint_every` paces vector index files (written to
@@ -68,6 +71,7 @@ impl StateMachineStore {
         sync_interval: std::time::Duration,
         vectors: VectorOptions,
         checkpoint_every: Option<std::time::Duration>,
+        vault: Arc<Vault>,
     ) -> Result<Self, StorageError> {
         // A newer format is refused in `ensure` (and read-only before, by `server::start`).
         let db = Database::create(path)?;
@@ -92,14 +96,23 @@ impl StateMachineStore {
             }
             Ok(rows)
         })?;
+        // Every data key must open with this node's master keyring before anything else reads
+        // the state: a wrong or missing key stops the node here, with nothing changed.
+        txn.open_table(DATA_KEYS)?;
+        txn.open_table(ERASED)?;
+        let keys = crate::storage::vault::rows(&txn.open_table(DATA_KEYS)?)?;
+        vault
+            .load(&keys)
+            .map_err(|e| StorageError::Format { file: path.display().to_string(), reason: e.to_string() })?;
         // A state machine from before the derived indexes gets them now.
         if crate::storage::index::needs_rebuild(&txn)? {
-            let n = crate::storage::index::rebuild(&txn)?;
+            let n = crate::storage::index::rebuild(&txn, &vault)?;
             tracing::info!(memories = n, "built the content, expiry and age indexes");
         }
         txn.commit()?;
         let db = Arc::new(db);
-        let vectors = Arc::new(VectorStore::new(crate::storage::StateReader::new(db.clone()), vectors));
+        let vectors =
+            Arc::new(VectorStore::new(crate::storage::StateReader::with_vault(db.clone(), vault.clone()), vectors));
         Ok(StateMachineStore {
             db,
             snapshots: SnapshotFiles::open(snapshot_path)?,
@@ -112,7 +125,13 @@ impl StateMachineStore {
             auth_generation: Arc::default(),
             pace: Arc::default(),
             marks: Default::default(),
+            vault,
         })
+    }
+
+    /// This state's master keyring and data keys.
+    pub fn vault(&self) -> Arc<Vault> {
+        self.vault.clone()
     }
 
     pub fn database(&self) -> Arc<Database> {
@@ -163,7 +182,7 @@ impl StateMachineStore {
             let mut changes = Changes::default();
             for entry in &entries {
                 if let EntryPayload::Normal(cmd) = &entry.payload {
-                    super::apply::touched(cmd, &mut changes);
+                    super::apply::touched(cmd, &mut changes, &self.vault);
                 }
             }
             Ok(Some(changes))
@@ -192,6 +211,7 @@ impl StateMachineStore {
         durable: bool,
         ops: &mut Vec<VectorOp>,
         vectors: &VectorStore,
+        vault: &Vault,
     ) -> Result<Vec<CommandResult>, StorageError> {
         let mut txn = db.begin_write()?;
         if durable {
@@ -200,13 +220,40 @@ impl StateMachineStore {
             txn.set_durability(Durability::None)
                 .map_err(|e| StorageError::Corrupt { table: "sm", reason: e.to_string() })?;
         }
+        // An entry that may install a data key is alone in its transaction (see `parts`): a
+        // savepoint taken before anything is written undoes the key if its op does not keep it.
+        let savepoint = match entries {
+            [e] if installs_key(e).is_some() => Some(
+                txn.ephemeral_savepoint().map_err(|e| StorageError::Corrupt { table: "sm", reason: e.to_string() })?,
+            ),
+            _ => None,
+        };
         let mut results = Vec::with_capacity(entries.len());
         let mut last_membership = None;
         for entry in entries {
             let index = entry.index();
             let result = match &entry.payload {
                 EntryPayload::Blank => CommandResult { index, outcome: Outcome::None },
-                EntryPayload::Normal(cmd) => apply_command(&txn, index, cmd, ops, vectors)?,
+                EntryPayload::Normal(cmd) => {
+                    let installing = match (super::apply::installs_key(cmd), &savepoint) {
+                        (Some(ns), Some(_)) if !super::apply::has_data_key(&txn, ns)? => Some(ns),
+                        _ => None,
+                    };
+                    let before = ops.len();
+                    let result = apply_command(&txn, index, cmd, ops, vectors, vault, NewKey::Install)?;
+                    match (installing, &savepoint) {
+                        (Some(ns), Some(sp)) if !super::apply::keeps_key(&txn, ns, &result)? => {
+                            // Not kept: back to before the entry, and once more without the key
+                            // (the same refusal, remembered as any is).
+                            txn.restore_savepoint(sp)
+                                .map_err(|e| StorageError::Corrupt { table: "sm", reason: e.to_string() })?;
+                            vault.remove(ns);
+                            ops.truncate(before);
+                            apply_command(&txn, index, cmd, ops, vectors, vault, NewKey::Skip)?
+                        }
+                        _ => result,
+                    }
+                }
                 EntryPayload::Membership(m) => {
                     last_membership = Some(StoredMembership::new(Some(entry.log_id()), m.clone()));
                     CommandResult { index, outcome: Outcome::None }
@@ -226,8 +273,41 @@ impl StateMachineStore {
             }
         }
         txn.commit()?;
+        // Keys an erasure removed: committed now, so no reader needs them any more.
+        vault.forget_removed();
         Ok(results)
     }
+}
+
+/// An entry whose sealed op carries a new data key.
+fn installs_key(e: &super::types::Entry) -> Option<&str> {
+    match &e.payload {
+        EntryPayload::Normal(c) => super::apply::installs_key(c),
+        _ => None,
+    }
+}
+
+/// The transactions a batch is applied in: a mark ends one (a read right after it sees the
+/// state at its index exactly), and an entry that may install a data key has one of its own.
+fn parts(batch: &[super::types::Entry]) -> Vec<&[super::types::Entry]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, e) in batch.iter().enumerate() {
+        if installs_key(e).is_some() {
+            if start < i {
+                out.push(&batch[start..i]);
+            }
+            out.push(&batch[i..=i]);
+            start = i + 1;
+        } else if mark_id(e).is_some() {
+            out.push(&batch[start..=i]);
+            start = i + 1;
+        }
+    }
+    if start < batch.len() {
+        out.push(&batch[start..]);
+    }
+    out
 }
 
 /// The id of a mark entry.
@@ -323,6 +403,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let db = self.db.clone();
         let vectors = self.vectors.clone();
+        let vault = self.vault.clone();
         let last_index = batch.last().map(|e| e.index()).unwrap_or_default();
         let auth_changed = batch.iter().any(|e| matches!(&e.payload, EntryPayload::Normal(c) if c.op.changes_auth()));
         let generation = self.auth_generation.clone();
@@ -343,8 +424,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // A mark ends its own transaction, so a read right after it sees the state at its
             // index exactly (see `marks`).
             let mut results = Vec::with_capacity(batch.len());
-            for part in batch.split_inclusive(|e| mark_id(e).is_some()) {
-                results.extend(Self::apply_batch(&db, part, durable, &mut ops, &vectors)?);
+            for part in parts(&batch) {
+                results.extend(Self::apply_batch(&db, part, durable, &mut ops, &vectors, &vault)?);
                 if let Some((id, last)) = part.last().and_then(|e| Some((mark_id(e)?, e.index()))) {
                     marks.digest_later(id.to_string(), last, db.begin_read()?);
                 }
@@ -416,7 +497,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // The state next, in one transaction: a crash before its commit leaves the previous
             // state whole. The snapshot file is published after it, so the current snapshot
             // never runs ahead of a state that failed to install.
-            let summary = super::snapshot::install(&this.db, &meta, &snapshot)?;
+            let summary = super::snapshot::install(&this.db, &meta, &snapshot, &this.vault)?;
             this.auth_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let _guard = this.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
             this.snapshots.publish(&meta, &mut snapshot)?;

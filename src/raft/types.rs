@@ -210,6 +210,24 @@ pub enum Op {
         namespace: String,
         memories: Vec<crate::memory::Memory>,
     },
+    /// A memory op sealed by the leader under `namespace`'s data key `key` (the bincode `Op`,
+    /// bound to the namespace): the log never holds memory content in the clear. Applies as
+    /// the op inside, authorized for the command's principal; refused if the key is gone.
+    /// `new_key`: the namespace had no data key when the leader sealed it, so the leader made
+    /// `key` (wrapped; see `storage::vault`). It becomes the namespace's key only if the op
+    /// inside applies and leaves the namespace in place (and no other key won a race); plain
+    /// rows the namespace already held are sealed under it in the same entry.
+    Sealed {
+        namespace: String,
+        key: [u8; 8],
+        blob: Vec<u8>,
+        new_key: Option<crate::storage::vault::DataKeyRow>,
+    },
+    /// The same data keys, wrapped again under the active master key (`keys rotate
+    /// --at-rest`). A row whose namespace has another key by now is skipped. Cluster admins.
+    RewrapDataKeys {
+        keys: Vec<crate::storage::vault::DataKeyRow>,
+    },
 }
 
 /// One consolidation group: the keeper and the memories it absorbs, each at the revision the
@@ -247,6 +265,8 @@ impl Op {
             Op::Mark { .. } => "mark",
             Op::RestoreNamespace { .. } => "restore_namespace",
             Op::RestoreMemories { .. } => "restore_memories",
+            Op::Sealed { .. } => "sealed",
+            Op::RewrapDataKeys { .. } => "rewrap_data_keys",
         }
     }
 
@@ -264,8 +284,9 @@ impl Op {
             | Op::Consolidate { namespace, .. }
             | Op::Reinforce { namespace, .. }
             | Op::RestoreNamespace { namespace, .. }
-            | Op::RestoreMemories { namespace, .. } => Some(namespace),
-            Op::Purge { .. } => None,
+            | Op::RestoreMemories { namespace, .. }
+            | Op::Sealed { namespace, .. } => Some(namespace),
+            Op::Purge { .. } | Op::RewrapDataKeys { .. } => None,
             Op::SetClusterId { .. }
             | Op::CreateKey { .. }
             | Op::BootstrapRootKey { .. }
@@ -290,6 +311,16 @@ impl Op {
                 | Op::Retire { .. }
                 | Op::Reinforce { .. }
                 | Op::Mark { .. }
+                | Op::Sealed { .. }
+        )
+    }
+
+    /// Whether the op carries memory content (text, embedding, tags): what the leader seals
+    /// before it enters the log when encryption at rest is on.
+    pub fn carries_content(&self) -> bool {
+        matches!(
+            self,
+            Op::Put { .. } | Op::PutChecked { .. } | Op::RestoreNamespace { .. } | Op::RestoreMemories { .. }
         )
     }
 
@@ -368,6 +399,9 @@ pub enum Outcome {
         /// Memories the namespace holds now, and held before.
         restored: u64,
         replaced: u64,
+    },
+    DataKeysRewrapped {
+        rewrapped: u64,
     },
 }
 
@@ -468,6 +502,10 @@ pub enum Rejection {
     PolicyDiffers {
         namespace: String,
     },
+    /// A sealed write whose data key was destroyed (the namespace was erased) before it applied.
+    DataKeyGone {
+        namespace: String,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -502,6 +540,8 @@ impl std::fmt::Display for Command {
             Op::RestoreMemories { namespace, memories } => {
                 write!(f, "restore-memories {namespace} x{}", memories.len())
             }
+            Op::Sealed { namespace, blob, .. } => write!(f, "sealed {namespace} ({} bytes)", blob.len()),
+            Op::RewrapDataKeys { keys } => write!(f, "rewrap-data-keys x{}", keys.len()),
         }
     }
 }

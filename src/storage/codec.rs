@@ -152,6 +152,28 @@ pub fn decode_memory(bytes: &[u8]) -> Result<Memory, StorageError> {
     }
 }
 
+/// A memory row as this node writes it: sealed under its namespace's data key when the
+/// namespace has one (see `storage::vault`), plain otherwise.
+pub fn encode_memory_in(vault: &super::vault::Vault, m: &Memory) -> Vec<u8> {
+    let plain = encode_memory(m);
+    match vault.for_namespace(&m.namespace) {
+        Some(key) => super::vault::seal_row(&key, &super::memory_key(&m.namespace, &m.id), &plain),
+        None => plain,
+    }
+}
+
+/// Reads a `memories` row stored under `key`, opening it first if it is sealed.
+pub fn decode_memory_in(vault: &super::vault::Vault, key: &[u8], value: &[u8]) -> Result<Memory, StorageError> {
+    if super::vault::sealed_by(value).is_none() && value.first() != Some(&super::vault::SEALED_ROW) {
+        return decode_memory(value);
+    }
+    let plain = super::vault::open_row(vault, key, value)?;
+    if plain.first() == Some(&super::vault::SEALED_ROW) {
+        return Err(StorageError::Corrupt { table: "memories", reason: "a sealed row inside a sealed row".into() });
+    }
+    decode_memory(&plain)
+}
+
 /// The version byte of a row of the versioned tables (log entries; namespace, idempotency and
 /// auth rows), from file format 1 (see `storage::format`).
 pub const ROW_V1: u8 = 1;

@@ -10,6 +10,8 @@
 //! Ledger  := { index, value: entry hash | chain head }              (format 4)
 //! Namespace, Idempotency and Auth values carry their row version byte (format 5; see
 //! `storage::format`); an older dump's bare values get it as they load
+//! DataKey := { namespace, value: ROW_V1 | wrapped data key }      (format 6; snapshots only)
+//! Erased  := { key id, value: ROW_V1 | erasure record }            (format 6)
 //! End     := { rows, digest = BLAKE3 over every byte before End's length prefix }
 //! ```
 //!
@@ -23,11 +25,12 @@ use std::io::{Read, Write};
 use redb::{ReadTransaction, ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use super::vault::Vault;
 use super::{codec, IDEMPOTENCY, IDEM_EXPIRY, MEMORIES, META_APPLIED, META_MEMBERSHIP, NAMESPACES, SM_META};
 use crate::error::StorageError;
 use crate::raft::{LogId, StoredMembership};
 
-pub const DUMP_FORMAT: u16 = 5;
+pub const DUMP_FORMAT: u16 = 6;
 /// The first format whose versioned rows carry their version byte.
 const VERSIONED_ROWS: u16 = 5;
 /// Oldest format [`load`] reads.
@@ -46,6 +49,16 @@ enum Record {
     End { rows: u64, digest: [u8; 32] },
     Model { table: u8, key: String, value: Vec<u8> },
     Ledger { index: u64, value: Vec<u8> },
+    DataKey { namespace: String, value: Vec<u8> },
+    Erased { key: String, value: Vec<u8> },
+}
+
+/// Whether a dump carries the wrapped data keys: a snapshot must (a follower installing it
+/// needs them), a backup must not (an erasure could not reach it otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataKeys {
+    Include,
+    Exclude,
 }
 
 /// What a dump holds, as written or as read back.
@@ -101,7 +114,7 @@ pub fn head(txn: &ReadTransaction) -> Result<(Option<LogId>, StoredMembership), 
 }
 
 /// Writes every row visible to `txn` to `out`, in table and key order.
-pub fn write(txn: &ReadTransaction, out: &mut impl Write) -> Result<DumpSummary, StorageError> {
+pub fn write(txn: &ReadTransaction, out: &mut impl Write, keys: DataKeys) -> Result<DumpSummary, StorageError> {
     let (applied, membership) = head(txn)?;
     let meta = txn.open_table(SM_META)?;
     let mut w = Writer { out, hasher: blake3::Hasher::new(), buf: Vec::with_capacity(4096), bytes: 0 };
@@ -154,6 +167,22 @@ pub fn write(txn: &ReadTransaction, out: &mut impl Write) -> Result<DumpSummary,
         for item in t.iter()? {
             let (k, v) = item?;
             w.put(&Record::Ledger { index: k.value(), value: v.value().to_vec() })?;
+            rows += 1;
+        }
+    }
+    if keys == DataKeys::Include {
+        if let Some(t) = super::optional_table(txn, super::vault::DATA_KEYS)? {
+            for item in t.iter()? {
+                let (k, v) = item?;
+                w.put(&Record::DataKey { namespace: k.value().to_string(), value: v.value().to_vec() })?;
+                rows += 1;
+            }
+        }
+    }
+    if let Some(t) = super::optional_table(txn, super::vault::ERASED)? {
+        for item in t.iter()? {
+            let (k, v) = item?;
+            w.put(&Record::Erased { key: k.value().to_string(), value: v.value().to_vec() })?;
             rows += 1;
         }
     }
@@ -270,8 +299,34 @@ pub struct NamespaceRows {
     pub info: crate::memory::NamespaceInfo,
     /// The `ns_policy` row (JSON), if the namespace had a policy of its own.
     pub policy_json: Option<String>,
-    /// In id order.
+    /// In id order: the plain rows.
     pub memories: Vec<crate::memory::Memory>,
+    /// Rows sealed at rest, as (key, value): only a node holding their data key opens them.
+    pub sealed: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl NamespaceRows {
+    /// The ids of the sealed rows (from their keys), in id order.
+    pub fn sealed_ids(&self) -> Vec<String> {
+        let skip = self.info.name.len() + 1;
+        self.sealed.iter().map(|(k, _)| String::from_utf8_lossy(&k[skip.min(k.len())..]).into_owned()).collect()
+    }
+
+    /// Keeps only the memories (plain or sealed) whose id `keep` accepts.
+    pub fn retain_ids(&mut self, keep: impl Fn(&str) -> bool) {
+        self.memories.retain(|m| keep(&m.id));
+        let skip = self.info.name.len() + 1;
+        self.sealed.retain(|(k, _)| keep(&String::from_utf8_lossy(&k[skip.min(k.len())..])));
+    }
+
+    /// How many memories the rows hold, plain and sealed.
+    pub fn len(&self) -> usize {
+        self.memories.len() + self.sealed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 struct OneNamespace<'a> {
@@ -280,6 +335,7 @@ struct OneNamespace<'a> {
     info: Option<crate::memory::NamespaceInfo>,
     policy_json: Option<String>,
     memories: Vec<crate::memory::Memory>,
+    sealed: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Sink for OneNamespace<'_> {
@@ -288,9 +344,10 @@ impl Sink for OneNamespace<'_> {
             Record::Namespace { name, value } if name == self.name => {
                 self.info = Some(codec::decode_row("namespaces", &current_row(format, value))?);
             }
-            Record::Memory { key, value } if key.starts_with(&self.prefix) => {
-                self.memories.push(codec::decode_memory(&value)?);
-            }
+            Record::Memory { key, value } if key.starts_with(&self.prefix) => match super::vault::sealed_by(&value) {
+                Some(_) => self.sealed.push((key, value)),
+                None => self.memories.push(codec::decode_memory(&value)?),
+            },
             Record::Model { table: 0, key, value } if key == self.name => {
                 self.policy_json = Some(String::from_utf8(value).map_err(|_| corrupt("a policy row is not UTF-8"))?);
             }
@@ -305,9 +362,21 @@ impl Sink for OneNamespace<'_> {
 pub fn namespace_rows(r: impl Read, namespace: &str) -> Result<(DumpSummary, Option<NamespaceRows>), StorageError> {
     let mut prefix = namespace.as_bytes().to_vec();
     prefix.push(0);
-    let mut sink = OneNamespace { name: namespace, prefix, info: None, policy_json: None, memories: Vec::new() };
+    let mut sink = OneNamespace {
+        name: namespace,
+        prefix,
+        info: None,
+        policy_json: None,
+        memories: Vec::new(),
+        sealed: Vec::new(),
+    };
     let summary = read_all(r, &mut sink)?;
-    let rows = sink.info.map(|info| NamespaceRows { info, policy_json: sink.policy_json, memories: sink.memories });
+    let rows = sink.info.map(|info| NamespaceRows {
+        info,
+        policy_json: sink.policy_json,
+        memories: sink.memories,
+        sealed: sink.sealed,
+    });
     Ok((summary, rows))
 }
 
@@ -320,6 +389,8 @@ struct Tables<'t> {
     auth: Vec<redb::Table<'t, &'static str, &'static [u8]>>,
     model: Vec<redb::Table<'t, &'static str, &'static [u8]>>,
     ledger: redb::Table<'t, u64, &'static [u8]>,
+    data_keys: redb::Table<'t, &'static str, &'static [u8]>,
+    erased: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
 /// A versioned row of a dump of `format`, as this build stores it.
@@ -358,15 +429,97 @@ impl Sink for Tables<'_> {
                 }
                 self.ledger.insert(index, value.as_slice()).map(drop)
             }
+            Record::DataKey { namespace, value } => {
+                self.data_keys.insert(namespace.as_str(), value.as_slice()).map(drop)
+            }
+            Record::Erased { key, value } => self.erased.insert(key.as_str(), value.as_slice()).map(drop),
             Record::Begin { .. } | Record::End { .. } => unreachable!("read_all passes rows only"),
         }
         .map_err(StorageError::from)
     }
 }
 
-/// Replaces every row of the state machine with the dump's, inside `txn`. On error the caller
-/// drops `txn` and nothing changes.
-pub fn load(r: impl Read, txn: &WriteTransaction) -> Result<DumpSummary, StorageError> {
+/// Replaces every row of the state machine with the dump's, inside `txn` (a snapshot
+/// install). `vault` must hold no keys: it takes the dump's data keys, which open its sealed
+/// rows (the caller adopts them once `txn` commits). On error the caller drops `txn` and
+/// nothing changes.
+pub fn load(r: impl Read, txn: &WriteTransaction, vault: &Vault) -> Result<DumpSummary, StorageError> {
+    let summary = load_rows(r, txn)?;
+    let keys = super::vault::rows(&txn.open_table(super::vault::DATA_KEYS)?)?;
+    vault.load(&keys).map_err(|e| corrupt(format!("data keys: {e}")))?;
+    finish_load(txn, vault)?;
+    Ok(summary)
+}
+
+/// A namespace a restore left out: its rows are sealed under a data key that no longer exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasedNamespace {
+    pub namespace: String,
+    pub key: [u8; 8],
+    pub memories: u64,
+}
+
+/// [`load`] for a restore: a backup has no data keys, so `keys` (the live cluster's, from a key
+/// export) stand in for them. Sealed rows under a key not among them belong to a namespace
+/// erased since the backup: they are left out, with the namespace's row, policy and stats,
+/// and reported.
+pub fn load_restored(
+    r: impl Read,
+    txn: &WriteTransaction,
+    vault: &Vault,
+    keys: &[super::vault::DataKeyRow],
+) -> Result<(DumpSummary, Vec<ErasedNamespace>), StorageError> {
+    let summary = load_rows(r, txn)?;
+    let mut memories = txn.open_table(MEMORIES)?;
+    let mut gone: std::collections::BTreeMap<(String, [u8; 8]), u64> = Default::default();
+    let mut held: std::collections::BTreeMap<[u8; 8], &super::vault::DataKeyRow> = Default::default();
+    for k in keys {
+        held.insert(k.id, k);
+    }
+    let mut used: std::collections::BTreeSet<[u8; 8]> = Default::default();
+    let mut drop_keys = Vec::new();
+    for item in memories.iter()? {
+        let (k, v) = item?;
+        let Some(id) = super::vault::sealed_by(v.value()) else { continue };
+        let ns_end =
+            k.value().iter().position(|b| *b == 0).ok_or_else(|| corrupt("a memory key without a namespace"))?;
+        let ns = String::from_utf8_lossy(&k.value()[..ns_end]).into_owned();
+        match held.get(&id) {
+            Some(row) if row.namespace == ns => {
+                used.insert(id);
+            }
+            _ => {
+                *gone.entry((ns, id)).or_default() += 1;
+                drop_keys.push(k.value().to_vec());
+            }
+        }
+    }
+    for k in &drop_keys {
+        memories.remove(k.as_slice())?;
+    }
+    drop(memories);
+    let mut erased = Vec::new();
+    for ((namespace, key), n) in gone {
+        txn.open_table(NAMESPACES)?.remove(namespace.as_str())?;
+        for (_, table) in super::MODEL_TABLES {
+            txn.open_table(table)?.remove(namespace.as_str())?;
+        }
+        erased.push(ErasedNamespace { namespace, key, memories: n });
+    }
+    {
+        let mut t = txn.open_table(super::vault::DATA_KEYS)?;
+        t.retain(|_, _| false)?;
+        for row in keys.iter().filter(|r| used.contains(&r.id)) {
+            t.insert(row.namespace.as_str(), codec::encode_row(row).as_slice())?;
+        }
+    }
+    let rows: Vec<_> = keys.iter().filter(|r| used.contains(&r.id)).cloned().collect();
+    vault.load(&rows).map_err(|e| corrupt(format!("data keys: {e}")))?;
+    finish_load(txn, vault)?;
+    Ok((summary, erased))
+}
+
+fn load_rows(r: impl Read, txn: &WriteTransaction) -> Result<DumpSummary, StorageError> {
     let mut t = Tables {
         meta: txn.open_table(SM_META)?,
         namespaces: txn.open_table(NAMESPACES)?,
@@ -376,6 +529,8 @@ pub fn load(r: impl Read, txn: &WriteTransaction) -> Result<DumpSummary, Storage
         auth: super::AUTH_TABLES.iter().map(|(_, def)| txn.open_table(*def)).collect::<Result<_, _>>()?,
         model: super::MODEL_TABLES.iter().map(|(_, def)| txn.open_table(*def)).collect::<Result<_, _>>()?,
         ledger: txn.open_table(super::ledger::LEDGER)?,
+        data_keys: txn.open_table(super::vault::DATA_KEYS)?,
+        erased: txn.open_table(super::vault::ERASED)?,
     };
     t.ledger.retain(|_, _| false)?;
     t.meta.retain(|_, _| false)?;
@@ -383,15 +538,18 @@ pub fn load(r: impl Read, txn: &WriteTransaction) -> Result<DumpSummary, Storage
     t.memories.retain(|_, _| false)?;
     t.idempotency.retain(|_, _| false)?;
     t.idem_expiry.retain(|_, _| false)?;
+    t.data_keys.retain(|_, _| false)?;
+    t.erased.retain(|_, _| false)?;
     for table in t.auth.iter_mut().chain(t.model.iter_mut()) {
         table.retain(|_, _| false)?;
     }
-    let summary = read_all(r, &mut t)?;
-    drop(t);
-    super::index::rebuild(txn)?;
+    read_all(r, &mut t)
+}
+
+fn finish_load(txn: &WriteTransaction, vault: &Vault) -> Result<(), StorageError> {
+    super::index::rebuild(txn, vault)?;
     // The rows loaded are in this build's format, whatever the dump's was.
-    super::format::stamp(txn, super::format::STATE_FORMAT)?;
-    Ok(summary)
+    super::format::stamp(txn, super::format::STATE_FORMAT)
 }
 
 #[cfg(test)]
@@ -417,7 +575,7 @@ mod tests {
     fn load_into_fresh(dump: &[u8]) -> Database {
         let db = Database::builder().create_with_backend(InMemoryBackend::new()).unwrap();
         let txn = db.begin_write().unwrap();
-        load(dump, &txn).unwrap();
+        load(dump, &txn, &Vault::off()).unwrap();
         txn.commit().unwrap();
         db
     }

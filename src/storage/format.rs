@@ -10,9 +10,14 @@
 //! ```text
 //! raft-log.redb  0  before format markers: `log` values are bare bincode(Entry)
 //!                1  `log` values are ROW_V1 | bincode(Entry)
+//!                2  entries may be sealed at rest (`Op::Sealed`, `Op::RewrapDataKeys`): same rows
 //! state.redb     0  before format markers: namespace, idempotency and auth rows are bare bincode
 //!                1  those rows are ROW_V1 | bincode
+//!                2  `data_keys` and `erased_keys` tables; memory rows may be sealed (version 4)
 //! ```
+//!
+//! Format 1 becomes 2 by its stamp alone (no row changes): what 2 adds, an older build cannot
+//! read, so it refuses the file instead of failing on its first sealed row.
 //!
 //! Opening a file of format 0 upgrades it in one write transaction (all rows or none, so a
 //! crash mid-upgrade leaves format 0 to upgrade again). A file of a format newer than this
@@ -31,9 +36,9 @@ pub const FORMAT: TableDefinition<&str, u32> = TableDefinition::new("format");
 const KEY: &str = "format";
 
 /// The `raft-log.redb` format this build writes.
-pub const LOG_FORMAT: u32 = 1;
+pub const LOG_FORMAT: u32 = 2;
 /// The `state.redb` format this build writes.
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
 
 /// The format recorded in `txn`'s file; `None` for a file from before format markers (or a
 /// new one).

@@ -5,6 +5,7 @@
 
 use redb::{ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 
+use super::vault::Vault;
 use super::{
     codec, memory_key, namespace_range, AGE_INDEX, CONTENT_INDEX, EXPIRY_INDEX, MEMORIES, NS_POLICY, NS_STATS,
 };
@@ -15,6 +16,7 @@ use crate::memory::{Memory, MemoryPolicy, NamespaceStats};
 const ID_MAX: &str = "~";
 
 pub struct MemoryTables<'t> {
+    vault: &'t Vault,
     memories: Table<'t, &'static [u8], &'static [u8]>,
     content: Table<'t, (&'static str, &'static [u8], &'static str), ()>,
     expiry: Table<'t, (u64, &'static str, &'static str), ()>,
@@ -22,8 +24,9 @@ pub struct MemoryTables<'t> {
 }
 
 impl<'t> MemoryTables<'t> {
-    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StorageError> {
+    pub fn open(txn: &'t WriteTransaction, vault: &'t Vault) -> Result<Self, StorageError> {
         Ok(MemoryTables {
+            vault,
             memories: txn.open_table(MEMORIES)?,
             content: txn.open_table(CONTENT_INDEX)?,
             expiry: txn.open_table(EXPIRY_INDEX)?,
@@ -32,12 +35,14 @@ impl<'t> MemoryTables<'t> {
     }
 
     pub fn get(&self, ns: &str, id: &str) -> Result<Option<Memory>, StorageError> {
-        let v = self.memories.get(memory_key(ns, id).as_slice())?;
-        v.map(|v| codec::decode_memory(v.value())).transpose()
+        let key = memory_key(ns, id);
+        let v = self.memories.get(key.as_slice())?;
+        v.map(|v| codec::decode_memory_in(self.vault, &key, v.value())).transpose()
     }
 
     fn index(&mut self, m: &Memory) -> Result<(), StorageError> {
-        self.content.insert((m.namespace.as_str(), m.content_hash.as_slice(), m.id.as_str()), ())?;
+        let hash = self.vault.index_hash(&m.namespace, &m.content_hash);
+        self.content.insert((m.namespace.as_str(), hash.as_slice(), m.id.as_str()), ())?;
         if let Some(at) = m.expires_at_ms {
             self.expiry.insert((at, m.namespace.as_str(), m.id.as_str()), ())?;
         }
@@ -46,7 +51,8 @@ impl<'t> MemoryTables<'t> {
     }
 
     fn unindex(&mut self, m: &Memory) -> Result<(), StorageError> {
-        self.content.remove((m.namespace.as_str(), m.content_hash.as_slice(), m.id.as_str()))?;
+        let hash = self.vault.index_hash(&m.namespace, &m.content_hash);
+        self.content.remove((m.namespace.as_str(), hash.as_slice(), m.id.as_str()))?;
         if let Some(at) = m.expires_at_ms {
             self.expiry.remove((at, m.namespace.as_str(), m.id.as_str()))?;
         }
@@ -57,8 +63,8 @@ impl<'t> MemoryTables<'t> {
     /// Writes `m`, returning what it replaced.
     pub fn put(&mut self, m: &Memory) -> Result<Option<Memory>, StorageError> {
         let key = memory_key(&m.namespace, &m.id);
-        let old = self.memories.insert(key.as_slice(), codec::encode_memory(m).as_slice())?;
-        let old = old.map(|v| codec::decode_memory(v.value())).transpose()?;
+        let old = self.memories.insert(key.as_slice(), codec::encode_memory_in(self.vault, m).as_slice())?;
+        let old = old.map(|v| codec::decode_memory_in(self.vault, &key, v.value())).transpose()?;
         if let Some(old) = &old {
             self.unindex(old)?;
         }
@@ -68,8 +74,9 @@ impl<'t> MemoryTables<'t> {
 
     /// Removes a memory, returning it.
     pub fn remove(&mut self, ns: &str, id: &str) -> Result<Option<Memory>, StorageError> {
-        let old = self.memories.remove(memory_key(ns, id).as_slice())?;
-        let old = old.map(|v| codec::decode_memory(v.value())).transpose()?;
+        let key = memory_key(ns, id);
+        let old = self.memories.remove(key.as_slice())?;
+        let old = old.map(|v| codec::decode_memory_in(self.vault, &key, v.value())).transpose()?;
         if let Some(old) = &old {
             self.unindex(old)?;
         }
@@ -78,6 +85,7 @@ impl<'t> MemoryTables<'t> {
 
     /// Ids of `ns` whose text hashes to `hash`, in id order.
     pub fn with_content(&self, ns: &str, hash: &[u8; 32]) -> Result<Vec<String>, StorageError> {
+        let hash = &self.vault.index_hash(ns, hash);
         let mut out = Vec::new();
         for item in self.content.range((ns, hash.as_slice(), "")..(ns, hash.as_slice(), ID_MAX))? {
             let (k, _) = item?;
@@ -140,10 +148,29 @@ impl<'t> MemoryTables<'t> {
         let (lo, hi) = namespace_range(ns);
         let mut out = Vec::new();
         for item in self.memories.range(lo.as_slice()..hi.as_slice())? {
-            let (_, v) = item?;
-            out.push(codec::decode_memory(v.value())?);
+            let (k, v) = item?;
+            out.push(codec::decode_memory_in(self.vault, k.value(), v.value())?);
         }
         Ok(out)
+    }
+
+    /// Seals every plain memory of `ns` now that the namespace has a data key in the vault (a
+    /// namespace written before encryption at rest was on). Returns how many.
+    pub fn reseal_namespace(&mut self, ns: &str) -> Result<u64, StorageError> {
+        let (lo, hi) = namespace_range(ns);
+        let mut plain = Vec::new();
+        for item in self.memories.range(lo.as_slice()..hi.as_slice())? {
+            let (k, v) = item?;
+            if super::vault::sealed_by(v.value()).is_none() {
+                plain.push(codec::decode_memory_in(self.vault, k.value(), v.value())?);
+            }
+        }
+        for m in &plain {
+            // Indexed under the plain hash while the row was plain.
+            self.content.remove((ns, m.content_hash.as_slice(), m.id.as_str()))?;
+            self.put(m)?;
+        }
+        Ok(plain.len() as u64)
     }
 
     /// Removes every memory of `ns` with its index entries; returns how many.
@@ -159,15 +186,15 @@ impl<'t> MemoryTables<'t> {
 
 /// Re-derives every index from `memories` (dump loads, and state machines from before the
 /// indexes existed).
-pub fn rebuild(txn: &WriteTransaction) -> Result<u64, StorageError> {
-    let mut t = MemoryTables::open(txn)?;
+pub fn rebuild(txn: &WriteTransaction, vault: &Vault) -> Result<u64, StorageError> {
+    let mut t = MemoryTables::open(txn, vault)?;
     t.content.retain(|_, _| false)?;
     t.expiry.retain(|_, _| false)?;
     t.age.retain(|_, _| false)?;
     let mut all = Vec::new();
     for item in t.memories.iter()? {
-        let (_, v) = item?;
-        all.push(codec::decode_memory(v.value())?);
+        let (k, v) = item?;
+        all.push(codec::decode_memory_in(vault, k.value(), v.value())?);
     }
     for m in &all {
         t.index(m)?;
@@ -177,7 +204,8 @@ pub fn rebuild(txn: &WriteTransaction) -> Result<u64, StorageError> {
 
 /// Whether the indexes may be missing: no memory is indexed yet but memories exist.
 pub fn needs_rebuild(txn: &WriteTransaction) -> Result<bool, StorageError> {
-    let t = MemoryTables::open(txn)?;
+    let off = Vault::off();
+    let t = MemoryTables::open(txn, &off)?;
     Ok(t.age.is_empty()? && !t.memories.is_empty()?)
 }
 

@@ -364,13 +364,13 @@ mod tests {
         txn.commit().unwrap();
         let dump_of = |db: &redb::Database| {
             let mut out = Vec::new();
-            dump::write(&db.begin_read().unwrap(), &mut out).unwrap();
+            dump::write(&db.begin_read().unwrap(), &mut out, dump::DataKeys::Include).unwrap();
             out
         };
         let load = |bytes: &[u8]| {
             let fresh = redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).unwrap();
             let txn = fresh.begin_write().unwrap();
-            let r = dump::load(bytes, &txn).map(drop);
+            let r = dump::load(bytes, &txn, &crate::storage::vault::Vault::off()).map(drop);
             if r.is_ok() {
                 txn.commit().unwrap();
             }

@@ -12,6 +12,7 @@ use crate::memory::{Memory, NamespaceInfo};
 #[derive(Clone)]
 pub struct StateReader {
     db: Arc<Database>,
+    vault: Arc<super::vault::Vault>,
 }
 
 /// A page of memories plus the id to resume after.
@@ -30,8 +31,18 @@ fn feed_row(h: &mut blake3::Hasher, tag: &[u8], k: &[u8], v: &[u8]) {
 }
 
 impl StateReader {
+    /// A reader of plain state (sealed rows need [`with_vault`](Self::with_vault)).
     pub fn new(db: Arc<Database>) -> Self {
-        StateReader { db }
+        StateReader { db, vault: super::vault::Vault::off() }
+    }
+
+    /// A reader that opens sealed rows with `vault`'s data keys.
+    pub fn with_vault(db: Arc<Database>, vault: Arc<super::vault::Vault>) -> Self {
+        StateReader { db, vault }
+    }
+
+    pub fn vault(&self) -> &Arc<super::vault::Vault> {
+        &self.vault
     }
 
     pub(crate) fn applied(txn: &redb::ReadTransaction) -> Result<u64, StorageError> {
@@ -101,8 +112,9 @@ impl StateReader {
         let info: Option<NamespaceInfo> =
             nss.get(ns)?.map(|v| codec::decode_row("namespaces", v.value())).transpose()?;
         let table = txn.open_table(MEMORIES)?;
-        let m = table.get(memory_key(ns, id).as_slice())?;
-        let m = m.map(|v| codec::decode_memory(v.value())).transpose()?;
+        let key = memory_key(ns, id);
+        let m = table.get(key.as_slice())?;
+        let m = m.map(|v| codec::decode_memory_in(&self.vault, &key, v.value())).transpose()?;
         Ok((info, m, applied))
     }
 
@@ -146,8 +158,8 @@ impl StateReader {
         let mut more = false;
         let mut bytes = 0usize;
         for item in table.range::<&[u8]>(start.as_slice()..hi.as_slice())? {
-            let (_, v) = item?;
-            let m = codec::decode_memory(v.value())?;
+            let (k, v) = item?;
+            let m = codec::decode_memory_in(&self.vault, k.value(), v.value())?;
             if m.expires_at_ms.is_some_and(|e| e <= now_ms) || !keep(&m) {
                 continue;
             }
@@ -175,7 +187,8 @@ impl StateReader {
             let (lo, hi) = namespace_range(ns);
             let table = txn.open_table(MEMORIES)?;
             for item in table.range::<&[u8]>(lo.as_slice()..hi.as_slice())? {
-                memories.push(codec::decode_memory(item?.1.value())?);
+                let (k, v) = item?;
+                memories.push(codec::decode_memory_in(&self.vault, k.value(), v.value())?);
             }
         }
         Ok((applied, info, memories))
@@ -285,8 +298,9 @@ impl StateReader {
         for item in age.range((ns, 0u64, "")..(ns, cutoff_ms, ""))?.take(limit) {
             let (k, _) = item?;
             let (_, _, id) = k.value();
-            if let Some(v) = memories.get(memory_key(ns, id).as_slice())? {
-                out.push(codec::decode_memory(v.value())?);
+            let key = memory_key(ns, id);
+            if let Some(v) = memories.get(key.as_slice())? {
+                out.push(codec::decode_memory_in(&self.vault, &key, v.value())?);
             }
         }
         Ok(out)
@@ -299,13 +313,40 @@ impl StateReader {
         let (lo, hi) = namespace_range(ns);
         let mut out = Vec::new();
         for item in table.range(lo.as_slice()..hi.as_slice())? {
-            let (_, v) = item?;
-            let m = codec::decode_memory(v.value())?;
+            let (k, v) = item?;
+            let m = codec::decode_memory_in(&self.vault, k.value(), v.value())?;
             if !m.expired(now_ms) {
                 out.push(m);
             }
         }
         Ok(out)
+    }
+
+    /// Every data key row (wrapped) and every erasure, with the applied index they stand at.
+    pub fn data_keys(&self) -> Result<(u64, Vec<super::vault::DataKeyRow>, Vec<super::vault::Erasure>), StorageError> {
+        let txn = self.db.begin_read()?;
+        let keys = match super::optional_table(&txn, super::vault::DATA_KEYS)? {
+            Some(t) => super::vault::rows(&t)?,
+            None => Vec::new(),
+        };
+        let erased = match super::optional_table(&txn, super::vault::ERASED)? {
+            Some(t) => super::vault::erasures(&t)?,
+            None => Vec::new(),
+        };
+        Ok((Self::applied(&txn)?, keys, erased))
+    }
+
+    /// The erasure that destroyed data key `id`, if one did.
+    pub fn erasure(&self, id: &[u8; 8]) -> Result<Option<super::vault::Erasure>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let Some(t) = super::optional_table(&txn, super::vault::ERASED)? else { return Ok(None) };
+        let v = t.get(hex::encode(id).as_str())?;
+        v.map(|v| codec::decode_row("erased_keys", v.value())).transpose()
+    }
+
+    /// The ledger's chain head at `index`, if this node still has that row.
+    pub fn ledger_head(&self, index: u64) -> Result<Option<[u8; 32]>, StorageError> {
+        Ok(super::ledger::at(&self.db.begin_read()?, index)?.map(|l| l.head))
     }
 
     pub fn applied_index(&self) -> Result<u64, StorageError> {
@@ -416,6 +457,15 @@ impl StateReader {
             }
         }
         if with_meta {
+            // Wrapped keys are in snapshots, not backups: with the metadata, not the data.
+            for (tag, table) in [(b'k', super::vault::DATA_KEYS), (b'z', super::vault::ERASED)] {
+                if let Some(t) = super::optional_table(txn, table)? {
+                    for item in t.iter()? {
+                        let (k, v) = item?;
+                        feed(&[tag], k.value().as_bytes(), codec::row_body(v.value()));
+                    }
+                }
+            }
             for item in txn.open_table(SM_META)?.iter()? {
                 let (k, v) = item?;
                 feed(b"s", k.value().as_bytes(), v.value());

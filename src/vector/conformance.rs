@@ -216,19 +216,37 @@ fn a_shard_split_into_parts_answers_like_one_index() {
 
 #[test]
 fn index_files_round_trip_and_refuse_corruption() {
+    let vault =
+        crate::storage::vault::Vault::new(Some(crate::backup::Keyring::single(crate::backup::MasterKey::generate())));
+    vault.insert(&vault.new_key("ns").unwrap()).unwrap();
+    index_files_round_trip(None);
+    index_files_round_trip(vault.for_namespace("ns").as_deref());
+}
+
+fn index_files_round_trip(key: Option<&crate::storage::vault::DataKey>) {
     use super::persist;
     use super::shard::Shard;
     let dir = tempfile::tempdir().unwrap();
     let all = memories(300, 8);
     let shard = Shard::build(DIM, Metric::L2, FaissKind::Ivf { nlist: 12 }, &all, 100).unwrap();
-    let files = persist::write_shard(dir.path(), "ns", 42, &shard.freeze().unwrap()).unwrap();
+    let files = persist::write_shard(dir.path(), "ns", 42, &shard.freeze().unwrap(), key).unwrap();
     let manifest = persist::Manifest { applied: 42, shards: [("ns".to_string(), files.clone())].into() };
     persist::commit(dir.path(), &manifest).unwrap();
     assert_eq!(persist::read_manifest(dir.path()).unwrap(), Some(manifest));
-    let loaded = persist::read_shard(dir.path(), &files).unwrap();
+    let read = |d: &std::path::Path| persist::read_shard(d, &files, "ns", key);
+    let loaded = read(dir.path()).unwrap();
     assert_eq!((loaded.len(), loaded.parts(), loaded.kind()), (300, 3, FaissKind::Ivf { nlist: 12 }));
     for params in [nprobe(1), nprobe(12)] {
         assert_same_answers(&shard_answers(&shard, params), &shard_answers(&loaded, params), "reloaded");
+    }
+    if key.is_some() {
+        // Sealed: no memory id in the metadata, no FAISS header, and no key, no shard.
+        let meta = std::fs::read(dir.path().join(&files.meta)).unwrap();
+        assert!(!meta.windows(all[7].id.len()).any(|w| w == all[7].id.as_bytes()), "an id in the clear");
+        let part = std::fs::read(dir.path().join(&files.parts[0].0)).unwrap();
+        assert_eq!(&part[..4], b"EVSL");
+        assert!(persist::read_shard(dir.path(), &files, "ns", None).is_err());
+        assert!(persist::read_shard(dir.path(), &files, "other", key).is_err(), "bound to its namespace");
     }
 
     // Any flipped byte in any file is refused before it is used.
@@ -245,21 +263,21 @@ fn index_files_round_trip_and_refuse_corruption() {
     };
     for at in [0, 7, 200, usize::MAX] {
         let mut restore = flip(&files.meta, at);
-        assert!(persist::read_shard(dir.path(), &files).is_err(), "meta byte {at}");
+        assert!(read(dir.path()).is_err(), "meta byte {at}");
         restore();
         let mut restore = flip(&files.parts[1].0, at);
-        assert!(persist::read_shard(dir.path(), &files).is_err(), "faiss byte {at}");
+        assert!(read(dir.path()).is_err(), "faiss byte {at}");
         restore();
         let mut restore = flip("MANIFEST", at);
         assert!(persist::read_manifest(dir.path()).is_err(), "manifest byte {at}");
         restore();
     }
-    assert!(persist::read_shard(dir.path(), &files).is_ok());
+    assert!(read(dir.path()).is_ok());
     // A truncated part is refused too; a missing manifest is "none", not an error.
     let part = dir.path().join(&files.parts[0].0);
     let bytes = std::fs::read(&part).unwrap();
     std::fs::write(&part, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(persist::read_shard(dir.path(), &files).is_err());
+    assert!(read(dir.path()).is_err());
     persist::invalidate(dir.path()).unwrap();
     assert_eq!(persist::read_manifest(dir.path()).unwrap(), None);
 }
@@ -375,8 +393,8 @@ fn hnsw_index_files_keep_their_tombstones() {
         shard.remove(&format!("m{i:04}")).unwrap();
     }
     assert!(shard.dead() > 0);
-    let files = persist::write_shard(dir.path(), "ns", 9, &shard.freeze().unwrap()).unwrap();
-    let loaded = persist::read_shard(dir.path(), &files).unwrap();
+    let files = persist::write_shard(dir.path(), "ns", 9, &shard.freeze().unwrap(), None).unwrap();
+    let loaded = persist::read_shard(dir.path(), &files, "ns", None).unwrap();
     assert_eq!((loaded.len(), loaded.parts(), loaded.dead()), (shard.len(), 3, shard.dead()));
     assert_same_answers(
         &shard_answers(&shard, SearchParams::EXHAUSTIVE),
@@ -392,5 +410,5 @@ fn hnsw_index_files_keep_their_tombstones() {
     let bytes = bincode::serialize(&meta).unwrap();
     std::fs::write(dir.path().join(&files.meta), &bytes).unwrap();
     let forged = persist::ShardFiles { meta_hash: *blake3::hash(&bytes).as_bytes(), ..files.clone() };
-    assert!(persist::read_shard(dir.path(), &forged).is_err());
+    assert!(persist::read_shard(dir.path(), &forged, "ns", None).is_err());
 }

@@ -160,6 +160,57 @@ pub(crate) fn write_native(index: &IndexImpl, path: &Path) -> Result<(), VectorE
     faiss::write_index(index, path).map_err(err)
 }
 
+/// A FAISS index in FAISS's own format, in memory: index files sealed at rest are encrypted
+/// before any byte reaches the disk.
+pub(crate) fn native_bytes(index: &IndexImpl) -> Result<Vec<u8>, VectorError> {
+    let mut buf: *mut libc::c_char = ptr::null_mut();
+    let mut size: libc::size_t = 0;
+    // SAFETY: open_memstream writes into a buffer it allocates, valid (with `size` bytes)
+    // after fclose and ours to free; FAISS writes through the FILE* only during the call.
+    unsafe {
+        let f = libc::open_memstream(&mut buf, &mut size);
+        if f.is_null() {
+            return Err(VectorError::Faiss("open_memstream failed".into()));
+        }
+        let rc = faiss_sys::faiss_write_index(index.inner_ptr(), f.cast());
+        let closed = libc::fclose(f);
+        let out = match buf.is_null() {
+            true => Vec::new(),
+            false => std::slice::from_raw_parts(buf as *const u8, size).to_vec(),
+        };
+        libc::free(buf.cast());
+        check(rc)?;
+        if closed != 0 {
+            return Err(VectorError::Faiss("closing an in-memory index stream failed".into()));
+        }
+        Ok(out)
+    }
+}
+
+/// Reads an index [`native_bytes`] wrote.
+fn index_from_bytes(bytes: &[u8]) -> Result<IndexImpl, VectorError> {
+    use faiss::index::FromInnerPtr;
+    if bytes.is_empty() {
+        return Err(VectorError::Faiss("an empty index".into()));
+    }
+    // SAFETY: fmemopen reads `bytes` (which outlive the FILE*) and never writes in "rb" mode;
+    // FAISS hands back an index it allocated, owned by the IndexImpl from here on.
+    unsafe {
+        let f = libc::fmemopen(bytes.as_ptr() as *mut libc::c_void, bytes.len(), c"rb".as_ptr());
+        if f.is_null() {
+            return Err(VectorError::Faiss("fmemopen failed".into()));
+        }
+        let mut out: *mut faiss_sys::FaissIndex = ptr::null_mut();
+        let rc = faiss_sys::faiss_read_index(f.cast(), 0, &mut out);
+        libc::fclose(f);
+        check(rc)?;
+        if out.is_null() {
+            return Err(VectorError::Faiss("FAISS read no index".into()));
+        }
+        Ok(IndexImpl::from_inner_ptr(out))
+    }
+}
+
 pub(super) fn check(code: std::os::raw::c_int) -> Result<(), VectorError> {
     if code == 0 {
         return Ok(());
@@ -266,6 +317,32 @@ impl FaissIndex {
     ) -> Result<Self, VectorError> {
         let name = path.to_str().ok_or_else(|| VectorError::Faiss(format!("path {} is not UTF-8", path.display())))?;
         let index = faiss::read_index(name).map_err(err)?;
+        Self::from_native(index, &path.display(), dim, metric, kind, present, labels)
+    }
+
+    /// [`read`](Self::read) of an index held in memory ([`native_bytes`]); `what` names it in errors.
+    pub fn read_bytes(
+        bytes: &[u8],
+        what: &dyn std::fmt::Display,
+        dim: usize,
+        metric: Metric,
+        kind: FaissKind,
+        present: RoaringTreemap,
+        labels: Option<Vec<u64>>,
+    ) -> Result<Self, VectorError> {
+        let index = index_from_bytes(bytes).map_err(|e| VectorError::Faiss(format!("{what}: {e}")))?;
+        Self::from_native(index, what, dim, metric, kind, present, labels)
+    }
+
+    fn from_native(
+        index: IndexImpl,
+        what: &dyn std::fmt::Display,
+        dim: usize,
+        metric: Metric,
+        kind: FaissKind,
+        present: RoaringTreemap,
+        labels: Option<Vec<u64>>,
+    ) -> Result<Self, VectorError> {
         let mt = match metric {
             Metric::L2 => MetricType::L2,
             Metric::Cosine | Metric::InnerProduct => MetricType::InnerProduct,
@@ -275,21 +352,19 @@ impl FaissIndex {
                 let g = Graph::from_labels(labels)?;
                 let ids: RoaringTreemap = g.locals.keys().copied().collect();
                 if ids != present {
-                    return Err(VectorError::Faiss(format!("{}: graph ids differ from the shard's", path.display())));
+                    return Err(VectorError::Faiss(format!("{}: graph ids differ from the shard's", what)));
                 }
                 // A file of another kind must not pass for a graph (searches would fail).
                 // SAFETY: `index` is a live FAISS index; the shim only inspects its type.
                 if unsafe { engram_hnsw_is_graph(index.inner_ptr()) } != 1 {
-                    return Err(VectorError::Faiss(format!("{}: not an HNSW index", path.display())));
+                    return Err(VectorError::Faiss(format!("{}: not an HNSW index", what)));
                 }
                 Some(g)
             }
             (FaissKind::Hnsw { .. }, None) => {
-                return Err(VectorError::Faiss(format!("{}: an HNSW part without its id map", path.display())))
+                return Err(VectorError::Faiss(format!("{}: an HNSW part without its id map", what)))
             }
-            (_, Some(_)) => {
-                return Err(VectorError::Faiss(format!("{}: an id map for a {kind:?} part", path.display())))
-            }
+            (_, Some(_)) => return Err(VectorError::Faiss(format!("{}: an id map for a {kind:?} part", what))),
             (_, None) => None,
         };
         let stored = graph.as_ref().map_or(present.len(), |g| g.labels.len() as u64);
@@ -297,7 +372,7 @@ impl FaissIndex {
         if found != (dim, mt, stored, true) {
             return Err(VectorError::Faiss(format!(
                 "{}: (dimension, metric, vectors, trained) = {found:?}, expected ({dim}, {mt:?}, {stored}, true)",
-                path.display(),
+                what,
             )));
         }
         Ok(FaissIndex::wrap(index, dim, metric, kind, present, graph))

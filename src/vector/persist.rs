@@ -14,6 +14,11 @@
 //! replaces `MANIFEST` (temp file, fsync, rename, fsync the directory) and only then deletes
 //! the files no manifest names. The manifest holds the BLAKE3 hash of every file, so a torn or
 //! flipped file is refused before FAISS parses it.
+//!
+//! A namespace with a data key (encryption at rest, `storage::vault`) has its `.meta` and
+//! `.faiss` files sealed under that key: `b"EVSL"`, the key id, then the seal of the plain
+//! bytes, bound to the namespace and file name. The FAISS bytes are produced in memory and
+//! sealed before anything is written. The manifest holds names, hashes and counts only.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -22,13 +27,42 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::faiss::{write_native, FaissIndex};
+use super::faiss::{native_bytes, write_native, FaissIndex};
 use super::shard::{FrozenShard, Shard, ShardMeta};
+use crate::storage::vault::{self, DataKey};
 
 const MAGIC: &[u8; 4] = b"EVMF";
 /// 2: shard metadata holds HNSW id maps. Files of another format are rebuilt from the state.
 const FORMAT: u8 = 2;
 const MANIFEST: &str = "MANIFEST";
+const SEALED: &[u8; 4] = b"EVSL";
+
+/// `plain` sealed for file `name` of `namespace`.
+fn seal_file(key: &DataKey, namespace: &str, name: &str, plain: &[u8]) -> Vec<u8> {
+    let mut out = SEALED.to_vec();
+    out.extend_from_slice(&key.id);
+    out.extend(key.seal(&vault::file_aad(namespace, name), plain));
+    out
+}
+
+/// The plain bytes of a file [`seal_file`] may have sealed; a plain file is returned as it is.
+fn open_file(
+    path: &Path,
+    key: Option<&DataKey>,
+    namespace: &str,
+    name: &str,
+    bytes: Vec<u8>,
+) -> Result<Vec<u8>, PersistError> {
+    if bytes.len() < 12 || &bytes[..4] != SEALED {
+        return Ok(bytes);
+    }
+    let id = &bytes[4..12];
+    let key = key.filter(|k| k.id == id).ok_or_else(|| {
+        corrupt(path, format!("sealed under data key {}, which this node does not hold", hex::encode(id)))
+    })?;
+    key.open(&vault::file_aad(namespace, name), &bytes[12..])
+        .map_err(|_| corrupt(path, "a sealed file failed authentication"))
+}
 
 /// What a checkpoint wrote: the shard files valid at log index `applied`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -129,11 +163,15 @@ pub(crate) fn write_shard(
     namespace: &str,
     applied: u64,
     shard: &FrozenShard,
+    key: Option<&DataKey>,
 ) -> Result<ShardFiles, PersistError> {
     let base = format!("{}-{applied}", stem(namespace));
     let meta_name = format!("{base}.meta");
     let meta_path = dir.join(&meta_name);
-    let encoded = bincode::serialize(&shard.meta).map_err(|e| corrupt(&meta_path, e.to_string()))?;
+    let mut encoded = bincode::serialize(&shard.meta).map_err(|e| corrupt(&meta_path, e.to_string()))?;
+    if let Some(key) = key {
+        encoded = seal_file(key, namespace, &meta_name, &encoded);
+    }
     write_synced(&meta_path, &encoded)?;
     let mut files = ShardFiles {
         meta: meta_name,
@@ -144,8 +182,16 @@ pub(crate) fn write_shard(
     for (i, part) in shard.parts.iter().enumerate() {
         let name = format!("{base}-{i}.faiss");
         let path = dir.join(&name);
-        write_native(part, &path).map_err(|e| corrupt(&path, e.to_string()))?;
-        File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
+        match key {
+            Some(key) => {
+                let plain = native_bytes(part).map_err(|e| corrupt(&path, e.to_string()))?;
+                write_synced(&path, &seal_file(key, namespace, &name, &plain))?;
+            }
+            None => {
+                write_native(part, &path).map_err(|e| corrupt(&path, e.to_string()))?;
+                File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
+            }
+        }
         files.parts.push((name, hash_file(&path)?));
     }
     Ok(files)
@@ -181,12 +227,18 @@ pub fn commit(dir: &Path, manifest: &Manifest) -> Result<(), PersistError> {
 }
 
 /// Reads one shard back, refusing any file whose hash differs from the manifest's.
-pub fn read_shard(dir: &Path, files: &ShardFiles) -> Result<Shard, PersistError> {
+pub fn read_shard(
+    dir: &Path,
+    files: &ShardFiles,
+    namespace: &str,
+    key: Option<&DataKey>,
+) -> Result<Shard, PersistError> {
     let meta_path = dir.join(&files.meta);
     let bytes = std::fs::read(&meta_path).map_err(io(&meta_path))?;
     if blake3::hash(&bytes).as_bytes() != &files.meta_hash {
         return Err(corrupt(&meta_path, "checksum mismatch"));
     }
+    let bytes = open_file(&meta_path, key, namespace, &files.meta, bytes)?;
     let meta: ShardMeta = bincode::deserialize(&bytes).map_err(|e| corrupt(&meta_path, e.to_string()))?;
     if meta.parts as usize != files.parts.len()
         || meta.part_kinds.len() != files.parts.len()
@@ -199,13 +251,21 @@ pub fn read_shard(dir: &Path, files: &ShardFiles) -> Result<Shard, PersistError>
     let mut parts = Vec::with_capacity(files.parts.len());
     for ((name, hash), present) in files.parts.iter().zip(slots) {
         let path = dir.join(name);
-        if &hash_file(&path)? != hash {
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        if blake3::hash(&bytes).as_bytes() != hash {
             return Err(corrupt(&path, "checksum mismatch"));
         }
         let kind = meta.part_kinds.get(parts.len()).copied().ok_or_else(|| corrupt(&meta_path, "part kinds"))?;
         let labels = meta.part_labels.get(parts.len()).cloned().flatten();
-        let part = FaissIndex::read(&path, meta.dim as usize, meta.metric, kind, present, labels)
-            .map_err(|e| corrupt(&path, e.to_string()))?;
+        let sealed = bytes.len() >= 4 && &bytes[..4] == SEALED;
+        let part = match sealed {
+            true => {
+                let plain = open_file(&path, key, namespace, name, bytes)?;
+                FaissIndex::read_bytes(&plain, &path.display(), meta.dim as usize, meta.metric, kind, present, labels)
+            }
+            false => FaissIndex::read(&path, meta.dim as usize, meta.metric, kind, present, labels),
+        }
+        .map_err(|e| corrupt(&path, e.to_string()))?;
         parts.push(part);
     }
     Shard::from_parts(meta, parts).map_err(|e| corrupt(&meta_path, e.to_string()))

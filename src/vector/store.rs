@@ -510,15 +510,18 @@ impl VectorStore {
                     None => Err("no index file".into()),
                     Some(files) => {
                         let dir = self.options.dir.as_deref().expect("a manifest implies a directory");
-                        persist::read_shard(dir, files).map_err(|e| e.to_string()).and_then(|shard| {
-                            let kind = buildable(info.index, info.memory_count as usize);
-                            let want = (info.dimension as usize, info.metric, kind);
-                            if (shard.dimension(), shard.metric(), shard.kind()) != want {
-                                Err(format!("file has {:?}, namespace has {want:?}", shard.kind()))
-                            } else {
-                                Ok(shard)
-                            }
-                        })
+                        let key = self.shared.reader.vault().for_namespace(ns);
+                        persist::read_shard(dir, files, ns, key.as_deref()).map_err(|e| e.to_string()).and_then(
+                            |shard| {
+                                let kind = buildable(info.index, info.memory_count as usize);
+                                let want = (info.dimension as usize, info.metric, kind);
+                                if (shard.dimension(), shard.metric(), shard.kind()) != want {
+                                    Err(format!("file has {:?}, namespace has {want:?}", shard.kind()))
+                                } else {
+                                    Ok(shard)
+                                }
+                            },
+                        )
                     }
                 },
             };
@@ -683,7 +686,8 @@ impl VectorStore {
         std::fs::create_dir_all(dir).map_err(|e| PersistError::Io { path: dir.clone(), source: e })?;
         let mut next = Manifest { applied, shards: kept };
         for (ns, copy) in &copies {
-            next.shards.insert(ns.clone(), persist::write_shard(dir, ns, applied, copy)?);
+            let key = self.shared.reader.vault().for_namespace(ns);
+            next.shards.insert(ns.clone(), persist::write_shard(dir, ns, applied, copy, key.as_deref())?);
         }
         persist::commit(dir, &next)?;
         {

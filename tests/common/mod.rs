@@ -30,6 +30,8 @@ pub struct TestCluster {
     pub tweak: fn(&mut Config),
     /// Certificates and the root key, for a secured cluster (`None`: `--insecure` nodes).
     pub secure: Option<std::sync::Arc<secure::Secure>>,
+    /// Every node's at-rest master keyring file (`None`: encryption at rest off).
+    pub at_rest_key_file: Option<std::path::PathBuf>,
 }
 
 pub fn init_tracing() {
@@ -59,9 +61,25 @@ impl TestCluster {
         Self::boot(n, tweak, Some(std::sync::Arc::new(secure::Secure::new("test")))).await
     }
 
+    /// A secured cluster whose nodes seal memories at rest under the keyring in `key_file`.
+    #[allow(dead_code)]
+    pub async fn start_secure_at_rest(n: u64, key_file: std::path::PathBuf, tweak: fn(&mut Config)) -> TestCluster {
+        let secure = Some(std::sync::Arc::new(secure::Secure::new("test")));
+        Self::boot_with(n, tweak, secure, Some(key_file)).await
+    }
+
     async fn boot(n: u64, tweak: fn(&mut Config), secure: Option<std::sync::Arc<secure::Secure>>) -> TestCluster {
+        Self::boot_with(n, tweak, secure, None).await
+    }
+
+    async fn boot_with(
+        n: u64,
+        tweak: fn(&mut Config),
+        secure: Option<std::sync::Arc<secure::Secure>>,
+        at_rest_key_file: Option<std::path::PathBuf>,
+    ) -> TestCluster {
         init_tracing();
-        let mut c = TestCluster { slots: vec![], tweak, secure };
+        let mut c = TestCluster { slots: vec![], tweak, secure, at_rest_key_file };
         for id in 1..=n {
             c.add_node(id).await;
         }
@@ -81,7 +99,20 @@ impl TestCluster {
             Some(s) => Config::for_test_secure(id, data_dir, s.node_paths(id)),
             None => Config::for_test(id, data_dir),
         };
+        cfg.at_rest_key_file = self.at_rest_key_file.clone();
         (self.tweak)(&mut cfg);
+        cfg
+    }
+
+    /// The config a restart of stopped node `id` would use (its data dir and addresses), for
+    /// a test that starts it itself (and expects a refusal).
+    #[allow(dead_code)]
+    pub fn restart_config(&self, id: u64) -> Config {
+        let slot = self.slot(id);
+        let mut cfg = self.config(id, Self::data_dir(slot));
+        cfg.listen_api = slot.api;
+        cfg.listen_raft = slot.raft;
+        cfg.listen_http = slot.http;
         cfg
     }
 
@@ -243,9 +274,24 @@ impl TestCluster {
         tweak: fn(&mut Config),
         secure: Option<std::sync::Arc<secure::Secure>>,
     ) -> TestCluster {
+        Self::restored_sealed(backup, n, keys, tweak, secure, None).await.0
+    }
+
+    /// [`restored_with`](Self::restored_with) of a backup sealed at rest: `at_rest` is the
+    /// nodes' at-rest key file and what the restore needs. Also returns what it left out.
+    pub async fn restored_sealed(
+        backup: &std::path::Path,
+        n: u64,
+        keys: &engram::backup::Keyring,
+        tweak: fn(&mut Config),
+        secure: Option<std::sync::Arc<secure::Secure>>,
+        at_rest: Option<(std::path::PathBuf, engram::backup::restore::AtRest)>,
+    ) -> (TestCluster, Vec<engram::storage::dump::ErasedNamespace>) {
         init_tracing();
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let mut c = TestCluster { slots: vec![], tweak, secure };
+        let at_rest_key_file = at_rest.as_ref().map(|(f, _)| f.clone());
+        let mut c = TestCluster { slots: vec![], tweak, secure, at_rest_key_file };
+        let mut erased = Vec::new();
         for id in 1..=n {
             let dir = tempfile::tempdir().unwrap();
             c.slots.push(Slot { id, dir, api: free(), raft: free(), http: free(), handle: None });
@@ -261,14 +307,16 @@ impl TestCluster {
                 node_id: s.id,
                 members: members.clone(),
                 force: false,
+                at_rest: at_rest.as_ref().map(|(_, a)| a.clone()),
             };
-            engram::backup::restore::restore(std::fs::File::open(backup).unwrap(), keys, &target).unwrap();
+            erased =
+                engram::backup::restore::restore(std::fs::File::open(backup).unwrap(), keys, &target).unwrap().erased;
         }
         for id in 1..=n {
             c.restart(id).await;
         }
         c.wait_for_leader().await;
-        c
+        (c, erased)
     }
 
     /// The data dir of a node: restored clusters keep it one level down.

@@ -143,6 +143,14 @@ enum BackupCmd {
         force: bool,
         #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
         key_file: Option<PathBuf>,
+        /// For a backup of a cluster encrypted at rest: the cluster's data keys now (`keys
+        /// export --at-rest`). Namespaces erased since the backup are left out and reported.
+        #[arg(long)]
+        data_keys: Option<PathBuf>,
+        /// The at-rest master keyring the restored node will run with; without it,
+        /// ENGRAM_AT_REST_KEY.
+        #[arg(long, env = "ENGRAM_AT_REST_KEY_FILE")]
+        at_rest_key_file: Option<PathBuf>,
     },
     /// Partial restore: one namespace of a live cluster becomes exactly what the backup holds
     /// (one replicated entry; other namespaces untouched). Prints what changes, as JSON;
@@ -182,6 +190,12 @@ enum BackupCmd {
         /// How long the scratch cluster may take to start.
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
+        /// For a backup sealed at rest: the cluster's data keys (`keys export --at-rest`).
+        #[arg(long)]
+        data_keys: Option<PathBuf>,
+        /// The at-rest master keyring; without it, ENGRAM_AT_REST_KEY.
+        #[arg(long, env = "ENGRAM_AT_REST_KEY_FILE")]
+        at_rest_key_file: Option<PathBuf>,
     },
 }
 
@@ -192,10 +206,23 @@ enum KeysCmd {
         #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
         key_file: PathBuf,
     },
-    /// Add a new active key to a keyring; older keys stay for older backups.
+    /// Add a new active key to a keyring file (older keys stay, for older backups and data
+    /// keys wrapped under them). With --at-rest, then (or, without --key-file, only) ask the
+    /// cluster to wrap every data key again under the active key of its nodes' at-rest key
+    /// files: copy the rotated file to every node first.
     Rotate {
-        #[arg(long, env = "ENGRAM_BACKUP_KEY_FILE")]
-        key_file: PathBuf,
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        #[arg(long)]
+        at_rest: bool,
+    },
+    /// Write the cluster's data keys (wrapped under the at-rest master key; never in the
+    /// clear) and its erasures to FILE (mode 0600): what `backup restore --data-keys` needs.
+    Export {
+        #[arg(long)]
+        at_rest: bool,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// List key ids (never secrets).
     List {
@@ -286,6 +313,10 @@ enum NamespaceCmd {
     },
     /// Delete a namespace and every memory in it.
     Delete { namespace: String },
+    /// GDPR erasure: delete the namespace and destroy its data key through the log, so no
+    /// copy of its content (older snapshots, backups, log segments) can be decrypted again.
+    /// Prints the erasure receipt as JSON (docs/encryption.md).
+    Erase { namespace: String },
     /// Settings, size and memory policy (as JSON).
     Show { namespace: String },
     /// Memory-model counters: dedup hit rate, merges, purges, archives, size.
@@ -546,6 +577,15 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     }
     match cli.cmd {
         Cmd::Certs(cmd) => return certs_cmd(cmd),
+        Cmd::Keys(KeysCmd::Rotate { key_file: Some(ref file), at_rest: true }) => {
+            let ring = keys::rotate(file)?;
+            eprintln!("keyring {} rotated: active key {}", file.display(), hex::encode(ring.active().id()));
+        }
+        Cmd::Keys(KeysCmd::Rotate { key_file: None, at_rest: true }) => {}
+        Cmd::Keys(KeysCmd::Export { at_rest: true, .. }) => {}
+        Cmd::Keys(KeysCmd::Export { at_rest: false, .. }) => {
+            return Err("keys export exports the cluster's at-rest data keys: pass --at-rest".into())
+        }
         Cmd::Keys(cmd) => return keys_cmd(cmd),
         Cmd::Config(cmd) => return config_cmd(cmd),
         Cmd::Completions { shell } => {
@@ -673,6 +713,54 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     r.absorbed,
                     r.applied_index
                 );
+            }
+        }
+        Cmd::Keys(KeysCmd::Rotate { .. }) => {
+            let r = client.admin().rotate_at_rest_key().await?;
+            println!(
+                "{} data keys wrapped again under master key {} (log index {}); the old master key may now leave every node's key file",
+                r.rewrapped,
+                hex::encode(&r.master_key_id),
+                r.applied_index
+            );
+        }
+        Cmd::Keys(KeysCmd::Export { out, .. }) => {
+            let r = client.admin().export_data_keys().await?;
+            let (keys, erased): (Vec<engram::storage::vault::DataKeyRow>, Vec<engram::storage::vault::Erasure>) =
+                engram::storage::codec::decode_exact(&r.keys)
+                    .map_err(|e| format!("the node sent bad data keys: {e}"))?;
+            let file = serde_json::json!({
+                "format": "engram-data-keys-v1",
+                "applied_index": r.applied_index,
+                "data_keys": keys,
+                "erasures": erased,
+            });
+            engram::secrets::write_private(&out, serde_json::to_string_pretty(&file)?.as_bytes(), false)?;
+            println!(
+                "{} data keys and {} erasures at log index {} written to {}",
+                keys.len(),
+                erased.len(),
+                r.applied_index,
+                out.display()
+            );
+        }
+        Cmd::Namespace(NamespaceCmd::Erase { namespace }) => {
+            let r = client.admin().erase_namespace(&namespace).await?;
+            let receipt = serde_json::json!({
+                "receipt": "engram-erasure-v1",
+                "namespace": namespace,
+                "cluster_id": uuid::Uuid::from_slice(&r.cluster_id).map(|u| u.to_string()).unwrap_or_default(),
+                "erased_at_index": r.applied_index,
+                "erased_at_ms": r.erased_at_ms,
+                "memories": r.memories,
+                "data_key_destroyed": (!r.data_key_id.is_empty()).then(|| hex::encode(&r.data_key_id)),
+                "crypto_shredded": !r.data_key_id.is_empty(),
+                "ledger_head": hex::encode(&r.ledger_head),
+                "snapshot_index": r.snapshot_index,
+            });
+            println!("{}", serde_json::to_string_pretty(&receipt)?);
+            if r.data_key_id.is_empty() {
+                eprintln!("warning: {namespace} was stored unsealed (encryption at rest was off): deleted, but older backups and snapshots still hold it in the clear");
             }
         }
         Cmd::Namespace(NamespaceCmd::Delete { namespace }) => {
@@ -989,14 +1077,15 @@ async fn backup_file_cmd(cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error
             .await??;
             println!("OK: {info}");
         }
-        BackupCmd::Restore { file, data_dir, node_id, members, force, key_file } => {
+        BackupCmd::Restore { file, data_dir, node_id, members, force, key_file, data_keys, at_rest_key_file } => {
             let keys = Keyring::resolve(key_file.as_deref())?;
+            let at_rest = at_rest_of(data_keys.as_deref(), at_rest_key_file.as_deref())?;
             let mut map = BTreeMap::new();
             for m in &members {
                 let n = parse_member(m)?;
                 map.insert(n.id, engram::raft::EngramNode { raft_addr: n.raft_addr, api_addr: n.api_addr });
             }
-            let target = restore::RestoreTarget { data_dir, node_id, members: map, force };
+            let target = restore::RestoreTarget { data_dir, node_id, members: map, force, at_rest };
             let info = tokio::task::spawn_blocking(move || {
                 let (input, bar) = read_with_bar(&file, "restoring")?;
                 let res = restore::restore(input, &keys, &target).map_err(|e| e.to_string());
@@ -1004,11 +1093,30 @@ async fn backup_file_cmd(cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error
                 res
             })
             .await??;
-            println!("restored: {info}");
+            println!("restored: {}", info.info);
+            for e in &info.erased {
+                println!(
+                    "erased (left out): namespace {} — {} memories sealed under data key {}, which the cluster destroyed",
+                    e.namespace,
+                    e.memories,
+                    hex::encode(e.key)
+                );
+            }
             println!("start every member on its restored data dir; no `cluster init` is needed");
         }
-        BackupCmd::Drill { path, key_file, nodes, queries, engram_bin, scratch_dir, timeout_secs } => {
+        BackupCmd::Drill {
+            path,
+            key_file,
+            nodes,
+            queries,
+            engram_bin,
+            scratch_dir,
+            timeout_secs,
+            data_keys,
+            at_rest_key_file,
+        } => {
             let keys = Keyring::resolve(key_file.as_deref())?;
+            let at_rest = at_rest_of(data_keys.as_deref(), at_rest_key_file.as_deref())?;
             let archive = if path.is_dir() {
                 backup::drill::latest_in(&path)?.ok_or_else(|| format!("no backup in {}", path.display()))?
             } else {
@@ -1023,6 +1131,7 @@ async fn backup_file_cmd(cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error
             spec.nodes = nodes;
             spec.queries_per_namespace = queries;
             spec.timeout = std::time::Duration::from_secs(timeout_secs);
+            spec.at_rest = at_rest;
             let report = backup::drill::run(&spec, &keys).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             if !report.ok {
@@ -1076,25 +1185,30 @@ async fn restore_namespace(
     if !ids.is_empty() {
         // Only these memories: every one must be in the backup, and the plan covers them alone.
         let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
-        let held: BTreeSet<&str> = rows.memories.iter().map(|m| m.id.as_str()).collect();
+        let sealed = rows.sealed_ids();
+        let held: BTreeSet<&str> =
+            rows.memories.iter().map(|m| m.id.as_str()).chain(sealed.iter().map(String::as_str)).collect();
         let absent: Vec<&str> = wanted.difference(&held).copied().collect();
         if !absent.is_empty() {
             return Err(format!("not in the backup's {namespace}: {}", absent.join(", ")).into());
         }
-        rows.memories.retain(|m| wanted.contains(m.id.as_str()));
+        rows.retain_ids(|id| wanted.contains(id));
         live.retain(|m| wanted.contains(m.id.as_str()));
     }
     let diff = backup::restore_diff(&rows, &live);
-    let bytes = engram::storage::codec::encode(&rows.memories).len();
+    let bytes =
+        engram::storage::codec::encode(&rows.memories).len() + engram::storage::codec::encode(&rows.sealed).len();
     let mut out = serde_json::json!({
         "namespace": namespace,
         "backup_index": info.header.applied_index,
-        "backup_memories": rows.memories.len(),
+        "backup_memories": rows.len(),
         "live_memories": live.len(),
         "added": diff.added.len(),
         "changed": diff.changed.len(),
         "removed": diff.removed.len(),
         "unchanged": diff.unchanged,
+        // Sealed at rest: only the cluster opens them, so their content is not compared here.
+        "sealed": diff.sealed.len(),
         "dry_run": dry_run,
     });
     // One entry carries the whole namespace: refuse here what the node would refuse anyway.
@@ -1119,10 +1233,41 @@ async fn restore_namespace(
     Ok(())
 }
 
+/// What restoring a backup sealed at rest needs, from `--data-keys` and the master keyring.
+fn at_rest_of(
+    data_keys: Option<&std::path::Path>,
+    key_file: Option<&std::path::Path>,
+) -> Result<Option<restore::AtRest>, Box<dyn std::error::Error>> {
+    let Some(path) = data_keys else { return Ok(None) };
+    let master = engram::storage::vault::master_keys(key_file)?
+        .ok_or("--data-keys needs the at-rest master key: --at-rest-key-file or ENGRAM_AT_REST_KEY")?;
+    Ok(Some(restore::AtRest { master, keys: read_data_keys(path)? }))
+}
+
+/// A data key file `keys export --at-rest` wrote.
+fn read_data_keys(
+    path: &std::path::Path,
+) -> Result<Vec<engram::storage::vault::DataKeyRow>, Box<dyn std::error::Error>> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        format: String,
+        data_keys: Vec<engram::storage::vault::DataKeyRow>,
+    }
+    let bytes = engram::secrets::read_private(path).map_err(|e| format!("data keys {e}"))?;
+    let file: File =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: not a data key file: {e}", path.display()))?;
+    if file.format != "engram-data-keys-v1" {
+        return Err(format!("{}: unknown data key file format {:?}", path.display(), file.format).into());
+    }
+    Ok(file.data_keys)
+}
+
 fn keys_cmd(cmd: KeysCmd) -> Result<(), Box<dyn std::error::Error>> {
     let (ring, what) = match cmd {
         KeysCmd::Generate { key_file } => (keys::generate(&key_file)?, "created"),
-        KeysCmd::Rotate { key_file } => (keys::rotate(&key_file)?, "rotated"),
+        KeysCmd::Rotate { key_file: Some(key_file), .. } => (keys::rotate(&key_file)?, "rotated"),
+        KeysCmd::Rotate { key_file: None, .. } => return Err("keys rotate needs --key-file (or --at-rest)".into()),
+        KeysCmd::Export { .. } => unreachable!("handled with a connection"),
         KeysCmd::List { key_file } => (Keyring::load(&key_file)?, "listed"),
     };
     for (id, created_at_ms, active) in ring.ids() {
