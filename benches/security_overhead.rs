@@ -11,6 +11,11 @@
 //! Figures are medians over the rounds, with the secured/insecure ratio.
 //! Run: `cargo bench --bench security_overhead -- --rounds 3 --secs 5` (needs the release
 //! binaries: `cargo build --release --bins`).
+//!
+//! `--at-rest` compares encryption at rest instead: both clusters secured, one also sealing
+//! every memory (log, state, snapshots, index files) under per-namespace data keys
+//! (`docs/encryption.md`); the same put and search phases, plus batched puts (100 per call),
+//! where sealing is the largest share of a write.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +51,9 @@ struct Args {
     /// First of 18 consecutive loopback ports.
     #[arg(long, default_value_t = 28001)]
     base_port: u16,
+    /// Compare a secured cluster with and without encryption at rest.
+    #[arg(long)]
+    at_rest: bool,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -70,7 +78,7 @@ fn vector(dim: usize, seed: u64) -> Vec<f32> {
     (0..dim).map(|i| ((seed as usize * 131 + i * 17) % 1009) as f32 / 1009.0).collect()
 }
 
-async fn boot(bin: &std::path::Path, dir: &std::path::Path, base: u16, secure: bool, a: &Args) -> Setup {
+async fn boot(bin: &std::path::Path, dir: &std::path::Path, base: u16, secure: bool, at_rest: bool, a: &Args) -> Setup {
     let ca = CertAuthority::generate("bench", 1).unwrap();
     let certs = dir.join("certs");
     std::fs::create_dir_all(&certs).unwrap();
@@ -89,6 +97,13 @@ async fn boot(bin: &std::path::Path, dir: &std::path::Path, base: u16, secure: b
                 .map(|s| s.to_string())
                 .chain([c.to_str().unwrap().to_string(), "--tls-key-file".into(), k.to_str().unwrap().to_string()])
                 .collect();
+        }
+        if at_rest {
+            let key = dir.join("at-rest-keys.toml");
+            if !key.exists() {
+                engram::backup::keys::generate(&key).unwrap();
+            }
+            proc.security.extend(["--at-rest-key-file".to_string(), key.to_str().unwrap().to_string()]);
         }
         proc.start(bin, 100);
         procs.push(proc);
@@ -189,17 +204,18 @@ async fn main() {
         a.engram_bin.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/engram"));
     assert!(bin.exists(), "{} not found: run `cargo build --release --bins` first", bin.display());
     let tmp = tempfile::tempdir().unwrap();
-    let off = boot(&bin, &tmp.path().join("off"), a.base_port, false, &a).await;
-    let on = boot(&bin, &tmp.path().join("on"), a.base_port + 9, true, &a).await;
+    let (off_mode, on_mode) = if a.at_rest { ("secured", "+ at rest") } else { ("insecure", "mTLS + keys") };
+    let off = boot(&bin, &tmp.path().join("off"), a.base_port, a.at_rest, false, &a).await;
+    let on = boot(&bin, &tmp.path().join("on"), a.base_port + 9, true, a.at_rest, &a).await;
     let dim = a.dim;
     // (workload, mode) -> per-round (ops/s, p50 ms, p99 ms)
     let mut rows: std::collections::BTreeMap<(&str, &str), Vec<Figures>> = Default::default();
     for round in 0..a.rounds {
         // Alternate which mode goes first, so neither always runs on a freshly woken machine.
         let order = if round % 2 == 0 {
-            [("insecure", &off, &on), ("mTLS + keys", &on, &off)]
+            [(off_mode, &off, &on), (on_mode, &on, &off)]
         } else {
-            [("mTLS + keys", &on, &off), ("insecure", &off, &on)]
+            [(on_mode, &on, &off), (off_mode, &off, &on)]
         };
         for (mode, s, other) in order {
             other.pause(true);
@@ -213,8 +229,22 @@ async fn main() {
                 c.search("bench/search", vector(dim, i % 5000), 10).await.expect("search");
             })
             .await;
+            // Memories per second in calls of 100 (ops/s below counts memories).
+            let batch = load(&s.clients, a.secs, move |c, i| async move {
+                let items: Vec<_> = (0..100u64)
+                    .map(|j| {
+                        (
+                            NewMemory::new(format!("batched memory {i} {j}"), vector(dim, i * 100 + j)),
+                            Default::default(),
+                        )
+                    })
+                    .collect();
+                c.put_batch("bench/batch", items).await.expect("batch put");
+            })
+            .await;
+            let batch = (batch.0 * 100.0, batch.1, batch.2);
             other.pause(false);
-            for (w, (ops, p50, p99)) in [("put", put), ("search", search)] {
+            for (w, (ops, p50, p99)) in [("put", put), ("search", search), ("put x100", batch)] {
                 eprintln!("round {round} {w:<6} {mode:<12} {ops:>8.0} ops/s  p50 {p50:?}  p99 {p99:?}");
                 rows.entry((w, mode)).or_default().push((ops, p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3));
             }
@@ -233,10 +263,10 @@ async fn main() {
         med.insert((*w, *mode), m);
     }
     println!();
-    for w in ["put", "search"] {
-        let (off, on) = (med[&(w, "insecure")], med[&(w, "mTLS + keys")]);
+    for w in ["put", "search", "put x100"] {
+        let (off, on) = (med[&(w, off_mode)], med[&(w, on_mode)]);
         println!(
-            "{w}: secured/insecure throughput {:.3} ({:+.1}%), p50 {:.3}x, p99 {:.3}x",
+            "{w}: {on_mode}/{off_mode} throughput {:.3} ({:+.1}%), p50 {:.3}x, p99 {:.3}x",
             on.0 / off.0,
             (on.0 / off.0 - 1.0) * 100.0,
             on.1 / off.1,
