@@ -192,10 +192,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     crate::storage::format::refuse_newer(&state_path, crate::storage::format::STATE_FORMAT)?;
     // Encryption at rest: the master keyring (or none). Every data key of the state must open
     // with it, checked read-only before either file is opened for writing.
-    let vault = crate::storage::vault::Vault::new(
-        crate::storage::vault::master_keys(config.at_rest_key_file.as_deref())
-            .map_err(|e| ServerError::Config(e.to_string()))?,
-    );
+    let vault = crate::storage::vault::Vault::from_config(config.at_rest_key_file.as_deref())
+        .map_err(|e| ServerError::Config(e.to_string()))?;
     crate::storage::vault::check_state(&state_path, &vault)?;
     let sm = StateMachineStore::open_with(
         &state_path,

@@ -295,7 +295,16 @@ async fn an_erased_namespace_is_gone_from_older_backups_and_stale_keys_die_with_
         engram::backup::restore::restore(std::fs::File::open(&archive).unwrap(), &backup_keys, &no_keys).unwrap_err();
     assert!(e.to_string().contains("sealed at rest"), "{e}");
     let master = engram::storage::vault::master_keys(Some(&key)).unwrap().unwrap();
-    let at_rest = engram::backup::restore::AtRest { master, keys: now_keys.clone() };
+    // An export that knows neither key (older than the data): refused, not read as erasures.
+    let stale = engram::backup::restore::RestoreTarget {
+        data_dir: dir.path().join("stale"),
+        at_rest: Some(engram::backup::restore::AtRest { master: master.clone(), keys: vec![], erasures: vec![] }),
+        ..no_keys.clone()
+    };
+    let e = engram::backup::restore::restore(std::fs::File::open(&archive).unwrap(), &backup_keys, &stale).unwrap_err();
+    assert!(e.to_string().contains("take a newer export"), "{e}");
+    assert!(!dir.path().join("stale").exists(), "a refused restore left a data dir");
+    let at_rest = engram::backup::restore::AtRest { master, keys: now_keys.clone(), erasures: erasures.clone() };
     let (restored, erased) = TestCluster::restored_sealed(
         &archive,
         1,
@@ -327,6 +336,14 @@ async fn an_erased_namespace_is_gone_from_older_backups_and_stale_keys_die_with_
     assert!(Vault::new(Some(new_only.clone())).load(&rewrapped).is_ok());
     let stale = Vault::new(Some(new_only)).load(std::slice::from_ref(&gone_key)).unwrap_err();
     assert!(stale.to_string().contains("does not hold"), "{stale}");
+    // Every node read its key file again: a namespace made after the rotation gets a key under
+    // the new master key, and the followers apply it.
+    root.put("after/rotation", NewMemory::new("new", vector(77)).with_id("n")).await.unwrap();
+    cluster.settle().await;
+    let (keys_now, _) = export(&root.admin().export_data_keys().await.unwrap());
+    assert!(keys_now.iter().all(|k| k.kek == ring.active().id()), "{keys_now:?}");
+    let digests = cluster.digests().await;
+    assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "{digests:?}");
     cluster.shutdown().await;
 }
 
@@ -337,6 +354,9 @@ fn keyed(cluster: &TestCluster, id: u64) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_first_write_leaves_no_data_key_and_old_plain_rows_are_sealed_on_the_next_write() {
+    // SAFETY: set before any node starts; the in-process nodes read it as their backup key.
+    unsafe { std::env::set_var(engram::backup::keys::KEY_ENV, BACKUP_KEY) };
+    let backup_keys = Keyring::from_env_value(BACKUP_KEY).unwrap();
     let keys = tempfile::tempdir().unwrap();
     let key = new_key_file(keys.path(), "at-rest.toml");
     // A plain cluster first: a namespace written before encryption at rest was on.
@@ -344,7 +364,12 @@ async fn a_refused_first_write_leaves_no_data_key_and_old_plain_rows_are_sealed_
     let root = cluster.client();
     for i in 0..5u32 {
         root.put("old/a", NewMemory::new(format!("plain {i}"), vector(i)).with_id(format!("p{i}"))).await.unwrap();
+        root.put("old/b", NewMemory::new(format!("plain b {i}"), vector(20 + i)).with_id(format!("b{i}")))
+            .await
+            .unwrap();
     }
+    let backups = tempfile::tempdir().unwrap();
+    let (plain_backup, _) = root.admin().create_backup(backups.path()).await.unwrap();
     cluster.settle().await;
     for id in 1..=3 {
         cluster.stop(id).await;
@@ -393,6 +418,19 @@ async fn a_refused_first_write_leaves_no_data_key_and_old_plain_rows_are_sealed_
     assert!(digests.windows(2).all(|w| w[0].1 == w[1].1), "{digests:?}");
     assert_eq!(root.get("old/a", "p3").await.unwrap().text, "plain 3");
     assert_eq!(root.list_all("old/a").await.unwrap().len(), 6);
+
+    // Erased after a backup that holds it in the clear: a partial restore from that backup is
+    // refused in `apply`, by the rows' revisions, on every node alike.
+    root.put("old/b", NewMemory::new("sealed b", vector(40)).with_id("s")).await.unwrap();
+    let receipt = root.admin().erase_namespace("old/b").await.unwrap();
+    assert_eq!(receipt.memories, 6);
+    let (_, rows) =
+        engram::backup::namespace_of(std::fs::File::open(&plain_backup).unwrap(), &backup_keys, "old/b").unwrap();
+    let rows = rows.unwrap();
+    assert_eq!((rows.memories.len(), rows.sealed.len()), (5, 0), "plain rows in the old backup");
+    let e = root.admin().restore_namespace(&rows).await.unwrap_err();
+    assert!(e.to_string().contains("erased"), "{e}");
+    assert!(root.list_all("old/b").await.is_err(), "an erased namespace came back");
     let state = cluster.slot(1).dir.path().join("state.redb");
     for id in 1..=3 {
         cluster.stop(id).await;
@@ -411,5 +449,5 @@ async fn a_refused_first_write_leaves_no_data_key_and_old_plain_rows_are_sealed_
         );
         n += 1;
     }
-    assert_eq!(n, 8);
+    assert_eq!(n, 8, "acme/new 2, old/a 6; old/b erased");
 }

@@ -311,7 +311,11 @@ async fn a_drill_of_a_sealed_backup_takes_the_clusters_data_keys_and_reports_era
     let out = ctl(&["namespace", "erase", "sealed/gone"]);
     assert!(out.status.success(), "{}", text(&out));
     let receipt: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((receipt["memories"].as_u64(), receipt["crypto_shredded"].as_bool()), (Some(40), Some(true)), "{receipt}");
+    assert_eq!(
+        (receipt["memories"].as_u64(), receipt["crypto_shredded"].as_bool()),
+        (Some(40), Some(true)),
+        "{receipt}"
+    );
     let out = ctl(&["keys", "export", "--at-rest", "--out", dir.path().join("now.json").to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     let out = sealed_drill(&["--data-keys", dir.path().join("now.json").to_str().unwrap()]);

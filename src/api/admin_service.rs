@@ -761,39 +761,40 @@ impl AdminApi {
                 current_revision: 0,
             });
         }
-        // The key file again, for a new active key; an env-only keyring cannot change.
-        if let Some(path) = &self.backup.at_rest_key_file {
-            let ring = crate::backup::Keyring::load(path).map_err(|e| ApiError::FailedPrecondition {
-                field: "at_rest_key_file".into(),
-                reason: e.to_string(),
-                current_revision: 0,
-            })?;
-            // Every key held must still open under the new ring before it replaces the old one.
-            let (_, rows, _) = self.backup.reader.data_keys().map_err(storage_error)?;
-            let probe = crate::storage::vault::Vault::new(Some(ring.clone()));
-            for row in &rows {
-                probe.opens(row).map_err(|e| ApiError::FailedPrecondition {
-                    field: "at_rest_key_file".into(),
-                    reason: format!("the key file must keep the old master key until the rotation is done: {e}"),
-                    current_revision: 0,
-                })?;
-            }
-            vault.set_keks(ring);
-        }
+        // The key file again, for a new active key; an env-only keyring cannot change. Each
+        // node reads its own file again when the rotation applies.
+        let precondition = |reason: String| ApiError::FailedPrecondition {
+            field: "at_rest_key_file".into(),
+            reason,
+            current_revision: 0,
+        };
+        let path = self.backup.at_rest_key_file.as_ref().ok_or_else(|| {
+            precondition(
+                "a rotation reads the nodes' at-rest key files again; these keys come from ENGRAM_AT_REST_KEY".into(),
+            )
+        })?;
+        let ring = crate::backup::Keyring::load(path).map_err(|e| precondition(e.to_string()))?;
+        // Every key held must still open under the new ring, and is wrapped again under its
+        // active key.
+        let probe = crate::storage::vault::Vault::new(Some(ring));
         let (_, rows, _) = self.backup.reader.data_keys().map_err(storage_error)?;
         let mut keys = Vec::with_capacity(rows.len());
         for row in &rows {
-            keys.push(vault.rewrap(row).map_err(|e| ApiError::Internal(e.to_string()))?);
+            keys.push(probe.rewrap(row).map_err(|e| {
+                precondition(format!("the key file must keep the old master key until the rotation is done: {e}"))
+            })?);
         }
+        let master_key_id = probe.active_kek().map(|k| k.to_vec()).unwrap_or_default();
         let res = crate::api::propose(&self.node, caller, None, Op::RewrapDataKeys { keys }).await?;
-        match res.outcome {
-            crate::raft::Outcome::DataKeysRewrapped { rewrapped } => Ok(pb::RotateAtRestKeyResponse {
-                applied_index: res.index,
-                rewrapped,
-                master_key_id: vault.active_kek().map(|k| k.to_vec()).unwrap_or_default(),
-            }),
-            other => Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
+        let crate::raft::Outcome::DataKeysRewrapped { rewrapped } = res.outcome else {
+            return Err(ApiError::Internal(format!("unexpected outcome {:?}", res.outcome)));
+        };
+        // A snapshot past the rotation, so this node's log no longer needs entries whose keys
+        // only the old master key opens (other nodes compact on their own schedule).
+        if let Err(e) = self.node.raft.trigger().snapshot().await {
+            tracing::warn!(error = %e, "no snapshot after the at-rest key rotation");
         }
+        Ok(pb::RotateAtRestKeyResponse { applied_index: res.index, rewrapped, master_key_id })
     }
 
     async fn erase_namespace_inner(
@@ -816,7 +817,17 @@ impl AdminApi {
             crate::raft::Outcome::NamespaceDeleted { memories } => memories,
             other => return Err(ApiError::Internal(format!("unexpected outcome {other:?}"))),
         };
-        // The erasure as this node applied it (the leader applied it before answering).
+        // The erasure as this node applied it: a follower that forwarded the call may not
+        // have yet.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.backup.reader.applied_index().map_err(storage_error)? < res.index {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::Timeout {
+                    reason: format!("erased at index {}, not yet applied here", res.index),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let erasure = match &key {
             Some(id) => self.backup.reader.erasure(id).map_err(storage_error)?,
             None => None,

@@ -291,12 +291,10 @@ pub async fn run(spec: &DrillSpec, keys: &Keyring) -> Result<DrillReport, Backup
                 cmd.env_remove(k);
             }
         }
+        // The master key goes to the scratch node in its environment, never to a file beside
+        // the sealed state.
         if let Some(a) = &spec.at_rest {
-            let key_file = dir.join("at-rest-keys.toml");
-            if !key_file.exists() {
-                a.master.save(&key_file)?;
-            }
-            cmd.arg("--at-rest-key-file").arg(key_file);
+            cmd.env(crate::storage::vault::KEY_ENV, a.master.to_env_value().as_str());
         }
         cmd.args(&secure[id])
             .args(["--node-id", &id.to_string()])
@@ -611,7 +609,7 @@ pub async fn scheduled(
     node.every_while_leader(every, stop, || async {
         // A cluster sealed at rest: its master keyring and its data keys now.
         let at_rest = match (vault.master(), reader.data_keys()) {
-            (Some(master), Ok((_, keys, _))) => Some(super::restore::AtRest { master, keys }),
+            (Some(master), Ok((_, keys, erasures))) => Some(super::restore::AtRest { master, keys, erasures }),
             _ => None,
         };
         drill_once(&backup_dir, key_file.as_deref(), &DrillSpec { at_rest, ..spec.clone() }, &status).await

@@ -113,6 +113,17 @@ impl Keyring {
         Ok(Keyring { keys, active })
     }
 
+    /// The ring as an environment value ([`from_env_value`](Self::from_env_value)'s format,
+    /// the active key first): how a drill hands it to its scratch nodes without a file.
+    pub fn to_env_value(&self) -> Zeroizing<String> {
+        let mut out = Zeroizing::new(hex::encode(self.active().expose()));
+        for (k, _) in self.keys.iter().filter(|(k, _)| k.id() != self.active) {
+            out.push(',');
+            out.push_str(&hex::encode(k.expose()));
+        }
+        out
+    }
+
     /// This ring with `key` added as an inactive key.
     pub fn with(mut self, key: MasterKey) -> Keyring {
         if self.get(&key.id()).is_none() {

@@ -38,9 +38,11 @@ pub struct RestoreTarget {
 #[derive(Debug, Clone)]
 pub struct AtRest {
     pub master: Keyring,
-    /// The data keys of the cluster now (`engramctl keys export --at-rest`): a namespace whose
-    /// key is not among them was erased since the backup and is left out.
+    /// The data keys of the cluster now (`engramctl keys export --at-rest`).
     pub keys: Vec<DataKeyRow>,
+    /// The erasures it remembers: a namespace erased after the backup is left out, plain rows
+    /// too, and reported.
+    pub erasures: Vec<crate::storage::vault::Erasure>,
 }
 
 /// A restore's outcome: the backup, and the namespaces it left out as erased.
@@ -114,22 +116,17 @@ fn stage(input: impl Read, keys: &Keyring, target: &RestoreTarget, staging: &Pat
     let db = Database::create(staging.join("state.redb")).map_err(crate::error::StorageError::from)?;
     let mut txn = db.begin_write().map_err(crate::error::StorageError::from)?;
     crate::storage::set_durable(&mut txn, "state")?;
-    let (vault, data_keys) = match &target.at_rest {
-        Some(a) => (Vault::new(Some(a.master.clone())), a.keys.as_slice()),
-        None => (Vault::off(), &[][..]),
+    let vault = match &target.at_rest {
+        Some(a) => Vault::new(Some(a.master.clone())),
+        None => Vault::off(),
     };
+    let given = target.at_rest.as_ref().map(|a| (a.keys.as_slice(), a.erasures.as_slice()));
     let mut erased = Vec::new();
     let info = read_archive(input, keys, |r| {
-        let (summary, gone) = dump::load_restored(r, &txn, &vault, data_keys)?;
+        let (summary, gone) = dump::load_restored(r, &txn, &vault, given)?;
         erased = gone;
         Ok(summary)
     })?;
-    if target.at_rest.is_none() && !erased.is_empty() {
-        let names: Vec<&str> = erased.iter().map(|e| e.namespace.as_str()).collect();
-        return Err(BackupError::Target(format!(
-            "the backup's memories of {names:?} are sealed at rest: pass the at-rest master key and the cluster's data keys (engramctl keys export --at-rest)"
-        )));
-    }
     let h = &info.header;
     let applied = LogId::new(
         openraft::vote::leader_id_adv::LeaderId { term: h.applied_term, node_id: h.applied_node },
@@ -157,7 +154,7 @@ fn stage(input: impl Read, keys: &Keyring, target: &RestoreTarget, staging: &Pat
     std::fs::write(staging.join("node_id"), target.node_id.to_string())?;
     std::fs::File::open(staging)?.sync_all()?;
     for e in &erased {
-        tracing::warn!(namespace = %e.namespace, memories = e.memories, key = %hex::encode(e.key), "left out of the restore: erased");
+        tracing::warn!(namespace = %e.namespace, memories = e.memories, erased_at_index = ?e.erased_at_index, "left out of the restore: erased");
     }
     Ok(Restored { info, erased })
 }

@@ -78,16 +78,16 @@ pub(crate) fn apply_command(
     new_key: NewKey,
 ) -> Result<CommandResult, StorageError> {
     let rejected = |r: Rejection| CommandResult { index, outcome: Outcome::Rejected(r) };
-    // A sealed op applies as the op inside, for the same principal and idempotency key.
+    // A sealed op applies as the op inside, for the same principal and idempotency key; a new
+    // data key it carries is installed once the op is authorized (below).
     let opened;
+    let mut install = None;
     let cmd = match &cmd.op {
         Op::Sealed { namespace, key, blob, new_key: carried } => {
             match unseal(txn, vault, namespace, key, blob, carried.as_ref())? {
                 Ok(op) => {
                     if let (Some(row), NewKey::Install) = (carried, new_key) {
-                        if data_key(txn, namespace)?.is_none() {
-                            install_key(txn, vault, row)?;
-                        }
+                        install = Some(row);
                     }
                     opened = Command {
                         principal: cmd.principal.clone(),
@@ -124,6 +124,11 @@ pub(crate) fn apply_command(
         Ok(access) => access,
         Err(r) => return Ok(rejected(r)),
     };
+    if let Some(row) = install {
+        if data_key(txn, &row.namespace)?.is_none() {
+            install_key(txn, vault, row)?;
+        }
+    }
     let ctx = Ctx { index, now_ms: cmd.now_ms, vectors, vault };
     let outcome = run(txn, &ctx, cmd, &access, ops)?;
     let result = CommandResult { index, outcome };
@@ -225,6 +230,11 @@ fn run(
             Some(_) => apply_memory::reinforce(txn, ctx, namespace, hits)?,
         },
         Op::Mark { .. } => Outcome::None,
+        Op::RestoreNamespace { namespace, memories, .. } | Op::RestoreMemories { namespace, memories }
+            if erased_since(txn, namespace, memories)?.is_some() =>
+        {
+            Outcome::Rejected(erased_since(txn, namespace, memories)?.expect("checked in the guard"))
+        }
         Op::RestoreNamespace { namespace, dimension, metric, approx_min_vectors, policy, memories } => {
             let shape = (*dimension, *metric, *approx_min_vectors);
             restore_namespace(txn, ctx, namespace, shape, policy.as_ref(), memories, ops)?
@@ -492,6 +502,28 @@ fn delete_namespace(
     Ok(Outcome::NamespaceDeleted { memories })
 }
 
+/// A restored row written before its namespace was erased: an erased namespace never comes
+/// back from an older backup, sealed or plain, whatever key the restore was opened with. Its
+/// revision is the index that wrote it; a row of a namespace re-created after the erasure was
+/// written after it.
+fn erased_since(
+    txn: &WriteTransaction,
+    namespace: &str,
+    memories: &[crate::memory::Memory],
+) -> Result<Option<Rejection>, StorageError> {
+    let erasures = crate::storage::vault::erasures(&txn.open_table(ERASED)?)?;
+    let Some(at) = erasures.iter().filter(|e| e.namespace == namespace).map(|e| e.index).max() else {
+        return Ok(None);
+    };
+    Ok(memories.iter().find(|m| m.revision < at).map(|m| Rejection::Invalid {
+        field: "memories".into(),
+        reason: format!(
+            "erased: memory {:?} was written at log index {}, before namespace {namespace:?} was erased at index {at}; an erased namespace does not come back",
+            m.id, m.revision
+        ),
+    }))
+}
+
 /// Whether `namespace` has a data key.
 pub(crate) fn has_data_key(txn: &WriteTransaction, namespace: &str) -> Result<bool, StorageError> {
     Ok(data_key(txn, namespace)?.is_some())
@@ -524,6 +556,17 @@ fn unseal(
             // A destroyed key never comes back (a replayed proposal).
             if txn.open_table(ERASED)?.get(hex::encode(row.id).as_str())?.is_some() {
                 return invalid(format!("data key {} was destroyed", hex::encode(row.id)));
+            }
+            // New keys are wrapped under the cluster's master key of record (the latest
+            // rotation's), whatever a node's own key file says: every node decides alike.
+            if let Some(kek) = crate::storage::vault::cluster_kek(txn)? {
+                if row.kek != kek {
+                    return invalid(format!(
+                        "a new data key wrapped under master key {}, not the cluster's {} (a leader whose key file is behind a rotation)",
+                        hex::encode(row.kek),
+                        hex::encode(kek)
+                    ));
+                }
             }
             // Every node must open a key the leader made: one that cannot has another master key.
             vault.open_key(row).map_err(|e| StorageError::Corrupt { table: "data_keys", reason: e.to_string() })?
@@ -559,6 +602,9 @@ fn unseal(
 /// Makes `key` the namespace's data key (it has none) and seals the plain rows it holds.
 fn install_key(txn: &WriteTransaction, vault: &Vault, key: &DataKeyRow) -> Result<(), StorageError> {
     txn.open_table(DATA_KEYS)?.insert(key.namespace.as_str(), codec::encode_row(key).as_slice())?;
+    if crate::storage::vault::cluster_kek(txn)?.is_none() {
+        crate::storage::vault::set_cluster_kek(txn, &key.kek, vault)?;
+    }
     vault.insert(key).map_err(|e| StorageError::Corrupt { table: "data_keys", reason: e.to_string() })?;
     let sealed = crate::storage::index::MemoryTables::open(txn, vault)?.reseal_namespace(&key.namespace)?;
     if sealed > 0 {
@@ -568,8 +614,25 @@ fn install_key(txn: &WriteTransaction, vault: &Vault, key: &DataKeyRow) -> Resul
     Ok(())
 }
 
-/// [`Op::RewrapDataKeys`]: each row replaces the namespace's if it wraps the same key.
+/// [`Op::RewrapDataKeys`]: each row replaces the namespace's if it wraps the same key; the
+/// rows' master key becomes the cluster's of record. Each node reads its key file again (the
+/// operator put the new key there before rotating).
 fn rewrap_data_keys(txn: &WriteTransaction, ctx: &Ctx, keys: &[DataKeyRow]) -> Result<Outcome, StorageError> {
+    let Some(kek) = keys.first().map(|k| k.kek) else {
+        return Ok(Outcome::DataKeysRewrapped { rewrapped: 0 });
+    };
+    if let Some(bad) = keys.iter().find(|k| k.kek != kek || !crate::storage::vault::well_formed(k)) {
+        return Ok(Outcome::Rejected(Rejection::Invalid {
+            field: "keys".into(),
+            reason: format!(
+                "data key {} of {:?} is not a wrapped key under {}",
+                hex::encode(bad.id),
+                bad.namespace,
+                hex::encode(kek)
+            ),
+        }));
+    }
+    ctx.vault.reload();
     let mut rewrapped = 0;
     for row in keys {
         if data_key(txn, &row.namespace)?.is_some_and(|current| current.id == row.id) {
@@ -579,10 +642,11 @@ fn rewrap_data_keys(txn: &WriteTransaction, ctx: &Ctx, keys: &[DataKeyRow]) -> R
             // the new master key would not restart, so it says so now.
             if let Err(e) = ctx.vault.opens(row) {
                 metrics::counter!("engram_at_rest_rewrap_unopenable_total").increment(1);
-                tracing::error!(error = %e, "a rewrapped data key does not open with this node's at-rest keyring; add the new master key before restarting");
+                tracing::error!(error = %e, "a rewrapped data key does not open with this node's at-rest keyring; add the new master key to its key file before it restarts");
             }
         }
     }
+    crate::storage::vault::set_cluster_kek(txn, &kek, ctx.vault)?;
     Ok(Outcome::DataKeysRewrapped { rewrapped })
 }
 

@@ -53,7 +53,16 @@ fn seal(vault: &Vault, cmd: Command) -> Result<Command, ApiError> {
     };
     let plain = crate::storage::codec::encode(&cmd.op);
     let blob = key.seal(&crate::storage::vault::command_aad(&namespace), &plain);
-    Ok(Command { op: Op::Sealed { namespace, key: key.id, blob, new_key }, ..cmd })
+    let idempotency = match cmd.idempotency {
+        Some(i) => Some(super::types::Idempotency {
+            fingerprint: vault
+                .keyed_fingerprint(&namespace, &i.fingerprint)
+                .map_err(|e| ApiError::Internal(e.to_string()))?,
+            key: i.key,
+        }),
+        None => None,
+    };
+    Ok(Command { op: Op::Sealed { namespace, key: key.id, blob, new_key }, idempotency, ..cmd })
 }
 
 async fn propose_raw(raft: &Raft, cmd: Command) -> Result<CommandResult, ApiError> {

@@ -104,6 +104,7 @@ impl StateMachineStore {
         vault
             .load(&keys)
             .map_err(|e| StorageError::Format { file: path.display().to_string(), reason: e.to_string() })?;
+        vault.note_cluster_kek(crate::storage::vault::cluster_kek(&txn)?);
         // A state machine from before the derived indexes gets them now.
         if crate::storage::index::needs_rebuild(&txn)? {
             let n = crate::storage::index::rebuild(&txn, &vault)?;

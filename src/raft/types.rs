@@ -312,6 +312,7 @@ impl Op {
                 | Op::Reinforce { .. }
                 | Op::Mark { .. }
                 | Op::Sealed { .. }
+                | Op::RewrapDataKeys { .. }
         )
     }
 

@@ -447,51 +447,91 @@ pub fn load(r: impl Read, txn: &WriteTransaction, vault: &Vault) -> Result<DumpS
     let summary = load_rows(r, txn)?;
     let keys = super::vault::rows(&txn.open_table(super::vault::DATA_KEYS)?)?;
     vault.load(&keys).map_err(|e| corrupt(format!("data keys: {e}")))?;
+    vault.note_cluster_kek(super::vault::cluster_kek(txn)?);
     finish_load(txn, vault)?;
     Ok(summary)
 }
 
-/// A namespace a restore left out: its rows are sealed under a data key that no longer exists.
+/// A namespace a restore left out: erased since the backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErasedNamespace {
     pub namespace: String,
-    pub key: [u8; 8],
+    /// The destroyed data key its rows were sealed under (`None`: they were plain).
+    pub key: Option<[u8; 8]>,
     pub memories: u64,
+    /// The log index of the erasure, when the key export records it.
+    pub erased_at_index: Option<u64>,
 }
 
-/// [`load`] for a restore: a backup has no data keys, so `keys` (the live cluster's, from a key
-/// export) stand in for them. Sealed rows under a key not among them belong to a namespace
-/// erased since the backup: they are left out, with the namespace's row, policy and stats,
-/// and reported.
+/// [`load`] for a restore: a backup has no data keys, so `keys` and `erasures` (the live
+/// cluster's, from a key export) stand in for them. A namespace erased after the backup's
+/// index is left out whole, plain rows too, with its namespace row, policy and stats, and
+/// reported; so is one whose rows are sealed under a key the export lists as destroyed. A
+/// sealed row under a key the export does not know at all is an error: the export is older
+/// than the data, and guessing "erased" would drop a live namespace.
 pub fn load_restored(
     r: impl Read,
     txn: &WriteTransaction,
     vault: &Vault,
-    keys: &[super::vault::DataKeyRow],
+    at_rest: Option<(&[super::vault::DataKeyRow], &[super::vault::Erasure])>,
 ) -> Result<(DumpSummary, Vec<ErasedNamespace>), StorageError> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let sealed_at_rest = at_rest.is_some();
+    let (keys, erasures) = at_rest.unwrap_or((&[], &[]));
     let summary = load_rows(r, txn)?;
-    let mut memories = txn.open_table(MEMORIES)?;
-    let mut gone: std::collections::BTreeMap<(String, [u8; 8]), u64> = Default::default();
-    let mut held: std::collections::BTreeMap<[u8; 8], &super::vault::DataKeyRow> = Default::default();
-    for k in keys {
-        held.insert(k.id, k);
+    let backup_index = summary.applied.map(|a| a.index).unwrap_or(0);
+    let held: BTreeMap<[u8; 8], &super::vault::DataKeyRow> = keys.iter().map(|k| (k.id, k)).collect();
+    let destroyed: BTreeMap<[u8; 8], &super::vault::Erasure> = erasures.iter().map(|e| (e.id, e)).collect();
+    // Namespace -> the latest erasure after the backup.
+    let mut erased_after: BTreeMap<&str, u64> = BTreeMap::new();
+    for e in erasures.iter().filter(|e| e.index > backup_index) {
+        let at = erased_after.entry(e.namespace.as_str()).or_default();
+        *at = (*at).max(e.index);
     }
-    let mut used: std::collections::BTreeSet<[u8; 8]> = Default::default();
+    let mut memories = txn.open_table(MEMORIES)?;
+    let mut gone: BTreeMap<String, ErasedNamespace> = BTreeMap::new();
+    let mut used: BTreeSet<[u8; 8]> = BTreeSet::new();
     let mut drop_keys = Vec::new();
     for item in memories.iter()? {
         let (k, v) = item?;
-        let Some(id) = super::vault::sealed_by(v.value()) else { continue };
         let ns_end =
             k.value().iter().position(|b| *b == 0).ok_or_else(|| corrupt("a memory key without a namespace"))?;
         let ns = String::from_utf8_lossy(&k.value()[..ns_end]).into_owned();
-        match held.get(&id) {
-            Some(row) if row.namespace == ns => {
-                used.insert(id);
-            }
-            _ => {
-                *gone.entry((ns, id)).or_default() += 1;
-                drop_keys.push(k.value().to_vec());
-            }
+        let sealed = super::vault::sealed_by(v.value());
+        let erased_at = match (erased_after.get(ns.as_str()), sealed) {
+            (Some(at), _) => Some(Some(*at)),
+            (None, Some(id)) => match (held.get(&id), destroyed.get(&id)) {
+                (Some(row), _) if row.namespace == ns => {
+                    used.insert(id);
+                    None
+                }
+                (_, Some(e)) => Some(Some(e.index)),
+                _ if !sealed_at_rest => {
+                    return Err(StorageError::Format {
+                        file: "backup".into(),
+                        reason: format!(
+                            "the memories of {ns:?} are sealed at rest: pass the at-rest master key and the cluster's data keys (engramctl keys export --at-rest)"
+                        ),
+                    })
+                }
+                _ => {
+                    return Err(corrupt(format!(
+                        "the memories of {ns:?} are sealed under data key {}, which the key export neither holds nor lists as erased: take a newer export (engramctl keys export --at-rest)",
+                        hex::encode(id)
+                    )))
+                }
+            },
+            (None, None) => None,
+        };
+        if let Some(at) = erased_at {
+            let entry = gone.entry(ns.clone()).or_insert(ErasedNamespace {
+                namespace: ns,
+                key: sealed,
+                memories: 0,
+                erased_at_index: at,
+            });
+            entry.memories += 1;
+            drop_keys.push(k.value().to_vec());
         }
     }
     for k in &drop_keys {
@@ -499,22 +539,38 @@ pub fn load_restored(
     }
     drop(memories);
     let mut erased = Vec::new();
-    for ((namespace, key), n) in gone {
-        txn.open_table(NAMESPACES)?.remove(namespace.as_str())?;
+    let named: BTreeSet<String> = erased_after.keys().map(|n| n.to_string()).collect();
+    for namespace in gone.keys().cloned().chain(named).collect::<BTreeSet<_>>() {
+        // A namespace erased since, with no rows in the backup, goes too.
+        let existed = txn.open_table(NAMESPACES)?.remove(namespace.as_str())?.is_some();
         for (_, table) in super::MODEL_TABLES {
             txn.open_table(table)?.remove(namespace.as_str())?;
         }
-        erased.push(ErasedNamespace { namespace, key, memories: n });
-    }
-    {
-        let mut t = txn.open_table(super::vault::DATA_KEYS)?;
-        t.retain(|_, _| false)?;
-        for row in keys.iter().filter(|r| used.contains(&r.id)) {
-            t.insert(row.namespace.as_str(), codec::encode_row(row).as_slice())?;
+        if let Some(e) = gone.remove(&namespace) {
+            erased.push(e);
+        } else if existed {
+            let at = erased_after.get(namespace.as_str()).copied();
+            erased.push(ErasedNamespace { namespace, key: None, memories: 0, erased_at_index: at });
         }
     }
     let rows: Vec<_> = keys.iter().filter(|r| used.contains(&r.id)).cloned().collect();
+    {
+        let mut t = txn.open_table(super::vault::DATA_KEYS)?;
+        t.retain(|_, _| false)?;
+        for row in &rows {
+            t.insert(row.namespace.as_str(), codec::encode_row(row).as_slice())?;
+        }
+        // The cluster's erasures stay known: the restored cluster refuses their keys too.
+        let mut t = txn.open_table(super::vault::ERASED)?;
+        for e in erasures {
+            t.insert(hex::encode(e.id).as_str(), codec::encode_row(e).as_slice())?;
+        }
+    }
+    super::vault::clear_cluster_kek(txn)?;
     vault.load(&rows).map_err(|e| corrupt(format!("data keys: {e}")))?;
+    if let Some(kek) = keys.first().map(|k| k.kek) {
+        super::vault::set_cluster_kek(txn, &kek, vault)?;
+    }
     finish_load(txn, vault)?;
     Ok((summary, erased))
 }

@@ -4,8 +4,9 @@
 //!   `ENGRAM_AT_REST_KEY`, the same on every node (the keyring format of backup keys; several
 //!   keys, one active). It never leaves the node and is never in the config, the log or a dump.
 //! * A **data key** is 32 random bytes the leader makes for a namespace the first time the
-//!   namespace's memories are written, wraps under the active master key and proposes through
-//!   the log ([`Op::CreateDataKey`](crate::raft::Op)). Every node stores the wrapped row in
+//!   namespace's memories are written, wraps under the cluster's master key of record and sends
+//!   through the log with that write (`Op::Sealed`'s `new_key`, kept only if the write applies).
+//!   Every node stores the wrapped row in
 //!   `data_keys` and holds the unwrapped key in memory. Its id is the first 8 bytes of
 //!   `BLAKE3-derive-key("engram data key id v1", key)`.
 //! * What the data key seals: the leader seals every command carrying memory content (put,
@@ -206,6 +207,11 @@ struct Keys {
 pub struct Vault {
     keks: RwLock<Option<Keyring>>,
     keys: RwLock<Keys>,
+    /// Where the keyring came from (a rotation reads it again); `None`: the environment.
+    source: Option<std::path::PathBuf>,
+    /// The master key new data keys are wrapped under: the cluster's of record (see
+    /// [`cluster_kek`]), once the state has one.
+    cluster_kek: RwLock<Option<[u8; 8]>>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -221,7 +227,50 @@ impl Vault {
     }
 
     pub fn new(keks: Option<Keyring>) -> Arc<Vault> {
-        Arc::new(Vault { keks: RwLock::new(keks), keys: RwLock::default() })
+        Arc::new(Vault {
+            keks: RwLock::new(keks),
+            keys: RwLock::default(),
+            source: None,
+            cluster_kek: RwLock::new(None),
+        })
+    }
+
+    /// A node's vault: its key file if one is named, else `ENGRAM_AT_REST_KEY`, else off.
+    pub fn from_config(key_file: Option<&std::path::Path>) -> Result<Arc<Vault>, VaultError> {
+        let keks = master_keys(key_file)?;
+        Ok(Arc::new(Vault {
+            keks: RwLock::new(keks),
+            keys: RwLock::default(),
+            source: key_file.map(|p| p.to_path_buf()),
+            cluster_kek: RwLock::new(None),
+        }))
+    }
+
+    /// Reads the key file again (a rotation applied). A file that does not load leaves the ring
+    /// as it was, and says so.
+    pub fn reload(&self) {
+        let Some(path) = &self.source else { return };
+        match Keyring::load(path) {
+            Ok(ring) => self.set_keks(ring),
+            Err(e) => tracing::error!(file = %path.display(), error = %e, "cannot read the at-rest key file again"),
+        }
+    }
+
+    /// The master key of record, as the state says (kept in step by `set_cluster_kek`).
+    pub fn note_cluster_kek(&self, kek: Option<[u8; 8]>) {
+        *self.cluster_kek.write().unwrap_or_else(|p| p.into_inner()) = kek;
+    }
+
+    fn wrapping_key(&self, keks: &Keyring) -> Result<MasterKey, VaultError> {
+        match *self.cluster_kek.read().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(keks.active().clone()),
+            Some(id) => keks.get(&id).cloned().ok_or_else(|| {
+                VaultError::Key(format!(
+                    "the cluster's master key {} is not in this node's at-rest keyring (a key file behind a rotation?)",
+                    hex::encode(id)
+                ))
+            }),
+        }
     }
 
     /// A vault with this one's master keyring and no data keys (a load's scratch vault).
@@ -229,8 +278,10 @@ impl Vault {
         Vault::new(self.keks())
     }
 
-    /// Takes `other`'s data keys in place of this vault's (a load committed).
+    /// Takes `other`'s data keys (and master key of record) in place of this vault's (a load
+    /// committed).
     pub fn adopt(&self, other: &Vault) {
+        self.note_cluster_kek(*other.cluster_kek.read().unwrap_or_else(|p| p.into_inner()));
         let keys = other.read();
         let copy = Keys { by_namespace: keys.by_namespace.clone(), by_id: keys.by_id.clone(), removed: HashMap::new() };
         drop(keys);
@@ -293,12 +344,27 @@ impl Vault {
         self.len() == 0
     }
 
-    /// A new data key for `namespace`, wrapped under the active master key (the leader).
+    /// A new data key for `namespace` (the leader), wrapped under the cluster's master key of
+    /// record, or the active one before the state has one.
     pub fn new_key(&self, namespace: &str) -> Result<DataKeyRow, VaultError> {
         let keks = self.keks().ok_or_else(|| VaultError::Key("encryption at rest is off on this node".into()))?;
+        let kek = self.wrapping_key(&keks)?;
         let mut secret = Zeroizing::new([0u8; 32]);
         rand::rng().fill_bytes(secret.as_mut());
-        Ok(wrap(keks.active(), namespace, &secret))
+        Ok(wrap(&kek, namespace, &secret))
+    }
+
+    /// A sealed command's idempotency fingerprint: the client's (a hash of the plain request)
+    /// keyed under the master key of record and the namespace, so the log and the idempotency
+    /// rows cannot confirm a guessed memory. Stable across data keys, so a retry around a
+    /// namespace's first write still matches.
+    pub fn keyed_fingerprint(&self, namespace: &str, fingerprint: &[u8; 32]) -> Result<[u8; 32], VaultError> {
+        let keks = self.keks().ok_or_else(|| VaultError::Key(no_master_key()))?;
+        let kek = self.wrapping_key(&keks)?;
+        let mut material = Zeroizing::new(kek.expose().to_vec());
+        material.extend_from_slice(namespace.as_bytes());
+        let key = Zeroizing::new(blake3::derive_key("engram idempotency fingerprint v1", &material));
+        Ok(*blake3::keyed_hash(&key, fingerprint).as_bytes())
     }
 
     /// `row` wrapped again under the active master key (rotation); the data key is unchanged.
@@ -395,6 +461,34 @@ fn stored_rows(txn: &redb::ReadTransaction) -> Result<Vec<DataKeyRow>, StorageEr
         Some(t) => rows(&t),
         None => Ok(Vec::new()),
     }
+}
+
+/// The `sm_meta` row naming the master key new data keys are wrapped under.
+const META_KEK: &str = "at_rest_master_key";
+
+/// The cluster's master key of record: the first data key's, then each rotation's.
+pub fn cluster_kek(txn: &redb::WriteTransaction) -> Result<Option<[u8; 8]>, StorageError> {
+    let meta = txn.open_table(super::SM_META)?;
+    let v = meta.get(META_KEK)?;
+    v.map(|v| v.value().try_into().map_err(|_| corrupt("sm_meta", "a master key id of the wrong size"))).transpose()
+}
+
+/// Records `kek` as the cluster's master key of record, here and in `vault`.
+pub fn set_cluster_kek(txn: &redb::WriteTransaction, kek: &[u8; 8], vault: &Vault) -> Result<(), StorageError> {
+    txn.open_table(super::SM_META)?.insert(META_KEK, kek.as_slice())?;
+    vault.note_cluster_kek(Some(*kek));
+    Ok(())
+}
+
+/// Forgets the master key of record (a restore: the data keys it brings say which).
+pub fn clear_cluster_kek(txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+    txn.open_table(super::SM_META)?.remove(META_KEK)?;
+    Ok(())
+}
+
+/// Whether `row` has the shape of a wrapped key (nonce, 32 bytes, tag).
+pub fn well_formed(row: &DataKeyRow) -> bool {
+    row.wrapped.len() == NONCE_BYTES + 32 + 16
 }
 
 fn no_master_key() -> String {

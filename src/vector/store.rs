@@ -167,7 +167,9 @@ pub struct FrozenCheckpoint {
     epoch: u64,
     /// Shards unchanged since `previous`: their files stay.
     kept: BTreeMap<String, persist::ShardFiles>,
-    copies: Vec<(String, FrozenShard)>,
+    /// Each copy with its namespace's data key as of the freeze: a copy taken sealed is written
+    /// sealed, even if its key is gone by the time it is written.
+    copies: Vec<(String, FrozenShard, Option<Arc<crate::storage::vault::DataKey>>)>,
 }
 
 impl FrozenCheckpoint {
@@ -654,7 +656,7 @@ impl VectorStore {
                 Some(files) if !shard.is_dirty() => {
                     kept.insert(ns.clone(), files.clone());
                 }
-                _ => copies.push((ns.clone(), shard.freeze()?)),
+                _ => copies.push((ns.clone(), shard.freeze()?, self.shared.reader.vault().for_namespace(ns))),
             }
         }
         metrics::histogram!("engram_vector_checkpoint_freeze_seconds").record(started.elapsed().as_secs_f64());
@@ -685,14 +687,13 @@ impl VectorStore {
         }
         std::fs::create_dir_all(dir).map_err(|e| PersistError::Io { path: dir.clone(), source: e })?;
         let mut next = Manifest { applied, shards: kept };
-        for (ns, copy) in &copies {
-            let key = self.shared.reader.vault().for_namespace(ns);
+        for (ns, copy, key) in &copies {
             next.shards.insert(ns.clone(), persist::write_shard(dir, ns, applied, copy, key.as_deref())?);
         }
         persist::commit(dir, &next)?;
         {
             let shards = self.shards();
-            for (ns, copy) in &copies {
+            for (ns, copy, _) in &copies {
                 if let Some(shard) = shards.map.get(ns) {
                     shard.mark_saved(copy);
                 }

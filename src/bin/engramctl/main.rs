@@ -1095,12 +1095,9 @@ async fn backup_file_cmd(cmd: BackupCmd) -> Result<(), Box<dyn std::error::Error
             .await??;
             println!("restored: {}", info.info);
             for e in &info.erased {
-                println!(
-                    "erased (left out): namespace {} — {} memories sealed under data key {}, which the cluster destroyed",
-                    e.namespace,
-                    e.memories,
-                    hex::encode(e.key)
-                );
+                let at = e.erased_at_index.map(|i| format!(" at log index {i}")).unwrap_or_default();
+                let key = e.key.map(|k| format!(", data key {} destroyed", hex::encode(k))).unwrap_or_default();
+                println!("erased (left out): namespace {} ({} memories), erased{at}{key}", e.namespace, e.memories);
             }
             println!("start every member on its restored data dir; no `cluster init` is needed");
         }
@@ -1241,17 +1238,19 @@ fn at_rest_of(
     let Some(path) = data_keys else { return Ok(None) };
     let master = engram::storage::vault::master_keys(key_file)?
         .ok_or("--data-keys needs the at-rest master key: --at-rest-key-file or ENGRAM_AT_REST_KEY")?;
-    Ok(Some(restore::AtRest { master, keys: read_data_keys(path)? }))
+    let (keys, erasures) = read_data_keys(path)?;
+    Ok(Some(restore::AtRest { master, keys, erasures }))
 }
 
 /// A data key file `keys export --at-rest` wrote.
-fn read_data_keys(
-    path: &std::path::Path,
-) -> Result<Vec<engram::storage::vault::DataKeyRow>, Box<dyn std::error::Error>> {
+type DataKeys = (Vec<engram::storage::vault::DataKeyRow>, Vec<engram::storage::vault::Erasure>);
+
+fn read_data_keys(path: &std::path::Path) -> Result<DataKeys, Box<dyn std::error::Error>> {
     #[derive(serde::Deserialize)]
     struct File {
         format: String,
         data_keys: Vec<engram::storage::vault::DataKeyRow>,
+        erasures: Vec<engram::storage::vault::Erasure>,
     }
     let bytes = engram::secrets::read_private(path).map_err(|e| format!("data keys {e}"))?;
     let file: File =
@@ -1259,7 +1258,7 @@ fn read_data_keys(
     if file.format != "engram-data-keys-v1" {
         return Err(format!("{}: unknown data key file format {:?}", path.display(), file.format).into());
     }
-    Ok(file.data_keys)
+    Ok((file.data_keys, file.erasures))
 }
 
 fn keys_cmd(cmd: KeysCmd) -> Result<(), Box<dyn std::error::Error>> {
