@@ -58,6 +58,10 @@ impl From<MemoryV1> for Memory {
 /// Largest decoded record the one-shot decoder allocates up front (a frame's declared size
 /// is only a claim; larger claims go through the streaming decoder, which grows as it reads).
 const MAX_DIRECT_DECODE: u64 = 16 << 20;
+/// Largest decoded record at all: a dump record's limit. A few hostile bytes that claim or
+/// stream more (a decompression bomb in a row from disk, a snapshot or a backup) are refused
+/// as corrupt instead of filling memory.
+pub const MAX_DECODED_RECORD: u64 = 64 << 20;
 
 thread_local! {
     // A zstd context costs a ~100 µs allocation and table reset to create: made once per
@@ -100,7 +104,16 @@ fn decompress(body: &[u8]) -> std::io::Result<Vec<u8>> {
             }
         }
     }
-    zstd::stream::decode_all(body)
+    use std::io::Read;
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(body)?.take(MAX_DECODED_RECORD + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > MAX_DECODED_RECORD {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the record decompresses past {MAX_DECODED_RECORD} bytes"),
+        ));
+    }
+    Ok(out)
 }
 
 pub fn encode_memory(m: &Memory) -> Vec<u8> {
@@ -247,6 +260,23 @@ mod tests {
                 merged_from: if c % 2 == 0 { vec!["x".into()] } else { vec![] },
                 linked_to: (u % 3 == 0).then(|| "twin".into()),
             })
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_refused() {
+        use std::io::Read;
+        // A few KiB of zstd that expand past the record limit, as one frame that states its
+        // size and as a streamed one: refused, never held whole.
+        let size = MAX_DECODED_RECORD + 1;
+        let mut streamed = vec![MEMORY_FORMAT_V2];
+        zstd::stream::copy_encode(std::io::repeat(0).take(size), &mut streamed, 1).unwrap();
+        let mut sized = vec![MEMORY_FORMAT_V2];
+        sized.extend(zstd::bulk::compress(&vec![0u8; size as usize], 1).unwrap());
+        for bomb in [streamed, sized] {
+            assert!(bomb.len() < 64 << 10, "a small row: {} bytes", bomb.len());
+            let e = decode_memory(&bomb).unwrap_err().to_string();
+            assert!(e.contains("past"), "{e}");
+        }
     }
 
     proptest! {

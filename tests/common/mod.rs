@@ -90,6 +90,13 @@ impl TestCluster {
             None => first.admin().init_cluster(members).await.unwrap(),
         }
         c.wait_for_leader().await;
+        // The first leader names the cluster from a background task: wait for that entry, so
+        // no test sees it land in the middle of what it measures.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while c.running().iter().any(|id| c.handle(*id).reader.cluster_id().unwrap().is_none()) {
+            assert!(std::time::Instant::now() < deadline, "the cluster was never named");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         c
     }
 
