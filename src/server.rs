@@ -433,7 +433,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
             stopped(),
         )));
     }
-    tracing::info!(node = id, %api_addr, %raft_addr, %http_addr, "engram node started");
+    let at_rest = vault.active_kek().map(hex::encode).unwrap_or_else(|| "off".into());
+    tracing::info!(node = id, %api_addr, %raft_addr, %http_addr, at_rest, "engram node started");
     Ok(NodeHandle {
         id,
         api_addr,

@@ -187,6 +187,13 @@ pub(crate) fn native_bytes(index: &IndexImpl) -> Result<Vec<u8>, VectorError> {
     }
 }
 
+/// Where [`FaissIndex::read`] finds an index in FAISS's own format.
+pub enum Native<'a> {
+    File(&'a Path),
+    /// In memory (a sealed file, opened), named `.1` in errors.
+    Bytes(&'a [u8], &'a dyn std::fmt::Display),
+}
+
 /// Reads an index [`native_bytes`] wrote.
 fn index_from_bytes(bytes: &[u8]) -> Result<IndexImpl, VectorError> {
     use faiss::index::FromInnerPtr;
@@ -304,34 +311,29 @@ impl FaissIndex {
         self.index.try_clone().map_err(err)
     }
 
-    /// Reads an index [`write_native`] wrote (from [`clone_native`](Self::clone_native)), which must hold exactly the ids `present`
+    /// Reads an index [`write_native`] (a file) or [`native_bytes`] (sealed, opened into memory)
+    /// wrote, from [`clone_native`](Self::clone_native); it must hold exactly the ids `present`
     /// and match `dim`, `metric` and `kind`; an HNSW index also needs its
     /// [`graph_labels`](Self::graph_labels).
     pub fn read(
-        path: &Path,
+        source: Native<'_>,
         dim: usize,
         metric: Metric,
         kind: FaissKind,
         present: RoaringTreemap,
         labels: Option<Vec<u64>>,
     ) -> Result<Self, VectorError> {
-        let name = path.to_str().ok_or_else(|| VectorError::Faiss(format!("path {} is not UTF-8", path.display())))?;
-        let index = faiss::read_index(name).map_err(err)?;
-        Self::from_native(index, &path.display(), dim, metric, kind, present, labels)
-    }
-
-    /// [`read`](Self::read) of an index held in memory ([`native_bytes`]); `what` names it in errors.
-    pub fn read_bytes(
-        bytes: &[u8],
-        what: &dyn std::fmt::Display,
-        dim: usize,
-        metric: Metric,
-        kind: FaissKind,
-        present: RoaringTreemap,
-        labels: Option<Vec<u64>>,
-    ) -> Result<Self, VectorError> {
-        let index = index_from_bytes(bytes).map_err(|e| VectorError::Faiss(format!("{what}: {e}")))?;
-        Self::from_native(index, what, dim, metric, kind, present, labels)
+        let (index, what) = match source {
+            Native::File(path) => {
+                let name =
+                    path.to_str().ok_or_else(|| VectorError::Faiss(format!("path {} is not UTF-8", path.display())))?;
+                (faiss::read_index(name).map_err(err)?, path.display().to_string())
+            }
+            Native::Bytes(bytes, what) => {
+                (index_from_bytes(bytes).map_err(|e| VectorError::Faiss(format!("{what}: {e}")))?, what.to_string())
+            }
+        };
+        Self::from_native(index, &what, dim, metric, kind, present, labels)
     }
 
     fn from_native(

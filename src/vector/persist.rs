@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::faiss::{native_bytes, write_native, FaissIndex};
+use super::faiss::{native_bytes, write_native, FaissIndex, Native};
 use super::shard::{FrozenShard, Shard, ShardMeta};
 use crate::storage::vault::{self, DataKey};
 
@@ -258,14 +258,17 @@ pub fn read_shard(
         let kind = meta.part_kinds.get(parts.len()).copied().ok_or_else(|| corrupt(&meta_path, "part kinds"))?;
         let labels = meta.part_labels.get(parts.len()).cloned().flatten();
         let sealed = bytes.len() >= 4 && &bytes[..4] == SEALED;
-        let part = match sealed {
-            true => {
-                let plain = open_file(&path, key, namespace, name, bytes)?;
-                FaissIndex::read_bytes(&plain, &path.display(), meta.dim as usize, meta.metric, kind, present, labels)
-            }
-            false => FaissIndex::read(&path, meta.dim as usize, meta.metric, kind, present, labels),
-        }
-        .map_err(|e| corrupt(&path, e.to_string()))?;
+        let plain = match sealed {
+            true => Some(open_file(&path, key, namespace, name, bytes)?),
+            false => None,
+        };
+        let shown = path.display();
+        let source = match &plain {
+            Some(bytes) => Native::Bytes(bytes, &shown),
+            None => Native::File(&path),
+        };
+        let part = FaissIndex::read(source, meta.dim as usize, meta.metric, kind, present, labels)
+            .map_err(|e| corrupt(&path, e.to_string()))?;
         parts.push(part);
     }
     Shard::from_parts(meta, parts).map_err(|e| corrupt(&meta_path, e.to_string()))
