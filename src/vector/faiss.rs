@@ -333,18 +333,6 @@ impl FaissIndex {
                 (index_from_bytes(bytes).map_err(|e| VectorError::Faiss(format!("{what}: {e}")))?, what.to_string())
             }
         };
-        Self::from_native(index, &what, dim, metric, kind, present, labels)
-    }
-
-    fn from_native(
-        index: IndexImpl,
-        what: &dyn std::fmt::Display,
-        dim: usize,
-        metric: Metric,
-        kind: FaissKind,
-        present: RoaringTreemap,
-        labels: Option<Vec<u64>>,
-    ) -> Result<Self, VectorError> {
         let mt = match metric {
             Metric::L2 => MetricType::L2,
             Metric::Cosine | Metric::InnerProduct => MetricType::InnerProduct,
