@@ -50,6 +50,8 @@
 //! idle_timeout_ms = 300000        # a connection silent this long is closed
 //! max_response_bytes = 16777216   # search / list responses
 //! max_snapshot_bytes = 68719476736
+//! disk_reserve_bytes = 1073741824  # below this much free space writes that add data are refused
+//!                                  # (default: 1 GiB or 5 % of the filesystem, the smaller; 0 = off)
 //! metrics_namespaces = ["acme/user-42"]   # namespaces that get their own metric series
 //! ```
 
@@ -249,6 +251,11 @@ pub struct NodeArgs {
     /// Largest snapshot a peer may send [default: 68719476736].
     #[arg(long, env = "ENGRAM_MAX_SNAPSHOT_BYTES")]
     pub max_snapshot_bytes: Option<u64>,
+    /// Free bytes the data dir keeps: below them writes that add data are refused with
+    /// RESOURCE_EXHAUSTED until space is freed [default: 1 GiB or 5 % of the filesystem, the
+    /// smaller; 0 = off].
+    #[arg(long, env = "ENGRAM_DISK_RESERVE_BYTES")]
+    pub disk_reserve_bytes: Option<u64>,
     /// Namespaces that get their own metric series (comma separated); all others are counted
     /// together, so metric cardinality stays bounded.
     #[arg(long, env = "ENGRAM_METRICS_NAMESPACES", value_delimiter = ',')]
@@ -315,6 +322,8 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     pub max_response_bytes: usize,
     pub max_snapshot_bytes: u64,
+    /// `None`: the default rule (`storage::space::reserve_for`).
+    pub disk_reserve_bytes: Option<u64>,
     pub metrics_namespaces: Vec<String>,
     /// Test-only canary: reads skip the read index (only with the `canary` feature).
     #[serde(skip)]
@@ -528,6 +537,7 @@ impl NodeArgs {
             idle_timeout_ms: pick!(cli, file, idle_timeout_ms, 300_000),
             max_response_bytes: pick!(cli, file, max_response_bytes, 16 << 20),
             max_snapshot_bytes: pick!(cli, file, max_snapshot_bytes, 64 << 30),
+            disk_reserve_bytes: cli.disk_reserve_bytes.or(file.disk_reserve_bytes),
             metrics_namespaces: cli.metrics_namespaces.clone().or(file.metrics_namespaces.clone()).unwrap_or_default(),
             #[cfg(feature = "canary")]
             unsafe_stale_reads: cli.unsafe_stale_reads,
@@ -586,6 +596,8 @@ impl Config {
             idle_timeout_ms: 300_000,
             max_response_bytes: 16 << 20,
             max_snapshot_bytes: 64 << 30,
+            // Small, so a test machine short of disk still runs the suite; admission stays on.
+            disk_reserve_bytes: Some(16 << 20),
             metrics_namespaces: vec![],
             unsafe_stale_reads: false,
         }

@@ -118,4 +118,8 @@ pub enum ServerError {
     Raft(String),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Raft stopped on a full disk and space has been freed since: start the node again
+    /// (see `server::run`).
+    #[error("the disk was full and has space again: the node must be started afresh")]
+    DiskFreed,
 }

@@ -106,6 +106,19 @@ fn describe() {
         "Connections refused (limit, handshake), by listener and reason."
     );
     metrics::describe_gauge!("engram_data_dir_free_bytes", "Free bytes on the data directory's filesystem.");
+    metrics::describe_gauge!(
+        "engram_disk_reserve_bytes",
+        "Free bytes the data dir keeps: below them writes that add data are refused (0: admission off)."
+    );
+    metrics::describe_gauge!("engram_disk_low", "1 while free space on the data dir is below the reserve.");
+    metrics::describe_counter!(
+        "engram_disk_refused_writes_total",
+        "Writes refused with RESOURCE_EXHAUSTED because this node or a majority of the voters was short of disk."
+    );
+    metrics::describe_counter!(
+        "engram_disk_full_restarts_total",
+        "Times Raft stopped on a full disk and the node waited for space and started again in-process."
+    );
     metrics::describe_counter!(
         "engram_forwarded_writes_total",
         "Client writes a follower forwarded to the leader, by result."
@@ -243,16 +256,14 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// Free space on the data directory's filesystem below which storage reads as degraded.
-pub const LOW_DISK_BYTES: u64 = 1 << 30;
-
 /// Per-subsystem health, each `"ok"`, `"degraded"` (works, needs attention) or `"down"`, and
 /// the worst of them at the top:
 ///
 /// * `raft`: down without a known leader; degraded while applying lags the log by more than
 ///   1,000 entries;
-/// * `storage`: down when the state machine cannot be read; degraded under
-///   [`LOW_DISK_BYTES`] free;
+/// * `storage`: down when the state machine cannot be read; degraded below twice the disk
+///   reserve (`storage::space`), with `disk.writes` `"refused"` below the reserve itself
+///   (on the leader also when a majority of the voters is below theirs);
 /// * `vectors`: degraded while the shards lag the state machine by more than 1,000 entries;
 /// * `backups`: `disabled` without a schedule, `standby` on a follower (the leader takes
 ///   them); on the leader degraded when the last one failed after the last success, or none
@@ -277,14 +288,28 @@ pub fn status(s: &HttpState) -> serde_json::Value {
         "snapshot_index": m.snapshot.map(|l| l.index).unwrap_or(0),
     });
     let free = free_bytes(&s.data_dir);
+    let space = s.node.space().report();
+    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+    let low_voters = if m.current_leader == Some(m.id) { s.node.space().low_voters(&voters, m.id) } else { vec![] };
+    let refused = space.low || (!low_voters.is_empty() && voters.len() - low_voters.len() < voters.len() / 2 + 1);
+    let short = free.is_some_and(|f| f < space.reserve_bytes.saturating_mul(2));
     let storage = match s.reader.applied_index() {
         Err(e) => json!({"status": "down", "error": e.to_string()}),
         Ok(idx) => {
             let vault = s.reader.vault();
             json!({
-                "status": if free.is_some_and(|f| f < LOW_DISK_BYTES) { "degraded" } else { "ok" },
+                "status": if short || refused { "degraded" } else { "ok" },
                 "applied_index": idx,
                 "free_bytes": free,
+                // Disk-space admission (see `storage::space`): below the reserve, writes that add
+                // data are refused with RESOURCE_EXHAUSTED; `low_voters` only on the leader.
+                "disk": {
+                    "free_bytes": space.free_bytes,
+                    "reserve_bytes": space.reserve_bytes,
+                    "low": space.low,
+                    "writes": if refused { "refused" } else { "accepted" },
+                    "low_voters": low_voters,
+                },
                 // Encryption at rest: whether new content is sealed, under which master key, and
                 // how many namespace data keys this node holds (ids only; see docs/encryption.md).
                 "at_rest": {
@@ -378,16 +403,7 @@ pub fn status(s: &HttpState) -> serde_json::Value {
     json!({"node_id": m.id, "status": overall, "raft": raft, "storage": storage, "vectors": vectors, "backups": backups, "replicas": replicas})
 }
 
-pub(crate) fn free_bytes(dir: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
+pub(crate) use crate::storage::space::free_bytes;
 
 async fn metrics_handler(State(s): State<HttpState>) -> String {
     if let Some(free) = free_bytes(&s.data_dir) {

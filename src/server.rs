@@ -161,6 +161,7 @@ fn listener_limits(c: &Config) -> crate::transport::Limits {
 pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     config.validate()?;
     check_identity(&config)?;
+    let space = crate::storage::space::Space::new(&config.data_dir, config.disk_reserve_bytes)?;
     crate::http::prometheus();
     crate::http::label_namespaces(&config.metrics_namespaces);
     let tls = match &config.tls {
@@ -221,7 +222,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         .map_err(|e| ServerError::Raft(e.to_string()))?;
     let node = RaftNode::new(config.node_id, raft.clone(), Duration::from_millis(config.read_timeout_ms), tls.clone())
         .with_unsafe_stale_reads(config.unsafe_stale_reads)
-        .with_vault(vault.clone());
+        .with_vault(vault.clone())
+        .with_space(space.clone());
     if config.unsafe_stale_reads {
         tracing::warn!(node = config.node_id, "--unsafe-stale-reads: reads skip the read index and may be stale");
     }
@@ -316,7 +318,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         state.snapshot_files(),
         tls.is_some(),
         config.max_snapshot_bytes,
-        (state.marks(), vault.clone()),
+        (state.marks(), vault.clone(), space.clone()),
     ))
     .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -382,6 +384,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         stopped(),
     )));
     tasks.push(tokio::spawn(leader_duties(node.clone(), reader.clone(), stopped())));
+    tasks.push(tokio::spawn(crate::raft::disk::run(node.clone(), stopped())));
     tasks.push(tokio::spawn(crate::upkeep::run(
         node.clone(),
         reader.clone(),
@@ -434,7 +437,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         )));
     }
     let at_rest = vault.active_kek().map(hex::encode).unwrap_or_else(|| "off".into());
-    tracing::info!(node = id, %api_addr, %raft_addr, %http_addr, at_rest, "engram node started");
+    let disk_reserve = space.reserve();
+    tracing::info!(node = id, %api_addr, %raft_addr, %http_addr, at_rest, disk_reserve, "engram node started");
     Ok(NodeHandle {
         id,
         api_addr,
@@ -530,8 +534,37 @@ async fn leader_duties(node: RaftNode, reader: StateReader, stop: impl Future<Ou
 /// If Raft stops on its own (a fatal error: the log or state machine failed to write or fsync),
 /// the node stops too and returns the error: a node that cannot persist must not carry on
 /// serving what it may not have stored.
+///
+/// A full disk is the exception (ENOSPC reached redb although `storage::space` keeps a
+/// reserve: a reserve of 0, another process filling the disk). Restarting at once would fail
+/// again, on every replica at once: instead the node stays up with its HTTP listener
+/// explaining why (`/status` down, `storage.error`), waits until the data dir has its reserve
+/// back, and returns [`ServerError::DiskFreed`] so the caller starts it afresh (the `engram`
+/// binary re-executes itself: same pid, every file reopened, nothing of the failed run kept).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    let handle = start(config).await?;
+    tokio::pin!(shutdown);
+    let outcome = match start(config.clone()).await {
+        Ok(handle) => serve(handle, &mut shutdown).await,
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Err(e) if disk_full(&e) => {
+            metrics::counter!("engram_disk_full_restarts_total").increment(1);
+            tracing::error!(
+                node = config.node_id,
+                error = %e,
+                "the disk is full: the node stays up, refuses everything but /status, and starts again when space is freed"
+            );
+            match wait_for_space(&config, &e.to_string(), &mut shutdown).await? {
+                true => Err(ServerError::DiskFreed),
+                false => Ok(()),
+            }
+        }
+        other => other,
+    }
+}
+
+async fn serve(handle: NodeHandle, shutdown: &mut (impl Future<Output = ()> + Unpin)) -> Result<(), ServerError> {
     let mut metrics = handle.node.raft.metrics();
     let fatal = async move {
         loop {
@@ -553,4 +586,72 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     handle.shutdown().await;
     outcome
+}
+
+/// Whether a node stopped because its disk is full (ENOSPC / EDQUOT, through any layer).
+fn disk_full(e: &ServerError) -> bool {
+    crate::storage::space::is_disk_full(e)
+}
+
+/// Serves `/healthz`, `/readyz`, `/status` and `/metrics` saying the disk is full until the data
+/// dir has its reserve back (`true`) or `shutdown` resolves (`false`).
+async fn wait_for_space(
+    config: &Config,
+    error: &str,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Result<bool, ServerError> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let (_, total) = crate::storage::space::statvfs(&config.data_dir)?;
+    let reserve = crate::storage::space::reserve_for(config.disk_reserve_bytes, total);
+    // Back with the reserve and an eighth (as admission resumes), and never less than 16 MiB:
+    // what a start needs to open its files.
+    let want = (reserve + reserve / 8).max(16 << 20);
+    let dir = config.data_dir.clone();
+    let (id, error) = (config.node_id, error.to_string());
+    let status = move || {
+        let free = crate::storage::space::free_bytes(&dir);
+        serde_json::json!({
+            "node_id": id,
+            "status": "down",
+            "raft": {"status": "down", "state": "Stopped"},
+            "storage": {
+                "status": "down",
+                "error": format!("the disk is full; the node starts again once {want} bytes are free: {error}"),
+                "free_bytes": free,
+                "disk": {"free_bytes": free, "reserve_bytes": reserve, "low": true, "writes": "refused", "low_voters": []},
+            },
+        })
+    };
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "not ready: the disk is full\n") }))
+        .route("/status", get(move || async move { (StatusCode::SERVICE_UNAVAILABLE, axum::Json(status())) }))
+        .route("/metrics", get(|| async { crate::http::prometheus().render() }));
+    let listener = TcpListener::bind(config.listen_http).await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(async move {
+        let mut rx = stop_rx;
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await;
+    });
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let freed = loop {
+        tokio::select! {
+            _ = &mut *shutdown => break false,
+            _ = tick.tick() => {}
+        }
+        let free = crate::storage::space::free_bytes(&config.data_dir).unwrap_or(0);
+        metrics::gauge!("engram_data_dir_free_bytes").set(free as f64);
+        if free >= want {
+            tracing::info!(node = id, free_bytes = free, "disk space is back: starting again");
+            break true;
+        }
+    };
+    let _ = stop.send(true);
+    let _ = server.await;
+    Ok(freed)
 }

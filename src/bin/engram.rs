@@ -36,6 +36,15 @@ async fn main() {
     };
     let result = engram::server::run(config, shutdown).await;
     telemetry.shutdown().await;
+    if let Err(engram::error::ServerError::DiskFreed) = result {
+        // Raft stopped on a full disk and space is back: start afresh as the same process (same
+        // pid for supervisors, every file and socket reopened; nothing of the stopped run kept).
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+        let e = std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec();
+        eprintln!("engram: starting again after a full disk failed: {e}");
+        std::process::exit(1);
+    }
     if let Err(e) = result {
         eprintln!("engram: {e}");
         std::process::exit(1);

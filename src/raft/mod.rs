@@ -11,6 +11,7 @@ mod apply_auth;
 mod apply_memory;
 pub mod cluster_verify;
 pub mod compaction;
+pub mod disk;
 pub mod guard;
 pub mod log_store;
 pub mod marks;

@@ -21,6 +21,7 @@ use super::types::{Command, CommandResult, EngramNode, NodeId, Op, Raft, TypeCon
 use crate::error::ApiError;
 use crate::proto::raft_service_client::RaftServiceClient;
 use crate::proto::ReadIndexRequest;
+use crate::storage::space::Space;
 use crate::storage::vault::Vault;
 use crate::transport::NodeTls;
 
@@ -28,10 +29,16 @@ use crate::transport::NodeTls;
 /// set no deadline.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Proposes `cmd` on this node's Raft and waits until it is applied here.
-/// Proposes `cmd` on this node (the leader): with encryption at rest on, a command carrying
-/// memory content is sealed first under its namespace's data key, made on first use.
-pub(crate) async fn write(raft: &Raft, vault: &Vault, cmd: Command) -> Result<CommandResult, ApiError> {
+/// Proposes `cmd` on this node (the leader) and waits until it is applied here. A write that
+/// adds data is refused first when this node or a majority of the voters is short of disk
+/// (`storage::space`). With encryption at rest on, a command carrying memory content is
+/// sealed under its namespace's data key, made on first use.
+pub(crate) async fn write(raft: &Raft, vault: &Vault, space: &Space, cmd: Command) -> Result<CommandResult, ApiError> {
+    if cmd.op.needs_disk() {
+        let m = raft.metrics().borrow_watched().clone();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        space.admit(&cmd.op, &voters, m.id)?;
+    }
     let cmd = seal(vault, cmd)?;
     propose_raw(raft, cmd).await
 }
@@ -164,6 +171,8 @@ pub struct RaftNode {
     tls: Option<Arc<NodeTls>>,
     /// Seals content ops before they are proposed (see `storage::vault`).
     vault: Arc<Vault>,
+    /// Refuses writes that add data when disks are short (see `storage::space`).
+    space: Arc<Space>,
 }
 
 impl RaftNode {
@@ -178,7 +187,18 @@ impl RaftNode {
             peers: Arc::default(),
             tls,
             vault: Vault::off(),
+            space: Space::off(),
         }
+    }
+
+    /// Admits writes by the free disk space `space` watches.
+    pub fn with_space(mut self, space: Arc<Space>) -> Self {
+        self.space = space;
+        self
+    }
+
+    pub fn space(&self) -> &Arc<Space> {
+        &self.space
     }
 
     /// Seals with `vault` (the state machine's) when it holds a master key.
@@ -226,7 +246,7 @@ impl RaftNode {
 
     /// Proposes a command and waits until it is committed and applied here.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, ApiError> {
-        write(&self.raft, &self.vault, cmd).await
+        write(&self.raft, &self.vault, &self.space, cmd).await
     }
 
     /// Proposes a client's command: here on the leader; on a follower, sent to the leader

@@ -38,6 +38,8 @@ pub struct PeerService {
     marks: super::marks::Marks,
     /// Seals forwarded content writes before this node, the leader, proposes them.
     vault: Arc<crate::storage::vault::Vault>,
+    /// This node's disk, for the leader's `DiskSpace` question and forwarded writes' admission.
+    space: Arc<crate::storage::space::Space>,
 }
 
 impl PeerService {
@@ -48,9 +50,13 @@ impl PeerService {
         snapshots: SnapshotFiles,
         authenticated: bool,
         max_snapshot_bytes: u64,
-        (marks, vault): (super::marks::Marks, Arc<crate::storage::vault::Vault>),
+        (marks, vault, space): (
+            super::marks::Marks,
+            Arc<crate::storage::vault::Vault>,
+            Arc<crate::storage::space::Space>,
+        ),
     ) -> Self {
-        PeerService { me, raft, barriers, snapshots, authenticated, max_snapshot_bytes, marks, vault }
+        PeerService { me, raft, barriers, snapshots, authenticated, max_snapshot_bytes, marks, vault, space }
     }
 
     /// The sender's node id when peers are authenticated (`None` on an insecure node), after
@@ -223,7 +229,7 @@ impl RaftService for PeerService {
             decode(req.get_ref()).map_err(|e| Status::invalid_argument(format!("undecodable forwarded write: {e}")))?;
         guard::forwarded(&cmd, self.authenticated).map_err(|e| Status::invalid_argument(e.to_string()))?;
         cmd.now_ms = crate::memory::now_ms();
-        let res = super::node::write(&self.raft, &self.vault, cmd).await;
+        let res = super::node::write(&self.raft, &self.vault, &self.space, cmd).await;
         Ok(Response::new(encode(&res)))
     }
 
@@ -236,6 +242,16 @@ impl RaftService for PeerService {
         }
         let found = self.marks.wait(&id, std::time::Duration::from_millis(wait_ms.into())).await;
         Ok(Response::new(encode(&found)))
+    }
+
+    /// The leader's question about this node's disk: an empty bincode `()` in, a bincode
+    /// `storage::space::Report` out.
+    async fn disk_space(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.sender(&req)?;
+        if !req.get_ref().data.is_empty() {
+            return Err(Status::invalid_argument("a disk space question carries nothing"));
+        }
+        Ok(Response::new(encode(&self.space.report())))
     }
 
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<RaftPayload>, Status> {

@@ -316,6 +316,25 @@ impl Op {
         )
     }
 
+    /// Whether the op adds data, so a node short of disk refuses it (`storage::space`).
+    /// Deletes, revocations and the node's housekeeping are how space and safety come back:
+    /// they never wait on a disk.
+    pub fn needs_disk(&self) -> bool {
+        !matches!(
+            self,
+            Op::Delete { .. }
+                | Op::DeleteNamespace { .. }
+                | Op::RevokeKey { .. }
+                | Op::DeleteRole { .. }
+                | Op::RevokeGrant { .. }
+                | Op::Purge { .. }
+                | Op::Retire { .. }
+                | Op::SetClusterId { .. }
+                | Op::Mark { .. }
+                | Op::RewrapDataKeys { .. }
+        )
+    }
+
     /// Whether the op carries memory content (text, embedding, tags): what the leader seals
     /// before it enters the log when encryption at rest is on.
     pub fn carries_content(&self) -> bool {

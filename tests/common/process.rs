@@ -15,6 +15,10 @@ pub struct EngramProcess {
     /// Heartbeat and election timeouts (ms): fast test values unless set; `None` runs the
     /// node's own defaults.
     pub timing: Option<[u64; 3]>,
+    /// More flags, after all the others.
+    pub extra: Vec<String>,
+    /// Where stderr goes (default `<data_dir>.log`).
+    pub log: PathBuf,
     child: Option<Child>,
 }
 
@@ -25,9 +29,11 @@ impl EngramProcess {
             api,
             raft,
             http,
-            data_dir,
+            data_dir: data_dir.clone(),
             security: vec!["--insecure".into()],
             timing: Some([50, 300, 600]),
+            extra: Vec::new(),
+            log: data_dir.with_extension("log"),
             child: None,
         }
     }
@@ -39,8 +45,7 @@ impl EngramProcess {
 
     /// [`start`](Self::start) with extra environment variables (fault injection preloads).
     pub fn start_with_env(&mut self, bin: &Path, state_sync_interval_ms: u64, env: &[(&str, String)]) {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.with_extension("log")).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let timing: Vec<String> = match self.timing {
             Some([h, lo, hi]) => {
                 ["--heartbeat-interval-ms", &h.to_string(), "--election-timeout-min-ms", &lo.to_string()]
@@ -58,6 +63,7 @@ impl EngramProcess {
             .args(["--listen-api", &self.api, "--listen-raft", &self.raft, "--listen-http", &self.http])
             .args(&timing)
             .args(["--state-sync-interval-ms", &state_sync_interval_ms.to_string()])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
