@@ -249,13 +249,24 @@ fn write(
             true
         }
         None => {
-            info.memory_count += 1;
-            info.bytes += m.stored_bytes();
+            info.memory_count = info.memory_count.checked_add(1).ok_or_else(|| miscounted(info, &m.id))?;
+            // Bytes are an estimate (a row's size may differ between formats): they saturate.
+            info.bytes = info.bytes.saturating_add(m.stored_bytes());
             false
         }
     };
     ops.push(VectorOp::Upsert { metric: info.metric, memory: Box::new(m) });
     Ok(replaced)
+}
+
+fn miscounted(info: &NamespaceInfo, id: &str) -> StorageError {
+    StorageError::Corrupt {
+        table: "namespaces",
+        reason: format!(
+            "namespace {:?} counts {} memories, which does not match its rows (at memory {id:?})",
+            info.name, info.memory_count
+        ),
+    }
 }
 
 /// Removes one memory with its indexes and vector op.
@@ -267,7 +278,9 @@ fn remove(
 ) -> Result<Option<Memory>, StorageError> {
     let removed = tables.remove(&info.name, id)?;
     if let Some(m) = &removed {
-        info.memory_count = info.memory_count.saturating_sub(1);
+        // A namespace that counts no memories but holds this one does not match its rows: the
+        // state is corrupt, and carrying on with a wrapped (or clamped) count would hide it.
+        info.memory_count = info.memory_count.checked_sub(1).ok_or_else(|| miscounted(info, id))?;
         info.bytes = info.bytes.saturating_sub(m.stored_bytes());
         ops.push(VectorOp::Remove { namespace: info.name.clone(), id: id.into() });
     }

@@ -347,4 +347,84 @@ mod tests {
             prop_assert!(decode_memory(&enc[..cut]).is_err());
         }
     }
+
+    /// A log row as the log store writes it: a client put with `n` memories of `text`.
+    fn log_row(text: &str, n: usize) -> Vec<u8> {
+        use crate::raft::{Command, Entry, LogId, Op};
+        let items = (0..n)
+            .map(|i| {
+                (
+                    crate::memory::MemoryInput {
+                        id: format!("m{i}"),
+                        text: text.into(),
+                        embedding: vec![0.5; 8],
+                        tags: [("k".to_string(), "v".to_string())].into(),
+                        importance: 0.5,
+                        expires_at_ms: None,
+                    },
+                    crate::memory::Precondition::None,
+                )
+            })
+            .collect();
+        let op = Op::PutChecked { namespace: "a/b".into(), items, create: true, approx_min_vectors: 10_000 };
+        let leader = openraft::vote::leader_id_adv::LeaderId { term: 3, node_id: 1 };
+        let e = Entry { log_id: LogId::new(leader, 9), payload: openraft::EntryPayload::Normal(Command::system(op)) };
+        encode_row(&e)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("ENGRAM_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256),
+            ..ProptestConfig::default()
+        })]
+
+        /// Fuzz target (log entries): garbage, and any edit of a real log row, decodes or is
+        /// refused without a panic, and a length prefix never allocates beyond the row.
+        #[test]
+        fn log_rows_decode_or_are_refused(
+            text in ".{0,64}",
+            n in 0usize..20,
+            at in any::<usize>(),
+            edit in proptest::collection::vec(any::<u8>(), 1..16),
+            kind in 0u8..4,
+            garbage in proptest::collection::vec(any::<u8>(), 0..(64 << 10)),
+        ) {
+            let good = log_row(&text, n);
+            let row = match kind {
+                0 => {
+                    let mut r = good.clone();
+                    let at = at % r.len();
+                    let end = (at + edit.len()).min(r.len());
+                    r[at..end].copy_from_slice(&edit[..end - at]);
+                    r
+                }
+                1 => good[..at % good.len()].to_vec(),
+                2 => {
+                    let mut r = good.clone();
+                    let at = at % r.len();
+                    r.splice(at..at, edit.iter().copied());
+                    r
+                }
+                _ => garbage,
+            };
+            let _ = decode_row::<crate::raft::Entry>("log", &row);
+            prop_assert!(decode_row::<crate::raft::Entry>("log", &good).is_ok());
+        }
+
+        /// Fuzz target (state rows): big garbage (up to 1 MiB) in a memory row is refused
+        /// without a panic, plain or sealed.
+        #[test]
+        fn big_garbage_memory_rows_are_refused(
+            garbage in proptest::collection::vec(any::<u8>(), 0..(1 << 20)),
+            version in 0u8..6,
+        ) {
+            let mut row = garbage;
+            if !row.is_empty() {
+                row[0] = version;
+            }
+            let _ = decode_memory(&row);
+            let vault = crate::storage::vault::Vault::new(Some(crate::backup::Keyring::single(crate::backup::MasterKey::generate())));
+            let _ = decode_memory_in(&vault, b"a/b\x00id", &row);
+        }
+    }
 }

@@ -282,6 +282,56 @@ fn index_files_round_trip(key: Option<&crate::storage::vault::DataKey>) {
     assert_eq!(persist::read_manifest(dir.path()).unwrap(), None);
 }
 
+/// One shard's index files (HNSW, so the FAISS part is a graph), written once for the fuzz
+/// target below: the directory and the files' names.
+fn fuzz_index_files() -> &'static (tempfile::TempDir, super::persist::ShardFiles) {
+    static F: std::sync::OnceLock<(tempfile::TempDir, super::persist::ShardFiles)> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let all = memories(200, 3);
+        let shard = super::shard::Shard::build(DIM, Metric::L2, FaissKind::Hnsw { m: 8 }, &all, 50).unwrap();
+        let files = super::persist::write_shard(dir.path(), "ns", 7, &shard.freeze().unwrap(), None).unwrap();
+        (dir, files)
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: std::env::var("ENGRAM_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(32),
+        ..Default::default()
+    })]
+
+    /// Fuzz target (index files): any edit of a shard's metadata or FAISS file (overwrite a
+    /// run, cut, insert) is refused before FAISS or bincode reads it, without a panic.
+    #[test]
+    fn edited_index_files_are_refused(which in 0usize..3, at in 0usize..1_000_000, edit in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..32), kind in 0u8..3) {
+        let (dir, files) = fuzz_index_files();
+        let name = match which {
+            0 => files.meta.clone(),
+            n => files.parts[(n - 1) % files.parts.len()].0.clone(),
+        };
+        let good = std::fs::read(dir.path().join(&name)).unwrap();
+        let mut bytes = good.clone();
+        let at = at % bytes.len();
+        match kind {
+            0 => {
+                let end = (at + edit.len()).min(bytes.len());
+                bytes[at..end].copy_from_slice(&edit[..end - at]);
+            }
+            1 => bytes.truncate(at),
+            _ => { bytes.splice(at..at, edit.iter().copied()); }
+        }
+        proptest::prop_assume!(bytes != good);
+        // A copy of the directory with the one file edited (the fixture stays intact).
+        let copy = tempfile::tempdir().unwrap();
+        for f in std::iter::once(&files.meta).chain(files.parts.iter().map(|(p, _)| p)) {
+            std::fs::copy(dir.path().join(f), copy.path().join(f)).unwrap();
+        }
+        std::fs::write(copy.path().join(&name), &bytes).unwrap();
+        proptest::prop_assert!(super::persist::read_shard(copy.path(), files, "ns", None).is_err());
+    }
+}
+
 /// Mean recall@k of `engine` against `oracle` over `queries`.
 fn recall(
     engine: &dyn VectorIndex,
