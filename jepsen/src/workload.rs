@@ -200,10 +200,17 @@ async fn register_worker(mut w: Worker, group: Arc<Mutex<KeyGroup>>, opts: Workl
                     let m = NewMemory::new(to.to_string(), REGISTER_VEC.to_vec()).with_id(&id);
                     match w.writer.put_if(REGISTER_NS, m, Precondition::IfRevision(rev)).await {
                         Ok(_) => (Kind::Ok, op, None),
+                        // Refused by its revision: nothing was written, and the linearizable
+                        // read it made inside this operation's window saw `from`. Recorded as
+                        // that read, the checker can use it (a refused CAS is an observation).
+                        Err(e) if e.code == Code::FailedPrecondition => {
+                            (Kind::Ok, Op::Read { key, value: Some(from) }, None)
+                        }
                         Err(e) => (outcome(&e, false), op, Some(e.to_string())),
                     }
                 }
-                Ok((v, _)) => (Kind::Fail, op, Some(format!("value is {v:?}, not {from}"))),
+                // The precondition does not hold: the CAS is the linearizable read it made.
+                Ok((v, _)) => (Kind::Ok, Op::Read { key, value: v }, None),
                 Err(e) => (Kind::Fail, op, Some(format!("reading before cas: {e}"))),
             },
             _ => unreachable!(),

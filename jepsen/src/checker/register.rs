@@ -65,3 +65,26 @@ fn describe(op: &Op) -> String {
         other => other.name().into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checker::Validity;
+
+    fn op(process: u64, invoke: u64, complete: u64, kind: Kind, op: Op) -> Completed {
+        Completed { process, invoke, complete: Some(complete), invoke_ns: 0, complete_ns: None, kind, op }
+    }
+
+    /// A CAS its precondition refused is recorded as the read it made (workload.rs); a stale
+    /// one is an anomaly like any stale read.
+    #[test]
+    fn a_refused_cas_is_checked_as_the_read_it_made() {
+        let w = |p, i, c, v| op(p, i, c, Kind::Ok, Op::Write { key: 1, value: v });
+        let seen = |i, c, v| op(3, i, c, Kind::Ok, Op::Read { key: 1, value: Some(v) });
+        let fresh = [w(1, 0, 1, 1), w(2, 2, 3, 2), seen(4, 5, 2)];
+        assert_eq!(check(&fresh, Duration::from_secs(1)).valid, Validity::Valid);
+        let stale = [w(1, 0, 1, 1), w(2, 2, 3, 2), seen(4, 5, 1)];
+        let c = check(&stale, Duration::from_secs(1));
+        assert_eq!(c.valid, Validity::Invalid, "{:?}", c.anomalies);
+    }
+}
