@@ -110,6 +110,10 @@ fn describe() {
         "engram_disk_reserve_bytes",
         "Free bytes the data dir keeps: below them writes that add data are refused (0: admission off)."
     );
+    metrics::describe_counter!(
+        "engram_storage_damaged_files_total",
+        "Data files refused at start because their pages did not verify (see docs/operations.md)."
+    );
     metrics::describe_gauge!("engram_disk_low", "1 while free space on the data dir is below the reserve.");
     metrics::describe_counter!(
         "engram_disk_refused_writes_total",

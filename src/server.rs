@@ -189,13 +189,19 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     // Both files are checked before either is opened for writing: a node that cannot read one
     // leaves the other as it was too.
     let (log_path, state_path) = (config.data_dir.join("raft-log.redb"), config.data_dir.join("state.redb"));
-    crate::storage::format::refuse_newer(&log_path, crate::storage::format::LOG_FORMAT)?;
-    crate::storage::format::refuse_newer(&state_path, crate::storage::format::STATE_FORMAT)?;
+    // A damaged file (a flipped byte in a page, a truncation) is refused naming the file.
+    use crate::storage::format::{readable, verify_pages, LOG_FORMAT, STATE_FORMAT};
+    readable(&log_path, || crate::storage::format::refuse_newer(&log_path, LOG_FORMAT))?;
+    readable(&state_path, || crate::storage::format::refuse_newer(&state_path, STATE_FORMAT))?;
     // Encryption at rest: the master keyring (or none). Every data key of the state must open
     // with it, checked read-only before either file is opened for writing.
     let vault = crate::storage::vault::Vault::from_config(config.at_rest_key_file.as_deref())
         .map_err(|e| ServerError::Config(e.to_string()))?;
-    crate::storage::vault::check_state(&state_path, &vault)?;
+    readable(&state_path, || crate::storage::vault::check_state(&state_path, &vault))?;
+    // Every read-only check passed: now every page of both files (this may write redb's own
+    // bookkeeping, so it comes after the checks that may refuse).
+    verify_pages(&log_path)?;
+    verify_pages(&state_path)?;
     let sm = StateMachineStore::open_with(
         &state_path,
         config.data_dir.join("snapshot.bin"),

@@ -66,6 +66,49 @@ pub fn refuse_newer(path: &Path, current: u32) -> Result<(), StorageError> {
     check(path, found, current)
 }
 
+/// The refusal of a file that does not read back as redb wrote it, naming the file and the way
+/// back (the node rebuilt from its peers: `engramctl members rebuild`, docs/operations.md).
+pub fn damaged(path: &Path, reason: impl std::fmt::Display) -> StorageError {
+    metrics::counter!("engram_storage_damaged_files_total").increment(1);
+    StorageError::Format {
+        file: path.display().to_string(),
+        reason: format!(
+            "the file is damaged ({reason}); the node will not start from it. Rebuild this node from its peers \
+             with `engramctl members rebuild --id <node id> --data-dir <data dir>` (docs/operations.md)"
+        ),
+    }
+}
+
+/// Runs a read-only start check of `path`; a damaged file that makes redb panic or fail is
+/// refused as [`damaged`]. A refusal of its own (a newer format, a wrong key) stays as it is.
+pub fn readable<T>(path: &Path, check: impl FnOnce() -> Result<T, StorageError>) -> Result<T, StorageError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)) {
+        Ok(Err(e @ StorageError::Format { .. })) => Err(e),
+        Ok(Err(e @ (StorageError::Redb(_) | StorageError::Io(_)))) => Err(damaged(path, e)),
+        Ok(other) => other,
+        Err(_) => Err(damaged(path, "reading it panicked")),
+    }
+}
+
+/// Verifies the checksum of every page of the file's committed trees
+/// (`set_check_integrity_on_open`): a file altered outside redb (a flipped byte, a truncation)
+/// is refused as [`damaged`] instead of trusted. Reads the whole file once; like any writable
+/// open it may commit redb's own bookkeeping (never a row), so it runs after every read-only
+/// check that may refuse the start. An absent or empty file passes (a new node).
+pub fn verify_pages(path: &Path) -> Result<(), StorageError> {
+    if std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true) {
+        return Ok(());
+    }
+    let opened = std::panic::catch_unwind(|| {
+        redb::Builder::new().set_check_integrity_on_open(true).open(path).map(drop).map_err(|e| e.to_string())
+    });
+    match opened {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(damaged(path, e)),
+        Err(_) => Err(damaged(path, "reading it panicked")),
+    }
+}
+
 fn check(path: &Path, found: Option<u32>, current: u32) -> Result<(), StorageError> {
     match found {
         Some(f) if f > current => Err(StorageError::Format {

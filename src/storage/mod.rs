@@ -36,6 +36,7 @@ pub mod format;
 pub mod index;
 pub mod ledger;
 mod reader;
+pub mod space;
 pub mod vault;
 
 pub use reader::{Page, StateReader};

@@ -88,6 +88,17 @@ impl EngramProcess {
         Some(status)
     }
 
+    /// SIGTERM and wait: a graceful stop (files closed cleanly).
+    #[allow(dead_code)]
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: kill sends a signal to our own child; no memory is involved.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        Some(c.wait().unwrap())
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();

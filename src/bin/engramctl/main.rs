@@ -291,6 +291,22 @@ enum MembersCmd {
     Promote { ids: Vec<u64> },
     /// Remove nodes from the cluster.
     Remove { ids: Vec<u64> },
+    /// Bring back a stopped node whose data dir is damaged (it refuses to start, naming the
+    /// file): removes it from the cluster, moves its data dir aside to
+    /// `<data dir>.damaged-<unix seconds>`, adds it back as a learner, waits for you (or its
+    /// supervisor) to start it and for it to catch up from its peers, then makes it a voter
+    /// again if it was one. Run on the node's machine, with --endpoints naming other members.
+    Rebuild {
+        /// The node's id (its data dir's `node_id` must say the same).
+        #[arg(long)]
+        id: u64,
+        /// The node's data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// How long to wait for the node to start and catch up.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -647,6 +663,9 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let r = client.admin().remove_nodes(ids).await?;
             println!("voters now {:?} (log index {})", r.voters.iter().map(|n| n.id).collect::<Vec<_>>(), r.log_index);
         }
+        Cmd::Members(MembersCmd::Rebuild { id, data_dir, timeout_secs }) => {
+            rebuild_member(&client, id, &data_dir, std::time::Duration::from_secs(timeout_secs)).await?
+        }
         Cmd::Leader(LeaderCmd::Transfer { to }) => {
             let r = client.admin().transfer_leader(to).await?;
             println!("leader is now {}", r.leader_id);
@@ -881,6 +900,81 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// `cluster verify`: one mark through the log, then every endpoint's digest right after it.
+/// `members rebuild`: see its help. Every step says what it did; a step that fails leaves the
+/// ones before it done and says how far it got, so a rerun (or the plain `members` commands)
+/// can finish.
+async fn rebuild_member(
+    client: &Client,
+    id: u64,
+    data_dir: &std::path::Path,
+    timeout: std::time::Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::time::{Duration, Instant};
+    let recorded = std::fs::read_to_string(data_dir.join("node_id"))
+        .map_err(|e| format!("{}: no node_id file ({e}): is this a node's data dir?", data_dir.display()))?;
+    if recorded.trim() != id.to_string() {
+        return Err(format!("{} belongs to node {}, not {id}", data_dir.display(), recorded.trim()).into());
+    }
+    let status = client.admin().status().await?;
+    if status.node_id == id {
+        return Err(format!("--endpoints reached node {id} itself: name the other members").into());
+    }
+    let (node, was_voter) =
+        match (status.voters.iter().find(|n| n.id == id), status.learners.iter().find(|n| n.id == id)) {
+            (Some(n), _) => (n.clone(), true),
+            (None, Some(n)) => (n.clone(), false),
+            (None, None) => return Err(format!("node {id} is not a member of this cluster").into()),
+        };
+    // A node that answers is running: it must be stopped before its files move.
+    let own = client.pinned_like(&node.api_addr)?;
+    if tokio::time::timeout(Duration::from_secs(3), own.admin().status()).await.is_ok_and(|r| r.is_ok()) {
+        return Err(format!("node {id} answers at {}: stop it before rebuilding it", node.api_addr).into());
+    }
+    let r = client.admin().remove_nodes(vec![id]).await?;
+    println!("node {id} removed (log index {})", r.log_index);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let mut aside = data_dir.as_os_str().to_owned();
+    aside.push(format!(".damaged-{secs}"));
+    let aside = PathBuf::from(aside);
+    std::fs::rename(data_dir, &aside)?;
+    std::fs::DirBuilder::new().mode(0o700).create(data_dir)?;
+    let node_id = data_dir.join("node_id");
+    std::fs::write(&node_id, id.to_string())?;
+    std::fs::set_permissions(&node_id, std::fs::Permissions::from_mode(0o600))?;
+    println!(
+        "data dir moved to {} (delete it once the node is back); {} is empty",
+        aside.display(),
+        data_dir.display()
+    );
+    let r = client.admin().add_learner(node.clone(), false).await?;
+    println!("node {id} added back as a learner (log index {}): start it now", r.log_index);
+    // Caught up: the node has applied what the leader had applied when it was added back.
+    let target = client.admin().status().await?.applied_index;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), own.admin().status()).await {
+            Ok(Ok(s)) if s.applied_index >= target => break,
+            _ if Instant::now() > deadline => {
+                return Err(format!(
+                    "node {id} did not start and catch up to index {target} in {timeout:?}; once it has, run \
+                     `engramctl members promote {id}`{}",
+                    if was_voter { "" } else { " (it was a learner: nothing to promote)" }
+                )
+                .into())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    println!("node {id} caught up to index {target}");
+    if was_voter {
+        let r = client.admin().promote_voters(vec![id]).await?;
+        println!("voters now {:?} (log index {})", r.voters.iter().map(|n| n.id).collect::<Vec<_>>(), r.log_index);
+    }
+    println!("node {id} rebuilt");
+    Ok(())
+}
+
 async fn cluster_verify(client: &Client, endpoints: &[String], wait_ms: u32) -> Result<(), Box<dyn std::error::Error>> {
     let mark = client.admin().propose_mark().await?;
     println!("mark {} at log index {}", mark.mark_id, mark.index);
