@@ -121,7 +121,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         "engram_disk_full_restarts_total",
-        "Times Raft stopped on a full disk and the node waited for space and started again in-process."
+        "Times Raft stopped on a full disk and the node waited for space to start again (the engram binary re-executes itself)."
     );
     metrics::describe_counter!(
         "engram_forwarded_writes_total",
@@ -295,7 +295,7 @@ pub fn status(s: &HttpState) -> serde_json::Value {
     let space = s.node.space().report();
     let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
     let low_voters = if m.current_leader == Some(m.id) { s.node.space().low_voters(&voters, m.id) } else { vec![] };
-    let refused = space.low || (!low_voters.is_empty() && voters.len() - low_voters.len() < voters.len() / 2 + 1);
+    let refused = space.low || crate::storage::space::majority_low(voters.len(), low_voters.len());
     let short = free.is_some_and(|f| f < space.reserve_bytes.saturating_mul(2));
     let storage = match s.reader.applied_index() {
         Err(e) => json!({"status": "down", "error": e.to_string()}),

@@ -554,7 +554,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Err(e) => Err(e),
     };
     match outcome {
-        Err(e) if disk_full(&e) => {
+        Err(e) if crate::storage::space::is_disk_full(&e) => {
             metrics::counter!("engram_disk_full_restarts_total").increment(1);
             tracing::error!(
                 node = config.node_id,
@@ -592,11 +592,6 @@ async fn serve(handle: NodeHandle, shutdown: &mut (impl Future<Output = ()> + Un
     }
     handle.shutdown().await;
     outcome
-}
-
-/// Whether a node stopped because its disk is full (ENOSPC / EDQUOT, through any layer).
-fn disk_full(e: &ServerError) -> bool {
-    crate::storage::space::is_disk_full(e)
 }
 
 /// Serves `/healthz`, `/readyz`, `/status` and `/metrics` saying the disk is full until the data

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::process::{initialized, EngramProcess};
+use common::process::EngramProcess;
 use engram::client::{Client, ClientError, Metric, NewMemory, Precondition, RetryPolicy};
 use tonic::Code;
 
@@ -129,23 +129,7 @@ fn once(addr: &str) -> Client {
 }
 
 async fn init(nodes: &[EngramProcess]) -> Client {
-    let members: Vec<engram::proto::NodeInfo> = nodes
-        .iter()
-        .map(|p| engram::proto::NodeInfo { id: p.id, raft_addr: p.raft.clone(), api_addr: p.api.clone() })
-        .collect();
-    for attempt in 0.. {
-        match Client::new([nodes[0].api.clone()]).unwrap().admin().init_cluster(members.clone()).await {
-            Ok(_) => break,
-            Err(e) if initialized(&e) => break,
-            Err(_) if attempt < 100 => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => panic!("cluster init: {e}"),
-        }
-    }
-    let client = Client::new(nodes.iter().map(|p| p.api.clone())).unwrap();
-    while client.admin().status().await.map(|s| s.leader_id).unwrap_or(0) == 0 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    client.creating_namespaces()
+    common::process::init_cluster(nodes).await.creating_namespaces()
 }
 
 /// One batch of `n` new memories; the ids it acknowledged, or the error.

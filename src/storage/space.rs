@@ -102,6 +102,11 @@ pub fn reserve_for(configured: Option<u64>, total: u64) -> u64 {
     configured.unwrap_or_else(|| DEFAULT_RESERVE_BYTES.min((total as f64 * DEFAULT_RESERVE_FRACTION) as u64))
 }
 
+/// Whether `low` of `voters` being short of disk leaves fewer than a majority able to store.
+pub fn majority_low(voters: usize, low: usize) -> bool {
+    low > 0 && voters.saturating_sub(low) < voters / 2 + 1
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Heard {
     report: Report,
@@ -252,8 +257,7 @@ impl Space {
             )));
         }
         let low = self.low_voters(voters, me);
-        let quorum = voters.len() / 2 + 1;
-        if !low.is_empty() && voters.len() - low.len() < quorum {
+        if majority_low(voters.len(), low.len()) {
             return Err(exhausted(format!(
                 "voters {low:?} are below their disk reserve: a majority of the cluster cannot store more; \
                  writes that add data resume when space is freed"

@@ -136,8 +136,6 @@ pub async fn cluster_of_three_timed(
     state_sync_interval_ms: u64,
     timing: Option<[u64; 3]>,
 ) -> (Vec<EngramProcess>, engram::client::Client) {
-    use engram::client::Client;
-    use std::time::Duration;
     let mut procs: Vec<EngramProcess> = (1..=3u64)
         .map(|id| {
             let p = |k: u16| format!("127.0.0.1:{}", base_port + k * 3 + id as u16 - 1);
@@ -148,6 +146,16 @@ pub async fn cluster_of_three_timed(
         p.timing = timing;
         p.start(bin, state_sync_interval_ms);
     }
+    let client = init_cluster(&procs).await;
+    (procs, client)
+}
+
+/// Initialises `procs` (running) as one cluster through the first; a client of all of them
+/// once a leader is known.
+#[allow(dead_code)]
+pub async fn init_cluster(procs: &[EngramProcess]) -> engram::client::Client {
+    use engram::client::Client;
+    use std::time::Duration;
     let members: Vec<engram::proto::NodeInfo> = procs
         .iter()
         .map(|p| engram::proto::NodeInfo { id: p.id, raft_addr: p.raft.clone(), api_addr: p.api.clone() })
@@ -166,7 +174,7 @@ pub async fn cluster_of_three_timed(
     while client.admin().status().await.map(|s| s.leader_id).unwrap_or(0) == 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (procs, client)
+    client
 }
 
 /// Whether an `InitCluster` error says the node is already in a cluster (an insecure node
