@@ -267,6 +267,13 @@ pub struct NodeArgs {
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub unsafe_stale_reads: bool,
+    /// LOSES ACKNOWLEDGED WRITES AT A POWER LOSS. Raft log appends and commit marks are
+    /// acknowledged without an fsync. The chaos harness's fsync canary, which its crash
+    /// nemesis must catch; only in builds with the `canary` feature, only as a flag.
+    #[cfg(feature = "canary")]
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub unsafe_ack_before_fsync: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum, Default)]
@@ -328,6 +335,10 @@ pub struct Config {
     /// Test-only canary: reads skip the read index (only with the `canary` feature).
     #[serde(skip)]
     pub unsafe_stale_reads: bool,
+    /// Test-only canary: log writes are acknowledged before an fsync (only with the `canary`
+    /// feature).
+    #[serde(skip)]
+    pub unsafe_ack_before_fsync: bool,
 }
 
 /// Traces: on with an endpoint; a sample ratio alone is a mistake worth saying.
@@ -543,6 +554,10 @@ impl NodeArgs {
             unsafe_stale_reads: cli.unsafe_stale_reads,
             #[cfg(not(feature = "canary"))]
             unsafe_stale_reads: false,
+            #[cfg(feature = "canary")]
+            unsafe_ack_before_fsync: cli.unsafe_ack_before_fsync,
+            #[cfg(not(feature = "canary"))]
+            unsafe_ack_before_fsync: false,
         };
         config.validate()?;
         Ok(config)
@@ -600,6 +615,7 @@ impl Config {
             disk_reserve_bytes: Some(16 << 20),
             metrics_namespaces: vec![],
             unsafe_stale_reads: false,
+            unsafe_ack_before_fsync: false,
         }
     }
 
@@ -775,5 +791,7 @@ mod tests {
         assert!(!c.unwrap().unsafe_stale_reads);
         #[cfg(not(feature = "canary"))]
         assert!(NodeArgs::try_parse_from(["engram", "--unsafe-stale-reads"]).is_err());
+        #[cfg(not(feature = "canary"))]
+        assert!(NodeArgs::try_parse_from(["engram", "--unsafe-ack-before-fsync"]).is_err());
     }
 }

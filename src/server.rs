@@ -202,15 +202,26 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     // bookkeeping, so it comes after the checks that may refuse).
     verify_pages(&log_path)?;
     verify_pages(&state_path)?;
+    // The fsync canary also leaves the state machine unsynced between snapshots: a state
+    // machine ahead of its log after a power loss is refused by openraft at start, and the
+    // canary is there to show lost acknowledged writes, not a node that cannot start.
+    let state_sync = if config.unsafe_ack_before_fsync {
+        Duration::from_secs(24 * 3600)
+    } else {
+        Duration::from_millis(config.state_sync_interval_ms)
+    };
     let sm = StateMachineStore::open_with(
         &state_path,
         config.data_dir.join("snapshot.bin"),
-        Duration::from_millis(config.state_sync_interval_ms),
+        state_sync,
         VectorOptions { dir: Some(config.data_dir.join("vectors")), max_part: config.vector_part_max },
         (config.vector_checkpoint_secs > 0).then(|| Duration::from_secs(config.vector_checkpoint_secs)),
         vault.clone(),
     )?;
-    let log_store = LogStore::open(&log_path)?;
+    let log_store = LogStore::open(&log_path)?.with_unsafe_ack_before_fsync(config.unsafe_ack_before_fsync);
+    if config.unsafe_ack_before_fsync {
+        tracing::warn!(node = config.node_id, "--unsafe-ack-before-fsync: log writes are acknowledged unsynced");
+    }
     let reader = StateReader::with_vault(sm.database(), vault.clone());
     // Vector shards start from their index files or the state on disk; entries Raft re-applies
     // update them after.

@@ -36,6 +36,8 @@ const PURGED: &str = "purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The chaos harness's fsync canary: appends and commit marks commit without an fsync.
+    unsafe_ack_before_fsync: bool,
 }
 
 impl LogStore {
@@ -53,7 +55,15 @@ impl LogStore {
             crate::storage::format::prefix_u64_rows(txn, LOG, codec::ROW_V1)
         })?;
         txn.commit()?;
-        Ok(LogStore { db: Arc::new(db) })
+        Ok(LogStore { db: Arc::new(db), unsafe_ack_before_fsync: false })
+    }
+
+    /// Breaks durability on purpose: appends and commit marks are acknowledged before any
+    /// fsync, so a power loss loses acknowledged entries. Only the chaos harness's fsync canary
+    /// sets this (`--unsafe-ack-before-fsync`); its crash nemesis must catch it.
+    pub fn with_unsafe_ack_before_fsync(mut self, on: bool) -> Self {
+        self.unsafe_ack_before_fsync = on;
+        self
     }
 
     /// The entries with indexes in `range`, read synchronously (start-up, before Raft runs).
@@ -102,9 +112,15 @@ impl LogStore {
     {
         metrics::counter!("engram_raft_log_syncs_total", "op" => op).increment(1);
         let db = self.db.clone();
+        let unsynced = self.unsafe_ack_before_fsync && matches!(op, "append" | "committed");
         tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
             let mut txn = db.begin_write()?;
-            crate::storage::set_durable(&mut txn, "log")?;
+            if unsynced {
+                txn.set_durability(redb::Durability::None)
+                    .map_err(|e| StorageError::Corrupt { table: "log", reason: e.to_string() })?;
+            } else {
+                crate::storage::set_durable(&mut txn, "log")?;
+            }
             f(&txn)?;
             txn.commit()?;
             Ok(())
