@@ -29,6 +29,7 @@ use engram::proto as pb;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::disk::{self, Disks, Rolled};
 use crate::net::{self, Net};
 
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
@@ -45,6 +46,11 @@ pub struct NodeOptions {
     pub fiu: bool,
     /// The canary: serve reads without the read index.
     pub unsafe_stale_reads: bool,
+    /// The fsync canary: acknowledge log writes before they are fsynced.
+    pub unsafe_ack_before_fsync: bool,
+    /// Bytes of the tmpfs each slot gets for its data (`None`: data on the run's own disk).
+    /// The disk-full, crash and slow-disk nemeses need one.
+    pub disk_bytes: Option<u64>,
     pub snapshot_logs_since_last: u64,
     pub snapshot_keep_logs: u64,
 }
@@ -84,6 +90,7 @@ pub struct Cluster {
     security: Security,
     slots: Vec<Mutex<Slot>>,
     next_id: Mutex<u64>,
+    pub disks: Option<Mutex<Disks>>,
 }
 
 pub fn api_addr(slot: usize) -> String {
@@ -107,6 +114,10 @@ impl Cluster {
             identity: None,
         };
         let _ = CLIENT_TLS.set(tls);
+        let disks = match opts.disk_bytes {
+            Some(bytes) => Some(Mutex::new(Disks::create(dir, n, bytes)?)),
+            None => None,
+        };
         let c = Cluster {
             dir: dir.to_path_buf(),
             net,
@@ -114,6 +125,7 @@ impl Cluster {
             security: Security { ca, root: ApiKey::generate(), certs },
             slots: (0..n).map(|i| Mutex::new(Slot { node_id: i as u64 + 1, child: None, paused: false })).collect(),
             next_id: Mutex::new(n as u64 + 1),
+            disks,
         };
         std::fs::create_dir_all(dir.join("faults"))?;
         for s in 0..n {
@@ -134,8 +146,12 @@ impl Cluster {
         self.slots[slot].lock().unwrap().node_id
     }
 
-    fn data_dir(&self, node_id: u64) -> PathBuf {
-        self.dir.join("data").join(format!("n{node_id}"))
+    /// Node `node_id`'s data dir, in `slot`: on the slot's own disk when there are disks.
+    fn data_dir(&self, slot: usize, node_id: u64) -> PathBuf {
+        match &self.disks {
+            Some(d) => d.lock().unwrap().mount_point(slot).join(format!("n{node_id}")),
+            None => self.dir.join("data").join(format!("n{node_id}")),
+        }
     }
 
     pub fn log_path(&self, slot: usize) -> PathBuf {
@@ -163,7 +179,7 @@ impl Cluster {
         let log = OpenOptions::new().create(true).append(true).open(self.log_path(slot))?;
         use std::io::Write;
         writeln!(&log, "==== jepsen: starting node {} in slot {} ====", s.node_id, slot + 1)?;
-        let data = self.data_dir(s.node_id);
+        let data = self.data_dir(slot, s.node_id);
         let ip = net::node_ip(slot);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.net.nodes[slot]]).arg(&self.opts.engram);
@@ -181,6 +197,9 @@ impl Cluster {
         if self.opts.unsafe_stale_reads {
             cmd.arg("--unsafe-stale-reads");
         }
+        if self.opts.unsafe_ack_before_fsync {
+            cmd.arg("--unsafe-ack-before-fsync");
+        }
         let mut preload = Vec::new();
         if self.opts.faketime {
             preload.push(LIBFAKETIME.to_string());
@@ -191,6 +210,15 @@ impl Cluster {
         if self.opts.fiu {
             preload.extend(FIU_PRELOAD.iter().map(|s| s.to_string()));
             cmd.env("FIU_CTRL_FIFO", self.fiu_fifo(slot));
+        }
+        // After libfiu: a sync it fails never reaches crashfs, so nothing counts as flushed.
+        if let Some(d) = &self.disks {
+            let d = d.lock().unwrap();
+            d.reset_undo(slot)?;
+            preload.push(disk::CRASHFS.to_string());
+            cmd.env("ENGRAM_CRASH_DEV", d.mount_point(slot));
+            cmd.env("ENGRAM_CRASH_UNDO", d.undo_dir(slot));
+            cmd.env("ENGRAM_CRASH_CTL", d.fsync_delay_file(slot));
         }
         if !preload.is_empty() {
             cmd.env("LD_PRELOAD", preload.join(" "));
@@ -222,6 +250,22 @@ impl Cluster {
         net::blocking(|| child.wait()).ok();
         s.paused = false;
         true
+    }
+
+    /// Power loss: `kill -9`, then what the node wrote since its files' last fsync is undone
+    /// (all of it, or with `torn` a random part, page by page) before anything can start it
+    /// again. None when no process was running.
+    pub fn crash(&self, slot: usize, torn: Option<&mut dyn rand::RngCore>) -> Result<Option<Rolled>> {
+        let Some(disks) = &self.disks else { bail!("crashes need the nodes' own disks") };
+        // The slot stays locked until the files are rolled back: a heal of another fault
+        // must not start the node on half-undone files.
+        let mut s = self.slots[slot].lock().unwrap();
+        let Some(mut child) = s.child.take() else { return Ok(None) };
+        let _ = child.kill();
+        net::blocking(|| child.wait()).ok();
+        s.paused = false;
+        let rolled = disks.lock().unwrap().rollback(slot, torn)?;
+        Ok(Some(rolled))
     }
 
     pub fn pid(&self, slot: usize) -> Option<i32> {
@@ -283,7 +327,11 @@ impl Cluster {
         let mut next = self.next_id.lock().unwrap();
         let id = *next;
         *next += 1;
-        self.slots[slot].lock().unwrap().node_id = id;
+        let old = std::mem::replace(&mut self.slots[slot].lock().unwrap().node_id, id);
+        // The retired identity's files would only fill the slot's small disk.
+        if self.disks.is_some() {
+            let _ = std::fs::remove_dir_all(self.data_dir(slot, old));
+        }
         id
     }
 
@@ -411,5 +459,13 @@ impl Cluster {
             self.kill(s);
         }
         let _ = std::fs::remove_dir_all(self.dir.join("faults"));
+    }
+
+    /// Unmounts the nodes' disks (after [`Cluster::stop_all`]); `keep` copies their files out
+    /// first.
+    pub fn unmount_disks(&self, keep: bool) {
+        if let Some(d) = &self.disks {
+            d.lock().unwrap().teardown(keep);
+        }
     }
 }

@@ -81,6 +81,10 @@ pub enum Op {
     },
     /// Dedup: the ids of every memory in the key's namespace.
     DedupRead { key: u64, ids: Option<Vec<String>> },
+    /// Bank: move `amount` from account `from` to account `to`, atomically.
+    Transfer { from: u64, to: u64, amount: i64 },
+    /// Bank: every account's balance.
+    ReadBank { balances: Option<std::collections::BTreeMap<u64, i64>> },
     /// A fault starting or healing.
     Nemesis { fault: String, detail: String },
 }
@@ -99,13 +103,18 @@ impl Op {
             Op::Search { .. } => "search",
             Op::DedupAdd { .. } => "dedup-add",
             Op::DedupRead { .. } => "dedup-read",
+            Op::Transfer { .. } => "transfer",
+            Op::ReadBank { .. } => "read-bank",
             Op::Nemesis { .. } => "nemesis",
         }
     }
 
     /// Reads change nothing, so an indeterminate read constrains nothing either.
     pub fn is_read(&self) -> bool {
-        matches!(self, Op::Read { .. } | Op::ReadSet { .. } | Op::Search { .. } | Op::DedupRead { .. })
+        matches!(
+            self,
+            Op::Read { .. } | Op::ReadSet { .. } | Op::Search { .. } | Op::DedupRead { .. } | Op::ReadBank { .. }
+        )
     }
 }
 

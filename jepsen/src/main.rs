@@ -24,7 +24,7 @@ enum Cmd {
     /// One run with the given options.
     Run(RunArgs),
     /// The CI tier: 3 nodes, register + set + search under partition, kill and pause, then
-    /// the canary (which must be caught). Prints `N passed, N failed`.
+    /// the canaries (which must be caught). Prints `N passed, N failed`.
     Ci(TierArgs),
     /// The soak tier: 5 nodes, every nemesis overlapping, a low snapshot threshold.
     Soak {
@@ -69,12 +69,16 @@ struct RunArgs {
     /// Mean quiet and mean fault time of each nemesis stream, ms.
     #[arg(long, default_value_t = 6000)]
     interval_ms: u64,
-    /// Workloads, comma-separated: register, set, search, dedup.
-    #[arg(long, value_delimiter = ',', default_value = "register,set,search,dedup")]
+    /// Workloads, comma-separated: register, set, search, dedup, bank.
+    #[arg(long, value_delimiter = ',', default_value = "register,set,search,dedup,bank")]
     workload: Vec<String>,
     /// Start the nodes with --unsafe-stale-reads. The run must come out invalid.
     #[arg(long)]
     canary: bool,
+    /// Start the nodes with --unsafe-ack-before-fsync. With the crash nemesis the run must
+    /// come out invalid.
+    #[arg(long)]
+    canary_fsync: bool,
     #[arg(long, default_value_t = 5000)]
     snapshot_logs_since_last: u64,
     #[arg(long, default_value_t = 1000)]
@@ -89,6 +93,9 @@ struct RunArgs {
     /// Workers adding the same memories concurrently (one key at a time, all of them).
     #[arg(long, default_value_t = 4)]
     dedup_workers: usize,
+    /// Workers making transfers between the bank's accounts and reading every balance.
+    #[arg(long, default_value_t = 2)]
+    bank_workers: usize,
     #[arg(long, default_value_t = 60)]
     ops_per_key: u64,
     /// Mean pause between one worker's operations, ms.
@@ -126,8 +133,8 @@ impl RunArgs {
         };
         let has = |w: &str| self.workload.iter().any(|x| x == w);
         for w in &self.workload {
-            if !["register", "set", "search", "dedup"].contains(&w.as_str()) {
-                anyhow::bail!("unknown workload {w:?} (register, set, search, dedup)");
+            if !["register", "set", "search", "dedup", "bank"].contains(&w.as_str()) {
+                anyhow::bail!("unknown workload {w:?} (register, set, search, dedup, bank)");
             }
         }
         if self.nodes < 3 || self.nodes > 9 {
@@ -146,6 +153,8 @@ impl RunArgs {
                 search: has("search"),
                 dedup: has("dedup"),
                 dedup_workers: self.dedup_workers,
+                bank: has("bank"),
+                bank_workers: self.bank_workers,
                 register_group: 3,
                 register_groups: self.register_groups,
                 set_workers: self.set_workers,
@@ -155,6 +164,7 @@ impl RunArgs {
                 think_ms: self.think_ms,
             },
             canary: self.canary,
+            canary_fsync: self.canary_fsync,
             snapshot_logs_since_last: self.snapshot_logs_since_last,
             snapshot_keep_logs: self.snapshot_keep_logs,
             key_budget_s: 20,
@@ -254,12 +264,16 @@ fn main() {
             };
             let mut canary = base("partition", "30");
             canary.push("--canary".into());
+            let mut fsync_canary = base("crash", "30");
+            fsync_canary.push("--canary-fsync".into());
             tier(
                 vec![
                     ("ci-partition".into(), base("partition", "40"), 0),
                     ("ci-kill".into(), base("kill", "40"), 0),
                     ("ci-pause".into(), base("pause", "40"), 0),
+                    ("ci-disk".into(), base("crash,disk-full,slow-disk", "40"), 0),
                     ("ci-canary".into(), canary, 1),
+                    ("ci-fsync-canary".into(), fsync_canary, 1),
                 ],
                 &t,
             )

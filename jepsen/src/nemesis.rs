@@ -37,12 +37,24 @@ pub enum Family {
     Skew,
     /// Make fsync/fdatasync fail with EIO (libfiu): the node must stop.
     Disk,
+    /// Fill nodes' disks (a tmpfs each): to below the free-space reserve, or to the last byte.
+    DiskFull,
+    /// Power loss: kill -9 a majority or all nodes and undo what they wrote since their last
+    /// fsync, wholly or torn page by page (crash/crashfs.c).
+    Crash,
+    /// fsync / fdatasync take 20 to 400 ms longer on some nodes.
+    SlowDisk,
 }
 
 impl Family {
     pub fn all() -> Vec<Family> {
         use Family::*;
-        vec![Partition, Loss, Kill, Pause, Membership, Skew, Disk]
+        vec![Partition, Loss, Kill, Pause, Membership, Skew, Disk, DiskFull, Crash, SlowDisk]
+    }
+
+    /// Whether the family needs each node's data on a filesystem of its own.
+    pub fn needs_disks(self) -> bool {
+        matches!(self, Family::DiskFull | Family::Crash | Family::SlowDisk)
     }
 }
 
@@ -78,6 +90,19 @@ pub enum Fault {
     },
     Disk {
         slot: usize,
+    },
+    /// `to_last_byte`: fill completely (writes then meet ENOSPC), else to half the reserve.
+    DiskFull {
+        slots: Vec<usize>,
+        to_last_byte: bool,
+    },
+    Crash {
+        slots: Vec<usize>,
+        torn: bool,
+    },
+    SlowDisk {
+        slots: Vec<usize>,
+        ms: u64,
     },
 }
 
@@ -126,6 +151,18 @@ pub fn schedule(seed: u64, families: &[Family], nodes: usize, run_ms: u64, inter
                     Fault::Skew { slots, secs }
                 }
                 Family::Disk => Fault::Disk { slot },
+                Family::DiskFull => {
+                    let k = if rng.random_bool(0.5) { 1 } else { nodes / 2 + 1 };
+                    Fault::DiskFull { slots: pick(&mut rng, nodes, k), to_last_byte: rng.random_bool(0.5) }
+                }
+                Family::Crash => {
+                    let k = if rng.random_bool(0.5) { nodes } else { nodes / 2 + 1 };
+                    Fault::Crash { slots: pick(&mut rng, nodes, k), torn: rng.random_bool(0.5) }
+                }
+                Family::SlowDisk => {
+                    let k = if rng.random_bool(0.5) { 1 } else { nodes };
+                    Fault::SlowDisk { slots: pick(&mut rng, nodes, k), ms: *[20, 100, 400].choose(&mut rng).unwrap() }
+                }
             };
             steps.push(Step { at_ms: t, hold_ms: hold, fault });
             t += hold + rng.random_range(interval_ms / 2..=interval_ms * 3 / 2);
@@ -133,6 +170,18 @@ pub fn schedule(seed: u64, families: &[Family], nodes: usize, run_ms: u64, inter
         streams.push(steps);
     }
     Schedule { streams }
+}
+
+/// How slow a crash makes syncs just before it strikes.
+const CRASH_SYNC_DELAY_MS: u64 = 100;
+
+/// `k` distinct slots of `nodes`, in ascending order.
+fn pick(rng: &mut StdRng, nodes: usize, k: usize) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..nodes).collect();
+    all.shuffle(rng);
+    all.truncate(k);
+    all.sort_unstable();
+    all
 }
 
 /// Counts of what was injected, for results.json.
@@ -149,6 +198,14 @@ pub struct Injected {
     /// joined, a retired identity still listed).
     #[serde(default)]
     pub membership_repaired: u64,
+    /// Crashes: files whose un-fsynced writes were undone, and pages changed back.
+    #[serde(default)]
+    pub crash_files_rolled_back: u64,
+    #[serde(default)]
+    pub crash_pages_rolled_back: u64,
+    /// Disk-full faults after which a filled node had exited (it must not).
+    #[serde(default)]
+    pub disk_full_node_exited: u64,
 }
 
 pub struct Nemesis {
@@ -156,11 +213,19 @@ pub struct Nemesis {
     pub ctx: Arc<Ctx>,
     pub injected: std::sync::Mutex<Injected>,
     start: Instant,
+    /// Chooses torn pages; seeded from the run, though which pages differ depends on timing.
+    tear: std::sync::Mutex<StdRng>,
 }
 
 impl Nemesis {
-    pub fn new(cluster: Arc<Cluster>, ctx: Arc<Ctx>) -> Arc<Nemesis> {
-        Arc::new(Nemesis { cluster, ctx, injected: Default::default(), start: Instant::now() })
+    pub fn new(cluster: Arc<Cluster>, ctx: Arc<Ctx>, seed: u64) -> Arc<Nemesis> {
+        Arc::new(Nemesis {
+            cluster,
+            ctx,
+            injected: Default::default(),
+            start: Instant::now(),
+            tear: std::sync::Mutex::new(StdRng::seed_from_u64(seed ^ 0x7EA4)),
+        })
     }
 
     fn log(&self, kind: Kind, fault: &str, detail: String) {
@@ -211,7 +276,8 @@ impl Nemesis {
     }
 
     /// Injects a fault; returns what was done, or None when it did not apply. `target` gets
-    /// the slot a kill or pause hit, so the heal undoes exactly that.
+    /// the slot a kill or pause hit (for a crash, a bit set of slots), so the heal undoes
+    /// exactly that.
     async fn apply(&self, fault: &Fault, target: &mut Option<usize>) -> Result<Option<String>> {
         let c = &self.cluster;
         let n = c.len();
@@ -282,7 +348,80 @@ impl Nemesis {
                 c.fsync_faults(*slot, true)?;
                 format!("fsync/fdatasync → EIO on n{}", slot + 1)
             }
+            Fault::DiskFull { slots: ss, to_last_byte } => {
+                let Some(disks) = &c.disks else { anyhow::bail!("no disks") };
+                let disks = disks.lock().unwrap();
+                // Half the node's default reserve (5 % of its filesystem): writes are refused
+                // before they could fail.
+                let leave = if *to_last_byte { 0 } else { disks.bytes / 40 };
+                let mut parts = Vec::new();
+                for s in ss {
+                    let free = disks.fill(*s, leave)?;
+                    parts.push(format!("n{} {} KiB free", s + 1, free / 1024));
+                }
+                format!(
+                    "disk {} on {}",
+                    if *to_last_byte { "full to the last byte" } else { "below the reserve" },
+                    parts.join(", ")
+                )
+            }
+            Fault::Crash { slots: ss, torn } => {
+                // Power fails while the disks are busy: syncs slowed for a moment first leave
+                // more written and not yet flushed for the crash to lose.
+                let before = self.slow_syncs(ss, CRASH_SYNC_DELAY_MS);
+                tokio::time::sleep(Duration::from_millis(3 * CRASH_SYNC_DELAY_MS)).await;
+                let mut parts = Vec::new();
+                let mut crashed = Vec::new();
+                for s in ss {
+                    let mut rng = self.tear.lock().unwrap();
+                    let torn_rng: Option<&mut dyn rand::RngCore> = if *torn { Some(&mut *rng) } else { None };
+                    if let Some(rolled) = c.crash(*s, torn_rng)? {
+                        crashed.push(*s);
+                        let mut inj = self.injected.lock().unwrap();
+                        inj.crash_files_rolled_back += rolled.files;
+                        inj.crash_pages_rolled_back += rolled.pages;
+                        parts.push(format!("n{}: {rolled}", s + 1));
+                    }
+                }
+                if let Some(disks) = &c.disks {
+                    let disks = disks.lock().unwrap();
+                    for (s, ms) in ss.iter().zip(before) {
+                        let _ = disks.set_fsync_delay(*s, ms);
+                    }
+                }
+                if crashed.is_empty() {
+                    return Ok(None);
+                }
+                *target = Some(crashed.iter().fold(0, |m, s| m | (1 << s)));
+                format!(
+                    "power loss on {}, un-fsynced writes {}: {}",
+                    slots(&crashed),
+                    if *torn { "torn" } else { "lost" },
+                    parts.join("; ")
+                )
+            }
+            Fault::SlowDisk { slots: ss, ms } => {
+                let Some(disks) = &c.disks else { anyhow::bail!("no disks") };
+                let disks = disks.lock().unwrap();
+                for s in ss {
+                    disks.set_fsync_delay(*s, *ms)?;
+                }
+                format!("fsync +{ms} ms on {}", slots(ss))
+            }
         }))
+    }
+
+    /// Sets the slots' fsync delay to at least `ms`; returns what each had.
+    fn slow_syncs(&self, ss: &[usize], ms: u64) -> Vec<u64> {
+        let Some(disks) = &self.cluster.disks else { return vec![0; ss.len()] };
+        let disks = disks.lock().unwrap();
+        ss.iter()
+            .map(|s| {
+                let had = disks.fsync_delay(*s);
+                let _ = disks.set_fsync_delay(*s, ms.max(had));
+                had
+            })
+            .collect()
     }
 
     fn partition(&self, groups: &[Vec<usize>]) -> Result<()> {
@@ -354,6 +493,45 @@ impl Nemesis {
                     slot + 1,
                     if stopped { "stopped on its own" } else { "was still running" }
                 )
+            }
+            Fault::DiskFull { slots: ss, .. } => {
+                let mut parts = Vec::new();
+                for s in ss {
+                    if let Some(disks) = &c.disks {
+                        let _ = disks.lock().unwrap().clear(*s);
+                    }
+                    // A full disk must be a refusal, never an exit.
+                    if let Some(status) = c.exited(*s) {
+                        self.injected.lock().unwrap().disk_full_node_exited += 1;
+                        parts.push(format!("n{} HAD EXITED ({status}); restarted", s + 1));
+                        let _ = c.start(*s);
+                    }
+                }
+                format!(
+                    "ballast removed from {}{}",
+                    slots(ss),
+                    if parts.is_empty() { String::new() } else { format!("; {}", parts.join("; ")) }
+                )
+            }
+            Fault::Crash { .. } => {
+                let set = target.expect("a crash that applied has targets");
+                let mut parts = Vec::new();
+                for s in (0..c.len()).filter(|s| set & (1 << s) != 0) {
+                    match c.start(s) {
+                        Ok(()) => parts.push(format!("restarted n{}", s + 1)),
+                        Err(e) => parts.push(format!("restarting n{} failed: {e}", s + 1)),
+                    }
+                }
+                parts.join("; ")
+            }
+            Fault::SlowDisk { slots: ss, .. } => {
+                if let Some(disks) = &c.disks {
+                    let disks = disks.lock().unwrap();
+                    for s in ss {
+                        let _ = disks.set_fsync_delay(*s, 0);
+                    }
+                }
+                format!("fsync delay removed from {}", slots(ss))
             }
         }
     }
@@ -463,6 +641,11 @@ impl Nemesis {
             c.resume(s);
             // A disk-fault hold cut short by the end of the run leaves failing fsyncs behind.
             let _ = c.fsync_faults(s, false);
+            if let Some(disks) = &c.disks {
+                let disks = disks.lock().unwrap();
+                let _ = disks.clear(s);
+                let _ = disks.set_fsync_delay(s, 0);
+            }
             if c.pid(s).is_none() {
                 let _ = c.start(s);
                 done.push(format!("started n{}", s + 1));
@@ -508,6 +691,11 @@ pub fn fault_name(f: &Fault) -> &'static str {
         Fault::Membership { .. } => "membership",
         Fault::Skew { .. } => "clock-skew",
         Fault::Disk { .. } => "disk-eio",
+        Fault::DiskFull { to_last_byte: false, .. } => "disk-full-reserve",
+        Fault::DiskFull { to_last_byte: true, .. } => "disk-full-enospc",
+        Fault::Crash { torn: false, .. } => "crash-lost-writes",
+        Fault::Crash { torn: true, .. } => "crash-torn-writes",
+        Fault::SlowDisk { .. } => "slow-disk",
     }
 }
 

@@ -40,6 +40,10 @@ pub struct RunOptions {
     pub workload: WorkloadOptions,
     /// The canary: nodes serve reads without the read index. The run must come out invalid.
     pub canary: bool,
+    /// The fsync canary: nodes acknowledge log writes before fsyncing them. With the crash
+    /// nemesis the run must come out invalid.
+    #[serde(default)]
+    pub canary_fsync: bool,
     pub snapshot_logs_since_last: u64,
     pub snapshot_keep_logs: u64,
     /// Per-key time budget of the linearizability search.
@@ -77,6 +81,10 @@ pub fn run(opts: RunOptions) -> Result<Results> {
     if stale > 0 {
         eprintln!("jepsen: removed {stale} stale namespaces of earlier runs");
     }
+    let stale = crate::disk::sweep_stale();
+    if stale > 0 {
+        eprintln!("jepsen: unmounted {stale} stale node disks of earlier runs");
+    }
     let stamp = chrono_like_stamp();
     let dir = opts.store.join(format!("{stamp}-{}", opts.name));
     std::fs::create_dir_all(&dir)?;
@@ -103,6 +111,10 @@ pub fn run(opts: RunOptions) -> Result<Results> {
     }
     Ok(results)
 }
+
+/// Each node's disk when the disk nemeses need one: room for a long soak's data, small enough
+/// to fill in a moment.
+const DISK_BYTES: u64 = 512 << 20;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static CHECKING: AtomicBool = AtomicBool::new(false);
@@ -141,6 +153,7 @@ impl Supervisor {
                 if INTERRUPTED.load(Ordering::SeqCst) {
                     eprintln!("jepsen: interrupted; tearing down");
                     guard.teardown();
+                    crate::disk::sweep_own();
                     std::process::exit(130);
                 }
                 if !CHECKING.load(Ordering::SeqCst) && Instant::now() > deadline {
@@ -182,7 +195,8 @@ async fn run_async(opts: &RunOptions, net: Net, dir: &Path) -> Result<Results> {
     let started = Instant::now();
     // The canary flag exists only in builds with the `canary` feature: scripts/test.sh makes
     // one, `engram-canary`, beside the normal binary.
-    let engram = if opts.canary { opts.engram.with_file_name("engram-canary") } else { opts.engram.clone() };
+    let canary = opts.canary || opts.canary_fsync;
+    let engram = if canary { opts.engram.with_file_name("engram-canary") } else { opts.engram.clone() };
     if !engram.exists() {
         anyhow::bail!(
             "{} is missing (the canary needs `cargo build --bin engram --features canary`, copied to engram-canary)",
@@ -194,12 +208,16 @@ async fn run_async(opts: &RunOptions, net: Net, dir: &Path) -> Result<Results> {
         faketime: opts.nemeses.contains(&Family::Skew),
         fiu: opts.nemeses.contains(&Family::Disk),
         unsafe_stale_reads: opts.canary,
+        unsafe_ack_before_fsync: opts.canary_fsync,
         snapshot_logs_since_last: opts.snapshot_logs_since_last,
         snapshot_keep_logs: opts.snapshot_keep_logs,
+        disk_bytes: opts.nemeses.iter().any(|f| f.needs_disks()).then_some(DISK_BYTES),
     };
     let cluster = Arc::new(Cluster::new(dir, net, node_opts)?);
     let outcome = drive(opts, &cluster, dir, started).await;
     cluster.stop_all();
+    let keep = opts.keep_data || !matches!(&outcome, Ok(r) if r.valid == Validity::Valid);
+    cluster.unmount_disks(keep);
     outcome
 }
 
@@ -209,11 +227,14 @@ async fn drive(opts: &RunOptions, cluster: &Arc<Cluster>, dir: &Path, started: I
     let rec = Recorder::new(Some(&dir.join("history.jsonl")))?;
     let ctx = Ctx::new(rec.clone(), cluster.len(), &opts.workload);
     workload::setup(&ctx, &opts.workload).await?;
+    if opts.canary_fsync {
+        make_setup_durable(cluster).await?;
+    }
 
     let run_ms = opts.time_limit_s * 1000;
     let schedule = nemesis::schedule(opts.seed, &opts.nemeses, cluster.len(), run_ms, opts.interval_ms);
     std::fs::write(dir.join("schedule.json"), serde_json::to_vec_pretty(&schedule)?)?;
-    let nem = Nemesis::new(cluster.clone(), ctx.clone());
+    let nem = Nemesis::new(cluster.clone(), ctx.clone(), opts.seed);
     let workers = workload::spawn(&ctx, &opts.workload, opts.seed);
     let streams: Vec<_> = schedule.streams.into_iter().map(|s| tokio::spawn(nem.clone().run_stream(s))).collect();
 
@@ -246,6 +267,29 @@ async fn drive(opts: &RunOptions, cluster: &Arc<Cluster>, dir: &Path, started: I
     finish(opts, dir, &events, checks, injected, started.elapsed())
 }
 
+/// The fsync canary fsyncs the log only when a vote is saved, so a crash would lose the
+/// cluster's keys and namespaces with everything else, and the run would end unable to
+/// authenticate (unknown) rather than with lost acknowledged writes (invalid). One leader
+/// transfer after setup saves a vote on every node, making the setup durable.
+async fn make_setup_durable(cluster: &Cluster) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let l = cluster.await_leader(Duration::from_secs(10)).await?;
+        let to = cluster.node_id((l + 1) % cluster.len());
+        let moved = cluster.admin_client_with_timeout(l, Duration::from_secs(5)).admin().transfer_leader(to).await;
+        if moved.is_ok() {
+            let l2 = cluster.await_leader(Duration::from_secs(10)).await?;
+            if cluster.node_id(l2) == to {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("could not transfer leadership after setup: {moved:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// Runs every enabled checker over a history.
 pub fn check(events: &[Event], w: &WorkloadOptions, final_from: u64, nodes: usize, key_budget: Duration) -> Vec<Check> {
     let ops = history::pair(events);
@@ -261,6 +305,9 @@ pub fn check(events: &[Event], w: &WorkloadOptions, final_from: u64, nodes: usiz
     }
     if w.dedup {
         checks.push(checker::dedup::check(&ops, final_from, nodes));
+    }
+    if w.bank {
+        checks.push(checker::bank::check(&ops, final_from, nodes, workload::BANK_ACCOUNTS, workload::BANK_INITIAL));
     }
     checks
 }
@@ -308,6 +355,7 @@ pub fn finish(
         "seed": results.seed,
         "nodes": results.nodes,
         "canary": results.canary,
+        "canary_fsync": opts.canary_fsync,
         "nemeses": opts.nemeses,
         "duration_s": results.duration_s,
         "operations": results.operations,

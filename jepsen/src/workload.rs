@@ -24,6 +24,10 @@ use crate::history::{Kind, Op, Process, Recorder};
 pub const REGISTER_NS: &str = "register";
 pub const SEARCH_NS: &str = "search";
 pub const SEARCH_DIM: usize = 8;
+pub const BANK_NS: &str = "bank";
+/// Accounts `a0..a<BANK_ACCOUNTS>`, each starting at [`BANK_INITIAL`].
+pub const BANK_ACCOUNTS: u64 = 5;
+pub const BANK_INITIAL: i64 = 100;
 const REGISTER_VEC: [f32; 4] = [1.0, 0.0, 0.0, 0.0];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,6 +39,10 @@ pub struct WorkloadOptions {
     pub dedup: bool,
     #[serde(default)]
     pub dedup_workers: usize,
+    #[serde(default)]
+    pub bank: bool,
+    #[serde(default)]
+    pub bank_workers: usize,
     /// Workers per register key group; there are `register_groups` groups.
     pub register_group: usize,
     pub register_groups: usize,
@@ -481,6 +489,9 @@ pub fn total_workers(o: &WorkloadOptions) -> u64 {
     if o.dedup {
         n += o.dedup_workers;
     }
+    if o.bank {
+        n += o.bank_workers;
+    }
     n as u64
 }
 
@@ -493,7 +504,100 @@ pub async fn setup(ctx: &Ctx, opts: &WorkloadOptions) -> anyhow::Result<()> {
     if opts.search && !create_namespace(&c, SEARCH_NS, SEARCH_DIM as u32, Metric::L2, ctx).await {
         anyhow::bail!("could not create the search namespace");
     }
+    if opts.bank {
+        if !create_namespace(&c, BANK_NS, 4, Metric::Cosine, ctx).await {
+            anyhow::bail!("could not create the bank namespace");
+        }
+        // Every account at once, each only if absent: a retry after an indeterminate first
+        // try is refused whole, never applied twice.
+        let accounts: Vec<(NewMemory, Precondition)> =
+            (0..BANK_ACCOUNTS).map(|a| (account(a, BANK_INITIAL), Precondition::IfAbsent)).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match c.put_batch(BANK_NS, accounts.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.code == Code::FailedPrecondition => break,
+                Err(e) if std::time::Instant::now() > deadline => anyhow::bail!("opening the bank: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
     Ok(())
+}
+
+fn account(a: u64, balance: i64) -> NewMemory {
+    NewMemory::new(balance.to_string(), REGISTER_VEC.to_vec()).with_id(format!("a{a}"))
+}
+
+/// Every account's balance (a linearizable list of the bank).
+pub async fn read_bank(c: &Client) -> Result<std::collections::BTreeMap<u64, i64>, ClientError> {
+    let mut out = std::collections::BTreeMap::new();
+    for m in c.list_all(BANK_NS).await? {
+        let a = m.id.strip_prefix('a').and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
+        let v = m.text.parse::<i64>().map_err(|_| ClientError {
+            code: Code::Internal,
+            message: format!("account {} holds {:?}", m.id, m.text),
+            field: None,
+            outcome: WriteOutcome::NotApplied,
+            retry_after: None,
+        })?;
+        out.insert(a, v);
+    }
+    Ok(out)
+}
+
+/// The balance and revision of one account.
+async fn read_account(c: &Client, a: u64) -> Result<(i64, u64), ClientError> {
+    let m = c.get_with(BANK_NS, &format!("a{a}"), Consistency::Linearizable).await?.memory.unwrap_or_default();
+    let v = m.text.parse::<i64>().map_err(|_| ClientError {
+        code: Code::Internal,
+        message: format!("account a{a} holds {:?}", m.text),
+        field: None,
+        outcome: WriteOutcome::NotApplied,
+        retry_after: None,
+    })?;
+    Ok((v, m.revision))
+}
+
+/// Transfers between random accounts, each one `PutBatch` of both new balances guarded by
+/// both revisions (so it applies whole or not at all, and never on a stale balance), and
+/// reads of every balance.
+async fn bank_worker(mut w: Worker, opts: WorkloadOptions) {
+    while !w.ctx.stop.load(Ordering::Relaxed) {
+        let op = if w.rng.random::<f64>() < 0.3 {
+            Op::ReadBank { balances: None }
+        } else {
+            let from = w.rng.random_range(0..BANK_ACCOUNTS);
+            let to = (from + w.rng.random_range(1..BANK_ACCOUNTS)) % BANK_ACCOUNTS;
+            Op::Transfer { from, to, amount: w.rng.random_range(1..=BANK_INITIAL / 2) }
+        };
+        w.invoke(&op);
+        let (kind, done, err) = match op.clone() {
+            Op::ReadBank { .. } => match read_bank(&w.reader).await {
+                Ok(b) => (Kind::Ok, Op::ReadBank { balances: Some(b) }, None),
+                Err(e) => (Kind::Fail, op, Some(e.to_string())),
+            },
+            Op::Transfer { from, to, amount } => {
+                match (read_account(&w.reader, from).await, read_account(&w.reader, to).await) {
+                    (Ok((bf, _)), Ok(_)) if bf < amount => (Kind::Fail, op, Some(format!("a{from} holds only {bf}"))),
+                    (Ok((bf, rf)), Ok((bt, rt))) => {
+                        let items = vec![
+                            (account(from, bf - amount), Precondition::IfRevision(rf)),
+                            (account(to, bt + amount), Precondition::IfRevision(rt)),
+                        ];
+                        match w.writer.put_batch(BANK_NS, items).await {
+                            Ok(_) => (Kind::Ok, op, None),
+                            Err(e) => (outcome(&e, false), op, Some(e.to_string())),
+                        }
+                    }
+                    (Err(e), _) | (_, Err(e)) => (Kind::Fail, op, Some(format!("reading before transfer: {e}"))),
+                }
+            }
+            _ => unreachable!(),
+        };
+        w.complete(kind, done, err);
+        w.think(opts.think_ms).await;
+    }
 }
 
 /// Starts every worker; they run until `ctx.stop` is set.
@@ -533,6 +637,12 @@ pub fn spawn(ctx: &Arc<Ctx>, opts: &WorkloadOptions, seed: u64) -> Vec<tokio::ta
         for _ in 0..opts.dedup_workers {
             let w = Worker::new(ctx.clone(), next(), seed);
             tasks.push(tokio::spawn(dedup_worker(w, g.clone(), opts.clone())));
+        }
+    }
+    if opts.bank {
+        for _ in 0..opts.bank_workers {
+            let w = Worker::new(ctx.clone(), next(), seed);
+            tasks.push(tokio::spawn(bank_worker(w, opts.clone())));
         }
     }
     tasks
@@ -608,6 +718,10 @@ pub async fn final_reads(ctx: &Arc<Ctx>, opts: &WorkloadOptions) {
                     };
                     final_read(rec, process, node, Op::DedupRead { key, ids: None }, read).await;
                 }
+            }
+            if opts.bank {
+                let read = || async move { Ok(Op::ReadBank { balances: Some(read_bank(c).await?) }) };
+                final_read(rec, process, node, Op::ReadBank { balances: None }, read).await;
             }
             if opts.search {
                 let ids: Vec<u64> = ctx.touched.search_ids.lock().unwrap().iter().copied().collect();

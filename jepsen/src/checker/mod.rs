@@ -1,5 +1,6 @@
 //! Checkers: each reads the paired history and returns a [`Check`].
 
+pub mod bank;
 pub mod dedup;
 pub mod ledger;
 mod lifecycle;
