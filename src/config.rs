@@ -267,8 +267,8 @@ pub struct NodeArgs {
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub unsafe_stale_reads: bool,
-    /// LOSES ACKNOWLEDGED WRITES AT A POWER LOSS. Raft log appends and commit marks are
-    /// acknowledged without an fsync. The chaos harness's fsync canary, which its crash
+    /// LOSES ACKNOWLEDGED WRITES AT A POWER LOSS. Every Raft log write but a vote is
+    /// acknowledged without an fsync (a process crash loses nothing, a power loss does). The chaos harness's fsync canary, which its crash
     /// nemesis must catch; only in builds with the `canary` feature, only as a flag.
     #[cfg(feature = "canary")]
     #[arg(long, hide = true)]

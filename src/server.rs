@@ -205,7 +205,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
     // The fsync canary also leaves the state machine unsynced between snapshots: a state
     // machine ahead of its log after a power loss is refused by openraft at start, and the
     // canary is there to show lost acknowledged writes, not a node that cannot start.
-    let state_sync = if config.unsafe_ack_before_fsync {
+    let state_sync = if cfg!(feature = "canary") && config.unsafe_ack_before_fsync {
         Duration::from_secs(24 * 3600)
     } else {
         Duration::from_millis(config.state_sync_interval_ms)
@@ -218,10 +218,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, ServerError> {
         (config.vector_checkpoint_secs > 0).then(|| Duration::from_secs(config.vector_checkpoint_secs)),
         vault.clone(),
     )?;
-    let log_store = LogStore::open(&log_path)?.with_unsafe_ack_before_fsync(config.unsafe_ack_before_fsync);
-    if config.unsafe_ack_before_fsync {
+    #[cfg(feature = "canary")]
+    let log_store = if config.unsafe_ack_before_fsync {
         tracing::warn!(node = config.node_id, "--unsafe-ack-before-fsync: log writes are acknowledged unsynced");
-    }
+        LogStore::open_ack_before_fsync(&log_path)?
+    } else {
+        LogStore::open(&log_path)?
+    };
+    #[cfg(not(feature = "canary"))]
+    let log_store = LogStore::open(&log_path)?;
     let reader = StateReader::with_vault(sm.database(), vault.clone());
     // Vector shards start from their index files or the state on disk; entries Raft re-applies
     // update them after.

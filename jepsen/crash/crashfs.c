@@ -20,8 +20,10 @@
  * harness never undoes a write that a completed fsync covered.
  *
  * ENGRAM_CRASH_CTL names a file holding a number of milliseconds: every fsync / fdatasync of
- * a tracked file waits that long before it starts (the slow-disk nemesis), and what it is to
- * flush stays un-flushed meanwhile. Missing or 0: no delay.
+ * a tracked file waits that long before it starts (the slow-disk nemesis; the crash nemesis
+ * uses `<that file>.crash`, and the larger wins), and what it is to flush stays un-flushed
+ * meanwhile. Missing or 0: no delay. Writes on O_SYNC / O_DSYNC descriptors and with
+ * RWF_SYNC / RWF_DSYNC are durable at once and not logged.
  *
  * Not modelled: directory operations (a create, rename or unlink is durable at once), writes
  * made through mmap, and writes that glibc makes without its exported symbols (stdio's
@@ -195,7 +197,11 @@ static int record_locked(int fd, const struct stat *st, off_t off, off_t len) {
                 size_t want = (size_t)((have - done) < (off_t)sizeof buf ? (have - done) : (off_t)sizeof buf);
                 ssize_t got = pread(r, buf, want, off + done);
                 if (got < 0 && errno == EINTR) continue;
-                if (got <= 0) {
+                if (got < 0) {
+                    rc = -1;
+                    break;
+                }
+                if (got == 0) {
                     /* Shorter than fstat said: pad with zeros so the record stays framed. */
                     memset(buf, 0, want);
                     got = (ssize_t)want;
@@ -214,21 +220,30 @@ static int record_locked(int fd, const struct stat *st, off_t off, off_t len) {
     return rc;
 }
 
-static int record(int fd, off_t off, off_t len, int at_end) {
+/* Records what [off, off + len) holds before a change. `at_end`: the change goes at the end
+ * of the file (O_APPEND). `to_end`: the change reaches the end of the file whatever its size
+ * (a shrink, an O_TRUNC): at least `len`, and everything from `off` on. Sizes are read under
+ * the lock, so a concurrent writer cannot make the record short. */
+static int record_span(int fd, off_t off, off_t len, int at_end, int to_end) {
     struct stat st;
     if (!tracked_fd(fd, &st)) return 0;
+    /* A write on an O_SYNC / O_DSYNC descriptor is durable when it returns. */
+    int flags = fcntl(fd, F_GETFL);
+    if (flags >= 0 && (flags & (O_SYNC | O_DSYNC))) return 0;
     pthread_mutex_lock(&mu);
-    /* Re-read the size under the lock: a concurrent writer may have grown the file. */
     if (fstat(fd, &st) != 0) {
         pthread_mutex_unlock(&mu);
         return 0;
     }
     if (at_end) off = st.st_size;
+    if (to_end && st.st_size - off > len) len = st.st_size - off;
     int rc = record_locked(fd, &st, off, len);
     pthread_mutex_unlock(&mu);
     if (rc != 0) errno = EIO;
     return rc;
 }
+
+static int record(int fd, off_t off, off_t len, int at_end) { return record_span(fd, off, len, at_end, 0); }
 
 /* The offset a write() at the file position would go to. */
 static int position(int fd, off_t *off, int *at_end) {
@@ -268,16 +283,25 @@ static void forget_path(int dirfd, const char *p) {
         forget_stat(&st);
 }
 
-static void slow_sync(int fd) {
-    struct stat st;
-    if (!ctl_path[0] || !tracked_fd(fd, &st)) return;
-    int c = real_open(ctl_path, O_RDONLY | O_CLOEXEC);
-    if (c < 0) return;
+static long read_ms(const char *path) {
+    int c = real_open(path, O_RDONLY | O_CLOEXEC);
+    if (c < 0) return 0;
     char buf[32] = {0};
     ssize_t n = read(c, buf, sizeof buf - 1);
     close(c);
-    if (n <= 0) return;
-    long ms = strtol(buf, NULL, 10);
+    return n > 0 ? strtol(buf, NULL, 10) : 0;
+}
+
+/* The delay is the larger of the control file's and `<control file>.crash`'s (the crash
+ * nemesis's own, so the two never overwrite each other). */
+static void slow_sync(int fd) {
+    struct stat st;
+    if (!ctl_path[0] || !tracked_fd(fd, &st)) return;
+    char crash[PATH_MAX + 8];
+    snprintf(crash, sizeof crash, "%s.crash", ctl_path);
+    long ms = read_ms(ctl_path);
+    long crash_ms = read_ms(crash);
+    if (crash_ms > ms) ms = crash_ms;
     if (ms <= 0) return;
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
@@ -332,6 +356,8 @@ static ssize_t pwritev2_common(ssize_t (*real)(int, const struct iovec *, int, o
                                const struct iovec *iov, int cnt, off_t off, int flags) {
     ensure_init();
     struct stat st;
+    /* RWF_DSYNC / RWF_SYNC: this write is durable when it returns. */
+    if (flags & (RWF_DSYNC | RWF_SYNC)) return real(fd, iov, cnt, off, flags);
     if (off == -1) {
         int at_end;
         if (tracked_fd(fd, &st) && position(fd, &off, &at_end) == 0 &&
@@ -345,21 +371,24 @@ static ssize_t pwritev2_common(ssize_t (*real)(int, const struct iovec *, int, o
 
 ssize_t pwritev2(int fd, const struct iovec *iov, int cnt, off_t off, int flags) {
     ensure_init();
+    if (!real_pwritev2) {
+        errno = ENOSYS;
+        return -1;
+    }
     return pwritev2_common(real_pwritev2, fd, iov, cnt, off, flags);
 }
 
 ssize_t pwritev64v2(int fd, const struct iovec *iov, int cnt, off_t off, int flags) {
     ensure_init();
+    if (!real_pwritev64v2) {
+        errno = ENOSYS;
+        return -1;
+    }
     return pwritev2_common(real_pwritev64v2, fd, iov, cnt, off, flags);
 }
 
 /* A size change: the bytes a shrink cuts off (and the old size) are recorded. */
-static int record_resize(int fd, off_t len) {
-    struct stat st;
-    if (!tracked_fd(fd, &st)) return 0;
-    off_t cut = st.st_size > len ? st.st_size - len : 0;
-    return record(fd, len, cut, 0);
-}
+static int record_resize(int fd, off_t len) { return record_span(fd, len, 0, 0, 1); }
 
 int ftruncate(int fd, off_t len) {
     ensure_init();
@@ -376,12 +405,7 @@ int ftruncate64(int fd, off_t len) {
 /* fallocate may grow the file, or (punch hole, zero range, collapse) change bytes: record the
  * range it touches and everything after it for the shifting modes. */
 static int record_fallocate(int fd, int mode, off_t off, off_t len) {
-    struct stat st;
-    if (!tracked_fd(fd, &st)) return 0;
-    if (mode & ~(0x01 /* FALLOC_FL_KEEP_SIZE */)) {
-        off_t span = st.st_size > off ? st.st_size - off : 0;
-        return record(fd, off, span > len ? span : len, 0);
-    }
+    if (mode & ~(0x01 /* FALLOC_FL_KEEP_SIZE */)) return record_span(fd, off, len, 0, 1);
     return record(fd, off, 0, 0);
 }
 
@@ -421,6 +445,10 @@ ssize_t copy_file_range(int in, off_t *in_off, int out, off_t *out_off, size_t l
             off = 0;
         if (record(out, off, (off_t)len, at_end) != 0) return -1;
     }
+    if (!real_copy_file_range) {
+        errno = ENOSYS;
+        return -1;
+    }
     return real_copy_file_range(in, in_off, out, out_off, len, flags);
 }
 
@@ -448,7 +476,7 @@ static void forget_all(void) {
         struct dirent *e;
         while ((e = readdir(d)) != NULL) {
             size_t n = strlen(e->d_name);
-            if (n > 5 && strcmp(e->d_name + n - 5, ".undo") == 0) unlinkat(dirfd(d), e->d_name, 0);
+            if (n > 5 && strcmp(e->d_name + n - 5, ".undo") == 0) real_unlinkat(dirfd(d), e->d_name, 0);
         }
         closedir(d);
     }
@@ -477,7 +505,7 @@ static int before_open(int dirfd, const char *p, int flags) {
         return 0;
     int fd = real_openat(dirfd, p, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return 0;
-    int rc = record(fd, 0, st.st_size, 0);
+    int rc = record_span(fd, 0, 0, 0, 1);
     close(fd);
     return rc;
 }
@@ -537,6 +565,10 @@ int renameat(int fd1, const char *from, int fd2, const char *to) {
 }
 
 int renameat2(int fd1, const char *from, int fd2, const char *to, unsigned int flags) {
+    if (!real_renameat2) {
+        errno = ENOSYS;
+        return -1;
+    }
     forget_path(fd2, to);
     return real_renameat2(fd1, from, fd2, to, flags);
 }

@@ -255,7 +255,7 @@ impl Cluster {
     /// Power loss: `kill -9`, then what the node wrote since its files' last fsync is undone
     /// (all of it, or with `torn` a random part, page by page) before anything can start it
     /// again. None when no process was running.
-    pub fn crash(&self, slot: usize, torn: Option<&mut dyn rand::RngCore>) -> Result<Option<Rolled>> {
+    pub fn crash(&self, slot: usize, torn: Option<&mut rand::rngs::StdRng>) -> Result<Option<Rolled>> {
         let Some(disks) = &self.disks else { bail!("crashes need the nodes' own disks") };
         // The slot stays locked until the files are rolled back: a heal of another fault
         // must not start the node on half-undone files.

@@ -48,11 +48,17 @@ pub struct Rolled {
     pub pages: u64,
     /// Files whose size changed back.
     pub resized: u64,
+    /// The disk was too full to roll back, so the ballast had to go first.
+    pub ballast_removed: bool,
 }
 
 impl std::fmt::Display for Rolled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} files, {} pages, {} sizes undone", self.files, self.pages, self.resized)
+        write!(f, "{} files, {} pages, {} sizes undone", self.files, self.pages, self.resized)?;
+        if self.ballast_removed {
+            write!(f, " (ballast removed to make room)")?;
+        }
+        Ok(())
     }
 }
 
@@ -103,12 +109,15 @@ impl Disks {
         Ok(())
     }
 
-    pub fn fsync_delay(&self, slot: usize) -> u64 {
-        std::fs::read_to_string(self.fsync_delay_file(slot)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
-    }
-
     pub fn set_fsync_delay(&self, slot: usize, ms: u64) -> Result<()> {
         std::fs::write(self.fsync_delay_file(slot), format!("{ms}\n"))?;
+        Ok(())
+    }
+
+    /// The crash nemesis's own fsync delay (the library takes the larger of the two), so a
+    /// crash and a slow-disk fault never undo each other's setting.
+    pub fn set_crash_fsync_delay(&self, slot: usize, ms: u64) -> Result<()> {
+        std::fs::write(self.faults.join(format!("n{}.fsync-delay-ms.crash", slot + 1)), format!("{ms}\n"))?;
         Ok(())
     }
 
@@ -147,8 +156,19 @@ impl Disks {
     }
 
     /// Undoes the slot's un-fsynced writes (see [`rollback`]). The slot's process must be dead.
-    pub fn rollback(&self, slot: usize, torn: Option<&mut dyn rand::RngCore>) -> Result<Rolled> {
-        rollback(&self.mount_point(slot), &self.undo_dir(slot), torn)
+    /// A rollback that needs more room than a full disk has (it can: undoing a shrink) gets it
+    /// by removing the ballast, and says so.
+    pub fn rollback(&self, slot: usize, mut torn: Option<&mut rand::rngs::StdRng>) -> Result<Rolled> {
+        match rollback(&self.mount_point(slot), &self.undo_dir(slot), torn.as_deref_mut()) {
+            Err(e) if self.mount_point(slot).join(BALLAST).exists() => {
+                eprintln!("jepsen: n{}: {e:#}; removing the ballast and rolling back again", slot + 1);
+                self.clear(slot)?;
+                let mut r = rollback(&self.mount_point(slot), &self.undo_dir(slot), torn)?;
+                r.ballast_removed = true;
+                Ok(r)
+            }
+            r => r,
+        }
     }
 
     /// Unmounts every disk. With `keep`, copies each one's files to the plain directory left
@@ -195,8 +215,7 @@ fn sweep(own: bool) -> usize {
         let Some(pid) = source.strip_prefix(MOUNT_SOURCE).and_then(|p| p.parse::<u32>().ok()) else { continue };
         let mine = pid == std::process::id();
         let gone = !mine && !Path::new(&format!("/proc/{pid}")).exists();
-        if (mine == own) && (own || gone) && net::sh(&["umount", "-l", at]).is_ok()
-        {
+        if (mine == own) && (own || gone) && net::sh(&["umount", "-l", at]).is_ok() {
             swept += 1;
         }
     }
@@ -241,6 +260,10 @@ fn parse(bytes: &[u8]) -> Result<Vec<Record>> {
 fn undo(now: &[u8], records: &[Record]) -> Vec<u8> {
     let mut f = now.to_vec();
     for r in records.iter().rev() {
+        if r.old.is_empty() {
+            f.resize(r.old_size as usize, 0);
+            continue;
+        }
         let start = r.offset as usize;
         let end = start + r.old.len();
         if f.len() < end {
@@ -253,18 +276,20 @@ fn undo(now: &[u8], records: &[Record]) -> Vec<u8> {
 }
 
 /// A crash state between `old` (the last fsync) and `new` (everything written): a size from
-/// either, and each differing page from either, or (one in ten) sector by sector. Bytes past
-/// the end of the side chosen read as zeros, as on a disk whose size was persisted before
-/// the data. Returns the state and how many pages differ from `new`.
-fn tear(old: &[u8], new: &[u8], rng: &mut dyn rand::RngCore) -> (Vec<u8>, u64) {
+/// either, and each differing page from either, or (one in ten) sector by sector. Past the
+/// old end, the old side reads as zeros (the size was persisted before the data); past the
+/// new end, the new side is the old bytes (a shrink that did not persist cut nothing).
+/// Returns the state and how many pages differ from `new`.
+fn tear(old: &[u8], new: &[u8], rng: &mut rand::rngs::StdRng) -> (Vec<u8>, u64) {
     let len = if old.len() == new.len() || rng.random_bool(0.5) { new.len() } else { old.len() };
-    let at = |v: &[u8], i: usize| v.get(i).copied().unwrap_or(0);
+    let old_at = |i: usize| old.get(i).copied().unwrap_or(0);
+    let new_at = |i: usize| new.get(i).copied().unwrap_or_else(|| old_at(i));
     let mut out = Vec::with_capacity(len);
     let mut pages = 0;
     for start in (0..len).step_by(PAGE) {
         let end = (start + PAGE).min(len);
-        let o: Vec<u8> = (start..end).map(|i| at(old, i)).collect();
-        let n: Vec<u8> = (start..end).map(|i| at(new, i)).collect();
+        let o: Vec<u8> = (start..end).map(old_at).collect();
+        let n: Vec<u8> = (start..end).map(new_at).collect();
         if o == n {
             out.extend_from_slice(&n);
             continue;
@@ -290,7 +315,7 @@ fn tear(old: &[u8], new: &[u8], rng: &mut dyn rand::RngCore) -> (Vec<u8>, u64) {
 /// Applies the undo logs in `undo_dir` to the files under `root`, then removes them: every
 /// un-fsynced write is lost, or with `torn`, a random part of them. Logs of files that no
 /// longer exist are dropped.
-pub fn rollback(root: &Path, undo_dir: &Path, mut torn: Option<&mut dyn rand::RngCore>) -> Result<Rolled> {
+pub fn rollback(root: &Path, undo_dir: &Path, mut torn: Option<&mut rand::rngs::StdRng>) -> Result<Rolled> {
     let mut by_inode: HashMap<u64, PathBuf> = HashMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -318,9 +343,14 @@ pub fn rollback(root: &Path, undo_dir: &Path, mut torn: Option<&mut dyn rand::Rn
             .and_then(|s| s.split_once('-'))
             .and_then(|(_, ino)| u64::from_str_radix(ino, 16).ok());
         let records = parse(&std::fs::read(&log)?).with_context(|| format!("undo log {}", log.display()))?;
-        std::fs::remove_file(&log)?;
-        let (Some(ino), false) = (ino, records.is_empty()) else { continue };
-        let Some(path) = by_inode.get(&ino) else { continue };
+        let (Some(ino), false) = (ino, records.is_empty()) else {
+            std::fs::remove_file(&log)?;
+            continue;
+        };
+        let Some(path) = by_inode.get(&ino) else {
+            std::fs::remove_file(&log)?;
+            continue;
+        };
         let now = std::fs::read(path)?;
         let old = undo(&now, &records);
         let (state, pages) = match torn.as_deref_mut() {
@@ -335,17 +365,35 @@ pub fn rollback(root: &Path, undo_dir: &Path, mut torn: Option<&mut dyn rand::Rn
                 (old, pages)
             }
         };
-        if state == now {
-            continue;
+        if state != now {
+            rolled.files += 1;
+            rolled.pages += pages;
+            rolled.resized += u64::from(state.len() != now.len());
+            write_in_place(path, &now, &state).with_context(|| format!("rolling back {}", path.display()))?;
         }
-        rolled.files += 1;
-        rolled.pages += pages;
-        rolled.resized += u64::from(state.len() != now.len());
-        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
-        f.write_all(&state)?;
-        f.sync_all()?;
+        // Only once the file is rolled back: a failure leaves the log to retry with.
+        std::fs::remove_file(&log)?;
     }
     Ok(rolled)
+}
+
+/// Makes the file at `path` (holding `now`) hold `state`, writing only the pages that differ,
+/// so a rollback on a nearly full disk needs as little new space as it can.
+fn write_in_place(path: &Path, now: &[u8], state: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    if state.len() < now.len() {
+        f.set_len(state.len() as u64)?;
+    }
+    for start in (0..state.len()).step_by(PAGE) {
+        let end = (start + PAGE).min(state.len());
+        if now.get(start..end) != Some(&state[start..end]) {
+            f.write_all_at(&state[start..end], start as u64)?;
+        }
+    }
+    f.set_len(state.len() as u64)?;
+    f.sync_all()?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -405,5 +453,26 @@ mod tests {
             mixed |= pages > 0 && t.contains(&2);
         }
         assert!(mixed, "some state mixes old and new pages");
+    }
+
+    #[test]
+    fn a_shrink_that_did_not_persist_cut_nothing() {
+        use rand::SeedableRng;
+        let old = vec![1u8; PAGE * 10];
+        let new = vec![2u8; PAGE * 8];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        for _ in 0..20 {
+            let (t, _) = tear(&old, &new, &mut rng);
+            assert!(t.len() == old.len() || t.len() == new.len());
+            // Past the new end only the old bytes can be there: never zeros.
+            assert!(t.iter().enumerate().all(|(i, b)| *b == 1 || (i < new.len() && *b == 2)));
+        }
+    }
+
+    #[test]
+    fn a_record_without_bytes_only_restores_the_size() {
+        let now = vec![7u8; 10];
+        let records = vec![rec(1 << 40, &[], 4)];
+        assert_eq!(undo(&now, &records), vec![7u8; 4]);
     }
 }

@@ -79,6 +79,9 @@ struct RunArgs {
     /// come out invalid.
     #[arg(long)]
     canary_fsync: bool,
+    /// Crashes lose every un-fsynced write, never tear them.
+    #[arg(long)]
+    crash_lost_only: bool,
     #[arg(long, default_value_t = 5000)]
     snapshot_logs_since_last: u64,
     #[arg(long, default_value_t = 1000)]
@@ -165,6 +168,7 @@ impl RunArgs {
             },
             canary: self.canary,
             canary_fsync: self.canary_fsync,
+            crash_lost_only: self.crash_lost_only,
             snapshot_logs_since_last: self.snapshot_logs_since_last,
             snapshot_keep_logs: self.snapshot_keep_logs,
             key_budget_s: 20,
@@ -265,7 +269,11 @@ fn main() {
             let mut canary = base("partition", "30");
             canary.push("--canary".into());
             let mut fsync_canary = base("crash", "30");
-            fsync_canary.push("--canary-fsync".into());
+            fsync_canary.extend(["--canary-fsync".into(), "--crash-lost-only".into()]);
+            // The control: the same canary under plain kill -9 loses nothing (the page cache
+            // keeps what it wrote), so only the crash nemesis's rollback can catch it.
+            let mut fsync_canary_kill = base("kill", "30");
+            fsync_canary_kill.push("--canary-fsync".into());
             tier(
                 vec![
                     ("ci-partition".into(), base("partition", "40"), 0),
@@ -273,6 +281,7 @@ fn main() {
                     ("ci-pause".into(), base("pause", "40"), 0),
                     ("ci-disk".into(), base("crash,disk-full,slow-disk", "40"), 0),
                     ("ci-canary".into(), canary, 1),
+                    ("ci-fsync-canary-kill".into(), fsync_canary_kill, 0),
                     ("ci-fsync-canary".into(), fsync_canary, 1),
                 ],
                 &t,

@@ -118,8 +118,16 @@ pub struct Schedule {
     pub streams: Vec<Vec<Step>>,
 }
 
-/// Draws the schedule for `families` over `run_ms`.
-pub fn schedule(seed: u64, families: &[Family], nodes: usize, run_ms: u64, interval_ms: u64) -> Schedule {
+/// Draws the schedule for `families` over `run_ms`. `crash_lost_only`: crashes lose every
+/// un-fsynced write, never tear them.
+pub fn schedule(
+    seed: u64,
+    families: &[Family],
+    nodes: usize,
+    run_ms: u64,
+    interval_ms: u64,
+    crash_lost_only: bool,
+) -> Schedule {
     let mut streams = Vec::new();
     for (i, f) in families.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(seed.wrapping_add(0x5EED * (i as u64 + 1)));
@@ -157,7 +165,8 @@ pub fn schedule(seed: u64, families: &[Family], nodes: usize, run_ms: u64, inter
                 }
                 Family::Crash => {
                     let k = if rng.random_bool(0.5) { nodes } else { nodes / 2 + 1 };
-                    Fault::Crash { slots: pick(&mut rng, nodes, k), torn: rng.random_bool(0.5) }
+                    let torn = rng.random_bool(0.5);
+                    Fault::Crash { slots: pick(&mut rng, nodes, k), torn: torn && !crash_lost_only }
                 }
                 Family::SlowDisk => {
                     let k = if rng.random_bool(0.5) { 1 } else { nodes };
@@ -203,7 +212,11 @@ pub struct Injected {
     pub crash_files_rolled_back: u64,
     #[serde(default)]
     pub crash_pages_rolled_back: u64,
-    /// Disk-full faults after which a filled node had exited (it must not).
+    /// Crashes whose rollback failed (the node restarted on everything it wrote).
+    #[serde(default)]
+    pub crash_rollback_failed: u64,
+    /// Disk-full faults after which a filled node had exited (it must not). Only meaningful
+    /// without the `disk` (EIO) family, whose nodes exit on purpose.
     #[serde(default)]
     pub disk_full_node_exited: u64,
 }
@@ -368,27 +381,31 @@ impl Nemesis {
             Fault::Crash { slots: ss, torn } => {
                 // Power fails while the disks are busy: syncs slowed for a moment first leave
                 // more written and not yet flushed for the crash to lose.
-                let before = self.slow_syncs(ss, CRASH_SYNC_DELAY_MS);
+                self.crash_syncs(ss, CRASH_SYNC_DELAY_MS);
                 tokio::time::sleep(Duration::from_millis(3 * CRASH_SYNC_DELAY_MS)).await;
                 let mut parts = Vec::new();
                 let mut crashed = Vec::new();
                 for s in ss {
                     let mut rng = self.tear.lock().unwrap();
-                    let torn_rng: Option<&mut dyn rand::RngCore> = if *torn { Some(&mut *rng) } else { None };
-                    if let Some(rolled) = c.crash(*s, torn_rng)? {
-                        crashed.push(*s);
-                        let mut inj = self.injected.lock().unwrap();
-                        inj.crash_files_rolled_back += rolled.files;
-                        inj.crash_pages_rolled_back += rolled.pages;
-                        parts.push(format!("n{}: {rolled}", s + 1));
+                    let torn_rng: Option<&mut rand::rngs::StdRng> = if *torn { Some(&mut *rng) } else { None };
+                    match c.crash(*s, torn_rng) {
+                        Ok(Some(rolled)) => {
+                            crashed.push(*s);
+                            let mut inj = self.injected.lock().unwrap();
+                            inj.crash_files_rolled_back += rolled.files;
+                            inj.crash_pages_rolled_back += rolled.pages;
+                            parts.push(format!("n{}: {rolled}", s + 1));
+                        }
+                        Ok(None) => {}
+                        // Killed, not rolled back: it restarts on what it wrote, as after a kill.
+                        Err(e) => {
+                            crashed.push(*s);
+                            self.injected.lock().unwrap().crash_rollback_failed += 1;
+                            parts.push(format!("n{}: ROLLBACK FAILED: {e:#}", s + 1));
+                        }
                     }
                 }
-                if let Some(disks) = &c.disks {
-                    let disks = disks.lock().unwrap();
-                    for (s, ms) in ss.iter().zip(before) {
-                        let _ = disks.set_fsync_delay(*s, ms);
-                    }
-                }
+                self.crash_syncs(ss, 0);
                 if crashed.is_empty() {
                     return Ok(None);
                 }
@@ -411,17 +428,14 @@ impl Nemesis {
         }))
     }
 
-    /// Sets the slots' fsync delay to at least `ms`; returns what each had.
-    fn slow_syncs(&self, ss: &[usize], ms: u64) -> Vec<u64> {
-        let Some(disks) = &self.cluster.disks else { return vec![0; ss.len()] };
-        let disks = disks.lock().unwrap();
-        ss.iter()
-            .map(|s| {
-                let had = disks.fsync_delay(*s);
-                let _ = disks.set_fsync_delay(*s, ms.max(had));
-                had
-            })
-            .collect()
+    /// Sets the crash nemesis's own fsync delay on the slots.
+    fn crash_syncs(&self, ss: &[usize], ms: u64) {
+        if let Some(disks) = &self.cluster.disks {
+            let disks = disks.lock().unwrap();
+            for s in ss {
+                let _ = disks.set_crash_fsync_delay(*s, ms);
+            }
+        }
     }
 
     fn partition(&self, groups: &[Vec<usize>]) -> Result<()> {
@@ -645,6 +659,7 @@ impl Nemesis {
                 let disks = disks.lock().unwrap();
                 let _ = disks.clear(s);
                 let _ = disks.set_fsync_delay(s, 0);
+                let _ = disks.set_crash_fsync_delay(s, 0);
             }
             if c.pid(s).is_none() {
                 let _ = c.start(s);
@@ -705,12 +720,12 @@ mod tests {
 
     #[test]
     fn the_schedule_depends_only_on_the_seed() {
-        let a = serde_json::to_string(&schedule(7, &Family::all(), 5, 120_000, 8000)).unwrap();
-        let b = serde_json::to_string(&schedule(7, &Family::all(), 5, 120_000, 8000)).unwrap();
-        let c = serde_json::to_string(&schedule(8, &Family::all(), 5, 120_000, 8000)).unwrap();
+        let a = serde_json::to_string(&schedule(7, &Family::all(), 5, 120_000, 8000, false)).unwrap();
+        let b = serde_json::to_string(&schedule(7, &Family::all(), 5, 120_000, 8000, false)).unwrap();
+        let c = serde_json::to_string(&schedule(8, &Family::all(), 5, 120_000, 8000, false)).unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
-        let s = schedule(7, &[Family::Kill], 3, 60_000, 5000);
+        let s = schedule(7, &[Family::Kill], 3, 60_000, 5000, false);
         assert!(!s.streams[0].is_empty());
         assert!(s.streams[0].iter().all(|st| st.at_ms + st.hold_ms < 60_000));
         assert!(s.streams[0].windows(2).all(|w| w[0].at_ms + w[0].hold_ms < w[1].at_ms));

@@ -44,6 +44,11 @@ pub struct RunOptions {
     /// nemesis the run must come out invalid.
     #[serde(default)]
     pub canary_fsync: bool,
+    /// Crashes lose every un-fsynced write and never tear them (the fsync canary: with fsync a
+    /// no-op, a torn crash leaves redb files no recovery can read, the node rightly refuses
+    /// them, and the run ends unknown instead of showing the lost writes).
+    #[serde(default)]
+    pub crash_lost_only: bool,
     pub snapshot_logs_since_last: u64,
     pub snapshot_keep_logs: u64,
     /// Per-key time budget of the linearizability search.
@@ -232,7 +237,8 @@ async fn drive(opts: &RunOptions, cluster: &Arc<Cluster>, dir: &Path, started: I
     }
 
     let run_ms = opts.time_limit_s * 1000;
-    let schedule = nemesis::schedule(opts.seed, &opts.nemeses, cluster.len(), run_ms, opts.interval_ms);
+    let schedule =
+        nemesis::schedule(opts.seed, &opts.nemeses, cluster.len(), run_ms, opts.interval_ms, opts.crash_lost_only);
     std::fs::write(dir.join("schedule.json"), serde_json::to_vec_pretty(&schedule)?)?;
     let nem = Nemesis::new(cluster.clone(), ctx.clone(), opts.seed);
     let workers = workload::spawn(&ctx, &opts.workload, opts.seed);
@@ -264,6 +270,7 @@ async fn drive(opts: &RunOptions, cluster: &Arc<Cluster>, dir: &Path, started: I
     let mut checks = check(&events, &opts.workload, final_from, cluster.len(), Duration::from_secs(opts.key_budget_s));
     checks.push(ledger);
     let injected = nem.injected.lock().unwrap().clone();
+    checks.extend(disk_check(opts, &injected));
     finish(opts, dir, &events, checks, injected, started.elapsed())
 }
 
@@ -288,6 +295,26 @@ async fn make_setup_durable(cluster: &Cluster) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// The disk nemeses' own verdict: a full disk must never make a node exit (without the `disk`
+/// family, whose failing fsyncs stop nodes on purpose, any exit a disk-full heal finds is
+/// one), and every crash must have been rolled back as drawn.
+fn disk_check(opts: &RunOptions, injected: &nemesis::Injected) -> Option<Check> {
+    if !opts.nemeses.iter().any(|f| f.needs_disks()) {
+        return None;
+    }
+    let mut c = Check::new("disk");
+    c.stat("crash_files_rolled_back", injected.crash_files_rolled_back);
+    c.stat("crash_pages_rolled_back", injected.crash_pages_rolled_back);
+    c.stat("disk_full_node_exited", injected.disk_full_node_exited);
+    if !opts.nemeses.contains(&Family::Disk) && injected.disk_full_node_exited > 0 {
+        c.anomaly(format!("{} nodes had exited when their disk-full fault ended", injected.disk_full_node_exited));
+    }
+    if injected.crash_rollback_failed > 0 {
+        c.unknown(format!("{} crash rollbacks failed (see the nemesis log)", injected.crash_rollback_failed));
+    }
+    Some(c.finish())
 }
 
 /// Runs every enabled checker over a history.

@@ -36,15 +36,35 @@ const PURGED: &str = "purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    /// The chaos harness's fsync canary: appends and commit marks commit without an fsync.
-    unsafe_ack_before_fsync: bool,
+    /// The chaos harness's fsync canary: while closed, the file's syncs do nothing; it is
+    /// opened only for a vote. `None` in every normal store.
+    sync_gate: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl LogStore {
     pub fn open(path: &Path) -> Result<Self, StorageError> {
+        Self::init(Database::create(path)?, path, None)
+    }
+
+    /// Breaks durability on purpose: every log write but a vote is acknowledged without an
+    /// fsync (it reaches the file, and the page cache, but no disk), so a power loss loses
+    /// acknowledged entries and a process crash does not. Only the chaos harness's fsync
+    /// canary opens a log so (`--unsafe-ack-before-fsync`); its crash nemesis must catch it.
+    #[cfg(feature = "canary")]
+    pub fn open_ack_before_fsync(path: &Path) -> Result<Self, StorageError> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let gate = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let backend = super::canary_backend::AckBeforeFsync::new(file, gate.clone())?;
+        Self::init(Database::builder().create_with_backend(backend)?, path, Some(gate))
+    }
+
+    fn init(
+        db: Database,
+        path: &Path,
+        sync_gate: Option<Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Result<Self, StorageError> {
         // A newer format is refused in `ensure`, before anything is written; a node checks both
         // files read-only first (`server::start`), so a refused start leaves every byte.
-        let db = Database::create(path)?;
         let mut txn = db.begin_write()?;
         crate::storage::set_durable(&mut txn, "log")?;
         let empty = {
@@ -55,15 +75,7 @@ impl LogStore {
             crate::storage::format::prefix_u64_rows(txn, LOG, codec::ROW_V1)
         })?;
         txn.commit()?;
-        Ok(LogStore { db: Arc::new(db), unsafe_ack_before_fsync: false })
-    }
-
-    /// Breaks durability on purpose: appends and commit marks are acknowledged before any
-    /// fsync, so a power loss loses acknowledged entries. Only the chaos harness's fsync canary
-    /// sets this (`--unsafe-ack-before-fsync`); its crash nemesis must catch it.
-    pub fn with_unsafe_ack_before_fsync(mut self, on: bool) -> Self {
-        self.unsafe_ack_before_fsync = on;
-        self
+        Ok(LogStore { db: Arc::new(db), sync_gate })
     }
 
     /// The entries with indexes in `range`, read synchronously (start-up, before Raft runs).
@@ -112,17 +124,21 @@ impl LogStore {
     {
         metrics::counter!("engram_raft_log_syncs_total", "op" => op).increment(1);
         let db = self.db.clone();
-        let unsynced = self.unsafe_ack_before_fsync && matches!(op, "append" | "committed");
+        let gate = self.sync_gate.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
+            use std::sync::atomic::Ordering;
             let mut txn = db.begin_write()?;
-            if unsynced {
-                txn.set_durability(redb::Durability::None)
-                    .map_err(|e| StorageError::Corrupt { table: "log", reason: e.to_string() })?;
-            } else {
-                crate::storage::set_durable(&mut txn, "log")?;
-            }
+            crate::storage::set_durable(&mut txn, "log")?;
             f(&txn)?;
-            txn.commit()?;
+            // Write transactions are exclusive: only this commit's syncs pass the open gate.
+            if let Some(g) = &gate {
+                g.store(op == VOTE, Ordering::Release);
+            }
+            let done = txn.commit();
+            if let Some(g) = &gate {
+                g.store(false, Ordering::Release);
+            }
+            done?;
             Ok(())
         })
         .await

@@ -9,6 +9,8 @@
 mod apply;
 mod apply_auth;
 mod apply_memory;
+#[cfg(feature = "canary")]
+mod canary_backend;
 pub mod cluster_verify;
 pub mod compaction;
 pub mod disk;
