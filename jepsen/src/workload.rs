@@ -228,18 +228,17 @@ async fn register_worker(mut w: Worker, group: Arc<Mutex<KeyGroup>>, opts: Workl
     }
 }
 
+/// A read that returned something the workload never writes: failed, nothing applied.
+fn unreadable(message: String) -> ClientError {
+    ClientError { code: Code::Internal, message, field: None, outcome: WriteOutcome::NotApplied, retry_after: None }
+}
+
 /// The register's value and revision, None when absent.
 async fn read_register(c: &Client, id: &str) -> Result<(Option<u64>, u64), ClientError> {
     match c.get_with(REGISTER_NS, id, Consistency::Linearizable).await {
         Ok(r) => {
             let m = r.memory.unwrap_or_default();
-            let v = m.text.parse::<u64>().map_err(|_| ClientError {
-                code: Code::Internal,
-                message: format!("register {id} holds {:?}", m.text),
-                field: None,
-                outcome: WriteOutcome::NotApplied,
-                retry_after: None,
-            })?;
+            let v = m.text.parse::<u64>().map_err(|_| unreadable(format!("register {id} holds {:?}", m.text)))?;
             Ok((Some(v), m.revision))
         }
         Err(e) if e.code == Code::NotFound => Ok((None, 0)),
@@ -534,13 +533,7 @@ pub async fn read_bank(c: &Client) -> Result<std::collections::BTreeMap<u64, i64
     let mut out = std::collections::BTreeMap::new();
     for m in c.list_all(BANK_NS).await? {
         let a = m.id.strip_prefix('a').and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
-        let v = m.text.parse::<i64>().map_err(|_| ClientError {
-            code: Code::Internal,
-            message: format!("account {} holds {:?}", m.id, m.text),
-            field: None,
-            outcome: WriteOutcome::NotApplied,
-            retry_after: None,
-        })?;
+        let v = m.text.parse::<i64>().map_err(|_| unreadable(format!("account {} holds {:?}", m.id, m.text)))?;
         out.insert(a, v);
     }
     Ok(out)
@@ -549,13 +542,7 @@ pub async fn read_bank(c: &Client) -> Result<std::collections::BTreeMap<u64, i64
 /// The balance and revision of one account.
 async fn read_account(c: &Client, a: u64) -> Result<(i64, u64), ClientError> {
     let m = c.get_with(BANK_NS, &format!("a{a}"), Consistency::Linearizable).await?.memory.unwrap_or_default();
-    let v = m.text.parse::<i64>().map_err(|_| ClientError {
-        code: Code::Internal,
-        message: format!("account a{a} holds {:?}", m.text),
-        field: None,
-        outcome: WriteOutcome::NotApplied,
-        retry_after: None,
-    })?;
+    let v = m.text.parse::<i64>().map_err(|_| unreadable(format!("account a{a} holds {:?}", m.text)))?;
     Ok((v, m.revision))
 }
 
