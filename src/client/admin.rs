@@ -268,7 +268,9 @@ impl Admin<'_> {
                 received += chunk.data.len() as u64;
                 progress(received, estimate);
             }
-            file.sync_all().await.map_err(io)?;
+            // A write that failed in flight (a full disk) must not leave a short backup that is
+            // then renamed as complete.
+            crate::storage::flush_and_sync(&mut file).await.map_err(io)?;
             let (header, _) = crate::backup::archive::read_header(&mut head.as_slice())
                 .map_err(|e| ClientError::config(format!("the node sent a bad backup: {e}")))?;
             let path = if target.is_dir() {

@@ -136,8 +136,10 @@ impl PeerService {
         if checksum.as_deref() != Some(hasher.finalize().as_bytes().as_slice()) {
             return Err(Status::data_loss("snapshot checksum mismatch or stream cut short"));
         }
-        let file = file.ok_or_else(|| Status::invalid_argument("snapshot stream without data"))?;
-        file.sync_all().await.map_err(fatal)?;
+        let mut file = file.ok_or_else(|| Status::invalid_argument("snapshot stream without data"))?;
+        // A write that failed (ENOSPC) must fail the transfer here, not leave a short file
+        // for the install to call corrupt, which stops the node.
+        crate::storage::flush_and_sync(&mut file).await.map_err(fatal)?;
         let data = SnapshotData::open(path).map_err(fatal)?;
         Ok((vote, meta, data))
     }

@@ -102,6 +102,30 @@ pub fn optional_table<K: redb::Key + 'static, V: redb::Value + 'static>(
     }
 }
 
+/// Flushes what `file` still buffers, then fsyncs it. tokio's `File::sync_all` alone does not
+/// report an error of a write still in flight (it keeps it for the next write): a write that
+/// met ENOSPC would leave a short file that syncs "successfully", and whoever read it next
+/// would call it corrupt. The chaos harness's disk-full nemesis found exactly that on a
+/// snapshot received on a full disk.
+pub async fn flush_and_sync(file: &mut tokio::fs::File) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    file.flush().await?;
+    file.sync_all().await
+}
+
+#[cfg(test)]
+mod flush_tests {
+    #[tokio::test]
+    async fn a_write_that_failed_in_flight_is_reported_not_synced_over() {
+        use tokio::io::AsyncWriteExt;
+        let mut f = tokio::fs::OpenOptions::new().write(true).open("/dev/full").await.unwrap();
+        // tokio hands the bytes to a blocking write and says yes at once.
+        f.write_all(b"a snapshot chunk").await.unwrap();
+        let e = super::flush_and_sync(&mut f).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
+    }
+}
+
 /// Makes `txn` fsync at commit (`Durability::Immediate`), as everything that must survive a
 /// crash before it is acknowledged requires.
 pub fn set_durable(txn: &mut WriteTransaction, table: &'static str) -> Result<(), StorageError> {
