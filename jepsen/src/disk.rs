@@ -123,8 +123,7 @@ impl Disks {
 
     /// Free bytes on the slot's filesystem.
     pub fn free(&self, slot: usize) -> Result<u64> {
-        let st = nix::sys::statvfs::statvfs(&self.mount_point(slot))?;
-        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+        Ok(engram::storage::space::statvfs(&self.mount_point(slot))?.0)
     }
 
     /// Grows the slot's ballast until `leave` bytes (or fewer) are free; returns the free bytes

@@ -364,9 +364,9 @@ impl Nemesis {
             Fault::DiskFull { slots: ss, to_last_byte } => {
                 let Some(disks) = &c.disks else { anyhow::bail!("no disks") };
                 let disks = disks.lock().unwrap();
-                // Half the node's default reserve (5 % of its filesystem): writes are refused
-                // before they could fail.
-                let leave = if *to_last_byte { 0 } else { disks.bytes / 40 };
+                // Half the node's default reserve: writes are refused before they could fail.
+                let reserve = engram::storage::space::reserve_for(None, disks.bytes);
+                let leave = if *to_last_byte { 0 } else { reserve / 2 };
                 let mut parts = Vec::new();
                 for s in ss {
                     let free = disks.fill(*s, leave)?;
